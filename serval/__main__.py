@@ -1,0 +1,5 @@
+import sys
+
+from serval.cli import main
+
+sys.exit(main())
