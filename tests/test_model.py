@@ -1,0 +1,149 @@
+"""The network: published layout, masks, Hugging Face parity, LoRA, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from serval.model import SERConfig, SERModel, halve_time, merge_lora_state_dict
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "meralion-ser-v1-state-dict.tsv"
+
+
+def published_layout() -> dict[str, tuple[int, ...]]:
+    if not REFERENCE.is_file():
+        pytest.skip("reference state-dict listing not found")
+    rows = (line.rstrip("\n").split("\t") for line in REFERENCE.read_text().splitlines() if line.strip())
+    return {name: tuple(json.loads(shape)) for name, shape in rows}
+
+
+def test_medium_layout_matches_published_names_and_shapes():
+    with torch.device("meta"):
+        model = SERModel(SERConfig.for_whisper("medium"))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == published_layout()
+    outside = sum(v.numel() for k, v in model.state_dict().items() if not k.startswith("whisper."))
+    assert abs(outside / 1e6 - 6.15) < 0.01
+
+
+def test_weighted_layers_adds_only_layer_weights():
+    with torch.device("meta"):
+        model = SERModel(SERConfig.for_whisper("medium", layer_weighting="weighted"))
+    extra = set(model.state_dict()) - set(published_layout())
+    assert extra == {"layer_weights"}
+
+
+def tiny_model(seed: int = 0, **overrides) -> SERModel:
+    torch.manual_seed(seed)
+    return SERModel(SERConfig.tiny(**overrides)).eval()
+
+
+@pytest.mark.parametrize("weighting", ["last", "weighted"])
+def test_clip_alone_equals_clip_in_batch(weighting):
+    model = tiny_model(layer_weighting=weighting)
+    torch.manual_seed(1)
+    feats = torch.randn(3, 80, 400)
+    lengths = torch.tensor([137, 400, 252])  # odd, full and even lengths
+    with torch.no_grad():
+        batched = model(feats, lengths)
+        for i, n in enumerate(lengths.tolist()):
+            alone = model(feats[i : i + 1, :, :n], lengths[i : i + 1])
+            assert torch.allclose(alone.logits[0], batched.logits[i], atol=1e-4)
+            assert torch.allclose(alone.scores[0], batched.scores[i], atol=1e-4)
+            assert torch.allclose(alone.embedding[0], batched.embedding[i], atol=1e-4)
+
+
+def test_padding_values_do_not_leak():
+    model = tiny_model()
+    feats = torch.randn(1, 80, 300)
+    lengths = torch.tensor([180])
+    garbage = feats.clone()
+    garbage[..., 180:] = 1e3
+    with torch.no_grad():
+        assert torch.allclose(model(feats, lengths).logits, model(garbage, lengths).logits, atol=1e-5)
+
+
+def test_pad_to_30s_mode_ignores_lengths_like_the_published_code():
+    model = tiny_model(pad_to_30s=True)
+    feats = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        a = model(feats, torch.tensor([300, 3000])).logits
+        b = model(feats, None).logits
+    assert torch.allclose(a, b)
+
+
+def test_halve_time_with_mask_averages_valid_frames_only():
+    x = torch.tensor([[[1.0, 3.0, 5.0, 0.0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    y, m = halve_time(x, mask)
+    assert y.tolist() == [[[2.0, 5.0]]] and m.tolist() == [[True, True]]
+    y, m = halve_time(x[..., :3], mask[:, :3])  # odd length: same answer
+    assert y.tolist() == [[[2.0, 5.0]]]
+
+
+def test_encoder_matches_transformers_whisper_encoder():
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+
+    torch.manual_seed(0)
+    cfg = SERConfig.tiny()
+    hf = HFWhisperEncoder(WhisperConfig(num_mel_bins=80, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+                                        encoder_attention_heads=cfg.encoder_attention_heads,
+                                        encoder_ffn_dim=cfg.encoder_ffn_dim, max_source_positions=1500)).eval()
+    model = SERModel(cfg).eval()
+    model.load_backbone_state(hf.state_dict())
+    feats = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        ref = hf(feats).last_hidden_state
+        ours, _ = model.whisper.encoder(feats)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_lora_wraps_q_k_v_only_and_merges_into_published_names():
+    model = tiny_model(lora_r=4, lora_alpha=8)
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * 3 * model.config.encoder_layers
+    assert all(any(t in n for t in ("q_proj", "k_proj", "v_proj")) for n in lora)
+    assert all(not p.requires_grad for p in model.backbone_parameters())
+    assert all(p.requires_grad for p in model.lora_parameters())
+    with torch.no_grad():  # make the adapters non-trivial, then check the merge is exact
+        for p in model.lora_parameters():
+            p.normal_(std=0.1)
+    merged = merge_lora_state_dict(model.state_dict(), scaling=8 / 4)
+    plain = SERModel(SERConfig.tiny()).eval()
+    plain.load_state_dict(merged)
+    feats = torch.randn(1, 80, 200)
+    with torch.no_grad():
+        assert torch.allclose(model(feats).logits, plain(feats).logits, atol=1e-4)
+    assert set(model.merged_state_dict()) == set(plain.state_dict())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model(seed=3, classes=("neutral", "angry", "sad", "happy"), dimensions=("valence", "arousal", "dominance"))
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = SERModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    feats = torch.randn(2, 80, 160)
+    with torch.no_grad():
+        assert torch.equal(model(feats).logits, loaded(feats).logits)
+    assert loaded.config.dimensions == ("valence", "arousal", "dominance")
+
+
+def test_save_without_backbone_keeps_only_trained_tensors(tmp_path):
+    model = tiny_model(lora_r=2, backbone="pypi:whisper-base")
+    model.save_pretrained(tmp_path, include_backbone=False)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert not [k for k in saved if k.startswith("whisper.") and "lora_" not in k]
+    assert any("lora_A" in k for k in saved) and "emotion_layer.weight" in saved
+
+
+def test_unknown_config_key_and_missing_dir_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys: bogus"):
+        SERConfig.from_dict({"bogus": 1})
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        SERModel.from_pretrained(tmp_path / "no-such-model")
