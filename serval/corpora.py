@@ -1,0 +1,1022 @@
+"""Corpus recipes: turn a corpus as distributed into a manifest (`serval data prepare`).
+
+Each recipe maps the corpus's own labels onto the 7 classes, fills language, speaker and
+corpus, and lists every file it leaves out, with the reason. Splits are assigned by speaker
+(never by clip) with a seeded rule, or taken from the corpus's official split. The label
+mappings and the split rule are documented in docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from serval.manifest import (
+    LABELS,
+    ManifestRow,
+    atomic_write_text,
+    check_manifest,
+    manifest_format,
+    write_manifest,
+)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".mp4")
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A file (or annotated span) a recipe left out, and why."""
+
+    path: str
+    reason: str
+    original_label: str = ""
+
+
+class CorpusError(ValueError):
+    """A corpus folder a recipe cannot use (wrong folder, missing metadata)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers shared by the recipes
+
+
+def _audio_files(root: Path) -> list[Path]:
+    """Every audio file under root, sorted, hidden files skipped."""
+    found = [
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    ]
+    return sorted(found)
+
+
+def _missing_reason(path: Path) -> str | None:
+    """Why a listed audio file cannot be used, from the file system alone (no decoding)."""
+    if not path.exists():
+        return "audio file not found"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def _find_one(root: Path, name: str) -> Path:
+    """The single file called `name` under root (the corpus may sit one folder deeper)."""
+    hits = sorted(root.rglob(name))
+    if not hits:
+        raise CorpusError(f"{root}: no {name} found under this folder")
+    return hits[0]
+
+
+def _table(f, path: Path, required: tuple[str, ...]) -> csv.DictReader:
+    """A CSV reader over an open metadata table, after checking it has the columns a recipe needs."""
+    reader = csv.DictReader(f)
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CorpusError(f"{path}: missing column(s) {', '.join(missing)} (found {reader.fieldnames})")
+    return reader
+
+
+def _index_by_stem(files: list[Path]) -> dict[str, list[Path]]:
+    index: dict[str, list[Path]] = defaultdict(list)
+    for f in files:
+        index[f.stem].append(f)
+    return index
+
+
+def _prefer_audio(paths: list[Path]) -> Path:
+    """Of several files with one stem, a decoded audio file rather than a video container."""
+    order = {".flac": 0, ".wav": 1, ".ogg": 2, ".mp3": 3, ".m4a": 4, ".mp4": 5}
+    return min(paths, key=lambda p: (order.get(p.suffix.lower(), 9), str(p)))
+
+
+def _scale(value: str, low: float, high: float) -> float | None:
+    """A rating on [low, high] mapped to [0, 1]; None when empty or not a number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return min(1.0, max(0.0, (v - low) / (high - low)))
+
+
+class _Result:
+    """What a recipe collects: kept rows and dropped files."""
+
+    def __init__(self, corpus: str, language: str | None):
+        self.corpus, self.language = corpus, language
+        self.rows: list[ManifestRow] = []
+        self.dropped: list[Dropped] = []
+
+    def keep(
+        self,
+        path: Path,
+        label: str | None,
+        speaker: str | None,
+        *,
+        gender: str | None = None,
+        original: str = "",
+        language: str | None = None,
+        split: str | None = None,
+        arousal: float | None = None,
+        valence: float | None = None,
+        dominance: float | None = None,
+        **extra,
+    ):
+        assert label is None or label in LABELS, label
+        extra = {"gender": gender, "original_label": original, **extra}
+        row = ManifestRow(
+            path=str(path),
+            label=label,
+            arousal=arousal,
+            valence=valence,
+            dominance=dominance,
+            language=language or self.language,
+            speaker=speaker,
+            corpus=self.corpus,
+            split=split,
+            extra={k: v for k, v in extra.items() if v is not None},
+        )
+        self.rows.append(row)
+
+    def label_or_drop(
+        self, mapping: dict, key: str, options: dict[str, str], path, original: str
+    ) -> str | None:
+        """The mapped label, or None after listing the file as dropped."""
+        label, why = _map_label(mapping, key, options, original)
+        if why:
+            self.drop(path, why, original)
+        return label
+
+    def drop(self, path: Path | str, reason: str, original: str = ""):
+        self.dropped.append(Dropped(str(path), reason, original))
+
+
+def _map_label(
+    mapping: dict[str, str | None], key: str, options: dict[str, str], original: str
+) -> tuple[str | None, str | None]:
+    """(label, None) for a corpus label code, or (None, why the clip is left out).
+
+    A mapping value is one of the 7 classes, None (never kept), or "option:NAME" (decided by
+    the --NAME option, see OPTIONS).
+    """
+    target = mapping.get(key, "?")
+    if target == "?":
+        return None, f"unknown label code {key!r}"
+    if target is None:
+        return None, f"'{original}' is not one of the 7 classes"
+    if target.startswith("option:"):
+        option = target.split(":", 1)[1]
+        choice = options.get(option) or OPTIONS[option][1]
+        if choice == "drop":
+            return None, f"'{original}' is not one of the 7 classes (--{option} drop)"
+        return choice, None
+    return target, None
+
+
+# label options: name -> (choices, default); a choice is 'drop' or one of the 7 classes.
+OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "calm": (("drop", "neutral"), "drop"),
+    "boredom": (("drop", "neutral"), "drop"),
+    "excited": (("happy", "drop"), "happy"),
+    "contempt": (("drop", "disgusted"), "drop"),
+    "disappointed": (("drop", "sad"), "drop"),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Recipes for the corpora under ../shared/data
+
+RAVDESS_NAME = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$")
+RAVDESS_EMOTIONS = {
+    "01": "neutral",
+    "02": "option:calm",
+    "03": "happy",
+    "04": "sad",
+    "05": "angry",
+    "06": "fearful",
+    "07": "disgusted",
+    "08": "surprised",
+}
+RAVDESS_WORDS = dict(
+    zip(RAVDESS_EMOTIONS, ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"])
+)
+
+
+def ravdess(root: Path, options: dict[str, str]) -> _Result:
+    """RAVDESS speech: `MM-VV-EE-II-SS-RR-AA` names; actor AA odd male, even female."""
+    result = _Result("ravdess", "en")
+    for path in _audio_files(root):
+        m = RAVDESS_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not MM-VV-EE-II-SS-RR-AA")
+            continue
+        modality, channel, emotion, intensity, statement, repetition, actor = m.groups()
+        if channel != "01":
+            result.drop(path, "song (vocal channel 02), not speech", RAVDESS_WORDS.get(emotion, emotion))
+            continue
+        if modality != "03":  # 01 audio-video, 02 video-only: the audio-only release (03) is the one to use
+            result.drop(
+                path, f"modality {modality} is not audio-only (03)", RAVDESS_WORDS.get(emotion, emotion)
+            )
+            continue
+        label = result.label_or_drop(
+            RAVDESS_EMOTIONS, emotion, options, path, RAVDESS_WORDS.get(emotion, emotion)
+        )
+        if label is None:
+            continue
+        result.keep(
+            path,
+            label,
+            f"ravdess-{actor}",
+            gender="male" if int(actor) % 2 else "female",
+            original=RAVDESS_WORDS[emotion],
+            intensity="strong" if intensity == "02" else "normal",
+            sentence=statement,
+        )
+    return result
+
+
+EMODB_NAME = re.compile(r"^(\d\d)([a-b]\d\d)([WLEAFTN])([a-z])$")
+EMODB_EMOTIONS = {
+    "W": "angry",
+    "L": "option:boredom",
+    "E": "disgusted",
+    "A": "fearful",
+    "F": "happy",
+    "T": "sad",
+    "N": "neutral",
+}
+EMODB_WORDS = {
+    "W": "anger",
+    "L": "boredom",
+    "E": "disgust",
+    "A": "fear",
+    "F": "happiness",
+    "T": "sadness",
+    "N": "neutral",
+}
+EMODB_MALE = {"03", "10", "11", "12", "15"}  # the other five (08, 09, 13, 14, 16) are female
+
+
+def emodb(root: Path, options: dict[str, str]) -> _Result:
+    """EmoDB: `SSTTTEV` names (speaker, sentence, German emotion initial, version)."""
+    result = _Result("emodb", "de")
+    for path in _audio_files(root):
+        m = EMODB_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not SSTTTEV")
+            continue
+        speaker, sentence, emotion, version = m.groups()
+        label = result.label_or_drop(EMODB_EMOTIONS, emotion, options, path, EMODB_WORDS[emotion])
+        if label is None:
+            continue
+        result.keep(
+            path,
+            label,
+            f"emodb-{speaker}",
+            gender="male" if speaker in EMODB_MALE else "female",
+            original=EMODB_WORDS[emotion],
+            sentence=sentence,
+        )
+    return result
+
+
+ASED_NAME = re.compile(r"^([nfhsa])([1-5])-(\d\d)-(\d\d)-(\d\d)-(\d\d)$", re.IGNORECASE)
+ASED_EMOTIONS = {"n": "neutral", "f": "fearful", "h": "happy", "s": "sad", "a": "angry"}
+ASED_NUMBERS = {"n": "1", "f": "2", "h": "3", "s": "4", "a": "5"}
+ASED_FOLDER = re.compile(r"^0([1-5])[A-Za-z]+$")
+ASED_COMMON_SENTENCES = {"01", "02"}
+
+
+def ased(root: Path, options: dict[str, str]) -> _Result:
+    """ASED v1: `xn-yy-aa-gg-bb` names; the speaker is the (gender gg, number bb) pair."""
+    result = _Result("ased", "am")
+    for path in _audio_files(root):
+        m = ASED_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not xn-yy-aa-gg-bb")
+            continue
+        letter, number, sentence, repetition, gender, speaker = m.groups()
+        letter = letter.lower()  # one file is distributed as `S4-...`
+        if ASED_NUMBERS[letter] != number:
+            result.drop(path, f"emotion letter {letter!r} disagrees with number {number}", letter + number)
+            continue
+        folder = ASED_FOLDER.match(path.parent.name)
+        if folder and folder.group(1) != number:
+            result.drop(
+                path, f"file name says emotion {number} but its folder is {path.parent.name}", letter + number
+            )
+            continue
+        if gender not in ("01", "02"):
+            result.drop(path, f"gender code {gender} is not 01 or 02")
+            continue
+        g = "F" if gender == "01" else "M"
+        result.keep(
+            path,
+            ASED_EMOTIONS[letter],
+            f"ased-{g}{speaker}",
+            gender="female" if g == "F" else "male",
+            original=ASED_EMOTIONS[letter],
+            sentence=sentence,
+            # 01-02 were said in all five emotions; 03-07 each in one, so their words give the label away.
+            common_sentence=1 if sentence in ASED_COMMON_SENTENCES else 0,
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Recipes for the corpora of the paper (not in ../shared/data; layouts as distributed)
+
+CREMAD_NAME = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
+CREMAD_EMOTIONS = {
+    "ANG": "angry",
+    "DIS": "disgusted",
+    "FEA": "fearful",
+    "HAP": "happy",
+    "NEU": "neutral",
+    "SAD": "sad",
+}
+CREMAD_LEVELS = {"LO": "low", "MD": "medium", "HI": "high", "XX": "unspecified"}
+
+
+def cremad(root: Path, options: dict[str, str]) -> _Result:
+    """CREMA-D: `AudioWAV/ActorID_Sentence_Emotion_Level.wav`; sex from VideoDemographics.csv."""
+    result = _Result("crema-d", "en")
+    sex: dict[str, str] = {}
+    demographics = sorted(root.rglob("VideoDemographics.csv"))
+    if demographics:
+        with open(demographics[0], encoding="utf-8-sig", newline="") as f:
+            for rec in _table(f, demographics[0], ("ActorID", "Sex")):
+                actor, s = (rec.get("ActorID") or "").strip(), (rec.get("Sex") or "").strip().lower()
+                if actor and s in ("male", "female"):
+                    sex[actor] = s
+    for path in _audio_files(root):
+        m = CREMAD_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not ActorID_Sentence_Emotion_Level")
+            continue
+        actor, sentence, emotion, level = m.groups()
+        reason = _missing_reason(path)
+        if reason:  # the release has a 0-byte file (1076_MTI_SAD_XX)
+            result.drop(path, reason, emotion)
+            continue
+        label = result.label_or_drop(CREMAD_EMOTIONS, emotion, options, path, emotion)
+        if label is None:
+            continue
+        result.keep(
+            path,
+            label,
+            f"crema-d-{actor}",
+            gender=sex.get(actor),
+            original=emotion,
+            sentence=sentence,
+            intensity=CREMAD_LEVELS.get(level, level),
+        )
+    return result
+
+
+ESD_EMOTIONS = {
+    "neutral": "neutral",
+    "angry": "angry",
+    "happy": "happy",
+    "sad": "sad",
+    "surprise": "surprised",
+}
+ESD_NAME = re.compile(r"^(\d{4})_(\d{6})$")
+ESD_SUBSETS = {"train": "train", "evaluation": "dev", "test": "test"}
+
+
+def esd(root: Path, options: dict[str, str]) -> _Result:
+    """ESD: `<speaker>/<Emotion>/[train|evaluation|test/]<speaker>_<utt>.wav`; 0001-0010 Mandarin, 0011-0020 English."""
+    result = _Result("esd", None)
+    for path in _audio_files(root):
+        m = ESD_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not <speaker>_<utterance>")
+            continue
+        speaker, _ = m.groups()
+        emotion = next((p.name for p in path.parents if p.name.lower() in ESD_EMOTIONS), None)
+        if emotion is None:
+            result.drop(path, "no emotion folder (Angry, Happy, Neutral, Sad, Surprise) above the file")
+            continue
+        subset = ESD_SUBSETS.get(path.parent.name.lower())
+        result.keep(
+            path,
+            ESD_EMOTIONS[emotion.lower()],
+            f"esd-{speaker}",
+            original=emotion,
+            language="zh" if int(speaker) <= 10 else "en",
+            official_split=subset,
+        )
+    return result
+
+
+MELD_SPLITS = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
+MELD_EMOTIONS = {
+    "neutral": "neutral",
+    "joy": "happy",
+    "sadness": "sad",
+    "anger": "angry",
+    "fear": "fearful",
+    "disgust": "disgusted",
+    "surprise": "surprised",
+}
+MELD_MEDIA = re.compile(r"^dia(\d+)_utt(\d+)$")
+
+
+def _meld_split_of(path: Path, root: Path) -> str | None:
+    """train/dev/test from the media folder (train_splits, dev_splits_complete, output_repeated_splits_test)."""
+    for part in reversed(path.parent.relative_to(root).parts):
+        low = part.lower()
+        for split in ("train", "dev", "test"):
+            if low.startswith(split) or low.endswith("_" + split) or f"_{split}_" in low:
+                return split
+    return None
+
+
+def meld(root: Path, options: dict[str, str]) -> _Result:
+    """MELD: `{train,dev,test}_sent_emo.csv` and `dia{D}_utt{U}` media in the per-split folders."""
+    result = _Result("meld", "en")
+    media: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for f in _audio_files(root):
+        if MELD_MEDIA.match(f.stem) and (split := _meld_split_of(f, root)):
+            media[(split, f.stem)].append(f)
+    found_any = False
+    for split, name in MELD_SPLITS.items():
+        tables = sorted(root.rglob(name))
+        if not tables:
+            continue
+        found_any = True
+        with open(tables[0], encoding="utf-8", errors="replace", newline="") as f:
+            for rec in _table(f, tables[0], ("Speaker", "Emotion", "Dialogue_ID", "Utterance_ID")):
+                stem = f"dia{rec['Dialogue_ID'].strip()}_utt{rec['Utterance_ID'].strip()}"
+                emotion = rec["Emotion"].strip().lower()
+                hits = media.get((split, stem))
+                where = hits[0] if hits else f"{split}/{stem}"
+                if not hits:
+                    result.drop(where, "audio file not found", emotion)
+                    continue
+                path = _prefer_audio(hits)
+                reason = _missing_reason(path)
+                if reason:
+                    result.drop(path, reason, emotion)
+                    continue
+                label = result.label_or_drop(MELD_EMOTIONS, emotion, options, path, emotion)
+                if label is None:
+                    continue
+                result.keep(
+                    path,
+                    label,
+                    f"meld-{rec['Speaker'].strip()}",
+                    original=emotion,
+                    split=split,
+                    dialogue=rec["Dialogue_ID"].strip(),
+                    sentiment=(rec.get("Sentiment") or "").strip() or None,
+                )
+    if not found_any:
+        raise CorpusError(f"{root}: no {', '.join(MELD_SPLITS.values())} found under this folder")
+    return result
+
+
+IEMOCAP_LINE = re.compile(
+    r"^\[(\d+(?:\.\d+)?) - (\d+(?:\.\d+)?)\]\t(Ses(\d\d)\w*_([FM])\d+\w*)\t(\w+)\t\[([\d.]+), ([\d.]+), ([\d.]+)\]"
+)
+IEMOCAP_EMOTIONS = {
+    "neu": "neutral",
+    "hap": "happy",
+    "exc": "option:excited",
+    "sad": "sad",
+    "ang": "angry",
+    "fea": "fearful",
+    "dis": "disgusted",
+    "sur": "surprised",
+    "fru": None,
+    "oth": None,
+    "xxx": None,
+}
+
+
+def iemocap(root: Path, options: dict[str, str], keep_dimensional: bool = False) -> _Result:
+    """IEMOCAP: `Session*/dialog/EmoEvaluation/*.txt` labels, `Session*/sentences/wav/<dialog>/<turn>.wav`."""
+    result = _Result("iemocap", "en")
+    tables = sorted(p for p in root.rglob("*.txt") if p.parent.name == "EmoEvaluation")
+    if not tables:
+        raise CorpusError(f"{root}: no Session*/dialog/EmoEvaluation/*.txt found under this folder")
+    wavs = _index_by_stem([p for p in _audio_files(root) if "sentences" in p.relative_to(root).parts])
+    for table in tables:
+        with open(table, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                m = IEMOCAP_LINE.match(line.strip("\n"))
+                if not m:
+                    continue
+                _, _, turn, session, sex, emotion, val, act, dom = m.groups()
+                hits = wavs.get(turn)
+                if not hits:
+                    result.drop(turn, "audio file not found", emotion)
+                    continue
+                path = _prefer_audio(hits)
+                dims = {
+                    "arousal": _scale(act, 1, 5),
+                    "valence": _scale(val, 1, 5),
+                    "dominance": _scale(dom, 1, 5),
+                }
+                label, why = _map_label(IEMOCAP_EMOTIONS, emotion, options, emotion)
+                # with --keep-dimensional, a known label outside the 7 is kept, unlabelled, for its ratings
+                if why and not (keep_dimensional and emotion in IEMOCAP_EMOTIONS):
+                    result.drop(path, why, emotion)
+                    continue
+                result.keep(
+                    path,
+                    label,
+                    f"iemocap-Ses{session}{sex}",
+                    gender="female" if sex == "F" else "male",
+                    original=emotion,
+                    session=int(session),
+                    improvised=1 if "_impro" in turn else 0,
+                    **dims,
+                )
+    return result
+
+
+MSP_EMOTIONS = {
+    "N": "neutral",
+    "H": "happy",
+    "S": "sad",
+    "A": "angry",
+    "F": "fearful",
+    "D": "disgusted",
+    "U": "surprised",
+    "C": "option:contempt",
+    "O": None,
+    "X": None,
+}
+MSP_WORDS = {
+    "N": "neutral",
+    "H": "happy",
+    "S": "sad",
+    "A": "angry",
+    "F": "fear",
+    "D": "disgust",
+    "U": "surprise",
+    "C": "contempt",
+    "O": "other",
+    "X": "no agreement",
+}
+MSP_SPLITS = {"train": "train", "development": "dev", "test1": "test", "test2": "test2", "test3": "test3"}
+
+
+def msp_podcast(root: Path, options: dict[str, str], keep_dimensional: bool = False) -> _Result:
+    """MSP-Podcast: `Labels/labels_consensus.csv` (FileName, EmoClass, EmoAct/Val/Dom 1-7, SpkrID, Gender, Split_Set)."""
+    result = _Result("msp-podcast", "en")
+    table = _find_one(root, "labels_consensus.csv")
+    audio = {p.name: p for p in _audio_files(root)}
+    with open(table, encoding="utf-8-sig", newline="") as f:
+        for rec in _table(f, table, ("FileName", "EmoClass")):
+            name = rec["FileName"].strip()
+            code = (rec.get("EmoClass") or "").strip().upper()
+            path = audio.get(name) or audio.get(Path(name).stem + ".wav")
+            if path is None:
+                result.drop(name, "audio file not found", MSP_WORDS.get(code, code))
+                continue
+            dims = {
+                "arousal": _scale(rec.get("EmoAct"), 1, 7),
+                "valence": _scale(rec.get("EmoVal"), 1, 7),
+                "dominance": _scale(rec.get("EmoDom"), 1, 7),
+            }
+            if code:
+                label, why = _map_label(MSP_EMOTIONS, code, options, MSP_WORDS.get(code, code))
+            else:
+                label, why = None, "no emotion class (hidden test labels)"
+            keep_unlabelled = (
+                keep_dimensional and (code in MSP_EMOTIONS or not code) and dims["arousal"] is not None
+            )
+            if why and not keep_unlabelled:
+                result.drop(path, why, MSP_WORDS.get(code, code))
+                continue
+            speaker = (rec.get("SpkrID") or "").strip()
+            gender = (rec.get("Gender") or "").strip().lower()
+            official = (rec.get("Split_Set") or "").strip()
+            result.keep(
+                path,
+                label,
+                None if speaker.lower() in ("", "unknown") else f"msp-podcast-{speaker}",
+                gender=gender if gender in ("male", "female") else None,
+                original=MSP_WORDS.get(code, code),
+                split=MSP_SPLITS.get(official.lower(), official.lower() or None),
+                **dims,
+            )
+    return result
+
+
+M3ED_EMOTIONS = {
+    "neutral": "neutral",
+    "happy": "happy",
+    "sad": "sad",
+    "anger": "angry",
+    "fear": "fearful",
+    "disgust": "disgusted",
+    "surprise": "surprised",
+}
+M3ED_SPLITS = {"train": "train", "val": "dev", "test": "test"}
+
+
+def m3ed(root: Path, options: dict[str, str]) -> _Result:
+    """M3ED: `annotation.json` (movie -> dialog -> utterances), `splitInfo/movie_list_{train,val,test}.txt`,
+    one audio file per utterance named `<Speaker>_<utterance id>` or `<utterance id>`."""
+    result = _Result("m3ed", "zh")
+    with open(_find_one(root, "annotation.json"), encoding="utf-8") as f:
+        annotation = json.load(f)
+    movie_split: dict[str, str] = {}
+    for name, split in M3ED_SPLITS.items():
+        for lst in sorted(root.rglob(f"movie_list_{name}.txt")):
+            for line in lst.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    movie_split[line.strip()] = split
+    audio = _index_by_stem(_audio_files(root))
+    for movie, dialogs in annotation.items():
+        for dialog in dialogs.values():
+            speakers = dialog.get("SpeakerInfo", {})
+            for utt_id, utt in dialog.get("Dialog", {}).items():
+                spk = utt.get("Speaker", "")
+                emotion = utt.get("EmoAnnotation", {}).get("final_main_emo", "")
+                if isinstance(emotion, list):
+                    emotion = emotion[0] if emotion else ""
+                emotion = str(emotion).strip()
+                hits = audio.get(f"{spk}_{utt_id}") or audio.get(utt_id)
+                if not hits:
+                    result.drop(f"{movie}/{utt_id}", "audio file not found", emotion)
+                    continue
+                path = _prefer_audio(hits)
+                label = result.label_or_drop(M3ED_EMOTIONS, emotion.lower(), options, path, emotion)
+                if label is None:
+                    continue
+                info = speakers.get(spk, {}) if isinstance(speakers, dict) else {}
+                name = info.get("Name") or spk
+                gender = str(info.get("Gender", "")).strip().lower()
+                result.keep(
+                    path,
+                    label,
+                    f"m3ed-{movie}-{name}",
+                    gender={"male": "male", "female": "female", "m": "male", "f": "female"}.get(gender),
+                    original=emotion,
+                    split=movie_split.get(movie),
+                    movie=movie,
+                )
+    return result
+
+
+INDOWAVE_NAME = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)$")
+INDOWAVE_EMOTIONS = {
+    "01": "neutral",
+    "02": "happy",
+    "03": "surprised",
+    "04": "disgusted",
+    "05": "option:disappointed",
+}
+INDOWAVE_WORDS = {"01": "neutral", "02": "happy", "03": "surprise", "04": "disgust", "05": "disappointed"}
+
+
+def indowave(root: Path, options: dict[str, str]) -> _Result:
+    """IndoWaveSentiment: `AA-EE-II-RR.wav` (actor, emotion, intensity, repetition); odd actors male."""
+    result = _Result("indowavesentiment", "id")
+    for path in _audio_files(root):
+        m = INDOWAVE_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not AA-EE-II-RR")
+            continue
+        actor, emotion, intensity, _ = m.groups()
+        label = result.label_or_drop(
+            INDOWAVE_EMOTIONS, emotion, options, path, INDOWAVE_WORDS.get(emotion, emotion)
+        )
+        if label is None:
+            continue
+        result.keep(
+            path,
+            label,
+            f"indowavesentiment-{actor}",
+            gender="male" if int(actor) % 2 else "female",
+            original=INDOWAVE_WORDS[emotion],
+            intensity="strong" if intensity == "02" else "normal",
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class Recipe:
+    prepare: Callable[..., _Result]
+    options: tuple[str, ...] = ()  # label options (see OPTIONS) that apply
+    official_split: bool = False  # the corpus ships a split; used unless --split speaker
+    dimensional: bool = False  # has arousal/valence/dominance ratings
+    group: str | None = None  # extra column whose value groups speakers that share dialogues
+
+
+RECIPES: dict[str, Recipe] = {
+    "ravdess": Recipe(ravdess, ("calm",)),
+    "emodb": Recipe(emodb, ("boredom",)),
+    "ased": Recipe(ased),
+    "crema-d": Recipe(cremad),
+    "esd": Recipe(esd),
+    "meld": Recipe(meld, official_split=True),
+    "m3ed": Recipe(m3ed, official_split=True),
+    "iemocap": Recipe(iemocap, ("excited",), dimensional=True, group="session"),
+    "msp-podcast": Recipe(msp_podcast, ("contempt",), official_split=True, dimensional=True),
+    "indowavesentiment": Recipe(indowave, ("disappointed",)),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Speaker-disjoint splits
+
+
+def _match_speakers(requested: list[str], known: set[str], corpus: str) -> set[str]:
+    """Speaker ids from the command line; the corpus prefix (`ravdess-`) may be left out."""
+    out = set()
+    for s in requested:
+        for candidate in (s, f"{corpus}-{s}"):
+            if candidate in known:
+                out.add(candidate)
+                break
+        else:
+            raise ValueError(f"unknown speaker {s!r}; the speakers are: {', '.join(sorted(known))}")
+    return out
+
+
+def assign_splits(
+    rows: list[ManifestRow],
+    *,
+    dev_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    dev_speakers: list[str] | None = None,
+    test_speakers: list[str] | None = None,
+    group: str | None = None,
+) -> None:
+    """Set each row's split to train/dev/test by speaker, in place (see docs/data.md for the rule).
+
+    Speakers sharing a value of the extra column `group` (IEMOCAP sessions) move together.
+    """
+    if not 0 <= dev_fraction < 1 or not 0 <= test_fraction < 1 or dev_fraction + test_fraction >= 1:
+        raise ValueError("--dev-fraction and --test-fraction must be in [0, 1) and sum to less than 1")
+    corpus = rows[0].corpus if rows else ""
+    unit_of: dict[str, str] = {}
+    gender_of: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row.speaker is None:
+            continue
+        unit = str(row.extra.get(group, row.speaker)) if group else row.speaker
+        unit_of[row.speaker] = unit
+        gender_of[unit].add(str(row.extra.get("gender") or ""))
+    units = sorted(set(unit_of.values()))
+    fixed: dict[str, str] = {}
+    for split, requested in (("test", test_speakers), ("dev", dev_speakers)):
+        for speaker in _match_speakers(requested or [], set(unit_of), corpus):
+            unit = unit_of[speaker]
+            if fixed.get(unit, split) != split:
+                raise ValueError(f"speaker {speaker} is asked for both dev and test")
+            fixed[unit] = split
+
+    # Shuffle within each gender, then interleave the genders, so dev and test are mixed.
+    rng = random.Random(seed)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for unit in units:
+        if unit not in fixed:
+            genders = gender_of[unit]
+            strata[next(iter(genders)) if len(genders) == 1 else ""].append(unit)
+    for key in sorted(strata):
+        rng.shuffle(strata[key])
+    order: list[str] = []
+    queues = [strata[k] for k in sorted(strata)]
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+
+    def wanted(fraction: float) -> int:
+        if fraction <= 0 or len(units) < 3:
+            return 0
+        return max(1, round(fraction * len(units)))
+
+    split_of = dict(fixed)
+    for split, fraction, explicit in (
+        ("test", test_fraction, test_speakers),
+        ("dev", dev_fraction, dev_speakers),
+    ):
+        if explicit:
+            continue  # an explicit list is the whole of that split
+        for _ in range(wanted(fraction) - sum(1 for s in split_of.values() if s == split)):
+            if len(order) > 1:  # never leave train empty
+                split_of[order.pop(0)] = split
+    for unit in order:
+        split_of[unit] = "train"
+    for row in rows:
+        row.split = split_of[unit_of[row.speaker]] if row.speaker is not None else "train"
+
+
+# ---------------------------------------------------------------------------------------
+# Preparing a corpus
+
+
+def prepare_corpus(
+    corpus: str,
+    root: str | os.PathLike,
+    *,
+    split: str = "auto",
+    dev_speakers: list[str] | None = None,
+    test_speakers: list[str] | None = None,
+    dev_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    keep_dimensional: bool = False,
+    **label_options: str | None,
+) -> tuple[list[ManifestRow], list[Dropped]]:
+    """Rows (sorted by path) and dropped files of one corpus; `label_options` are e.g. calm='neutral'."""
+    if corpus not in RECIPES:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[corpus]
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise CorpusError(f"{root}: corpus folder not found")
+    root = root.resolve()
+    options = {k: v for k, v in label_options.items() if v is not None}
+    for name, value in options.items():
+        if name not in OPTIONS:
+            raise ValueError(f"unknown label option {name!r}")
+        if name not in recipe.options:
+            raise ValueError(f"--{name} does not apply to {corpus} (it has no '{name}' label)")
+        if value not in OPTIONS[name][0]:
+            raise ValueError(f"--{name} must be one of {', '.join(OPTIONS[name][0])}, not {value!r}")
+    if keep_dimensional and not recipe.dimensional:
+        raise ValueError(f"--keep-dimensional does not apply to {corpus} (it has no dimensional ratings)")
+    if split not in ("auto", "speaker", "official"):
+        raise ValueError(f"split must be auto, speaker or official, not {split!r}")
+    if split == "official" and not recipe.official_split:
+        raise ValueError(f"{corpus} has no official split; use --split speaker")
+    use_official = recipe.official_split and split != "speaker"
+    if use_official and (dev_speakers or test_speakers):
+        raise ValueError(
+            f"--dev-speakers/--test-speakers need --split speaker ({corpus} uses its official split)"
+        )
+
+    if recipe.dimensional:
+        result = recipe.prepare(root, options, keep_dimensional=keep_dimensional)
+    else:
+        result = recipe.prepare(root, options)
+    if not result.rows and not result.dropped:
+        raise CorpusError(f"{root}: no {corpus} audio files found under this folder")
+    rows = sorted(result.rows, key=lambda r: (r.path, r.start or 0.0))
+    if not use_official:
+        assign_splits(
+            rows,
+            dev_fraction=dev_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            dev_speakers=dev_speakers,
+            test_speakers=test_speakers,
+            group=recipe.group,
+        )
+    return rows, sorted(result.dropped, key=lambda d: d.path)
+
+
+def dropped_path(manifest: str | os.PathLike) -> Path:
+    """Where the list of dropped files goes: `<manifest without extension>.dropped.csv`."""
+    manifest = Path(manifest)
+    return manifest.with_name(manifest.stem + ".dropped.csv")
+
+
+def write_dropped(dropped: list[Dropped], path: str | os.PathLike, overwrite: bool = False) -> None:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "reason", "original_label"])
+    for d in dropped:
+        writer.writerow([d.path, d.reason, d.original_label])
+    atomic_write_text(path, out.getvalue(), overwrite=overwrite)
+
+
+def summary(rows: list[ManifestRow], dropped: list[Dropped]) -> str:
+    """A few lines: clips and speakers per split, labels, drop reasons."""
+    lines = []
+    by_split: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in rows:
+        by_split[row.split or "-"].append(row)
+    for split in sorted(by_split, key=lambda s: ({"train": 0, "dev": 1, "test": 2}.get(s, 3), s)):
+        part = by_split[split]
+        speakers = {r.speaker for r in part if r.speaker}
+        labels = Counter(r.label or "(none)" for r in part)
+        counts = ", ".join(f"{k} {labels[k]}" for k in [*LABELS, "(none)"] if labels[k])
+        lines.append(f"  {split}: {len(part)} clips, {len(speakers)} speakers ({counts})")
+    reasons = Counter(d.reason for d in dropped)
+    for reason, n in reasons.most_common():
+        lines.append(f"  dropped {n}: {reason}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI: serval data prepare / serval data check
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+    p = sub.add_parser(
+        "prepare", help="write a manifest for a corpus", description="Write a manifest for a corpus."
+    )
+    p.add_argument("corpus", choices=sorted(RECIPES), help="which corpus ROOT holds")
+    p.add_argument("root", type=Path, help="the corpus folder, as distributed")
+    p.add_argument("-o", "--output", type=Path, required=True, help="manifest to write (.csv or .jsonl)")
+    p.add_argument(
+        "--split",
+        choices=("auto", "speaker", "official"),
+        default="auto",
+        help="speaker: seeded speaker-disjoint split; official: the corpus's own "
+        "(meld, m3ed, msp-podcast); auto: official where there is one (default)",
+    )
+    p.add_argument("--dev-speakers", nargs="+", metavar="SPEAKER", help="these speakers form the dev set")
+    p.add_argument("--test-speakers", nargs="+", metavar="SPEAKER", help="these speakers form the test set")
+    p.add_argument("--dev-fraction", type=float, default=0.1, help="share of speakers for dev (default 0.1)")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.1, help="share of speakers for test (default 0.1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the speaker split (default 0)")
+    for name, (choices, default) in OPTIONS.items():
+        applies = ", ".join(c for c, r in RECIPES.items() if name in r.options)
+        p.add_argument(
+            f"--{name}", choices=choices, default=None, help=f"{applies}: '{name}' clips (default {default})"
+        )
+    p.add_argument(
+        "--keep-dimensional",
+        action="store_true",
+        help="iemocap, msp-podcast: keep clips outside the 7 classes, unlabelled, for their A/V/D ratings",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="also read every audio header (as `serval data check`)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+
+    c = sub.add_parser(
+        "check", help="list every problem of a manifest", description="List every problem of a manifest."
+    )
+    c.add_argument("manifest", type=Path, nargs="+", help="manifest(s) to check")
+    c.add_argument("--no-audio", action="store_true", help="check the values only, do not open audio files")
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    try:
+        manifest_format(args.output)
+        dropped_file = dropped_path(args.output)
+        for target in (args.output, dropped_file):
+            if target.exists() and not args.overwrite:
+                print(f"{target}: already exists (pass --overwrite to replace it)", file=sys.stderr)
+                return 1
+        rows, dropped = prepare_corpus(
+            args.corpus,
+            args.root,
+            split=args.split,
+            dev_speakers=args.dev_speakers,
+            test_speakers=args.test_speakers,
+            dev_fraction=args.dev_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            keep_dimensional=args.keep_dimensional,
+            **{name: getattr(args, name) for name in OPTIONS},
+        )
+    except (ValueError, OSError) as e:
+        print(f"serval data prepare: {e}", file=sys.stderr)
+        return 1
+    write_manifest(rows, args.output, overwrite=args.overwrite)
+    write_dropped(dropped, dropped_file, overwrite=args.overwrite)
+    print(
+        f"{args.output}: {len(rows)} clips of {args.corpus}; {len(dropped)} dropped (listed in {dropped_file})"
+    )
+    print(summary(rows, dropped))
+    if args.check:
+        return _report(args.output, check_manifest(args.output))
+    return 0
+
+
+def _report(manifest: Path, problems) -> int:
+    for p in problems:
+        print(p.format(manifest))
+    if problems:
+        print(f"{manifest}: {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command == "prepare":
+        return _run_prepare(args)
+    status = 0
+    for manifest in args.manifest:
+        bad = _report(manifest, check_manifest(manifest, check_audio=not args.no_audio))
+        if not bad:
+            print(f"{manifest}: ok")
+        status |= bad
+    return status

@@ -1,0 +1,585 @@
+"""Corpus recipes: counts and labels on the real corpora, mock layouts of the others, splits, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from serval.cli import main
+from serval.corpora import RECIPES, assign_splits, dropped_path, prepare_corpus
+from serval.manifest import check_manifest, read_manifest
+
+
+def _by_name(rows):
+    return {Path(r.path).name: r for r in rows}
+
+
+def _assert_speaker_disjoint(rows):
+    splits_of = defaultdict(set)
+    for r in rows:
+        splits_of[r.speaker].add(r.split)
+    shared = {s: v for s, v in splits_of.items() if len(v) > 1}
+    assert not shared, f"speakers in more than one split: {shared}"
+
+
+def _silent(path: Path, seconds: float = 0.3) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
+    return path
+
+
+# --- the real corpora under ../shared/data --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ravdess_root(data_dir):
+    return data_dir / "ravdess"
+
+
+def test_ravdess_counts_and_labels(ravdess_root):
+    rows, dropped = prepare_corpus("ravdess", ravdess_root)
+    assert len(rows) == 1040 and len(dropped) == 160  # 20 actors x 8 calm clips dropped by default
+    assert {d.original_label for d in dropped} == {"calm"}
+    assert all("calm" in d.reason for d in dropped)
+    labels = Counter(r.label for r in rows)
+    assert labels == {
+        "neutral": 80,
+        **{k: 160 for k in ("happy", "sad", "angry", "fearful", "disgusted", "surprised")},
+    }
+    by_name = _by_name(rows)
+    r = by_name["03-01-05-02-01-01-01.flac"]
+    assert (r.label, r.speaker, r.extra["gender"], r.extra["intensity"]) == (
+        "angry",
+        "ravdess-01",
+        "male",
+        "strong",
+    )
+    assert by_name["03-01-08-01-02-02-20.flac"].extra["gender"] == "female"
+    assert {r.language for r in rows} == {"en"} and {r.corpus for r in rows} == {"ravdess"}
+    assert len({r.speaker for r in rows}) == 20
+    _assert_speaker_disjoint(rows)
+
+    kept, dropped = prepare_corpus("ravdess", ravdess_root, calm="neutral")
+    assert len(kept) == 1200 and not dropped
+    assert Counter(r.label for r in kept)["neutral"] == 240
+    assert _by_name(kept)["03-01-02-01-01-01-01.flac"].extra["original_label"] == "calm"
+
+
+def test_emodb_labels(data_dir):
+    rows, dropped = prepare_corpus("emodb", data_dir / "emodb")
+    assert len(rows) + len(dropped) == 304
+    assert len(dropped) == 50 and {d.original_label for d in dropped} == {"boredom"}
+    by_name = _by_name(rows)
+    assert by_name["09a01Ea.flac"].label == "disgusted"
+    assert by_name["09a01Fa.flac"].label == "happy"
+    assert by_name["09a01Nb.flac"].label == "neutral"
+    assert by_name["09a01Wb.flac"].label == "angry"
+    assert "09a02La.flac" not in by_name
+    assert (by_name["10a01Wa.flac"].extra["gender"], by_name["13a01Ac.flac"].extra["gender"]) == (
+        "male",
+        "female",
+    )
+    assert (by_name["10a01Wa.flac"].speaker, by_name["13a01Ac.flac"].label) == ("emodb-10", "fearful")
+    assert {r.speaker for r in rows} == {f"emodb-{s}" for s in ("09", "10", "12", "13", "15", "16")}
+    assert "surprised" not in {r.label for r in rows}
+    assert {r.language for r in rows} == {"de"}
+    _assert_speaker_disjoint(rows)
+
+    kept, dropped = prepare_corpus("emodb", data_dir / "emodb", boredom="neutral")
+    assert len(kept) == 304 and not dropped
+    assert _by_name(kept)["09a02La.flac"].label == "neutral"
+
+
+def test_ased_speakers_and_sentences(data_dir):
+    rows, dropped = prepare_corpus("ased", data_dir / "ased")
+    assert len(rows) == 1924 and not dropped
+    by_name = _by_name(rows)
+    odd = by_name["S4-04-02-01-29.flac"]  # the one upper-case file
+    assert (odd.label, odd.speaker, odd.extra["sentence"], odd.extra["common_sentence"]) == (
+        "sad",
+        "ased-F29",
+        "04",
+        0,
+    )
+    speakers = {r.speaker for r in rows}
+    assert len(speakers) == 60
+    # the same speaker number under both gender codes is two people
+    numbers = Counter(s[-2:] for s in speakers)
+    assert any(n == 2 for n in numbers.values())
+    assert Counter(r.label for r in rows) == {
+        "neutral": 412,
+        "fearful": 400,
+        "happy": 376,
+        "sad": 360,
+        "angry": 376,
+    }
+    common = [r for r in rows if r.extra["common_sentence"] == 1]
+    assert len(common) == 424 and {r.extra["sentence"] for r in common} == {"01", "02"}
+    # common sentences come in all five emotions; sentence 03-07 each in one
+    labels_per_sentence = defaultdict(set)
+    for r in rows:
+        labels_per_sentence[r.extra["sentence"]].add(r.label)
+    assert len(labels_per_sentence["01"]) == 5 and len(labels_per_sentence["02"]) == 5
+    _assert_speaker_disjoint(rows)
+    speaker_splits = {(r.speaker, r.split) for r in rows}
+    assert Counter(split for _, split in speaker_splits) == {"train": 48, "dev": 6, "test": 6}
+
+
+def test_speaker_split_rule(ravdess_root):
+    rows, _ = prepare_corpus("ravdess", ravdess_root, seed=3)
+    again, _ = prepare_corpus("ravdess", ravdess_root, seed=3)
+    assert [r.split for r in rows] == [r.split for r in again]  # seeded: reproducible
+    other, _ = prepare_corpus("ravdess", ravdess_root, seed=4)
+    assert [r.split for r in rows] != [r.split for r in other]
+
+    def speakers(rs, split):
+        return {r.speaker for r in rs if r.split == split}
+
+    for split in ("dev", "test"):
+        chosen = speakers(rows, split)
+        genders = {r.extra["gender"] for r in rows if r.speaker in chosen}
+        assert len(chosen) == 2 and genders == {"male", "female"}  # interleaved by gender
+
+    fixed, _ = prepare_corpus(
+        "ravdess", ravdess_root, dev_speakers=["01", "ravdess-02"], test_speakers=["20"]
+    )
+    assert speakers(fixed, "dev") == {"ravdess-01", "ravdess-02"}
+    assert speakers(fixed, "test") == {"ravdess-20"}
+    assert len(speakers(fixed, "train")) == 17
+    with pytest.raises(ValueError, match="unknown speaker '99'"):
+        prepare_corpus("ravdess", ravdess_root, dev_speakers=["99"])
+    with pytest.raises(ValueError, match="both dev and test"):
+        prepare_corpus("ravdess", ravdess_root, dev_speakers=["01"], test_speakers=["01"])
+
+    none_held, _ = prepare_corpus("ravdess", ravdess_root, dev_fraction=0.0, test_fraction=0.25)
+    assert len(speakers(none_held, "test")) == 5 and not speakers(none_held, "dev")
+
+
+def test_assign_splits_groups_and_unknown_speakers():
+    from serval.manifest import ManifestRow
+
+    rows = [
+        ManifestRow(path=f"{i}.wav", speaker=f"s{i % 6}", corpus="c", extra={"session": i % 6 // 2})
+        for i in range(30)
+    ]
+    rows.append(ManifestRow(path="x.wav", speaker=None, corpus="c"))
+    assign_splits(rows, dev_fraction=0.34, test_fraction=0.34, group="session")
+    by_session = defaultdict(set)
+    for r in rows[:-1]:
+        by_session[r.extra["session"]].add(r.split)
+    assert all(len(v) == 1 for v in by_session.values())  # a session's two speakers stay together
+    assert sorted(next(iter(v)) for v in by_session.values()) == ["dev", "test", "train"]
+    assert rows[-1].split == "train"
+
+
+def test_bad_options(ravdess_root, tmp_path):
+    with pytest.raises(ValueError, match="--boredom does not apply to ravdess"):
+        prepare_corpus("ravdess", ravdess_root, boredom="neutral")
+    with pytest.raises(ValueError, match="no official split"):
+        prepare_corpus("ravdess", ravdess_root, split="official")
+    with pytest.raises(ValueError, match="corpus folder not found"):
+        prepare_corpus("ravdess", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no ravdess audio files"):
+        prepare_corpus("ravdess", tmp_path / "empty")
+
+
+# --- mock layouts of the corpora that are not here ------------------------------------------
+
+
+def test_crema_d_layout(tmp_path):
+    root = tmp_path / "CREMA-D"
+    for name in (
+        "1001_DFA_ANG_XX",
+        "1001_IEO_HAP_HI",
+        "1002_TIE_SAD_LO",
+        "1002_IWW_NEU_XX",
+        "1003_MTI_FEA_MD",
+    ):
+        _silent(root / "AudioWAV" / f"{name}.wav")
+    (root / "AudioWAV" / "1076_MTI_SAD_XX.wav").write_bytes(b"")  # as in the release
+    _silent(root / "AudioWAV" / "readme_clip.wav")
+    (root / "VideoDemographics.csv").write_text(
+        "ActorID,Age,Sex,Race,Ethnicity\n1001,51,Male,Caucasian,Not Hispanic\n1002,21,Female,Caucasian,Not Hispanic\n"
+    )
+    rows, dropped = prepare_corpus("crema-d", root, dev_fraction=0, test_fraction=0)
+    by_name = _by_name(rows)
+    assert {k: r.label for k, r in by_name.items()} == {
+        "1001_DFA_ANG_XX.wav": "angry",
+        "1001_IEO_HAP_HI.wav": "happy",
+        "1002_TIE_SAD_LO.wav": "sad",
+        "1002_IWW_NEU_XX.wav": "neutral",
+        "1003_MTI_FEA_MD.wav": "fearful",
+    }
+    assert by_name["1001_IEO_HAP_HI.wav"].extra["intensity"] == "high"
+    assert by_name["1002_TIE_SAD_LO.wav"].extra["gender"] == "female"
+    assert "gender" not in by_name["1003_MTI_FEA_MD.wav"].extra  # not in the demographics table
+    assert by_name["1001_DFA_ANG_XX.wav"].speaker == "crema-d-1001"
+    assert {(Path(d.path).name, d.reason) for d in dropped} == {
+        ("1076_MTI_SAD_XX.wav", "empty file (0 bytes)"),
+        ("readme_clip.wav", "file name is not ActorID_Sentence_Emotion_Level"),
+    }
+
+
+def test_esd_layout(tmp_path):
+    root = tmp_path / "Emotion Speech Dataset"
+    _silent(root / "0001" / "Neutral" / "train" / "0001_000001.wav")
+    _silent(root / "0001" / "Surprise" / "test" / "0001_001401.wav")
+    _silent(root / "0011" / "Angry" / "evaluation" / "0011_000351.wav")
+    _silent(root / "0011" / "Sad" / "0011_001051.wav")  # flat layout of later releases
+    _silent(root / "0011" / "0011_000999.wav")  # no emotion folder
+    (root / "0011" / "0011.txt").write_text("0011_000351\tsome text\tAngry\n")
+    rows, dropped = prepare_corpus("esd", root)
+    got = {Path(r.path).name: (r.label, r.language, r.speaker, r.extra.get("official_split")) for r in rows}
+    assert got == {
+        "0001_000001.wav": ("neutral", "zh", "esd-0001", "train"),
+        "0001_001401.wav": ("surprised", "zh", "esd-0001", "test"),
+        "0011_000351.wav": ("angry", "en", "esd-0011", "dev"),
+        "0011_001051.wav": ("sad", "en", "esd-0011", None),
+    }
+    assert [Path(d.path).name for d in dropped] == ["0011_000999.wav"]
+    _assert_speaker_disjoint(rows)
+
+
+def _meld_csv(path: Path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "Sr No.",
+                "Utterance",
+                "Speaker",
+                "Emotion",
+                "Sentiment",
+                "Dialogue_ID",
+                "Utterance_ID",
+                "Season",
+                "Episode",
+                "StartTime",
+                "EndTime",
+            ]
+        )
+        for i, (speaker, emotion, dia, utt) in enumerate(records, 1):
+            w.writerow(
+                [i, "Oh my God!", speaker, emotion, "neutral", dia, utt, 1, 1, "00:00:01,000", "00:00:02,000"]
+            )
+
+
+def test_meld_layout(tmp_path):
+    root = tmp_path / "MELD.Raw"
+    _meld_csv(
+        root / "train_sent_emo.csv",
+        [("Joey", "joy", 0, 0), ("Rachel", "anger", 0, 1), ("Ross", "sadness", 1, 0)],
+    )
+    _meld_csv(root / "dev_sent_emo.csv", [("Monica", "surprise", 0, 0), ("Chandler", "fear", 110, 7)])
+    _meld_csv(root / "test_sent_emo.csv", [("Phoebe", "disgust", 0, 0)])
+    for folder, stem in [
+        ("train_splits", "dia0_utt0"),
+        ("train_splits", "dia0_utt1"),
+        ("train_splits", "dia1_utt0"),
+        ("dev_splits_complete", "dia0_utt0"),
+        ("output_repeated_splits_test", "dia0_utt0"),
+    ]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / f"{stem}.mp4").write_bytes(b"\0\0\0\x18ftypmp42")  # the release ships video
+    _silent(root / "train_splits" / "dia0_utt0.wav")  # audio extracted beside it is preferred
+    rows, dropped = prepare_corpus("meld", root)
+    got = {(r.split, Path(r.path).name): (r.label, r.speaker) for r in rows}
+    assert got == {
+        ("train", "dia0_utt0.wav"): ("happy", "meld-Joey"),
+        ("train", "dia0_utt1.mp4"): ("angry", "meld-Rachel"),
+        ("train", "dia1_utt0.mp4"): ("sad", "meld-Ross"),
+        ("dev", "dia0_utt0.mp4"): ("surprised", "meld-Monica"),
+        ("test", "dia0_utt0.mp4"): ("disgusted", "meld-Phoebe"),
+    }
+    dev_row = next(r for r in rows if r.split == "dev")
+    assert "dev_splits_complete" in dev_row.path  # dialogue ids restart per split: not the train file
+    assert [(d.path, d.reason) for d in dropped] == [("dev/dia110_utt7", "audio file not found")]
+    # --split speaker re-splits by speaker, ignoring the official split
+    by_speaker, _ = prepare_corpus("meld", root, split="speaker", test_fraction=0.2, dev_fraction=0.2)
+    _assert_speaker_disjoint(by_speaker)
+
+
+IEMOCAP_EVAL = """% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]
+
+[6.2901 - 8.2357]\tSes01F_impro01_F000\tneu\t[2.5000, 2.5000, 2.5000]
+C-E2:\tNeutral;\t()
+
+[10.0100 - 11.3925]\tSes01F_impro01_M001\texc\t[4.0000, 3.5000, 3.0000]
+
+[14.8872 - 18.0175]\tSes01F_impro01_F002\tfru\t[2.0000, 3.5000, 3.5000]
+
+[19.2900 - 20.7875]\tSes01F_impro01_M003\txxx\t[2.5000, 2.0000, 2.5000]
+
+[21.0000 - 23.0000]\tSes01F_impro01_F004\tang\t[1.0000, 5.0000, 4.5000]
+"""
+
+
+def test_iemocap_layout(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    for session in (1, 2, 3):
+        name = f"Ses0{session}F_impro01"
+        evaluation = IEMOCAP_EVAL.replace("Ses01F_impro01", name)
+        (root / f"Session{session}" / "dialog" / "EmoEvaluation").mkdir(parents=True)
+        (root / f"Session{session}" / "dialog" / "EmoEvaluation" / f"{name}.txt").write_text(evaluation)
+        for turn in ("F000", "M001", "F002", "M003"):
+            _silent(root / f"Session{session}" / "sentences" / "wav" / name / f"{name}_{turn}.wav")
+        # F004 has no wav: listed as dropped
+    rows, dropped = prepare_corpus("iemocap", root, dev_fraction=0, test_fraction=0.3)
+    by_name = _by_name(rows)
+    assert {k: r.label for k, r in by_name.items()} == {
+        "Ses01F_impro01_F000.wav": "neutral",
+        "Ses01F_impro01_M001.wav": "happy",  # excited merged into happy by default
+        "Ses02F_impro01_F000.wav": "neutral",
+        "Ses02F_impro01_M001.wav": "happy",
+        "Ses03F_impro01_F000.wav": "neutral",
+        "Ses03F_impro01_M001.wav": "happy",
+    }
+    excited = by_name["Ses01F_impro01_M001.wav"]
+    assert (excited.valence, excited.arousal, excited.dominance) == (0.75, 0.625, 0.5)  # (x - 1) / 4
+    assert (
+        excited.speaker == "iemocap-Ses01M" and excited.extra["gender"] == "male"
+    )  # speaker from the turn, not the dialog
+    reasons = Counter((d.original_label, d.reason.split(" (")[0]) for d in dropped)
+    assert reasons == {
+        ("fru", "'fru' is not one of the 7 classes"): 3,
+        ("xxx", "'xxx' is not one of the 7 classes"): 3,
+        ("ang", "audio file not found"): 3,
+    }
+    # speakers are grouped by session: a session is never split
+    split_of_session = {s: {r.split for r in rows if r.extra["session"] == s} for s in (1, 2, 3)}
+    assert all(len(v) == 1 for v in split_of_session.values())
+    assert sorted(next(iter(v)) for v in split_of_session.values()) == ["test", "train", "train"]
+    _assert_speaker_disjoint(rows)
+
+    no_exc, _ = prepare_corpus("iemocap", root, excited="drop")
+    assert "happy" not in {r.label for r in no_exc}
+    dims, dropped = prepare_corpus("iemocap", root, keep_dimensional=True)
+    unlabelled = [r for r in dims if r.label is None]
+    assert len(unlabelled) == 6 and all(r.arousal is not None for r in unlabelled)
+    assert {d.reason for d in dropped} == {"audio file not found"}
+
+
+def test_msp_podcast_layout(tmp_path):
+    root = tmp_path / "MSP-Podcast"
+    (root / "Labels").mkdir(parents=True)
+    table = [
+        ("MSP-PODCAST_0001_0008.wav", "N", "4.0", "4.2", "4.4", "127", "Female", "Train"),
+        ("MSP-PODCAST_0001_0019.wav", "A", "6.0", "2.0", "5.5", "127", "Female", "Development"),
+        ("MSP-PODCAST_0002_0001.wav", "C", "3.0", "3.0", "3.0", "4", "Male", "Test1"),
+        ("MSP-PODCAST_0002_0002.wav", "O", "3.0", "3.0", "3.0", "4", "Male", "Test1"),
+        ("MSP-PODCAST_0003_0001.wav", "U", "7.0", "1.0", "1.0", "Unknown", "Unknown", "Test2"),
+        ("MSP-PODCAST_0004_0001.wav", "H", "5.0", "5.0", "5.0", "9", "Male", "Train"),  # no audio
+    ]
+    with open(root / "Labels" / "labels_consensus.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"])
+        w.writerows(table)
+    for name, *_ in table[:-1]:
+        _silent(root / "Audios" / name)
+    rows, dropped = prepare_corpus("msp-podcast", root)
+    got = {Path(r.path).name: (r.label, r.split, r.speaker) for r in rows}
+    assert got == {
+        "MSP-PODCAST_0001_0008.wav": ("neutral", "train", "msp-podcast-127"),
+        "MSP-PODCAST_0001_0019.wav": ("angry", "dev", "msp-podcast-127"),
+        "MSP-PODCAST_0003_0001.wav": ("surprised", "test2", None),
+    }
+    angry = _by_name(rows)["MSP-PODCAST_0001_0019.wav"]
+    assert (angry.arousal, angry.valence, angry.dominance) == (5 / 6, 1 / 6, 0.75)  # (x - 1) / 6
+    assert {(Path(d.path).name, d.original_label) for d in dropped} == {
+        ("MSP-PODCAST_0002_0001.wav", "contempt"),
+        ("MSP-PODCAST_0002_0002.wav", "other"),
+        ("MSP-PODCAST_0004_0001.wav", "happy"),
+    }
+    dims, dropped = prepare_corpus("msp-podcast", root, keep_dimensional=True)
+    unlabelled = {Path(r.path).name for r in dims if r.label is None}
+    assert unlabelled == {"MSP-PODCAST_0002_0001.wav", "MSP-PODCAST_0002_0002.wav"}
+    assert [d.reason for d in dropped] == ["audio file not found"]
+    with_contempt, _ = prepare_corpus("msp-podcast", root, contempt="disgusted")
+    assert _by_name(with_contempt)["MSP-PODCAST_0002_0001.wav"].label == "disgusted"
+    (root / "Labels" / "labels_consensus.csv").write_text("File,Class\nx.wav,N\n")
+    with pytest.raises(ValueError, match=r"labels_consensus.csv: missing column\(s\) FileName, EmoClass"):
+        prepare_corpus("msp-podcast", root)
+
+
+def test_m3ed_layout(tmp_path):
+    root = tmp_path / "M3ED"
+    annotation = {
+        "Anjia_1": {
+            "Anjia_1_1": {
+                "SpeakerInfo": {
+                    "A": {"Name": "房似锦", "Gender": "Female"},
+                    "B": {"Name": "徐文昌", "Gender": "Male"},
+                },
+                "Dialog": {
+                    "Anjia_1_1_1": {
+                        "Speaker": "A",
+                        "StartTime": "00:00:01.0",
+                        "EndTime": "00:00:02.0",
+                        "Text": "你好",
+                        "EmoAnnotation": {"final_main_emo": "Happy"},
+                    },
+                    "Anjia_1_1_2": {
+                        "Speaker": "B",
+                        "Text": "嗯",
+                        "EmoAnnotation": {"final_main_emo": "Anger"},
+                    },
+                    "Anjia_1_1_3": {
+                        "Speaker": "A",
+                        "Text": "哦",
+                        "EmoAnnotation": {"final_main_emo": "Surprise"},
+                    },
+                },
+            }
+        },
+        "Zhuyu_2": {
+            "Zhuyu_2_1": {
+                "SpeakerInfo": {"A": {"Name": "李", "Gender": "Male"}},
+                "Dialog": {
+                    "Zhuyu_2_1_1": {
+                        "Speaker": "A",
+                        "Text": "唉",
+                        "EmoAnnotation": {"final_main_emo": ["Sad"]},
+                    }
+                },
+            }
+        },
+    }
+    root.mkdir()
+    (root / "annotation.json").write_text(json.dumps(annotation, ensure_ascii=False), encoding="utf-8")
+    (root / "splitInfo").mkdir()
+    (root / "splitInfo" / "movie_list_train.txt").write_text("Anjia_1\n")
+    (root / "splitInfo" / "movie_list_test.txt").write_text("Zhuyu_2\n")
+    (root / "splitInfo" / "movie_list_val.txt").write_text("")
+    _silent(root / "modality_speech" / "A_Anjia_1_1_1.wav")
+    _silent(root / "modality_speech" / "B_Anjia_1_1_2.wav")
+    _silent(root / "modality_speech" / "A_Zhuyu_2_1_1.wav")
+    rows, dropped = prepare_corpus("m3ed", root)
+    got = {Path(r.path).name: (r.label, r.split, r.speaker, r.language) for r in rows}
+    assert got == {
+        "A_Anjia_1_1_1.wav": ("happy", "train", "m3ed-Anjia_1-房似锦", "zh"),
+        "B_Anjia_1_1_2.wav": ("angry", "train", "m3ed-Anjia_1-徐文昌", "zh"),
+        "A_Zhuyu_2_1_1.wav": ("sad", "test", "m3ed-Zhuyu_2-李", "zh"),
+    }
+    assert [(d.path, d.reason) for d in dropped] == [("Anjia_1/Anjia_1_1_3", "audio file not found")]
+
+
+def test_indowavesentiment_layout(tmp_path):
+    root = tmp_path / "IndoWaveSentiment"
+    names = ["01-01-01-01", "02-02-02-03", "07-03-02-03", "08-04-01-02", "09-05-01-01", "10-05-02-02"]
+    for name in names:
+        _silent(root / f"{name}.wav")
+    rows, dropped = prepare_corpus("indowavesentiment", root, dev_fraction=0, test_fraction=0)
+    got = {Path(r.path).stem: (r.label, r.speaker, r.extra["gender"], r.extra["intensity"]) for r in rows}
+    assert got == {
+        "01-01-01-01": ("neutral", "indowavesentiment-01", "male", "normal"),
+        "02-02-02-03": ("happy", "indowavesentiment-02", "female", "strong"),
+        "07-03-02-03": ("surprised", "indowavesentiment-07", "male", "strong"),
+        "08-04-01-02": ("disgusted", "indowavesentiment-08", "female", "normal"),
+    }
+    assert {d.original_label for d in dropped} == {"disappointed"}
+    as_sad, _ = prepare_corpus("indowavesentiment", root, disappointed="sad")
+    assert Counter(r.label for r in as_sad)["sad"] == 2 and {r.language for r in as_sad} == {"id"}
+
+
+def test_every_recipe_has_a_test():
+    tested = {
+        "ravdess",
+        "emodb",
+        "ased",
+        "crema-d",
+        "esd",
+        "meld",
+        "iemocap",
+        "msp-podcast",
+        "m3ed",
+        "indowavesentiment",
+    }
+    assert set(RECIPES) == tested
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def test_cli_prepare_and_check(tmp_path, data_dir, capsys):
+    out = tmp_path / "out" / "ravdess.jsonl"
+    argv = [
+        "data",
+        "prepare",
+        "ravdess",
+        str(data_dir / "ravdess"),
+        "-o",
+        str(out),
+        "--dev-speakers",
+        "01",
+        "02",
+    ]
+    assert main(argv + ["--check"]) == 0
+    text = capsys.readouterr().out
+    assert "1040 clips" in text and "160 dropped" in text
+    rows = read_manifest(out)
+    assert len(rows) == 1040 and {r.speaker for r in rows if r.split == "dev"} == {"ravdess-01", "ravdess-02"}
+    _assert_speaker_disjoint(rows)
+    dropped = dropped_path(out)
+    assert dropped.name == "ravdess.dropped.csv"
+    with open(dropped, newline="") as f:
+        listed = list(csv.DictReader(f))
+    assert len(listed) == 160 and all(Path(d["path"]).name.split("-")[2] == "02" for d in listed)
+
+    # nothing a user gave is overwritten
+    before = out.read_bytes()
+    assert (
+        main(["data", "prepare", "ravdess", str(data_dir / "ravdess"), "-o", str(out), "--calm", "neutral"])
+        == 1
+    )
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "ravdess",
+                str(data_dir / "ravdess"),
+                "-o",
+                str(out),
+                "--calm",
+                "neutral",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert len(read_manifest(out)) == 1200
+    assert dropped.read_text().strip() == "path,reason,original_label"
+    assert check_manifest(out) == []
+    assert main(["data", "check", str(out)]) == 0
+
+    # errors are one clear line and exit 1
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "ravdess",
+                str(data_dir / "ravdess"),
+                "-o",
+                str(tmp_path / "x.csv"),
+                "--boredom",
+                "neutral",
+            ]
+        )
+        == 1
+    )
+    assert "--boredom does not apply to ravdess" in capsys.readouterr().err
+    assert main(["data", "prepare", "emodb", str(data_dir / "emodb"), "-o", str(tmp_path / "x.txt")]) == 1
+    assert "unknown manifest format" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
