@@ -1,0 +1,324 @@
+"""Other systems as predictors, so `serval eval` can score them on the same manifests.
+
+Every system here has what `serval.inference.Predictor` has: `name`, `classes`,
+`dimensions` and `predict_waveforms(waves, batch_size) -> (probs [N, 7], scores [N, 3])`,
+plus a `fingerprint` (it keys the prediction cache) and, after each call, `details`: one
+dict per input (e.g. an LLM's raw reply), or None.
+
+Conventions that keep the scoring honest:
+- a row of all-zero probabilities means "no answer" (an unparseable LLM reply, a failed
+  request); it is scored as wrong, never dropped;
+- a system without a dimensional head returns NaN scores, and is left out of CCC tables;
+- a `details` entry with an "error" key is a transient failure: it is scored as no answer
+  but not cached, so a re-run asks again.
+
+Model specs (`load_system`): a serval model directory, `meralion:PATH`,
+`emotion2vec:large|base|seed` (or `emotion2vec:DIR` for a local FunASR model directory),
+`llm:MODEL@BASE_URL`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from serval.audio import SAMPLE_RATE
+
+# The 7 classes in checkpoint order (serval.model.EMOTIONS), repeated so this module does not need torch.
+EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
+DIMENSIONS = ("arousal", "valence", "dominance")
+
+# The paper's uniform prompt for every audio LLM (section 5).
+PROMPT = (
+    "Determine the speaker's emotion in the given audio. "
+    "Reply with a single label from: Neutral, Happy, Sad, Angry, Fearful, Disgusted, Surprised."
+)
+
+# ----------------------------------------------------------------------------- spec loading
+
+
+def load_system(spec: str, device: str | None = None, **options):
+    """A predictor for a `--model` spec: serval dir, `meralion:PATH`, `emotion2vec:VARIANT`, `llm:MODEL@URL`."""
+    if spec.startswith("emotion2vec:"):
+        return Emotion2Vec(spec.split(":", 1)[1], device=device)
+    if spec.startswith("llm:"):
+        model, sep, base_url = spec[4:].rpartition("@")
+        if not sep or not model or not base_url:
+            raise ValueError(
+                f"{spec!r}: an LLM spec is llm:MODEL@BASE_URL, e.g. llm:gpt-4o-audio-preview@https://api.openai.com/v1"
+            )
+        return AudioLLM(model, base_url, **options)
+    from serval.inference import load
+
+    if spec.startswith("meralion:"):
+        path = spec.split(":", 1)[1]
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such MERaLiON-SER checkpoint (file or directory)")
+        predictor = load(spec, device=device)
+        predictor.fingerprint = files_fingerprint(spec, path)
+        return predictor
+    if not Path(spec).exists():
+        raise FileNotFoundError(
+            f"{spec}: not a model directory, and not meralion:PATH, emotion2vec:VARIANT or llm:MODEL@URL"
+        )
+    predictor = load(spec, device=device)
+    predictor.fingerprint = files_fingerprint("serval", spec)
+    return predictor
+
+
+def files_fingerprint(kind: str, path: str | os.PathLike) -> str:
+    """A hash of a model's files (name, size, mtime; config files by content): changes when the model does."""
+    path = Path(path)
+    h = hashlib.sha1(f"{kind}\n{path.resolve()}\n".encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        st = f.stat()
+        h.update(
+            f"{f.relative_to(path) if path.is_dir() else f.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
+        )
+        if f.suffix in (".json", ".yaml", ".yml") and st.st_size < 1_000_000:
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- emotion2vec
+
+EMOTION2VEC_MODELS = {
+    "large": "emotion2vec/emotion2vec_plus_large",
+    "base": "emotion2vec/emotion2vec_plus_base",
+    "seed": "emotion2vec/emotion2vec_plus_seed",
+}
+# emotion2vec's 9 labels; "other" and "unknown" have no counterpart among the 7.
+EMOTION2VEC_TO_SERVAL = {
+    "angry": "angry",
+    "disgusted": "disgusted",
+    "fearful": "fearful",
+    "happy": "happy",
+    "neutral": "neutral",
+    "sad": "sad",
+    "surprised": "surprised",
+    "other": None,
+    "unknown": None,
+}
+
+
+def emotion2vec_probabilities(labels: Sequence[str], scores: Sequence[float]) -> np.ndarray:
+    """emotion2vec's 9 scores -> probabilities over the 7 classes (EMOTIONS order).
+
+    FunASR labels look like "生气/angry" or "<unk>"; "other" and "unknown" are dropped and the
+    7 remaining scores renormalised, so the argmax is the best of the 7. All-zero means no answer.
+    """
+    if len(labels) != len(scores):
+        raise ValueError(f"{len(labels)} labels but {len(scores)} scores")
+    probs = np.zeros(len(EMOTIONS), np.float64)
+    for label, score in zip(labels, scores):
+        name = str(label).rsplit("/", 1)[-1].strip().lower()
+        name = "unknown" if name in ("<unk>", "unk", "") else name
+        if name not in EMOTION2VEC_TO_SERVAL:
+            raise ValueError(f"unexpected emotion2vec label {label!r}")
+        target = EMOTION2VEC_TO_SERVAL[name]
+        if target is not None:
+            probs[EMOTIONS.index(target)] += max(float(score), 0.0)
+    total = probs.sum()
+    return (probs / total if total > 0 else probs).astype(np.float32)
+
+
+class Emotion2Vec:
+    """emotion2vec+ (large, base or seed) through FunASR, mapped onto the 7 classes."""
+
+    classes = EMOTIONS
+    dimensions = DIMENSIONS
+
+    def __init__(self, variant: str, device: str | None = None, hub: str = "hf"):
+        try:
+            from funasr import AutoModel
+        except ImportError as e:
+            raise ImportError(
+                "emotion2vec baselines need FunASR, which is not installed: pip install serval[funasr]"
+            ) from e
+        if variant in EMOTION2VEC_MODELS:
+            model_id = EMOTION2VEC_MODELS[variant]
+            if hub in ("ms", "modelscope"):
+                model_id = model_id.replace("emotion2vec/", "iic/")
+            self.name = f"emotion2vec-{variant}"
+        elif Path(variant).is_dir():
+            model_id, hub = variant, None
+            self.name = f"emotion2vec ({Path(variant).name})"
+        else:
+            raise ValueError(
+                f"emotion2vec:{variant}: choose large, base, seed or a local FunASR model directory"
+            )
+        kwargs = {"model": model_id, "disable_update": True}
+        if hub:
+            kwargs["hub"] = hub
+        if device and device != "auto":
+            kwargs["device"] = device
+        self.model = AutoModel(**kwargs)
+        self.fingerprint = hashlib.sha1(f"emotion2vec\n{model_id}".encode()).hexdigest()
+        self.details = None
+
+    def predict_waveforms(self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False):
+        """16 kHz waveforms -> (probs [N, 7], NaN scores [N, 3]); emotion2vec has no dimensional head."""
+        probs = np.zeros((len(waves), len(EMOTIONS)), np.float32)
+        for i, wave in enumerate(waves):
+            result = self.model.generate(
+                np.asarray(wave, np.float32),
+                granularity="utterance",
+                extract_embedding=False,
+                disable_pbar=True,
+            )[0]
+            probs[i] = emotion2vec_probabilities(result["labels"], result["scores"])
+        return probs, np.full((len(waves), len(DIMENSIONS)), np.nan, np.float32)
+
+
+# ----------------------------------------------------------------------------- audio LLMs
+
+# Reply words -> class; matched as whole words, case-insensitively.
+LABEL_WORDS = {
+    "neutral": ("neutral", "neutrality"),
+    "happy": ("happy", "happiness", "joy", "joyful", "glad"),
+    "sad": ("sad", "sadness", "unhappy"),
+    "angry": ("angry", "anger", "mad", "furious"),
+    "fearful": ("fearful", "fear", "afraid", "scared", "frightened"),
+    "disgusted": ("disgusted", "disgust", "disgusting"),
+    "surprised": ("surprised", "surprise", "surprising"),
+}
+_WORD = {w: label for label, words in LABEL_WORDS.items() for w in words}
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def parse_emotion_label(reply: str | None) -> str | None:
+    """The one class a reply names ("Anger.", "The speaker sounds sad"), or None if it names none or several."""
+    if not reply:
+        return None
+    found = {_WORD[w] for w in _WORD_RE.findall(reply.lower()) if w in _WORD}
+    return found.pop() if len(found) == 1 else None
+
+
+def wav_base64(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> str:
+    """A waveform as a base64 16-bit PCM WAV file."""
+    buf = io.BytesIO()
+    sf.write(
+        buf, np.clip(np.asarray(wave, np.float32), -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16"
+    )
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class LLMRequestError(RuntimeError):
+    pass
+
+
+class AudioLLM:
+    """Any audio LLM behind an OpenAI-compatible chat-completions API, asked the paper's prompt.
+
+    The API key comes from the environment (`api_key_env`, default SERVAL_LLM_API_KEY, then
+    OPENAI_API_KEY). 5xx, 429, timeouts and connection errors are retried with exponential
+    backoff; a reply naming no single class is kept as "unparseable" in `details`.
+    """
+
+    classes = EMOTIONS
+    dimensions = DIMENSIONS
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        prompt: str = PROMPT,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        concurrency: int = 4,
+        max_tokens: int = 32,
+    ):
+        self.model, self.base_url, self.prompt = model, base_url.rstrip("/"), prompt
+        env_names = [api_key_env] if api_key_env else ["SERVAL_LLM_API_KEY", "OPENAI_API_KEY"]
+        self.api_key = api_key or next((os.environ[n] for n in env_names if os.environ.get(n)), None)
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self.concurrency, self.max_tokens = max(1, concurrency), max_tokens
+        self.name = model
+        self.fingerprint = hashlib.sha1(f"llm\n{model}\n{self.base_url}\n{prompt}".encode()).hexdigest()
+        self.details = None
+
+    def request_body(self, wave: np.ndarray) -> dict:
+        """The chat-completions request for one clip: the prompt and the audio as base64 WAV."""
+        return {
+            "model": self.model,
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": self.prompt},
+                        {"type": "input_audio", "input_audio": {"data": wav_base64(wave), "format": "wav"}},
+                    ],
+                }
+            ],
+        }
+
+    def _post(self, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = f"{self.base_url}/chat/completions"
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                # exponential backoff with jitter, so parallel workers do not retry in lockstep
+                time.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random() / 2))
+            try:
+                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode("utf-8", "replace")
+                last = f"HTTP {e.code}: {detail}"
+                if e.code < 500 and e.code != 429:
+                    raise LLMRequestError(f"{url}: {last}") from e
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except json.JSONDecodeError as e:
+                raise LLMRequestError(f"{url}: reply is not JSON ({e})") from e
+        raise LLMRequestError(f"{url}: gave up after {self.max_retries + 1} attempts; last: {last}")
+
+    def ask(self, wave: np.ndarray) -> dict:
+        """One clip -> {"reply", "label"} (label None if unparseable) or {"error"} if the request failed."""
+        try:
+            response = self._post(self.request_body(wave))
+            reply = response["choices"][0]["message"]["content"]
+        except LLMRequestError as e:
+            return {"error": str(e)}
+        except (KeyError, IndexError, TypeError) as e:
+            return {"error": f"malformed response ({type(e).__name__}: {e})"}
+        if isinstance(reply, list):  # some servers answer with content parts
+            reply = " ".join(p.get("text", "") for p in reply if isinstance(p, dict))
+        reply = reply if isinstance(reply, str) else ""
+        return {"reply": reply, "label": parse_emotion_label(reply)}
+
+    def predict_waveforms(self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False):
+        """One request per clip (in parallel) -> (one-hot probs [N, 7], NaN scores [N, 3]); details per clip."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            details = list(pool.map(self.ask, waves))
+        probs = np.zeros((len(waves), len(EMOTIONS)), np.float32)
+        for i, d in enumerate(details):
+            if d.get("label"):
+                probs[i, EMOTIONS.index(d["label"])] = 1.0
+        self.details = details
+        return probs, np.full((len(waves), len(DIMENSIONS)), np.nan, np.float32)
