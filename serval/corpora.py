@@ -27,6 +27,7 @@ from serval.manifest import (
     atomic_write_text,
     check_manifest,
     manifest_format,
+    read_manifest,
     write_manifest,
 )
 
@@ -967,6 +968,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("manifest", type=Path, nargs="+", help="manifest(s) to check")
     c.add_argument("--no-audio", action="store_true", help="check the values only, do not open audio files")
 
+    m = sub.add_parser(
+        "merge", help="join manifests into one", description="Join manifests (e.g. several corpora) into one."
+    )
+    m.add_argument("manifest", type=Path, nargs="+", help="manifests to join, in order")
+    m.add_argument("-o", "--output", type=Path, required=True, help="manifest to write (.csv or .jsonl)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+
 
 def _run_prepare(args: argparse.Namespace) -> int:
     try:
@@ -1010,9 +1018,29 @@ def _report(manifest: Path, problems) -> int:
     return 1 if problems else 0
 
 
+def _run_merge(args: argparse.Namespace) -> int:
+    try:
+        rows, seen = [], {}
+        for source in args.manifest:
+            for row in read_manifest(source):
+                key = (str(row.path), row.start, row.end)
+                if key in seen:
+                    raise ValueError(f"{row.path} ({row.start}-{row.end}) is in {seen[key]} and again in {source}")
+                seen[key] = source
+                rows.append(row)
+        write_manifest(rows, args.output, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+        print(f"serval data merge: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: {len(rows)} rows from {len(args.manifest)} manifests")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "prepare":
         return _run_prepare(args)
+    if args.data_command == "merge":
+        return _run_merge(args)
     status = 0
     for manifest in args.manifest:
         bad = _report(manifest, check_manifest(manifest, check_audio=not args.no_audio))

@@ -583,3 +583,18 @@ def test_cli_prepare_and_check(tmp_path, data_dir, capsys):
     assert main(["data", "prepare", "emodb", str(data_dir / "emodb"), "-o", str(tmp_path / "x.txt")]) == 1
     assert "unknown manifest format" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_merge_joins_manifests_and_refuses_overlap(tmp_path, data_dir):
+    from serval.cli import main
+
+    emodb, ased = tmp_path / "emodb.csv", tmp_path / "ased.csv"
+    assert main(["data", "prepare", "emodb", str(data_dir / "emodb"), "-o", str(emodb)]) == 0
+    assert main(["data", "prepare", "ased", str(data_dir / "ased"), "-o", str(ased)]) == 0
+    merged = tmp_path / "all.csv"
+    assert main(["data", "merge", str(emodb), str(ased), "-o", str(merged)]) == 0
+    rows = read_manifest(merged)
+    assert len(rows) == len(read_manifest(emodb)) + len(read_manifest(ased))
+    assert {r.corpus for r in rows} == {"emodb", "ased"}
+    assert main(["data", "merge", str(emodb), str(ased), "-o", str(merged)]) == 1  # never overwrites
+    assert main(["data", "merge", str(emodb), str(emodb), "-o", str(tmp_path / "twice.csv")]) == 1
