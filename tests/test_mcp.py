@@ -1,0 +1,208 @@
+"""`serval mcp` through the official MCP SDK's stdio client: the real server process, real clips.
+
+One server session (process start-up dominates the time) makes every call; the tests then check
+their answers against the in-process predictor.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+import torch
+from conftest import DATA, REPO, clips
+
+pytest.importorskip("mcp")
+anyio = pytest.importorskip("anyio")
+
+from serval.audio import load_audio  # noqa: E402
+from serval.inference import load  # noqa: E402
+from serval.model import SERConfig, SERModel  # noqa: E402
+from serval.timeline import grid_timeline  # noqa: E402
+
+TOL = 5e-6  # records are rounded to 6 decimals
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def probs(record: dict, classes) -> np.ndarray:
+    return np.array([record["probabilities"][c] for c in classes])
+
+
+async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]]):
+    """Start `serval mcp ARGS` over stdio, initialise, list its tools and make `calls`."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), args=["-m", "serval", "mcp", *args])
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        init = await session.initialize()
+        tools = {t.name: t for t in (await session.list_tools()).tools}
+        results = {key: await session.call_tool(name, arguments) for key, (name, arguments) in calls.items()}
+    return init, tools, results
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ravdess_clips, emodb_clips):
+    torch.manual_seed(1)
+    tmp = tmp_path_factory.mktemp("mcp")
+    model_dir = SERModel(SERConfig.tiny()).save_pretrained(tmp / "tiny")
+    predictor = load(model_dir, device="cpu")
+    clip, other = ravdess_clips[4], emodb_clips[1]
+    talk = tmp / "audio" / "conversation.wav"
+    talk.parent.mkdir()
+    sf.write(
+        talk,
+        np.concatenate([load_audio(p) for p in clips("ravdess", "Actor_05/*.flac", n=4)]),
+        16000,
+        subtype="FLOAT",
+    )
+    broken = tmp / "audio" / "broken.flac"
+    broken.write_bytes(clip.read_bytes()[:2500])
+    wav22k = io.BytesIO()  # 22.05 kHz 16-bit WAV bytes: decoded and resampled like a file
+    sf.write(wav22k, soxr.resample(load_audio(clip), 16000, 22050), 22050, format="WAV", subtype="PCM_16")
+    outside = REPO / "pyproject.toml"  # readable, but not under either --root
+    calls = {
+        "path": ("recognize_emotion", {"path": str(clip)}),
+        "base64": (
+            "recognize_emotion",
+            {
+                "audio_base64": b64(other.read_bytes()),
+                "filename": other.name,
+                "classes": ["neutral", "angry"],
+            },
+        ),
+        "resampled": ("recognize_emotion", {"audio_base64": b64(wav22k.getvalue())}),
+        "timeline": ("emotion_timeline", {"path": str(talk), "window": 3, "hop": 1.5, "max_segment": 6}),
+        "segments": ("emotion_timeline", {"audio_base64": b64(talk.read_bytes()), "include_windows": False}),
+        "broken": ("recognize_emotion", {"path": str(broken)}),
+        "missing": ("recognize_emotion", {"path": str(tmp / "audio" / "missing.wav")}),
+        "no_audio": ("recognize_emotion", {}),
+        "both": ("recognize_emotion", {"path": str(clip), "audio_base64": b64(b"x")}),
+        "bad_base64": ("recognize_emotion", {"audio_base64": "%%% not base64 %%%"}),
+        "bad_class": ("recognize_emotion", {"path": str(clip), "classes": ["bored"]}),
+        "bad_grid": ("emotion_timeline", {"path": str(talk), "window": 2, "hop": 3}),
+        "outside": ("recognize_emotion", {"path": str(outside)}),
+        "sneaky": ("recognize_emotion", {"path": str(tmp / "audio" / ".." / ".." / ".." / outside.name)}),
+    }
+    args = ["--model", str(model_dir), "--device", "cpu", "--root", str(tmp / "audio"), "--root", str(DATA)]
+    init, tools, results = anyio.run(session_calls, args, calls)
+    return dict(
+        predictor=predictor, clip=clip, other=other, talk=talk, init=init, tools=tools, results=results
+    )
+
+
+def test_tools_are_listed_with_schemas(run):
+    assert run["init"].server_info.name == "serval"
+    tools = run["tools"]
+    assert {"recognize_emotion", "emotion_timeline"} <= set(tools)
+    assert {"path", "audio_base64", "filename", "classes"} <= set(
+        tools["recognize_emotion"].input_schema["properties"]
+    )
+    assert {"file", "duration", "label", "probabilities", "scores"} <= set(
+        tools["recognize_emotion"].output_schema["properties"]
+    )
+    assert {"path", "audio_base64", "window", "hop", "vad"} <= set(
+        tools["emotion_timeline"].input_schema["properties"]
+    )
+    assert "emotion" in tools["recognize_emotion"].description.lower()
+
+
+def test_recognize_emotion_is_the_predict_record(run):
+    predictor, res = run["predictor"], run["results"]
+    want = predictor.predict([str(run["clip"])])[0]
+    rec = res["path"].structured_content
+    assert (
+        not res["path"].is_error and rec["file"] == str(run["clip"]) and rec["duration"] == want["duration"]
+    )
+    np.testing.assert_allclose(probs(rec, predictor.classes), probs(want, predictor.classes), atol=TOL)
+    np.testing.assert_allclose(
+        [rec["scores"][d] for d in predictor.dimensions],
+        [want["scores"][d] for d in predictor.dimensions],
+        atol=TOL,
+    )
+    assert rec["label"] == max(rec["probabilities"], key=rec["probabilities"].get)
+
+    full = predictor.predict([str(run["other"])])[0]["probabilities"]
+    rec = res["base64"].structured_content
+    assert rec["file"] == run["other"].name and list(rec["probabilities"]) == ["neutral", "angry"]
+    assert rec["probabilities"]["neutral"] == pytest.approx(
+        full["neutral"] / (full["neutral"] + full["angry"]), abs=TOL
+    )
+    assert abs(full["neutral"] - probs(res["path"].structured_content, predictor.classes)[0]) > 20 * TOL
+
+    rec = res["resampled"].structured_content
+    assert not res["resampled"].is_error and rec["file"] == "audio"
+    assert rec["duration"] == pytest.approx(want["duration"], abs=2e-3)
+    # resampled there and back the clip is not bit-identical, but the model hears nearly the same
+    np.testing.assert_allclose(probs(rec, predictor.classes), probs(want, predictor.classes), atol=1e-3)
+
+
+def test_emotion_timeline_is_the_timeline_json(run):
+    predictor, res = run["predictor"], run["results"]
+    want = grid_timeline(load_audio(run["talk"]), predictor, 3.0, 1.5, 0.5, max_segment=6.0)
+    got = res["timeline"].structured_content
+    assert not res["timeline"].is_error
+    assert got["file"] == str(run["talk"]) and got["duration"] == pytest.approx(
+        sf.info(run["talk"]).duration, abs=1e-3
+    )
+    assert [(w["start"], w["end"]) for w in got["windows"]] == [
+        (w["start"], w["end"]) for w in want["windows"]
+    ]
+    for g, w in zip(got["windows"], want["windows"]):
+        np.testing.assert_allclose(probs(g, predictor.classes), probs(w, predictor.classes), atol=TOL)
+    assert [(s["start"], s["end"], s["label"]) for s in got["segments"]] == [
+        (s["start"], s["end"], s["label"]) for s in want["segments"]
+    ]
+
+    rec = res["segments"].structured_content
+    assert "windows" not in rec and rec["grid"]["window"] == 4.0 and rec["file"] == "audio"
+    assert rec["segments"][0]["start"] == 0 and rec["segments"][-1]["end"] == pytest.approx(
+        rec["duration"], abs=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "key, words",
+    [
+        ("broken", ["broken.flac", "truncated"]),
+        ("missing", ["missing.wav", "no such file"]),
+        ("no_audio", ["exactly one of"]),
+        ("both", ["exactly one of"]),
+        ("bad_base64", ["base64"]),
+        ("bad_class", ["bored"]),
+        ("bad_grid", ["hop"]),
+        ("outside", ["pyproject.toml", "outside the folders"]),
+        ("sneaky", ["outside the folders"]),
+    ],
+)
+def test_bad_calls_are_tool_errors(run, key, words):
+    result = run["results"][key]
+    assert result.is_error
+    text = result.content[0].text
+    for w in words:
+        assert w in text, text
+
+
+def test_bad_model_is_a_clear_exit(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the missing dir is then not looked up on the Hub
+    p = subprocess.run(
+        [sys.executable, "-m", "serval", "mcp", "--model", str(tmp_path / "none")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    assert p.returncode == 2 and "serval mcp:" in p.stderr and str(tmp_path / "none") in p.stderr
+    assert p.stdout == ""  # stdout is the protocol channel
