@@ -1,0 +1,700 @@
+"""`serval pseudolabel`: the paper's teacher-agreement pseudo-labelling of unlabelled speech.
+
+The pipeline (MERaLiON-SER, section 3, after Wang et al. 2025):
+1. Cut each recording (or manifest span) into utterances of 10-30 s: one that fits is kept
+   whole, a longer one is cut into the fewest equal pieces of at most 30 s, a shorter one is
+   dropped.
+2. Label every 4 s window (2 s hop, the `serval.windows` grid) with each teacher. A window
+   keeps an emotion only when all teachers give the same one of the six non-neutral emotions;
+   otherwise it is neutral.
+3. Select an utterance when at least `min_emotional` of its windows carry an emotion. Its
+   label is the majority emotion of those windows (a tie goes to the emotion with the larger
+   summed teacher probability). An utterance with no emotional window at all is kept as a
+   neutral example (unless `keep_neutral` is off); one with some, but fewer than
+   `min_emotional`, is ambiguous and dropped. Every decision is written with its reason.
+4. Second pass (optional): relabel the selected utterances with a trained serval model, whose
+   label and dimensional scores go into the manifest (the paper's two-pass labelling).
+
+Runs are resumable: each finished recording is appended (fsynced) to `OUTPUT.progress.jsonl`,
+and a rerun with the same settings skips what is there. The manifest, the per-window JSONL
+and the decisions JSONL are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serval.windows import iter_windows
+
+EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
+NON_NEUTRAL = EMOTIONS[1:]
+_ALIASES = {
+    "anger": "angry",
+    "happiness": "happy",
+    "sadness": "sad",
+    "fear": "fearful",
+    "disgust": "disgusted",
+    "surprise": "surprised",
+}
+
+
+@dataclass
+class PseudoLabelConfig:
+    window: float = 4.0
+    hop: float = 2.0
+    min_window: float = 0.5  # grid rule: shortest end remainder given its own window (serval.windows)
+    min_utterance: float = 10.0
+    max_utterance: float = 30.0
+    min_emotional: int = 2  # emotional windows an utterance needs to be selected as emotional
+    keep_neutral: bool = True  # keep utterances without any emotional window, labelled neutral
+    batch_size: int = 16
+
+    def check(self) -> None:
+        if not 0 < self.min_utterance <= self.max_utterance:
+            raise ValueError(
+                f"need 0 < min_utterance <= max_utterance, got {self.min_utterance:g} and "
+                f"{self.max_utterance:g}"
+            )
+        if self.min_emotional < 1:
+            raise ValueError(f"min_emotional must be >= 1, got {self.min_emotional}")
+
+
+# ---------------------------------------------------------------------------- the rules
+
+
+def class_name(name: str) -> str:
+    """A teacher's class name in serval's vocabulary ("生气/angry" -> "angry", "anger" -> "angry")."""
+    name = str(name).rsplit("/", 1)[-1].strip().lower()
+    return _ALIASES.get(name, name)
+
+
+def agree(labels: Sequence[str | None]) -> str:
+    """A window's label: the emotion every teacher gave, if it is one of the six non-neutral; else neutral."""
+    first = labels[0] if labels else None
+    if first in NON_NEUTRAL and all(label == first for label in labels):
+        return first
+    return "neutral"
+
+
+def plan_utterances(
+    start: float, end: float, min_len: float = 10.0, max_len: float = 30.0
+) -> list[tuple[float, float]]:
+    """Utterance spans of [start, end]: kept whole when it fits, cut into the fewest equal pieces of at most
+    `max_len` when longer (or, if those would be shorter than `min_len`, into `max_len` pieces with a short
+    remainder dropped), nothing when shorter than `min_len`."""
+    d = end - start
+    if d < min_len - 1e-9:
+        return []
+    n = max(1, int(np.ceil(d / max_len - 1e-9)))
+    if d / n >= min_len - 1e-9:
+        edges = np.linspace(start, end, n + 1)
+        return [(round(float(a), 3), round(float(b), 3)) for a, b in zip(edges[:-1], edges[1:])]
+    spans, a = [], start
+    while end - a >= min_len - 1e-9:
+        b = min(a + max_len, end)
+        spans.append((round(a, 3), round(b, 3)))
+        a = b
+    return spans
+
+
+def decide(window_labels: Sequence[str], confidences: Sequence[float], cfg: PseudoLabelConfig) -> dict:
+    """Select an utterance from its windows' agreed labels: {"kept", "label", "reason", "emotional", "counts"}."""
+    counts = Counter(label for label in window_labels if label != "neutral")
+    n = sum(counts.values())
+    detail = ", ".join(f"{e} {counts[e]}" for e in NON_NEUTRAL if counts[e])
+    out = {"emotional": n, "counts": {e: counts[e] for e in NON_NEUTRAL if counts[e]}}
+    if n == 0:
+        if cfg.keep_neutral:
+            return {
+                **out,
+                "kept": True,
+                "label": "neutral",
+                "reason": f"kept as neutral: none of {len(window_labels)} windows has an agreed emotion",
+            }
+        return {**out, "kept": False, "label": None, "reason": "dropped: no window has an agreed emotion"}
+    if n < cfg.min_emotional:
+        return {
+            **out,
+            "kept": False,
+            "label": None,
+            "reason": f"dropped: {n} emotional window(s) ({detail}) < {cfg.min_emotional}",
+        }
+    weight = {e: sum(c for lab, c in zip(window_labels, confidences) if lab == e) for e in counts}
+    label = max(counts, key=lambda e: (counts[e], weight[e], -EMOTIONS.index(e)))
+    return {
+        **out,
+        "kept": True,
+        "label": label,
+        "reason": f"kept: {n} emotional window(s) ({detail}) >= {cfg.min_emotional}; majority {label}",
+    }
+
+
+# ---------------------------------------------------------------------------- teachers
+
+
+def load_teacher(spec: str, device: str | None = None):
+    """A teacher for a spec string, through `serval.baselines` (serval dirs, meralion:PATH, emotion2vec:…)
+    when it provides a loader, else `serval.inference.load` (serval dirs and meralion:PATH only)."""
+    try:
+        from serval import baselines
+    except ImportError:
+        baselines = None
+    loader = getattr(baselines, "load_predictor", None) or getattr(baselines, "load_system", None)
+    if loader is not None:
+        return loader(spec, device=device)
+    if spec.startswith("emotion2vec:"):
+        raise ValueError(f"{spec}: emotion2vec teachers need serval.baselines, which is not available")
+    from serval.inference import load
+
+    return load(spec, device=device)
+
+
+def teacher_labels(teacher, waves: list[np.ndarray], batch_size: int) -> tuple[list[str | None], list[float]]:
+    """Top class (serval name; None for an all-zero "no answer" row) and its probability, per wave."""
+    probs, _ = teacher.predict_waveforms(waves, batch_size=batch_size)
+    names = [class_name(c) for c in teacher.classes]
+    labels, conf = [], []
+    for p in np.asarray(probs, np.float64):
+        k = int(np.argmax(p))
+        ok = np.isfinite(p).all() and p[k] > 0
+        labels.append(names[k] if ok else None)
+        conf.append(round(float(p[k]), 6) if ok else 0.0)
+    return labels, conf
+
+
+# ---------------------------------------------------------------------------- one recording
+
+
+@dataclass
+class Source:
+    """One recording (or manifest span) to label; `row` carries the input manifest's metadata."""
+
+    path: str
+    start: float | None = None
+    end: float | None = None
+    row: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}|{self.start if self.start is not None else ''}|{self.end if self.end is not None else ''}"
+
+
+def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
+    """First pass for one recording: its utterances, every window's teacher labels and the decisions.
+
+    Audio errors propagate (`serval.audio.AudioError`), naming the file.
+    """
+    from serval.audio import audio_info
+
+    start = src.start or 0.0
+    end = src.end if src.end is not None else audio_info(src.path).duration
+    spans = plan_utterances(start, end, cfg.min_utterance, cfg.max_utterance)
+    result: dict = {
+        "key": src.key,
+        "path": src.path,
+        "start": round(start, 3),
+        "end": round(end, 3),
+        "utterances": [],
+    }
+    if not spans:
+        result["reason"] = f"dropped: {end - start:.2f} s is shorter than {cfg.min_utterance:g} s"
+        return result
+    for a, b in spans:
+        windows = list(iter_windows(src.path, cfg.window, cfg.hop, cfg.min_window, start=a, end=b))
+        waves = [w.samples for w in windows]
+        per_teacher = {
+            name: teacher_labels(t, waves, cfg.batch_size) if waves else ([], [])
+            for name, t in teachers.items()
+        }
+        records, agreed, conf = [], [], []
+        for i, w in enumerate(windows):
+            labels = [per_teacher[name][0][i] for name in teachers]
+            label = agree(labels)
+            c = float(np.mean([per_teacher[name][1][i] for name in teachers])) if label != "neutral" else 0.0
+            agreed.append(label)
+            conf.append(c)
+            records.append(
+                {
+                    "start": round(w.start, 3),
+                    "end": round(w.end, 3),
+                    "label": label,
+                    "teachers": dict(zip(teachers, labels)),
+                    "confidence": {name: per_teacher[name][1][i] for name in teachers},
+                }
+            )
+        decision = decide(agreed, conf, cfg)
+        result["utterances"].append({"start": a, "end": b, **decision, "windows": records})
+    return result
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def collect_sources(inputs: Sequence[str]) -> list[Source]:
+    """Audio files (directories searched recursively) and manifest rows (.csv/.jsonl), in the given order."""
+    from serval.inference import expand_inputs
+
+    sources: list[Source] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file() and p.suffix.lower() in (".csv", ".jsonl"):
+            from serval.manifest import read_manifest
+
+            for row in read_manifest(p):
+                meta = {
+                    k: v
+                    for k, v in row.to_dict().items()
+                    if v is not None and k not in ("path", "start", "end")
+                }
+                sources.append(Source(row.path, row.start, row.end, meta))
+        else:
+            sources.extend(Source(str(Path(f).resolve())) for f in expand_inputs([item]))
+    return sources
+
+
+class Progress:
+    """The append-only log that makes a run resumable: a settings line, then one line per finished job.
+
+    A line cut short by a kill is dropped when the log is reopened. Only the decisions are kept in
+    memory; the per-window labels stay in the log (by byte offset) until the final outputs are written.
+    """
+
+    def __init__(self, path: Path, settings: dict, restart: bool = False):
+        self.path = path
+        self.done: dict[str, dict] = {}  # key -> first-pass record, windows replaced by their count
+        self.offsets: dict[str, int] = {}  # key -> byte offset of its full record in the log
+        self.relabelled: dict[str, dict] = {}
+        self.errors: dict[str, str] = {}  # key -> the last error of a job not (yet) done
+        if path.exists() and not restart:
+            self._load(settings)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps({"settings": settings}) + "\n")
+            os.replace(tmp, path)
+
+    def _load(self, settings: dict) -> None:
+        with open(self.path, "rb") as f:
+            first = f.readline()
+            try:
+                saved = json.loads(first).get("settings") if first.endswith(b"\n") else None
+            except json.JSONDecodeError:
+                saved = None
+            if saved != settings:
+                raise ValueError(
+                    f"{self.path}: this unfinished run used other settings ({saved}); "
+                    "rerun with the same settings to resume, or pass --restart to start over"
+                )
+            offset = good = f.tell()
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a write torn by a kill
+                self._index(json.loads(line), offset)
+                offset = good = offset + len(line)
+        if good < self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def _index(self, rec: dict, offset: int) -> None:
+        key = rec.get("relabel", rec.get("key"))
+        if "error" in rec:
+            self.errors[key] = rec["error"]  # failed files are tried again on resume
+        elif "relabel" in rec:
+            self.relabelled[key] = rec
+        else:
+            utterances = [{**u, "windows": len(u["windows"])} for u in rec["utterances"]]
+            self.done[rec["key"]] = {**rec, "utterances": utterances}
+            self.offsets[rec["key"]] = offset
+
+    def add(self, record: dict) -> None:
+        """Append a finished job (fsynced before it counts as done)."""
+        with open(self.path, "ab") as f:
+            offset = f.tell()
+            f.write((json.dumps(record) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        self._index(record, offset)
+
+    def windows(self, key: str) -> list[list[dict]]:
+        """The per-window labels of a finished recording, one list per utterance."""
+        if key not in self.offsets:
+            return [[] for _ in self.done.get(key, {}).get("utterances", [])]
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[key])
+            return [u["windows"] for u in json.loads(f.readline())["utterances"]]
+
+
+def output_paths(output: str | os.PathLike) -> dict[str, Path]:
+    out = Path(output)
+    stem = out.with_suffix("")
+    return {
+        "manifest": out,
+        "windows": Path(f"{stem}.windows.jsonl"),
+        "decisions": Path(f"{stem}.decisions.jsonl"),
+        "progress": Path(f"{out}.progress.jsonl"),
+    }
+
+
+def pseudolabel(
+    inputs: Sequence[str],
+    teachers: Sequence[str],
+    output: str | os.PathLike,
+    cfg: PseudoLabelConfig | None = None,
+    relabel: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    restart: bool = False,
+    progress: bool = False,
+    log=None,
+) -> dict:
+    """Run the pipeline and write the manifest, OUTPUT-stem.windows.jsonl and OUTPUT-stem.decisions.jsonl.
+
+    With teachers: the first pass, then (with `relabel`) the second pass over the selected utterances.
+    Without teachers: the second pass alone, relabelling every row of the input manifests (the output of
+    an earlier first pass) with the `relabel` model. Returns counts {"sources", "failed", "utterances",
+    "kept"}. Resumes an interrupted run with the same settings; a recording that fails is recorded and
+    skipped.
+    """
+    from serval.audio import AudioError
+    from serval.manifest import manifest_format
+
+    cfg = cfg or PseudoLabelConfig()
+    cfg.check()
+    if not teachers and not relabel:
+        raise ValueError("give teachers (--teacher, first pass) or a model to relabel with (--relabel)")
+    if len(set(teachers)) != len(teachers):
+        raise ValueError(f"the same teacher is given twice: {list(teachers)}")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    paths = output_paths(output)
+    manifest_format(paths["manifest"])  # .csv or .jsonl, before any work
+    existing = [str(p) for k, p in paths.items() if k != "progress" and p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    sources = collect_sources(inputs)
+    if not sources:
+        raise ValueError(f"no audio files or manifest rows found in {list(inputs)}")
+    settings = {"teachers": list(teachers), "relabel": relabel, "config": asdict(cfg)}
+    state = Progress(paths["progress"], settings, restart=restart)
+    if not teachers:  # second pass only: every input row is one selected utterance
+        for src in sources:
+            if src.key not in state.done:
+                state.done[src.key] = given_utterance(src)
+    todo = [s for s in sources if s.key not in state.done]
+    if len(todo) < len(sources) and teachers:
+        log(f"resuming: {len(sources) - len(todo)} of {len(sources)} recordings already labelled")
+    if todo:
+        models = {spec: load_teacher(spec, device) for spec in teachers}
+        for src in _bar(todo, progress, "first pass"):
+            try:
+                rec = label_source(src, models, cfg)
+            except (AudioError, OSError) as e:
+                rec = {"key": src.key, "path": src.path, "error": str(e)}
+                log(f"serval pseudolabel: {e}")
+            state.add(rec)
+    if relabel:
+        second_pass(sources, state, relabel, device, cfg, progress, log)
+    return _write_outputs(sources, state, paths, teachers, relabel, overwrite)
+
+
+def given_utterance(src: Source) -> dict:
+    """A manifest row as a selected utterance (second-pass-only runs); the whole file when it has no span."""
+    row = src.row or {}
+    label = row.get("label")
+    return {
+        "key": src.key,
+        "path": src.path,
+        "start": src.start,
+        "end": src.end,
+        "given": True,
+        "utterances": [
+            {
+                "start": src.start,
+                "end": src.end,
+                "kept": True,
+                "label": label,
+                "emotional": None,
+                "counts": {},
+                "reason": "given: a row of the input manifest",
+                "windows": 0,
+            }
+        ],
+    }
+
+
+def second_pass(
+    sources, state: Progress, relabel: str, device, cfg: PseudoLabelConfig, progress: bool, log
+) -> None:
+    """Relabel the kept utterances with a trained model: label, confidence and dimensional scores."""
+    from serval.audio import AudioError, load_audio
+
+    todo = [
+        s
+        for s in sources
+        if s.key in state.done
+        and s.key not in state.relabelled
+        and any(u["kept"] for u in state.done[s.key]["utterances"])
+    ]
+    if not todo:
+        return
+    model = load_teacher(relabel, device)
+    names = [class_name(c) for c in model.classes]
+    groups = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    for group in _bar(groups, progress, "second pass"):
+        jobs, records = [], {}
+        for src in group:
+            try:
+                for u in state.done[src.key]["utterances"]:
+                    if u["kept"]:
+                        jobs.append((src, u, load_audio(src.path, u["start"], u["end"])))
+            except (AudioError, OSError) as e:
+                jobs = [j for j in jobs if j[0] is not src]
+                records[src.key] = {"relabel": src.key, "model": relabel, "error": str(e), "utterances": []}
+                log(f"serval pseudolabel: second pass: {e}")
+        probs, scores = (
+            model.predict_waveforms([x for _, _, x in jobs], batch_size=cfg.batch_size) if jobs else ([], [])
+        )
+        for (src, u, _), p, s in zip(jobs, np.asarray(probs, np.float64), np.asarray(scores, np.float64)):
+            rec = records.setdefault(src.key, {"relabel": src.key, "model": relabel, "utterances": []})
+            rec["utterances"].append(
+                {
+                    "start": u["start"],
+                    "end": u["end"],
+                    "label": names[int(np.argmax(p))],
+                    "confidence": round(float(np.max(p)), 6),
+                    "scores": {d: round(float(v), 6) for d, v in zip(model.dimensions, s) if np.isfinite(v)},
+                }
+            )
+        for src in group:
+            state.add(records[src.key])
+
+
+def _write_outputs(sources, state: Progress, paths: dict[str, Path], teachers, relabel, overwrite) -> dict:
+    from serval.manifest import COLUMNS, ManifestRow, atomic_write_text, write_manifest
+
+    rows, decisions = [], []
+    failed, utterances = set(), 0
+    for src in sources:
+        rec = state.done.get(src.key)
+        if rec is None:
+            failed.add(src.key)
+            decisions.append(
+                {
+                    "path": src.path,
+                    "start": src.start,
+                    "end": src.end,
+                    "kept": False,
+                    "reason": "error: " + state.errors.get(src.key, "not labelled"),
+                }
+            )
+            continue
+        if not rec["utterances"]:
+            decisions.append(
+                {
+                    "path": src.path,
+                    "start": rec["start"],
+                    "end": rec["end"],
+                    "kept": False,
+                    "reason": rec["reason"],
+                }
+            )
+        second = state.relabelled.get(src.key)
+        by_span = {(u["start"], u["end"]): u for u in (second or {}).get("utterances", [])}
+        for u in rec["utterances"]:
+            utterances += 1
+            decision = {
+                "path": src.path,
+                "start": u["start"],
+                "end": u["end"],
+                "kept": u["kept"],
+                "label": u["label"],
+                "emotional": u["emotional"],
+                "windows": u["windows"],
+                "counts": u["counts"],
+                "reason": u["reason"],
+            }
+            relabelled = by_span.get((u["start"], u["end"]))
+            if u["kept"] and relabel and relabelled is None:
+                failed.add(src.key)
+                decision.update(
+                    kept=False,
+                    reason="error in the second pass: " + state.errors.get(src.key, "not relabelled"),
+                )
+            if not decision["kept"]:
+                decisions.append(decision)
+                continue
+            label = relabelled["label"] if relabelled else u["label"]
+            dims = relabelled["scores"] if relabelled else {}
+            meta = src.row or {}
+            extra = {k: v for k, v in meta.items() if k not in COLUMNS}
+            extra.update(
+                {
+                    "first_pass_label": u["label"],
+                    "emotional_windows": u["emotional"],
+                    "windows": u["windows"] or None,
+                    "teachers": "+".join(teachers) or None,
+                }
+            )
+            if relabelled:
+                extra["relabel_model"] = relabel
+                extra["relabel_confidence"] = relabelled["confidence"]
+                decision["second_pass_label"] = label
+            rows.append(
+                ManifestRow(
+                    src.path,
+                    u["start"],
+                    u["end"],
+                    label if label in EMOTIONS else None,
+                    dims.get("arousal"),
+                    dims.get("valence"),
+                    dims.get("dominance"),
+                    meta.get("language"),
+                    meta.get("speaker"),
+                    meta.get("corpus"),
+                    meta.get("split"),
+                    extra=extra,
+                )
+            )
+            decisions.append(decision)
+    # the manifest last: a run killed while writing leaves no manifest that looks finished
+    _write_windows(sources, state, paths["windows"], overwrite)
+    atomic_write_text(
+        paths["decisions"], "".join(json.dumps(d) + "\n" for d in decisions), overwrite=overwrite
+    )
+    write_manifest(rows, paths["manifest"], overwrite=overwrite)
+    paths["progress"].unlink()
+    return {"sources": len(sources), "failed": len(failed), "utterances": utterances, "kept": len(rows)}
+
+
+def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> None:
+    """Stream every window's labels from the progress log into `path`, atomically."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for src in sources:
+                rec = state.done.get(src.key)
+                if rec is None:
+                    continue
+                for u, windows in zip(rec["utterances"], state.windows(src.key)):
+                    for w in windows:
+                        f.write(
+                            json.dumps(
+                                {
+                                    "path": src.path,
+                                    "utterance_start": u["start"],
+                                    "utterance_end": u["end"],
+                                    **w,
+                                }
+                            )
+                            + "\n"
+                        )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bar(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=" file", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="AUDIO_DIR_OR_MANIFEST",
+        help="audio files, directories of them, or manifests (.csv/.jsonl)",
+    )
+    p.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a teacher (repeat): serval model dir, meralion:PATH, emotion2vec:base|seed|large; "
+        "without teachers, --relabel relabels the rows of an input manifest (second pass only)",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="MANIFEST", help="output manifest (.csv or .jsonl)"
+    )
+    p.add_argument(
+        "--relabel", metavar="MODEL", help="second pass: relabel the selected utterances with this model"
+    )
+    p.add_argument("--window", type=float, default=4.0, help="labelling window in seconds (default 4)")
+    p.add_argument("--hop", type=float, default=2.0, help="seconds between windows (default 2)")
+    p.add_argument(
+        "--min-utterance", type=float, default=10.0, help="shortest utterance in seconds (default 10)"
+    )
+    p.add_argument(
+        "--max-utterance", type=float, default=30.0, help="longest utterance in seconds (default 30)"
+    )
+    p.add_argument(
+        "--min-emotional",
+        type=int,
+        default=2,
+        help="emotional windows an utterance needs to be selected (default 2)",
+    )
+    p.add_argument(
+        "--drop-neutral",
+        action="store_true",
+        help="drop utterances without any emotional window instead of keeping them as neutral",
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--restart", action="store_true", help="discard an unfinished run's progress and start over"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = PseudoLabelConfig(
+        window=args.window,
+        hop=args.hop,
+        min_utterance=args.min_utterance,
+        max_utterance=args.max_utterance,
+        min_emotional=args.min_emotional,
+        keep_neutral=not args.drop_neutral,
+        batch_size=args.batch_size,
+    )
+    try:
+        counts = pseudolabel(
+            args.inputs,
+            args.teacher,
+            args.output,
+            cfg,
+            relabel=args.relabel,
+            device=args.device,
+            overwrite=args.overwrite,
+            restart=args.restart,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as e:
+        print(f"serval pseudolabel: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"serval pseudolabel: {counts['kept']} of {counts['utterances']} utterances kept from "
+        f"{counts['sources']} recordings ({counts['failed']} failed) -> {args.output}",
+        file=sys.stderr,
+    )
+    return 1 if counts["failed"] else 0

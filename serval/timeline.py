@@ -1,0 +1,482 @@
+"""`serval timeline`: emotion over time in a long recording.
+
+Two modes. The grid mode scores every window of a fixed grid (4 s windows every 2 s, the
+paper's labelling grid; `--window 2 --hop 2` for its fine-grained 2 s segments), optionally
+leaves silence unscored with Silero VAD, and joins adjacent windows with the same label into
+segments of at most 15 s, as the paper merges them. The turns mode (`--segments TURNS`) scores
+given speaker turns instead (RTTM or CSV start,end,speaker, e.g. from pyannote), one result
+per turn, and summarises each speaker. Both read the audio chunk by chunk (`serval.windows`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serval.windows import WindowResult, check_grid, merge_windows, score_spans, sliding_windows
+
+
+@dataclass
+class Turn:
+    """One speaker turn: [start, end) seconds."""
+
+    start: float
+    end: float
+    speaker: str
+
+
+class TurnsError(ValueError):
+    pass
+
+
+def read_turns(path: str | os.PathLike) -> list[Turn]:
+    """Speaker turns from an RTTM file (SPEAKER lines) or a CSV of start,end,speaker, sorted by start.
+
+    A CSV may have a header naming the columns start, end, speaker (any order); without one the
+    first three columns are taken in that order. Errors name the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise TurnsError(f"{path}: cannot read turns ({e.strerror or e})") from e
+    lines = [
+        (i, line)
+        for i, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith(("#", ";;"))
+    ]
+    if not lines:
+        raise TurnsError(f"{path}: no speaker turns in the file")
+    turns = (
+        _read_rttm(path, lines)
+        if lines[0][1].split()[0].isupper() and "," not in lines[0][1]
+        else (_read_csv(path, lines))
+    )
+    if not turns:
+        raise TurnsError(f"{path}: no speaker turns in the file")
+    return sorted(turns, key=lambda t: (t.start, t.end, t.speaker))
+
+
+def _read_rttm(path: Path, lines: list[tuple[int, str]]) -> list[Turn]:
+    turns = []
+    for i, line in lines:
+        f = line.split()
+        if f[0] != "SPEAKER":
+            continue  # other RTTM record types (SPKR-INFO, LEXEME, …) carry no turns
+        if len(f) < 8:
+            raise TurnsError(f"{path}:{i}: RTTM SPEAKER line needs at least 8 fields, got {len(f)}")
+        start, dur = _number(path, i, f[3], "onset"), _number(path, i, f[4], "duration")
+        turns.append(_turn(path, i, start, start + dur, f[7]))
+    return turns
+
+
+def _read_csv(path: Path, lines: list[tuple[int, str]]) -> list[Turn]:
+    rows = list(csv.reader(io.StringIO("\n".join(line for _, line in lines))))
+    header = [c.strip().lower() for c in rows[0]]
+    cols = (0, 1, 2)
+    if {"start", "end", "speaker"} <= set(header):
+        cols = (header.index("start"), header.index("end"), header.index("speaker"))
+        rows, lines = rows[1:], lines[1:]
+    turns = []
+    for (i, _), row in zip(lines, rows):
+        if len(row) <= max(cols):
+            raise TurnsError(f"{path}:{i}: expected start,end,speaker, got {row}")
+        start, end = _number(path, i, row[cols[0]], "start"), _number(path, i, row[cols[1]], "end")
+        turns.append(_turn(path, i, start, end, row[cols[2]].strip()))
+    return turns
+
+
+def _number(path: Path, line: int, text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TurnsError(f"{path}:{line}: {what} {text!r} is not a number") from None
+    if not np.isfinite(value) or value < 0:
+        raise TurnsError(f"{path}:{line}: {what} {text!r} must be a finite number >= 0")
+    return value
+
+
+def _turn(path: Path, line: int, start: float, end: float, speaker: str) -> Turn:
+    if end <= start:
+        raise TurnsError(f"{path}:{line}: turn end {end:g} s is not after start {start:g} s")
+    return Turn(start, end, speaker or "unknown")
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def source_name(source) -> str | None:
+    """A path as given; a file object's name; None for bytes and arrays."""
+    if isinstance(source, str | os.PathLike):
+        return str(source)
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def result_record(r: WindowResult, classes: Sequence[str], dimensions: Sequence[str]) -> dict:
+    """A window (or turn) as a JSON-ready dict; unscored windows have label None and no outputs."""
+    rec: dict = {"start": r.start, "end": r.end}
+    if r.speech is not None:
+        rec["speech"] = r.speech
+    if r.error is not None:
+        rec["error"] = r.error
+    rec["label"] = r.label(classes)
+    if r.scored:
+        rec["probabilities"] = {c: round(float(p), 6) for c, p in zip(classes, r.probs)}
+        rec["scores"] = {d: round(float(v), 6) for d, v in zip(dimensions, r.scores)}
+    return rec
+
+
+def grid_timeline(
+    source,
+    predictor,
+    window: float = 4.0,
+    hop: float = 2.0,
+    min_length: float = 0.5,
+    vad: bool = False,
+    vad_threshold: float = 0.5,
+    min_speech: float = 0.5,
+    max_segment: float = 15.0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict:
+    """Every window of the grid and the merged segments of a file or 16 kHz array, as a JSON-ready dict."""
+    classes, dims = predictor.classes, predictor.dimensions
+    results = list(
+        sliding_windows(
+            source,
+            predictor,
+            window,
+            hop,
+            min_length,
+            batch_size,
+            vad=vad,
+            vad_threshold=vad_threshold,
+            min_speech=min_speech,
+            progress=progress,
+        )
+    )
+    segments = merge_windows(results, classes, max_segment)
+    return {
+        "file": source_name(source),
+        "model": predictor.name,
+        "classes": list(classes),
+        "dimensions": list(dims),
+        "grid": {"window": window, "hop": hop, "min_length": min_length},
+        "vad": {"threshold": vad_threshold, "min_speech": min_speech} if vad else None,
+        "max_segment": max_segment,
+        "windows": [result_record(r, classes, dims) for r in results],
+        "segments": [
+            {
+                "start": s.start,
+                "end": s.end,
+                "label": s.label,
+                "windows": s.windows,
+                "probabilities": {c: round(float(p), 6) for c, p in zip(classes, s.probs)},
+                "scores": {d: round(float(v), 6) for d, v in zip(dims, s.scores)},
+            }
+            for s in segments
+        ],
+    }
+
+
+def turns_timeline(
+    source,
+    predictor,
+    turns: Sequence[Turn],
+    max_window: float = 30.0,
+    batch_size: int = 16,
+    duration: float | None = None,
+) -> dict:
+    """One result per speaker turn (long turns cut into <= 30 s pieces and pooled) and a per-speaker summary.
+
+    Turns running past `duration` are clipped to it; turns starting after it get an error record.
+    """
+    classes, dims = predictor.classes, predictor.dimensions
+    spans = [(t.start, t.end if duration is None else min(t.end, duration)) for t in turns]
+    records = []
+    for turn, r in zip(turns, score_spans(source, spans, predictor, max_window, batch_size)):
+        rec = {"speaker": turn.speaker, **result_record(r, classes, dims), "pieces": r.pieces}
+        if duration is not None and turn.start >= duration:
+            rec["error"] = f"turn starts at {turn.start:g} s, after the end of the audio ({duration:.3f} s)"
+        elif r.end < turn.end:
+            rec["clipped_from"] = turn.end
+        records.append(rec)
+    return {
+        "file": source_name(source),
+        "model": predictor.name,
+        "classes": list(classes),
+        "dimensions": list(dims),
+        "max_window": max_window,
+        "turns": records,
+        "speakers": speaker_summary(records, classes, dims),
+    }
+
+
+def speaker_summary(records: Sequence[dict], classes: Sequence[str], dimensions: Sequence[str]) -> dict:
+    """Per speaker: turns, seconds, duration-weighted mean probabilities and scores, seconds per label."""
+    out: dict[str, dict] = {}
+    for spk in dict.fromkeys(r["speaker"] for r in records):
+        mine = [r for r in records if r["speaker"] == spk and "probabilities" in r]
+        failed = sum(1 for r in records if r["speaker"] == spk and "probabilities" not in r)
+        summary: dict = {
+            "turns": len(mine),
+            "failed_turns": failed,
+            "duration": round(sum(r["end"] - r["start"] for r in mine), 3),
+        }
+        if mine:
+            w = np.array([r["end"] - r["start"] for r in mine])[:, None]
+            probs = (np.array([[r["probabilities"][c] for c in classes] for r in mine]) * w).sum(0) / w.sum()
+            scores = (np.array([[r["scores"][d] for d in dimensions] for r in mine]) * w).sum(0) / w.sum()
+            seconds = dict.fromkeys(classes, 0.0)
+            for r in mine:
+                seconds[r["label"]] += r["end"] - r["start"]
+            summary.update(
+                {
+                    "label": classes[int(np.argmax(probs))],
+                    "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs)},
+                    "scores": {d: round(float(v), 6) for d, v in zip(dimensions, scores)},
+                    "label_seconds": {c: round(s, 3) for c, s in seconds.items() if s > 0},
+                }
+            )
+        out[spk] = summary
+    return out
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def to_csv(
+    rows: Sequence[dict], classes: Sequence[str], dimensions: Sequence[str], lead: Sequence[str]
+) -> str:
+    """Flat CSV: the `lead` columns, label, one column per class probability and per score."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*lead, "label", *classes, *dimensions])
+    for r in rows:
+        writer.writerow(
+            [_csv_cell(r.get(k)) for k in lead]
+            + [r.get("label") or ""]
+            + [_csv_cell(r.get("probabilities", {}).get(c)) for c in classes]
+            + [_csv_cell(r.get("scores", {}).get(d)) for d in dimensions]
+        )
+    return buf.getvalue()
+
+
+def _csv_cell(v) -> str:
+    return "" if v is None else str(v)
+
+
+def speakers_csv(speakers: dict, classes: Sequence[str], dimensions: Sequence[str]) -> str:
+    rows = [{"speaker": s, **v} for s, v in speakers.items()]
+    return to_csv(rows, classes, dimensions, ("speaker", "turns", "failed_turns", "duration"))
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    """PNG of the class probabilities and the dimensional scores over time (gaps where nothing was scored)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes, dims = result["classes"], result["dimensions"]
+    items = result.get("windows", result.get("turns", []))
+    t = np.array([(r["start"] + r["end"]) / 2 for r in items])
+    probs = np.array(
+        [[r["probabilities"][c] if "probabilities" in r else np.nan for c in classes] for r in items]
+    )
+    scores = np.array([[r["scores"][d] if "scores" in r else np.nan for d in dims] for r in items])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True, height_ratios=[2, 1])
+    colors = plt.get_cmap("tab10").colors
+    marker = "o" if "turns" in result else "."  # a marker keeps isolated speech windows visible
+    for k, c in enumerate(classes):
+        ax1.plot(t, probs[:, k] if len(items) else [], label=c, color=colors[k % 10], marker=marker, ms=3)
+    bands = result.get("segments") or result.get("turns") or []
+    for s in bands:  # the merged label (or the turn's label) as a strip above the curves
+        if s.get("label") in classes:
+            ax1.axvspan(
+                s["start"], s["end"], ymin=0.94, ymax=1.0, color=colors[classes.index(s["label"]) % 10], lw=0
+            )
+    ax1.set_ylim(0, 1.06)
+    ax1.set_ylabel("probability")
+    ax1.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    for k, d in enumerate(dims):
+        ax2.plot(t, scores[:, k] if len(items) else [], label=d, marker=marker, ms=3)
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("score")
+    ax2.set_xlabel("time (s)")
+    ax2.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax1.set_title(Path(result["file"]).name if result.get("file") else "timeline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str | None]:
+    """Output path -> text (None for the PNG) for the chosen formats."""
+    classes, dims = result["classes"], result["dimensions"]
+    out: dict[str, str | None] = {}
+    if "json" in formats:
+        out[f"{prefix}.json"] = json.dumps(result, indent=1) + "\n"
+    if "csv" in formats:
+        if "turns" in result:
+            out[f"{prefix}.csv"] = to_csv(
+                result["turns"], classes, dims, ("speaker", "start", "end", "pieces", "error")
+            )
+            out[f"{prefix}.speakers.csv"] = speakers_csv(result["speakers"], classes, dims)
+        else:
+            out[f"{prefix}.csv"] = to_csv(result["windows"], classes, dims, ("start", "end", "speech"))
+            out[f"{prefix}.segments.csv"] = to_csv(
+                result["segments"], classes, dims, ("start", "end", "windows")
+            )
+    if "png" in formats:
+        out[f"{prefix}.png"] = None
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="audio file (any length)")
+    p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
+    p.add_argument("--window", type=float, default=4.0, help="window length in seconds (default 4)")
+    p.add_argument("--hop", type=float, default=2.0, help="seconds between window starts (default 2)")
+    p.add_argument(
+        "--min-length",
+        type=float,
+        default=0.5,
+        help="shortest end remainder that still gets its own end-aligned window (default 0.5 s)",
+    )
+    p.add_argument("--vad", action="store_true", help="leave windows without speech unscored (Silero VAD)")
+    p.add_argument("--vad-threshold", type=float, default=0.5, help="Silero speech probability threshold")
+    p.add_argument(
+        "--min-speech",
+        type=float,
+        default=0.5,
+        help="fraction of a window that must be speech for it to be scored (with --vad)",
+    )
+    p.add_argument(
+        "--max-segment", type=float, default=15.0, help="longest merged segment in seconds (default 15)"
+    )
+    p.add_argument(
+        "--segments",
+        metavar="TURNS",
+        help="score these speaker turns (RTTM, or CSV start,end,speaker) instead of a fixed grid",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PREFIX",
+        help="write PREFIX.json, PREFIX.csv, PREFIX.segments.csv (or .speakers.csv) and PREFIX.png; "
+        "without it the JSON goes to standard output",
+    )
+    p.add_argument(
+        "--formats", default="json,csv,png", help="which outputs to write with -o (default json,csv,png)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from serval.audio import AudioError, audio_info
+    from serval.inference import NoDefaultModelError, load
+
+    def fail(message: str, code: int = 2) -> int:
+        print(f"serval timeline: {message}", file=sys.stderr)
+        return code
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(formats) - {"json", "csv", "png"})
+    if unknown or not formats:
+        return fail(f"--formats takes json, csv, png; got {args.formats!r}")
+    if args.output and "png" in formats and importlib.util.find_spec("matplotlib") is None:
+        return fail("the PNG plot needs matplotlib: pip install 'serval[eval]', or pass --formats json,csv")
+    try:
+        check_grid(args.window, args.hop, args.min_length)
+        duration = audio_info(args.file).duration
+        turns = read_turns(args.segments) if args.segments else None
+    except (AudioError, TurnsError, ValueError) as e:
+        return fail(str(e))
+    planned: dict[str, str | None] = {}
+    if args.output:  # refuse before any work if an output would be replaced
+        dummy = (
+            {"classes": [], "dimensions": [], "turns": [], "speakers": {}}
+            if turns
+            else {"classes": [], "dimensions": [], "windows": [], "segments": []}
+        )
+        planned = outputs(dummy, args.output, formats)
+        existing = [p for p in planned if Path(p).exists()]
+        if existing and not args.overwrite:
+            return fail(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    try:
+        predictor = load(args.model, device=args.device)
+        if turns is not None:
+            result = turns_timeline(
+                args.file, predictor, turns, batch_size=args.batch_size, duration=duration
+            )
+        else:
+            result = grid_timeline(
+                args.file,
+                predictor,
+                args.window,
+                args.hop,
+                args.min_length,
+                args.vad,
+                args.vad_threshold,
+                args.min_speech,
+                args.max_segment,
+                args.batch_size,
+                progress=not args.no_progress,
+            )
+    except AudioError as e:
+        return fail(str(e), 1)
+    except (NoDefaultModelError, FileNotFoundError, ValueError, RuntimeError) as e:
+        return fail(str(e))
+    result["duration"] = round(duration, 3)
+    if not args.output:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    else:
+        for path, text in outputs(result, args.output, formats).items():
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if text is None:
+                _write_atomic(target, lambda tmp: plot(result, tmp))
+            else:
+                _write_atomic(target, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+            print(f"wrote {target}", file=sys.stderr)
+    failed = [r for r in result.get("turns", []) if "error" in r]
+    for r in failed:
+        print(
+            f"serval timeline: turn {r['start']}-{r['end']} ({r['speaker']}): {r['error']}", file=sys.stderr
+        )
+    if not any("probabilities" in r for r in result.get("windows", result.get("turns", []))):
+        return fail(
+            f"{args.file}: nothing was scored (audio shorter than {args.min_length:g} s, or no speech)", 1
+        )
+    return 1 if failed else 0
+
+
+__all__ = ["Turn", "TurnsError", "read_turns", "grid_timeline", "turns_timeline", "speaker_summary", "plot"]

@@ -1,0 +1,228 @@
+"""Sliding-window inference on real clips joined with silence (a known ground-truth timeline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import clips
+
+from serval.audio import SAMPLE_RATE, load_audio
+from serval.inference import Predictor
+from serval.model import EMOTIONS, SERConfig, SERModel
+from serval.vad import FRAME, SileroVAD, speech_flags, speech_segments
+from serval.windows import (
+    StreamingWindower,
+    WindowResult,
+    iter_windows,
+    merge_windows,
+    owned_spans,
+    pool,
+    score_spans,
+    sliding_windows,
+    split_span,
+    window_grid,
+)
+
+
+def speech_part(path) -> np.ndarray:
+    """A clip without its leading and trailing pause, cut by energy (independent of the VAD under test)."""
+    x = load_audio(path)
+    frames = x[: len(x) // 320 * 320].reshape(-1, 320)
+    energy = np.sqrt((frames**2).mean(1))
+    on = np.flatnonzero(energy > energy.max() / 20)
+    return x[on[0] * 320 : (on[-1] + 1) * 320]
+
+
+def join(parts, seed=0) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """Concatenate clips and silences (seconds of faint noise); return the audio and its (start, end, kind) spans."""
+    rng = np.random.default_rng(seed)
+    out, spans, t = [], [], 0
+    for p in parts:
+        x = rng.normal(0, 1e-4, round(p * SAMPLE_RATE)).astype(np.float32) if isinstance(p, float) else p
+        out.append(x)
+        spans.append(
+            (t / SAMPLE_RATE, (t + len(x)) / SAMPLE_RATE, "silence" if isinstance(p, float) else "speech")
+        )
+        t += len(x)
+    return np.concatenate(out), spans
+
+
+class Counting:
+    """A real tiny-model predictor that also counts the windows it is asked to score."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.inner = Predictor(SERModel(SERConfig.tiny()), "cpu")
+        self.classes, self.dimensions, self.name = self.inner.classes, self.inner.dimensions, "tiny"
+        self.seen: list[int] = []
+
+    def predict_waveforms(self, waves, batch_size=16):
+        self.seen.extend(len(w) for w in waves)
+        return self.inner.predict_waveforms(waves, batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Counting(0)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return [speech_part(p) for p in clips("ravdess", "Actor_0[1-4]/03-01-05-02-*.flac", n=3)]
+
+
+def test_grid_rule():
+    assert window_grid(10.0, 4, 2) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    # 1.3 s left after the last regular window (>= min_length): one more window, aligned to the end
+    assert window_grid(23.3, 4, 2)[-2:] == [(18.0, 22.0), (19.3, 23.3)]
+    assert window_grid(22.3, 4, 2)[-1] == (18.0, 22.0)  # 0.3 s remainder < 0.5 s: left out
+    assert window_grid(3.0, 4, 2) == [(0.0, 3.0)]  # shorter than a window: one window of its own length
+    assert window_grid(0.3, 4, 2) == []
+    assert window_grid(8.0, 2, 2) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    for bad in [dict(window=4, hop=5), dict(window=40, hop=2), dict(window=4, hop=0)]:
+        with pytest.raises(ValueError, match="window|hop"):
+            window_grid(10.0, **bad)
+
+
+def test_file_windows_match_grid_and_audio(tmp_path, speech):
+    wave, _ = join([1.5, *speech, 2.0, speech[0]])
+    path = tmp_path / "joined.flac"
+    sf.write(path, wave, SAMPLE_RATE)
+    wave = load_audio(path)  # as stored (16-bit)
+    duration = len(wave) / SAMPLE_RATE
+    grid = window_grid(duration, 4, 2)
+    wins = list(iter_windows(path, 4, 2, chunk_seconds=3.7))  # chunks that do not line up with the grid
+    assert [(round(w.start, 6), round(w.end, 6)) for w in wins] == [
+        (round(a, 6), round(b, 6)) for a, b in grid
+    ]
+    assert wins[-1].end == pytest.approx(duration, abs=1 / SAMPLE_RATE)
+    for w in wins:
+        assert np.array_equal(w.samples, wave[w.first_sample : w.first_sample + len(w.samples)])
+        assert len(w.samples) == 4 * SAMPLE_RATE
+    # a span of the file: times stay file times
+    part = list(iter_windows(path, 2, 2, start=3.0, end=9.0))
+    assert [(w.start, w.end) for w in part] == [(3.0, 5.0), (5.0, 7.0), (7.0, 9.0)]
+    assert np.array_equal(part[1].samples, wave[5 * SAMPLE_RATE : 7 * SAMPLE_RATE])
+
+
+def test_streaming_windower_equals_whole_stream(speech):
+    wave, _ = join([0.7, *speech, 1.1])
+    whole = list(iter_windows(wave, 2.0, 0.5))
+    sw = StreamingWindower(2.0, 0.5)
+    rng = np.random.default_rng(1)
+    got, i = [], 0
+    while i < len(wave):
+        n = int(rng.integers(1, 9000))
+        got += sw.push(wave[i : i + n])
+        i += n
+        assert len(sw._buffer) <= 2.0 * SAMPLE_RATE + 9000  # only what a future window may need
+    got += sw.flush()
+    assert [(w.start, w.end) for w in got] == [(w.start, w.end) for w in whole]
+    assert all(np.array_equal(a.samples, b.samples) for a, b in zip(got, whole))
+
+
+def test_sliding_windows_scores_like_direct_calls(speech, tiny):
+    wave, _ = join([*speech, 0.5])
+    results = list(sliding_windows(wave, tiny, 2.0, 1.0, batch_size=3))
+    assert [(r.start, r.end) for r in results] == [
+        (round(a, 3), round(b, 3)) for a, b in window_grid(len(wave) / SAMPLE_RATE, 2, 1)
+    ]
+    direct, _ = tiny.inner.predict_waveforms(
+        [wave[round(r.start * SAMPLE_RATE) : round(r.end * SAMPLE_RATE)] for r in results]
+    )
+    np.testing.assert_allclose(np.stack([r.probs for r in results]), direct, atol=1e-5)
+
+
+def test_vad_drops_the_silence(speech, tiny):
+    wave, spans = join([4.0, *speech, 6.0, *speech[::-1], 4.0])
+    tiny.seen.clear()
+    results = list(sliding_windows(wave, tiny, 2.0, 1.0, vad=True, batch_size=4))
+    assert len(tiny.seen) == sum(r.scored for r in results)  # unscored windows never reach the model
+    silent = [(a, b) for a, b, kind in spans if kind == "silence"]
+    talking = []  # contiguous clips form one speech region
+    for a, b, kind in spans:
+        if kind == "speech" and talking and talking[-1][1] == a:
+            talking[-1] = (talking[-1][0], b)
+        elif kind == "speech":
+            talking.append((a, b))
+    inside = lambda r, regions: any(a <= r.start and r.end <= b for a, b in regions)  # noqa: E731
+    in_silence = [r for r in results if inside(r, silent)]
+    in_speech = [r for r in results if inside(r, talking)]
+    assert len(in_silence) >= 8 and len(in_speech) >= 3
+    assert all(not r.scored and r.speech < 0.5 for r in in_silence)
+    assert all(r.scored and r.speech >= 0.5 for r in in_speech)
+
+
+def test_merge_respects_cap_and_tiles(tiny, speech):
+    # real model outputs over 50 s of speech on the paper's 2 s grid
+    wave, _ = join([*speech, *speech, *speech, *speech, *speech])
+    wave = np.tile(wave, int(np.ceil(50 * SAMPLE_RATE / len(wave))))[: 50 * SAMPLE_RATE]
+    results = list(sliding_windows(wave, tiny, 2.0, 2.0, batch_size=16))
+    segments = merge_windows(results, EMOTIONS, max_len=15.0)
+    assert all(s.end - s.start <= 15.0 + 1e-6 for s in segments)
+    assert segments[0].start == 0 and segments[-1].end == 50.0
+    assert all(a.end == b.start for a, b in zip(segments, segments[1:]))  # no gap, no overlap
+    for s in segments:
+        members = [r for r in results if s.start <= r.start and r.end <= s.end]
+        assert len(members) == s.windows and {r.label(EMOTIONS) for r in members} == {s.label}
+
+
+def _result(start, end, label, p=0.9):
+    probs = np.full(7, (1 - p) / 6, np.float32)
+    probs[EMOTIONS.index(label)] = p
+    return WindowResult(start, end, probs, np.full(3, 0.5, np.float32))
+
+
+def test_merge_rules():
+    labels = ["sad"] * 12 + ["angry"] * 2 + [None] + ["angry"] * 3
+    results = [
+        _result(2 * i, 2 * i + 4, lab) if lab else WindowResult(2 * i, 2 * i + 4)
+        for i, lab in enumerate(labels)
+    ]
+    spans = owned_spans(results)
+    assert spans[0] == (0, 3) and spans[1] == (3, 5) and spans[-1] == (35, 38)
+    segs = merge_windows(results, EMOTIONS, max_len=15.0)
+    # 12 sad windows own 0-25 s: cut at the cap (0-15, 15-25); the non-speech window splits the angry run
+    assert [(s.start, s.end, s.label, s.windows) for s in segs] == [
+        (0, 15, "sad", 7),
+        (15, 25, "sad", 5),
+        (25, 29, "angry", 2),
+        (31, 38, "angry", 3),
+    ]
+    weighted = merge_windows([_result(0, 2, "happy", 0.9), _result(2, 8, "happy", 0.5)], EMOTIONS)
+    assert weighted[0].probs[EMOTIONS.index("happy")] == pytest.approx((0.9 * 2 + 0.5 * 6) / 8, abs=1e-6)
+
+
+def test_split_and_score_long_spans(tmp_path, speech, tiny):
+    assert split_span(0, 45) == [(0, 22.5), (22.5, 45)]
+    assert split_span(3, 20) == [(3, 20)]
+    wave, _ = join([*speech] * 8)
+    path = tmp_path / "long.flac"
+    sf.write(path, wave, SAMPLE_RATE)
+    duration = len(wave) / SAMPLE_RATE
+    assert duration > 31
+    spans = [(0.5, duration - 0.5), (1.0, 3.0), (duration + 5, duration + 6)]
+    out = list(score_spans(path, spans, tiny, batch_size=2))
+    assert [r.pieces for r in out] == [2, 1, 0]
+    pieces = split_span(*spans[0])
+    p, s = tiny.inner.predict_waveforms([load_audio(path, a, b) for a, b in pieces])
+    w = np.array([b - a for a, b in pieces])
+    np.testing.assert_allclose(out[0].probs, (p * w[:, None]).sum(0) / w.sum(), atol=1e-5)
+    assert out[2].error and str(path) in out[2].error and not out[2].scored
+    with pytest.raises(ValueError, match="no scored"):
+        pool([out[2]])
+
+
+def test_vad_speech_segments_follow_the_clips(speech):
+    wave, spans = join([3.0, speech[0], 2.5, speech[1], 3.0])
+    found = speech_segments(wave)
+    truth = [(a, b) for a, b, kind in spans if kind == "speech"]
+    assert len(found) == 2
+    for (a, b), (ta, tb) in zip(found, truth):
+        assert abs(a - ta) < 0.5 and abs(b - tb) < 0.35  # Silero needs a few frames to be sure at an onset
+    flags = speech_flags(wave)
+    assert len(flags) == int(np.ceil(len(wave) / FRAME))
+    with pytest.raises(ValueError, match="threshold"):
+        SileroVAD(1.5)
