@@ -1,0 +1,140 @@
+"""The encoder-output cache of the CPU path: keys, stored outputs, reuse and re-keying on real clips."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, clips
+
+from serval.audio import load_audio
+from serval.cache import EncoderCache, backbone_fingerprint, encoder_settings
+from serval.features import compute_features
+from serval.model import SERConfig, SERModel
+from serval.train import load_config, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models lose nothing by it, and on a busy shared CPU PyTorch's thread
+    pool stalls badly when oversubscribed (20x slower steps were seen on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, **overrides) -> SERModel:
+    torch.manual_seed(seed)
+    return SERModel(SERConfig.tiny(**overrides)).eval()
+
+
+def test_key_follows_audio_settings_and_weights(tmp_path):
+    model = tiny_model()
+    wave = load_audio(clips("ravdess", n=1)[0])
+    cache = EncoderCache(tmp_path, encoder_settings(model, "float16"))
+    key = cache.key(wave)
+    assert key == cache.key(wave.copy()) and len(key) == 64
+    nudged = wave.copy()
+    nudged[1000] += 1e-4
+    assert cache.key(nudged) != key
+    assert cache.key(wave[:-1]) != key
+    assert EncoderCache(tmp_path, encoder_settings(model, "float32")).key(wave) != key
+    weighted = tiny_model(layer_weighting="weighted")
+    assert EncoderCache(tmp_path, encoder_settings(weighted, "float16")).key(wave) != key
+    other = tiny_model(seed=1)
+    assert backbone_fingerprint(other) != backbone_fingerprint(model)
+    assert EncoderCache(tmp_path, encoder_settings(other, "float16")).key(wave) != key
+    # the head does not change what the encoder stores, so it does not change the key
+    with torch.no_grad():
+        model.emotion_layer.weight.add_(1.0)
+    assert EncoderCache(tmp_path, encoder_settings(model, "float16")).key(wave) == key
+    with pytest.raises(ValueError, match="cache dtype"):
+        EncoderCache(tmp_path, {**encoder_settings(model, "float16"), "dtype": "int8"})
+
+
+def test_cached_outputs_equal_direct_encoding_of_real_clips(tmp_path):
+    model = tiny_model()
+    waves = [load_audio(p) for p in clips("emodb", n=2) + clips("ravdess", n=2)]
+    assert len({len(w) for w in waves}) > 1  # different lengths: batched encoding pads
+    cache = EncoderCache(tmp_path, encoder_settings(model, "float32"))
+    keys = [cache.key(w) for w in waves]
+    assert cache.encode_missing(model, waves, keys, batch_size=4) == 4
+    assert cache.encode_missing(model, waves, keys, batch_size=4) == 0
+    for wave, key in zip(waves, keys):
+        feats, frames = compute_features([wave])
+        with torch.no_grad():
+            hidden, tokens = model.encode(feats, frames)
+        stored, length = cache.get(key)
+        assert length == int(tokens[0]) == stored.shape[0]
+        torch.testing.assert_close(stored, hidden[0], atol=1e-4, rtol=1e-4)
+
+    # a damaged entry is a miss: re-encoded, never served
+    cache.path(keys[0]).write_bytes(b"not a safetensors file")
+    with pytest.raises(KeyError, match="unreadable cache entry"):
+        cache.get(keys[0])
+    assert cache.encode_missing(model, waves, keys) == 1
+    assert not list(Path(tmp_path).rglob(".tmp-*"))
+
+
+def _manifest(path: Path, files: list[Path], spans: dict[int, tuple[float, float]] | None = None) -> Path:
+    emotions = {
+        "01": "neutral",
+        "03": "happy",
+        "04": "sad",
+        "05": "angry",
+        "06": "fearful",
+        "07": "disgusted",
+        "08": "surprised",
+    }
+    spans = spans or {}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "start", "end", "label", "split"])
+        for i, p in enumerate(files):
+            start, end = spans.get(i, ("", ""))
+            w.writerow([p, start, end, emotions[p.stem.split("-")[2]], "dev" if i % 4 == 3 else "train"])
+    return path
+
+
+def test_frozen_cached_training_encodes_once_and_rekeys_a_changed_span(tmp_path, caplog):
+    files = [p for p in clips("ravdess", "Actor_03/*.flac") if p.stem.split("-")[2] != "02"][::6][:8]
+    cache_dir = tmp_path / "cache"
+
+    def run(name: str, manifest: Path, *extra: str):
+        cfg = load_config(None, [
+            "model.d_model=64", "model.encoder_layers=2", "model.encoder_attention_heads=2",
+            "model.encoder_ffn_dim=128", "model.channels=32", "model.embed_dim=32", "mode=frozen_cached",
+            "progress=false", "tensorboard=false", f"out_dir={tmp_path / name}", f"data.train={manifest}",
+            "data.train_split=train", f"data.dev={manifest}", "data.dev_split=dev", "optim.batch_size=2",
+            "optim.epochs=2", f"cache.dir={cache_dir}", "data.max_seconds=2.5", *extra,
+        ])  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="serval.train"):
+            best = train(cfg)
+        return best, next(r.getMessage() for r in caplog.records if "encoder cache" in r.getMessage())
+
+    entries = lambda: sorted(p.name for p in cache_dir.rglob("*.safetensors"))  # noqa: E731
+    manifest = _manifest(tmp_path / "m.csv", files)
+    noise = [f"augment.noise_dir={DATA / 'noise'}", "augment.noise_prob=1.0", "cache.augmented_copies=1"]
+    best, message = run("a", manifest, *noise)
+    first = entries()
+    # 6 train + 2 dev clips, and one noisy (seeded, hence distinct) copy of each training clip
+    assert "14 encoded now, 0 reused" in message and len(first) == 14
+
+    _, message = run("b", manifest, *noise, "optim.epochs=1")  # same clips and encoder: nothing encoded
+    assert "0 encoded now, 14 reused" in message and entries() == first
+
+    spans = {0: (0.5, 2.0)}  # one clip's span changes: exactly that clip (and its copy) is encoded again
+    _, message = run("c", _manifest(tmp_path / "m2.csv", files, spans), *noise, "optim.epochs=1")
+    assert "2 encoded now, 12 reused" in message and len(entries()) == len(first) + 2
+
+    import serval
+
+    records = serval.load(best).predict([str(files[0])])
+    assert set(records[0]["probabilities"]) == set(SERConfig().classes)
+    assert np.isclose(sum(records[0]["probabilities"].values()), 1.0, atol=1e-4)

@@ -1,0 +1,508 @@
+"""The training recipe: losses, config, sampler, augmentation, and short real runs on RAVDESS clips."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import DATA, REPO, clips
+from safetensors.torch import load_file
+
+from serval.model import SERConfig, SERModel
+from serval.train import (
+    BucketBatchSampler,
+    NoiseBank,
+    add_noise,
+    average_models,
+    ccc_loss,
+    change_speed,
+    check_rows,
+    class_weights_from_labels,
+    collate,
+    cosine_with_warmup,
+    load_config,
+    mixup,
+    soft_cross_entropy,
+    train,
+)
+
+RAVDESS_EMOTIONS = {
+    "01": "neutral",
+    "03": "happy",
+    "04": "sad",
+    "05": "angry",
+    "06": "fearful",
+    "07": "disgusted",
+    "08": "surprised",
+}  # 02 (calm) is not one of the 7 classes
+TINY = [
+    "model.d_model=64", "model.encoder_layers=2", "model.encoder_attention_heads=2", "model.encoder_ffn_dim=128",
+    "model.channels=32", "model.embed_dim=32", "progress=false", "tensorboard=false", "log_every=1",
+]  # fmt: skip
+NO_DROPOUT = ["model.proj_dropout=0.0", "model.embed_dropouts=[0.0, 0.0]", "model.lora_dropout=0.0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models lose nothing by it, and on a busy shared CPU PyTorch's thread
+    pool stalls badly when oversubscribed (20x slower steps were seen on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Rough arousal/valence/dominance per emotion, so that runs exercise the CCC head too.
+AVD = {
+    "neutral": (0.3, 0.5, 0.5),
+    "happy": (0.7, 0.9, 0.6),
+    "sad": (0.2, 0.1, 0.2),
+    "angry": (0.9, 0.1, 0.9),
+    "fearful": (0.8, 0.2, 0.1),
+    "disgusted": (0.6, 0.1, 0.6),
+    "surprised": (0.8, 0.7, 0.4),
+}
+
+
+def ravdess_manifest(path: Path, n_train: int, n_dev: int = 0, dims: bool = False, span=("", "")) -> Path:
+    """A manifest of real RAVDESS clips (calm dropped), split by actor: train from actor 1, dev from actor 2."""
+    rows = []
+    for actor, n, split in (("01", n_train, "train"), ("02", n_dev, "dev")):
+        found = [
+            f for f in clips("ravdess", f"Actor_{actor}/*.flac") if f.stem.split("-")[2] in RAVDESS_EMOTIONS
+        ]
+        step = max(1, len(found) // max(n, 1))
+        for f in found[::step][:n]:
+            label = RAVDESS_EMOTIONS[f.stem.split("-")[2]]
+            rows.append([str(f), *span, label, split, *(AVD[label] if dims else ("", "", ""))])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "start", "end", "label", "split", "arousal", "valence", "dominance"])
+        w.writerows(rows)
+    return path
+
+
+def tiny_init(folder: Path) -> Path:
+    """A tiny random model to start from. Its position embeddings are scaled down as in a trained
+    Whisper: at N(0, 1) they swamp the audio and every clip looks alike to the downstream network."""
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        model = SERModel(SERConfig.tiny(proj_dropout=0.0, embed_dropouts=(0.0, 0.0)))
+        with torch.no_grad():
+            model.whisper.encoder.embed_positions.weight.mul_(0.02)
+        model.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(tmp_path: Path, manifest: Path, *overrides: str, dev: bool = False, init: bool = True):
+    sets = [
+        *TINY,
+        f"out_dir={tmp_path / 'run'}",
+        f"data.train={manifest}",
+        "data.train_split=train",
+        "data.max_seconds=2.0",
+    ]
+    if init:
+        sets.append(f"init_from={tiny_init(tmp_path.parent / 'tiny-init')}")
+    if dev:
+        sets += [f"data.dev={manifest}", "data.dev_split=dev"]
+    return load_config(None, [*sets, *overrides])
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def numpy_ccc(x: np.ndarray, y: np.ndarray) -> float:
+    """Lin's concordance correlation coefficient, written out directly."""
+    mx, my = x.mean(), y.mean()
+    cov = ((x - mx) * (y - my)).mean()
+    return 2 * cov / (x.var() + y.var() + (mx - my) ** 2)
+
+
+def test_ccc_loss_matches_numpy_and_skips_unlabelled_samples():
+    rng = np.random.default_rng(0)
+    pred, target = rng.uniform(size=(12, 3)), rng.uniform(size=(12, 3))
+    target[:, 1] = 0.3 * pred[:, 1] + 0.1  # one dimension well correlated, so the value is not trivial
+    mask = np.ones(12, dtype=bool)
+    mask[[2, 7]] = False
+    target[~mask] = 99.0  # garbage where there is no label: must not matter
+    expected = 1 - np.mean([numpy_ccc(pred[mask, j], target[mask, j]) for j in range(3)])
+    got = ccc_loss(torch.tensor(pred), torch.tensor(target), torch.tensor(mask))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert ccc_loss(torch.tensor(pred), torch.tensor(pred)).item() == pytest.approx(0.0, abs=1e-6)
+    one = torch.zeros(12, dtype=torch.bool)
+    one[0] = True
+    assert ccc_loss(torch.tensor(pred), torch.tensor(target), one).item() == 0.0  # < 2 labelled: skipped
+
+
+def test_soft_cross_entropy_equals_torch_for_hard_labels_and_ignores_unlabelled():
+    torch.manual_seed(0)
+    logits, y = torch.randn(10, 7), torch.randint(0, 7, (10,))
+    w = class_weights_from_labels(y.tolist(), 7)
+    expected = F.cross_entropy(logits, y, weight=w, label_smoothing=0.1)
+    got = soft_cross_entropy(logits, F.one_hot(y, 7).float(), w, 0.1)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # a row without a categorical label (all-zero target) changes nothing
+    padded = soft_cross_entropy(
+        torch.cat([logits, torch.randn(1, 7)]),
+        torch.cat([F.one_hot(y, 7).float(), torch.zeros(1, 7)]),
+        w,
+        0.1,
+    )
+    assert padded.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_class_weights_are_inverse_frequency_over_present_classes():
+    w = class_weights_from_labels([0, 0, 0, 1, -1], 3)  # class 2 absent, -1 unlabelled
+    assert w.tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1), 0.0])
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    f = cosine_with_warmup(100, 0.08)
+    values = [f(s) for s in range(100)]
+    assert values[0] < values[7] <= 1.0 and values[8] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[8:], values[9:])) and values[-1] < 0.01
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_yaml_with_overrides_and_clear_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"mode": "lora", "data": {"train": "m.csv"}, "optim": {"epochs": 2}, "model": {"lora_r": 8}}
+        )
+    )
+    cfg = load_config(
+        path,
+        [
+            "optim.lr_head=1e-3",
+            "augment.speed_factors=[1.0]",
+            "model.classes=[a, b]",
+            "loss.class_weights=[1, 2]",
+        ],
+    )
+    assert cfg.optim.epochs == 2 and cfg.optim.lr_head == 1e-3 and cfg.model.lora_r == 8
+    assert cfg.augment.speed_factors == (1.0,) and cfg.model.classes == ("a", "b")
+    assert cfg.loss.class_weights == [1.0, 2.0]
+    with pytest.raises(ValueError, match="unknown setting optim.learning_rate"):
+        load_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="optim.epochs: expected an integer"):
+        load_config(path, ["optim.epochs=many"])
+    path.write_text("optim: {batchsize: 4}\ndata: {train: m.csv}\n")
+    with pytest.raises(ValueError, match=r"c.yaml: unknown setting optim.batchsize"):
+        load_config(path)
+    with pytest.raises(ValueError, match="set model.lora_r to 0"):
+        load_config(None, ["data.train=m.csv", "mode=frozen_cached", "model.lora_r=8"])
+
+
+def test_shipped_configs_load():
+    for name in ("meralion-medium", "whisper-base-cpu", "whisper-base-lora"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.model.backbone
+    medium = load_config(REPO / "configs" / "meralion-medium.yaml")
+    assert (medium.optim.lr_lora, medium.optim.wd_lora, medium.optim.lr_head, medium.optim.wd_head) == (
+        5e-5,
+        4e-5,
+        6e-4,
+        8e-5,
+    )
+    assert (medium.optim.epochs, medium.optim.batch_size, medium.optim.warmup_ratio) == (15, 32, 0.08)
+    assert medium.model.lora_r > 0 and medium.mode == "lora"
+    assert load_config(REPO / "configs" / "whisper-base-cpu.yaml").mode == "frozen_cached"
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_sampler_buckets_by_length_shards_and_is_seeded():
+    rng = np.random.default_rng(1)
+    lengths = rng.uniform(1, 20, size=203)
+    sampler = BucketBatchSampler(lengths, batch_size=8, seed=5, bucket_batches=5)
+    a, b = sampler.batches(0), sampler.batches(0)
+    assert a == b and a != sampler.batches(1)
+    assert len(a) == len(sampler) == 25 and all(len(x) == 8 for x in a)
+    flat = [i for x in a for i in x]
+    assert len(set(flat)) == len(flat) == 200  # each clip once; the last partial batch dropped
+    # bucketing: a batch spans much less of the length range than a random batch would
+    spread = np.mean([np.ptp(lengths[x]) for x in a])
+    assert spread < 0.5 * np.ptp(lengths)
+    shards = [BucketBatchSampler.shard(a[0], r, 2, 2) for r in range(2)]
+    assert sorted(i for s in shards for mb in s for i in mb) == sorted(a[0])
+    assert [len(mb) for s in shards for mb in s] == [2, 2, 2, 2]
+
+
+def test_bad_clips_are_skipped_with_the_file_and_cause(tmp_path, caplog):
+    from serval.manifest import ManifestRow
+
+    good = clips("ravdess", n=2)
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    rows = [
+        ManifestRow(str(good[0]), label="happy"),
+        ManifestRow(str(tmp_path / "gone.flac"), label="sad"),
+        ManifestRow(str(empty), label="sad"),
+        ManifestRow(str(good[1]), label="bored"),
+        ManifestRow(str(good[1]), start=100.0, label="sad"),
+        ManifestRow(str(good[1])),
+    ]
+    with caplog.at_level("WARNING", logger="serval.train"):
+        kept = check_rows(rows, ("neutral", "happy", "sad"), ("arousal", "valence", "dominance"), "m.csv")
+    assert [(k.path, k.label) for k in kept] == [(str(good[0]), 1)]
+    text = caplog.text
+    assert "skipping 5 of 6" in text and "gone.flac" in text and "empty.wav" in text and "'bored'" in text
+    assert "after the end" in text and "no categorical label" in text
+
+
+def test_speed_and_noise_augmentation_on_real_audio():
+    from serval.audio import load_audio
+
+    wave = load_audio(clips("ravdess", n=1)[0])
+    assert len(change_speed(wave, 1.1)) == pytest.approx(len(wave) / 1.1, rel=1e-3)
+    assert len(change_speed(wave, 0.9)) == pytest.approx(len(wave) / 0.9, rel=1e-3)
+    bank = NoiseBank(DATA / "noise")
+    assert len(bank.files) == 6
+    n1 = bank.sample(len(wave), np.random.default_rng(3))
+    n2 = bank.sample(len(wave), np.random.default_rng(3))
+    assert np.array_equal(n1, n2) and len(n1) == len(wave)
+    noisy = add_noise(wave, n1, 10.0)
+    residual = noisy - wave
+    snr = 10 * np.log10(np.mean(wave.astype(np.float64) ** 2) / np.mean(residual.astype(np.float64) ** 2))
+    assert snr == pytest.approx(10.0, abs=0.05)
+
+
+def test_noise_bank_errors_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="no readable audio files"):
+        NoiseBank(tmp_path)
+    with pytest.raises(ValueError, match="is not a folder"):
+        NoiseBank(tmp_path / "missing")
+
+
+def test_mixup_mixes_inputs_targets_and_dims():
+    items = [
+        {
+            "index": i,
+            "input": torch.full((n,), float(i + 1)),
+            "target": F.one_hot(torch.tensor(i), 3).float(),
+            "dims": torch.full((3,), 0.1 * (i + 1)),
+            "dims_mask": i != 2,
+        }
+        for i, n in enumerate((5, 3, 4))
+    ]
+    batch = collate(items)
+    assert batch["input"].shape == (3, 5) and batch["lengths"].tolist() == [5, 3, 4]
+    perm = torch.tensor([1, 2, 0])
+    out = mixup(batch, 0.25, perm)
+    assert out["input"][0, 0].item() == pytest.approx(0.25 * 1 + 0.75 * 2)
+    assert out["targets"][0].tolist() == pytest.approx([0.25, 0.75, 0.0])
+    assert out["dims"][0, 0].item() == pytest.approx(0.25 * 0.1 + 0.75 * 0.2)
+    assert out["lengths"].tolist() == [5, 4, 5] and out["dims_mask"].tolist() == [True, False, False]
+    assert torch.allclose(out["targets"].sum(1), torch.ones(3))
+
+
+def test_average_models_merges_lora_before_averaging():
+    from serval.model import SERConfig, SERModel
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = SERModel(SERConfig.tiny(lora_r=2))
+        for p in m.lora_parameters():  # peft starts B at zero; make the adapters matter
+            torch.nn.init.normal_(p, std=0.1)
+        models.append(m.eval())
+    avg = average_models(models)
+    assert avg.config.lora_r == 0 and avg.config.backbone is None
+    merged = [m.merged_state_dict() for m in models]
+    for k, v in avg.state_dict().items():
+        assert torch.allclose(v, (merged[0][k] + merged[1][k]) / 2, atol=1e-6), k
+
+
+# ---------------------------------------------------------------------------- real runs
+
+
+def test_training_loss_falls_on_real_clips_and_final_model_loads(tmp_path):
+    # 1.5 s spans of real clips: spans are read from the manifest, and no random crop blurs the signal
+    manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, n_dev=2, span=(0.5, 2.0))
+    cfg = tiny_config(
+        tmp_path,
+        manifest,
+        *NO_DROPOUT,
+        "model.lora_r=4",
+        "optim.batch_size=8",
+        "optim.epochs=12",
+        "optim.lr_head=5e-3",
+        "optim.lr_lora=1e-3",
+        "optim.warmup_ratio=0.0",
+        "augment.mixup_prob=0.0",
+        "augment.speed_factors=[1.0]",
+        "select.average=predictions",
+        "select.patience=100",
+        dev=True,
+    )
+    torch.manual_seed(cfg.seed)
+    from serval.train import build_model
+
+    initial = build_model(cfg)
+    best = train(cfg)
+    out = Path(cfg.out_dir)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["loss"]) for r in rows if r["split"] == "train"]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]) and losses[-1] < losses[0] - 0.3, losses
+    assert sum(r["split"] == "dev" for r in rows) == 12
+
+    # frozen Whisper weights stayed frozen; the LoRA adapters and the downstream network moved
+    ckpt = out / (out / "last").read_text().strip()
+    trained = load_file(str(ckpt / "model.safetensors"))
+    start = initial.state_dict()
+    frozen = [k for k in start if k.startswith("whisper.") and "lora_" not in k]
+    assert frozen and all(torch.equal(trained[k], start[k]) for k in frozen)
+    assert any(not torch.equal(trained[k], start[k]) for k in start if "lora_B" in k)
+    assert yaml.safe_load((ckpt / "train_config.yaml").read_text())["optim"]["epochs"] == 12
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["lora_r"] == 4
+
+    # the 4 best checkpoints by dev loss form the ensemble; serval.load reads it
+    report = json.loads((out / "final.json").read_text())
+    assert report["chosen"] == "predictions" and len(report["members"]) == 4
+    assert report["dev_loss"] == sorted(report["dev_loss"])
+    ensemble = json.loads((best / "ensemble.json").read_text())
+    assert ensemble["members"] == [f"member-{i}" for i in range(4)]
+    assert {p.name for p in (out / "checkpoints").iterdir()} == set(report["members"])
+    import serval
+
+    predictor = serval.load(best)
+    records = predictor.predict([str(p) for p in clips("ravdess", "Actor_02/*.flac", n=2)])
+    assert all("label" in r for r in records), records
+
+
+def test_out_dir_of_another_run_or_user_files_is_refused(tmp_path):
+    manifest = ravdess_manifest(tmp_path / "m.csv", n_train=4)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    cfg = tiny_config(tmp_path, manifest, "optim.batch_size=4", "optim.epochs=1")
+    with pytest.raises(ValueError, match="not empty and holds no serval run"):
+        train(cfg)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    (tmp_path / "run" / "notes.txt").unlink()
+    train(cfg)
+    other = tiny_config(tmp_path, manifest, "optim.batch_size=4", "optim.epochs=2")
+    with pytest.raises(ValueError, match="different config"):
+        train(other)
+
+
+def _lines_until(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
+    for line in proc.stderr:
+        seen.append(line)
+        if needle in line:
+            return True
+    return False
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
+    manifest = ravdess_manifest(tmp_path / "m.csv", n_train=24, n_dev=4)
+    sets = [
+        "optim.batch_size=4",
+        "optim.epochs=2",
+        "model.lora_r=2",
+        "select.checkpoint_every=2",
+        f"augment.noise_dir={DATA / 'noise'}",
+        "augment.noise_prob=0.5",
+        "augment.mixup_prob=0.5",
+    ]
+    reference = tiny_config(tmp_path / "a", manifest, *sets, dev=True)
+    train(reference)
+
+    crashed = tiny_config(tmp_path / "b", manifest, *sets, dev=True)
+    config = tmp_path / "b.yaml"
+    config.write_text(yaml.safe_dump(crashed.to_dict()))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serval", "train", str(config)],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        assert _lines_until(proc, "checkpoint step-000002 saved", seen), "".join(seen)
+        proc.send_signal(signal.SIGKILL)  # mid-epoch 1 of 2
+    finally:
+        proc.kill()
+        proc.wait()
+    out = Path(crashed.out_dir)
+    assert not (out / "best").exists(), "the run finished before it was killed"
+    assert (out / "last").read_text().startswith("checkpoints/step-0000")
+
+    train(crashed)  # resume: auto
+    a = load_file(str(Path(reference.out_dir) / "best" / "model.safetensors"))
+    b = load_file(str(out / "best" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        json.loads((out / "final.json").read_text())["members"]
+        == json.loads((Path(reference.out_dir) / "final.json").read_text())["members"]
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from serval.train import TrainConfig, from_dict
+
+    train(from_dict(TrainConfig, cfg_dict))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
+    # equal 1.5 s spans: no clip is padded, so the 2-GPU pieces compute exactly what the whole batch does
+    manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, dims=True, span=(0.5, 2.0))
+    sets = [
+        *NO_DROPOUT,
+        "optim.batch_size=4",
+        "optim.epochs=2",
+        "model.lora_r=2",
+        "augment.mixup_prob=0.0",
+        f"augment.noise_dir={DATA / 'noise'}",
+        "loss.ccc_weight=0.5",
+        # Biases followed by a GroupNorm and attention-score biases get a gradient that is zero up to
+        # rounding (~1e-8); Adam with eps 1e-8 turns that noise into full-size steps. eps 1e-6 keeps
+        # the comparison about the gradients that exist.
+        "optim.eps=1e-6",
+    ]
+    single = tiny_config(tmp_path / "one", manifest, *sets)
+    train(single)  # one thread, like each of the two workers
+    double = tiny_config(tmp_path / "two", manifest, *sets)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), double.to_dict()), nprocs=2, join=True)
+    a = load_file(str(Path(single.out_dir) / "best" / "model.safetensors"))
+    b = load_file(str(Path(double.out_dir) / "best" / "model.safetensors"))
+    moved = [k for k in a if "lora_B" in k or k.startswith("downstream_model.")]
+    assert moved and a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
