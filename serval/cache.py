@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from serval.atomic import atomic_write
 
 CACHE_VERSION = 1  # bump when the stored layout changes
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -89,14 +90,7 @@ class EncoderCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"hidden": hidden.detach().to("cpu", self.dtype).contiguous()}
         meta = {"token_length": "" if token_length is None else str(int(token_length))}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     def get(self, key: str) -> tuple[Tensor, int | None]:
         """One clip's encoder output as float32 and its token length (None in 30 s padded mode)."""

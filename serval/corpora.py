@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from serval.atomic import atomic_write_text
 from serval.manifest import (
     LABELS,
     ManifestRow,
-    atomic_write_text,
     check_manifest,
     manifest_format,
     read_manifest,

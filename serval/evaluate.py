@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serval.atomic import atomic_write, atomic_write_text
 from serval.audio import AudioError, audio_info, load_audio
 from serval.baselines import DIMENSIONS, EMOTIONS, load_system
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
@@ -669,10 +670,8 @@ def plot_confusions(report: dict, directory: str | os.PathLike) -> list[Path]:
                 ax.set_title(f"{name}\n{seg}, {proto}: UAR {pct(o['uar'])} %, n={o['n']}", fontsize=10)
                 fig.tight_layout()
                 path = directory / f"{_slug(name)}__{seg}__{proto}.png"
-                tmp = path.with_name(f".{path.name}.tmp.png")
-                fig.savefig(tmp, dpi=110)
+                atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
                 plt.close(fig)
-                os.replace(tmp, path)
                 written.append(path)
     return written
 
@@ -690,7 +689,6 @@ def write_report(
     report: dict, output: str | os.PathLike, overwrite: bool = False, title: str = "serval eval"
 ) -> dict:
     """Write report.json, report.md and confusion/*.png into `output`; refuses to replace a report unless overwrite."""
-    from serval.manifest import atomic_write_text
 
     output = Path(output)
     existing = existing_reports(output)

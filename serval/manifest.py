@@ -12,12 +12,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serval.atomic import atomic_write_text
 from serval.audio import MIN_DURATION, SPAN_TOLERANCE, AudioError, AudioNotFoundError, audio_info
 
 COLUMNS = (
@@ -278,25 +278,6 @@ def format_manifest(rows: Iterable[ManifestRow], fmt: str) -> str:
     return out.getvalue()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> None:
-    """Write `text` to `path` through a temporary file and os.replace, never half-written."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike, overwrite: bool = False) -> None:
     """Write rows as CSV or JSONL (by extension), atomically; refuses to replace a file unless overwrite."""
     rows = list(rows)
@@ -410,6 +391,5 @@ __all__ = [
     "write_manifest",
     "check_manifest",
     "format_manifest",
-    "atomic_write_text",
     "manifest_format",
 ]

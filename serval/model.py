@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from serval.atomic import atomic_write
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 PRIMARY4 = ("neutral", "angry", "sad", "happy")
@@ -511,8 +512,8 @@ class SERModel(nn.Module):
                 raise ValueError("include_backbone=False needs config.backbone to say where the encoder comes from")
             state = {k: v for k, v in state.items() if not k.startswith("whisper.") or "lora_" in k}
         meta = {"format": "serval", "serval_version": _version(), **self.config.to_dict()}
-        _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
         return directory
 
     @classmethod
@@ -563,18 +564,6 @@ def merge_lora_state_dict(state: dict[str, Tensor], scaling: float) -> dict[str,
         else:
             merged[name] = tensor
     return merged
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _download(repo_id: str) -> Path:

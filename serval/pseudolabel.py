@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serval.atomic import atomic_write, atomic_write_text
 from serval.windows import iter_windows
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
@@ -278,10 +278,7 @@ class Progress:
         if path.exists() and not restart:
             self._load(settings)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps({"settings": settings}) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps({"settings": settings}) + "\n", overwrite=True)
 
     def _load(self, settings: dict) -> None:
         with open(self.path, "rb") as f:
@@ -479,7 +476,7 @@ def second_pass(
 
 
 def _write_outputs(sources, state: Progress, paths: dict[str, Path], teachers, relabel, overwrite) -> dict:
-    from serval.manifest import COLUMNS, ManifestRow, atomic_write_text, write_manifest
+    from serval.manifest import COLUMNS, ManifestRow, write_manifest
 
     rows, decisions = [], []
     failed, utterances = set(), 0
@@ -577,34 +574,19 @@ def _write_outputs(sources, state: Progress, paths: dict[str, Path], teachers, r
 
 def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> None:
     """Stream every window's labels from the progress log into `path`, atomically."""
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             for src in sources:
                 rec = state.done.get(src.key)
                 if rec is None:
                     continue
                 for u, windows in zip(rec["utterances"], state.windows(src.key)):
                     for w in windows:
-                        f.write(
-                            json.dumps(
-                                {
-                                    "path": src.path,
-                                    "utterance_start": u["start"],
-                                    "utterance_end": u["end"],
-                                    **w,
-                                }
-                            )
-                            + "\n"
-                        )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                        record = {"path": src.path, "utterance_start": u["start"], "utterance_end": u["end"], **w}
+                        f.write(json.dumps(record) + "\n")
+
+    atomic_write(path, write, overwrite=overwrite)
 
 
 def _bar(items, enabled: bool, desc: str):

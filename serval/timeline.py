@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serval.atomic import atomic_write, atomic_write_text
 from serval.windows import WindowResult, check_grid, merge_windows, score_spans, sliding_windows
 
 
@@ -344,19 +345,6 @@ def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str 
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="audio file (any length)")
     p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
@@ -463,9 +451,9 @@ def run(args: argparse.Namespace) -> int:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             if text is None:
-                _write_atomic(target, lambda tmp: plot(result, tmp))
+                atomic_write(target, lambda tmp: plot(result, tmp))
             else:
-                _write_atomic(target, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+                atomic_write_text(target, text, overwrite=True)
             print(f"wrote {target}", file=sys.stderr)
     failed = [r for r in result.get("turns", []) if "error" in r]
     for r in failed:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from serval.atomic import atomic_write_text
 from serval.model import SERConfig, SERModel
 
 log = logging.getLogger("serval.train")
@@ -917,7 +918,7 @@ class Run:
                 )
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            atomic_write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False), overwrite=True)
         return self.last_checkpoint() if saved.is_file() else None
 
     def save(self, model: SERModel, state: RunState, trainer_state: dict) -> Path:
@@ -936,19 +937,12 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _atomic_text(self.out / "last", f"checkpoints/{name}\n")
+        atomic_write_text(self.out / "last", f"checkpoints/{name}\n", overwrite=True)
         keep = {name} | {b[1] for b in state.best}
         for d in self.ckpts.iterdir():
             if d.name not in keep:  # superseded checkpoints and temp dirs of crashed saves
                 shutil.rmtree(d, ignore_errors=True)
         return final
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -1505,7 +1499,7 @@ def finish(
         log.info(
             "test UAR %.4f (%s, %d clips)", report["test"].get("uar", math.nan), choice, report["test"]["n"]
         )
-    _atomic_text(run.out / "final.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(run.out / "final.json", json.dumps(report, indent=2) + "\n", overwrite=True)
     log.info("final model (%s of %d checkpoints) in %s", choice, len(members), best)
     return best
 
