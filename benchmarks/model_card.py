@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from serval.audio import load_audio
+from serval.cache import EncoderCache, encoder_settings
 from serval.evaluate import evaluate, write_report
 from serval.features import compute_features
 from serval.inference import load
@@ -48,25 +49,36 @@ class MajorityClass:
 
 
 class FrozenEncoderLogReg:
-    """Mean-pooled frozen whisper-base features + logistic regression."""
+    """Mean-pooled frozen whisper-base features + logistic regression.
+
+    With `cache_dir` (the training run's encoder cache), clips already encoded there are read
+    from it (float16) instead of being encoded again.
+    """
 
     dimensions = DIMENSIONS
 
-    def __init__(self, backbone: str = "pypi:whisper-base"):
+    def __init__(self, backbone: str = "pypi:whisper-base", cache_dir: str | None = None):
         self.classes = EMOTIONS
         self.name = "whisper-base mean-pool + logreg"
         self.encoder = SERModel.from_backbone(SERConfig.for_whisper("base", backbone=backbone)).eval()
+        self.cache = EncoderCache(cache_dir, encoder_settings(self.encoder, "float16")) if cache_dir else None
         self.clf = None
 
     @torch.inference_mode()
     def embed(self, waves: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
-        out = []
-        for i in range(0, len(waves), batch_size):
-            feats, lengths = compute_features(waves[i : i + batch_size])
+        pooled: list[np.ndarray | None] = [None] * len(waves)
+        for i, w in enumerate(waves):
+            key = self.cache.key(w) if self.cache else None
+            if key and self.cache.readable(key):
+                pooled[i] = self.cache.get(key)[0].float().mean(0).numpy()
+        todo = [i for i, p in enumerate(pooled) if p is None]
+        for k in range(0, len(todo), batch_size):
+            idx = todo[k : k + batch_size]
+            feats, lengths = compute_features([waves[i] for i in idx])
             hidden, token_lengths = self.encoder.encode(feats, lengths)
-            mask = (torch.arange(hidden.shape[1])[None, :] < token_lengths[:, None]).float()[..., None]
-            out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
-        return np.concatenate(out)
+            for row, i in enumerate(idx):
+                pooled[i] = hidden[row, : token_lengths[row]].mean(0).numpy()
+        return np.stack(pooled)
 
     def fit(self, waves: list[np.ndarray], labels: list[str]) -> None:
         from sklearn.linear_model import LogisticRegression
@@ -96,9 +108,14 @@ def cpu_latency(predictor, paths: list[str], repeats: int = 1) -> dict:
             rec = predictor.predict([p])[0]
             times.append(1000 * (time.perf_counter() - start))
             durations.append(rec["duration"])
-    return {"clips": len(times), "median_ms": round(statistics.median(times), 1),
-            "mean_ms": round(statistics.fmean(times), 1), "mean_clip_seconds": round(statistics.fmean(durations), 2),
-            "threads": torch.get_num_threads(), "device": "cpu"}
+    return {
+        "clips": len(times),
+        "median_ms": round(statistics.median(times), 1),
+        "mean_ms": round(statistics.fmean(times), 1),
+        "mean_clip_seconds": round(statistics.fmean(durations), 2),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
 
 
 def main() -> None:
@@ -110,6 +127,9 @@ def main() -> None:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument(
+        "--cache-dir", help="a training run's encoder cache, reused by the frozen-encoder baseline"
+    )
     args = ap.parse_args()
 
     out = Path(args.output)
@@ -119,7 +139,7 @@ def main() -> None:
     systems = [model, *[load(m, device="cpu") for m in args.extra_model]]
     if not args.no_baselines:
         systems.append(MajorityClass([r.label for r in train]))
-        frozen = FrozenEncoderLogReg()
+        frozen = FrozenEncoderLogReg(cache_dir=args.cache_dir)
         frozen.fit([load_audio(r.path, r.start, r.end) for r in train], [r.label for r in train])
         systems.append(frozen)
     for split in args.splits.split(","):
@@ -129,8 +149,14 @@ def main() -> None:
         if common:  # ASED: sentences 01-02 measure emotion from the voice, not the words
             subsets[f"{split}-ased-common-sentences"] = common
         for name, subset in subsets.items():
-            report = evaluate(subset, systems, out / "cache", segmentations=("utterance",),
-                              bootstrap=args.bootstrap, progress=True)
+            report = evaluate(
+                subset,
+                systems,
+                out / "cache",
+                segmentations=("utterance",),
+                bootstrap=args.bootstrap,
+                progress=True,
+            )
             write_report(report, out / name, overwrite=True, title=f"serval model card: {name} split")
             print(f"{name}: {len(subset)} clips -> {out / name / 'report.md'}")
     test_paths = [r.path for r in rows if r.split == args.splits.split(",")[-1]][:40]

@@ -32,14 +32,21 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_inference(model: SERModel, waves: list[np.ndarray], device: torch.device, bf16: bool,
-                   min_seconds: float = 2.0, max_iters: int = 50) -> dict:
+def time_inference(
+    model: SERModel,
+    waves: list[np.ndarray],
+    device: torch.device,
+    bf16: bool,
+    min_seconds: float = 2.0,
+    max_iters: int = 50,
+) -> dict:
     """Clips per second for one batch of waveforms, features included, after one warm-up pass."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step():
-        feats, lengths = compute_features(waves, n_mels=model.config.n_mels, pad_to_30s=model.config.pad_to_30s,
-                                          device=device)
+        feats, lengths = compute_features(
+            waves, n_mels=model.config.n_mels, pad_to_30s=model.config.pad_to_30s, device=device
+        )
         with torch.inference_mode(), autocast:
             out = model(feats, lengths.to(device))
         return out.logits.float().softmax(-1)
@@ -54,8 +61,11 @@ def time_inference(model: SERModel, waves: list[np.ndarray], device: torch.devic
         _sync(device)
         iters += 1
     elapsed = time.perf_counter() - start
-    result = {"clips_per_s": round(len(waves) * iters / elapsed, 2), "ms_per_batch": round(1000 * elapsed / iters, 2),
-              "iters": iters}
+    result = {
+        "clips_per_s": round(len(waves) * iters / elapsed, 2),
+        "ms_per_batch": round(1000 * elapsed / iters, 2),
+        "iters": iters,
+    }
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return result
@@ -63,7 +73,11 @@ def time_inference(model: SERModel, waves: list[np.ndarray], device: torch.devic
 
 def time_train_step(config: SERConfig, waves: list[np.ndarray], device: torch.device, steps: int = 5) -> dict:
     """Samples per second of a LoRA (r=8 on q, k, v) training step with the downstream network trainable."""
-    model = SERModel(SERConfig(**{**config.to_dict(), "lora_r": 8, "gradient_checkpointing": False})).to(device).train()
+    model = (
+        SERModel(SERConfig(**{**config.to_dict(), "lora_r": 8, "gradient_checkpointing": False}))
+        .to(device)
+        .train()
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     labels = torch.randint(0, len(config.classes), (len(waves),), device=device)
@@ -93,9 +107,15 @@ def time_train_step(config: SERConfig, waves: list[np.ndarray], device: torch.de
     return result
 
 
-def run_benchmark(size: str = "base", device: str | None = None, batch_size: int = 32,
-                  seconds: tuple[float, ...] = (4.0, 10.0), train: bool = False, seed: int = 0,
-                  min_seconds: float = 2.0) -> dict:
+def run_benchmark(
+    size: str = "base",
+    device: str | None = None,
+    batch_size: int = 32,
+    seconds: tuple[float, ...] = (4.0, 10.0),
+    train: bool = False,
+    seed: int = 0,
+    min_seconds: float = 2.0,
+) -> dict:
     """Published way vs serval's way for each clip length, plus single-clip latency."""
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -107,8 +127,12 @@ def run_benchmark(size: str = "base", device: str | None = None, batch_size: int
     bf16 = dev.type == "cuda"
     report = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "whisper_size": size,
-        "batch_size": batch_size, "serval_dtype": "bf16" if bf16 else "fp32", "results": [],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "whisper_size": size,
+        "batch_size": batch_size,
+        "serval_dtype": "bf16" if bf16 else "fp32",
+        "results": [],
     }
     for sec in seconds:
         waves = [rng.standard_normal(int(sec * 16000)).astype(np.float32) * 0.1 for _ in range(batch_size)]
@@ -118,9 +142,11 @@ def run_benchmark(size: str = "base", device: str | None = None, batch_size: int
         single_fast = time_inference(ours, waves[:1], dev, bf16=bf16, min_seconds=min_seconds)
         row = {
             "clip_seconds": sec,
-            "published_fp32_30s": base, "serval_own_length": fast,
+            "published_fp32_30s": base,
+            "serval_own_length": fast,
             "speedup_batch": round(fast["clips_per_s"] / base["clips_per_s"], 2),
-            "single_clip_ms_published": single_base["ms_per_batch"], "single_clip_ms_serval": single_fast["ms_per_batch"],
+            "single_clip_ms_published": single_base["ms_per_batch"],
+            "single_clip_ms_serval": single_fast["ms_per_batch"],
             "speedup_single": round(single_base["ms_per_batch"] / single_fast["ms_per_batch"], 2),
         }
         if train:
@@ -132,14 +158,19 @@ def run_benchmark(size: str = "base", device: str | None = None, batch_size: int
 
 def format_report(report: dict) -> str:
     """A Markdown table of a benchmark report."""
-    lines = [f"device: {report['device']} · torch {report['torch']} · Whisper-{report['whisper_size']} encoder · "
-             f"batch {report['batch_size']} · serval in {report['serval_dtype']}", "",
-             "| clip | published (fp32, 30 s) clips/s | serval clips/s | speed-up | 1 clip published ms | 1 clip serval ms | speed-up |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"device: {report['device']} · torch {report['torch']} · Whisper-{report['whisper_size']} encoder · "
+        f"batch {report['batch_size']} · serval in {report['serval_dtype']}",
+        "",
+        "| clip | published (fp32, 30 s) clips/s | serval clips/s | speed-up | 1 clip published ms | 1 clip serval ms | speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['clip_seconds']:g} s | {r['published_fp32_30s']['clips_per_s']} | "
-                     f"{r['serval_own_length']['clips_per_s']} | {r['speedup_batch']}x | {r['single_clip_ms_published']} | "
-                     f"{r['single_clip_ms_serval']} | {r['speedup_single']}x |")
+        lines.append(
+            f"| {r['clip_seconds']:g} s | {r['published_fp32_30s']['clips_per_s']} | "
+            f"{r['serval_own_length']['clips_per_s']} | {r['speedup_batch']}x | {r['single_clip_ms_published']} | "
+            f"{r['single_clip_ms_serval']} | {r['speedup_single']}x |"
+        )
     train = [r for r in report["results"] if "lora_train_step" in r]
     for r in train:
         lines.append(f"\nLoRA training step, {r['clip_seconds']:g} s clips: {r['lora_train_step']}")
@@ -148,7 +179,9 @@ def format_report(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", choices=sorted(WHISPER_SIZES), default="base", help="Whisper encoder size (random weights)")
+    p.add_argument(
+        "--size", choices=sorted(WHISPER_SIZES), default="base", help="Whisper encoder size (random weights)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seconds", type=float, nargs="+", default=[4.0, 10.0], help="clip lengths to measure")

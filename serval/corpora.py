@@ -1025,7 +1025,9 @@ def _run_merge(args: argparse.Namespace) -> int:
             for row in read_manifest(source):
                 key = (str(row.path), row.start, row.end)
                 if key in seen:
-                    raise ValueError(f"{row.path} ({row.start}-{row.end}) is in {seen[key]} and again in {source}")
+                    raise ValueError(
+                        f"{row.path} ({row.start}-{row.end}) is in {seen[key]} and again in {source}"
+                    )
                 seen[key] = source
                 rows.append(row)
         write_manifest(rows, args.output, overwrite=args.overwrite)

@@ -42,8 +42,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class Predictor:
     """One model (or an ensemble whose probabilities are averaged) ready for inference."""
 
-    def __init__(self, model: SERModel | Sequence[SERModel], device: str | torch.device | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model: SERModel | Sequence[SERModel],
+        device: str | torch.device | None = None,
+        name: str | None = None,
+    ):
         models = [model] if isinstance(model, SERModel) else list(model)
         if not models:
             raise ValueError("a Predictor needs at least one model")
@@ -52,7 +56,10 @@ class Predictor:
         self.config = self.models[0].config
         for m in self.models[1:]:
             if (m.config.classes, m.config.dimensions, m.config.n_mels) != (
-                self.config.classes, self.config.dimensions, self.config.n_mels):
+                self.config.classes,
+                self.config.dimensions,
+                self.config.n_mels,
+            ):
                 raise ValueError("ensemble members must share classes, dimensions and n_mels")
         self.name = name or self.config.name
         self.classes: tuple[str, ...] = tuple(self.config.classes)
@@ -69,8 +76,9 @@ class Predictor:
 
     @torch.inference_mode()
     def _forward(self, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        feats, lengths = compute_features(waves, n_mels=self.config.n_mels, pad_to_30s=self.config.pad_to_30s,
-                                          device=self.device)
+        feats, lengths = compute_features(
+            waves, n_mels=self.config.n_mels, pad_to_30s=self.config.pad_to_30s, device=self.device
+        )
         probs, scores = 0.0, 0.0
         with self._autocast():
             for m in self.models:
@@ -80,8 +88,9 @@ class Predictor:
         n = len(self.models)
         return (probs / n).cpu().numpy(), (scores / n).cpu().numpy()
 
-    def predict_waveforms(self, waves: Sequence[np.ndarray], batch_size: int = 16,
-                          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def predict_waveforms(
+        self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """16 kHz mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
 
         Waveforms longer than 30 s are cut into equal pieces of at most 30 s whose outputs
@@ -93,7 +102,7 @@ class Predictor:
             n_pieces = max(1, int(np.ceil(len(w) / (MAX_SECONDS * SAMPLE_RATE))))
             pieces.extend((i, p) for p in np.array_split(w, n_pieces))
         order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
-        batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
         probs = np.zeros((len(waves), len(self.classes)), np.float64)
         scores = np.zeros((len(waves), len(self.dimensions)), np.float64)
         weight = np.zeros(len(waves), np.float64)
@@ -107,8 +116,13 @@ class Predictor:
         weight = np.maximum(weight, 1)[:, None]
         return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
 
-    def predict(self, inputs: Iterable[str | os.PathLike | np.ndarray], batch_size: int = 16,
-                classes: Sequence[str] | None = None, progress: bool = False) -> list[dict]:
+    def predict(
+        self,
+        inputs: Iterable[str | os.PathLike | np.ndarray],
+        batch_size: int = 16,
+        classes: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> list[dict]:
         """Paths or 16 kHz arrays -> one record each; a bad file gives an error record, the rest still run."""
         keep = self._class_subset(classes)
         records: list[dict] = []
@@ -223,8 +237,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = load(args.model, device=args.device)
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        records = predictor.predict(files, batch_size=args.batch_size, classes=classes,
-                                    progress=not args.no_progress and len(files) > args.batch_size)
+        records = predictor.predict(
+            files,
+            batch_size=args.batch_size,
+            classes=classes,
+            progress=not args.no_progress and len(files) > args.batch_size,
+        )
     except (NoDefaultModelError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"serval predict: {e}", file=sys.stderr)
         return 2
@@ -255,9 +273,16 @@ def format_records(records: list[dict], fmt: str) -> str:
     header = ["file", "duration", "label", *classes, *dims, "error"]
     rows = []
     for r in records:
-        rows.append([r.get("file") or "", r.get("duration", ""), r.get("label", ""),
-                     *[r.get("probabilities", {}).get(c, "") for c in classes],
-                     *[r.get("scores", {}).get(d, "") for d in dims], r.get("error", "")])
+        rows.append(
+            [
+                r.get("file") or "",
+                r.get("duration", ""),
+                r.get("label", ""),
+                *[r.get("probabilities", {}).get(c, "") for c in classes],
+                *[r.get("scores", {}).get(d, "") for d in dims],
+                r.get("error", ""),
+            ]
+        )
     if fmt == "csv":
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])

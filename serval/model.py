@@ -74,15 +74,27 @@ class SERConfig:
     def for_whisper(cls, size: str, **overrides) -> SERConfig:
         """A config whose encoder has the dimensions of Whisper `size` (tiny … large-v3)."""
         n_mels, d, layers, heads, ffn = WHISPER_SIZES[size]
-        base = dict(n_mels=n_mels, d_model=d, encoder_layers=layers, encoder_attention_heads=heads,
-                    encoder_ffn_dim=ffn)
+        base = dict(
+            n_mels=n_mels,
+            d_model=d,
+            encoder_layers=layers,
+            encoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+        )
         return cls(**{**base, **overrides})
 
     @classmethod
     def tiny(cls, **overrides) -> SERConfig:
         """A tiny random configuration for tests (same code paths, ~0.1 M parameters)."""
-        base = dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128,
-                    channels=32, embed_dim=32, name="tiny")
+        base = dict(
+            d_model=64,
+            encoder_layers=2,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=128,
+            channels=32,
+            embed_dim=32,
+            name="tiny",
+        )
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
@@ -170,7 +182,9 @@ class WhisperAttention(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
@@ -200,7 +214,8 @@ class WhisperEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
         self.layers = nn.ModuleList(
-            WhisperEncoderLayer(d, cfg.encoder_attention_heads, cfg.encoder_ffn_dim) for _ in range(cfg.encoder_layers)
+            WhisperEncoderLayer(d, cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
+            for _ in range(cfg.encoder_layers)
         )
         self.layer_norm = nn.LayerNorm(d)
         self.gradient_checkpointing = cfg.gradient_checkpointing
@@ -271,8 +286,10 @@ class SqueezeExcitation(nn.Module):
     def __init__(self, channels: int, bottleneck: int):
         super().__init__()
         self.fc = nn.Sequential(
-            nn.Conv1d(channels, bottleneck, 1, bias=False), nn.ReLU(),
-            nn.Conv1d(bottleneck, channels, 1, bias=False), nn.Sigmoid(),
+            nn.Conv1d(channels, bottleneck, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv1d(bottleneck, channels, 1, bias=False),
+            nn.Sigmoid(),
         )
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -306,7 +323,10 @@ class MultiResolutionPooling(nn.Module):
         )
         self.resolution_attentions = nn.ModuleList(nn.Linear(channels, 1) for _ in kernels)
         self.resolution_weight_net = nn.Sequential(
-            nn.Linear(channels, channels // 2), nn.ReLU(), nn.Linear(channels // 2, len(kernels)), nn.Softmax(-1)
+            nn.Linear(channels, channels // 2),
+            nn.ReLU(),
+            nn.Linear(channels // 2, len(kernels)),
+            nn.Softmax(-1),
         )
         self.final_proj = nn.Linear(channels, channels)
 
@@ -367,14 +387,22 @@ class ECAPADownstream(nn.Module):
     def __init__(self, cfg: SERConfig):
         super().__init__()
         c = cfg.channels
-        self.proj_in = nn.Sequential(nn.Linear(cfg.d_model, c), nn.LayerNorm(c), nn.GELU(), nn.Dropout(cfg.proj_dropout))
+        self.proj_in = nn.Sequential(
+            nn.Linear(cfg.d_model, c), nn.LayerNorm(c), nn.GELU(), nn.Dropout(cfg.proj_dropout)
+        )
         self.blocks = nn.ModuleList(SERes2Block(c, cfg.res2_scale, d) for d in cfg.dilations)
         self.mfa = nn.Sequential(nn.Conv1d(c * (len(cfg.dilations) + 1), c, 1), group_norm(c), nn.GELU())
         self.pooling = HybridPooling(c, cfg.multiscale_kernels, cfg.hierarchy_levels)
         e = cfg.embed_dim
         self.embed = nn.Sequential(
-            nn.Linear(c, c), nn.LayerNorm(c), nn.GELU(), nn.Dropout(cfg.embed_dropouts[0]),
-            nn.Linear(c, e), nn.LayerNorm(e), nn.GELU(), nn.Dropout(cfg.embed_dropouts[1]),
+            nn.Linear(c, c),
+            nn.LayerNorm(c),
+            nn.GELU(),
+            nn.Dropout(cfg.embed_dropouts[0]),
+            nn.Linear(c, e),
+            nn.LayerNorm(e),
+            nn.GELU(),
+            nn.Dropout(cfg.embed_dropouts[1]),
         )
 
     def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
@@ -408,7 +436,9 @@ class SERModel(nn.Module):
             nn.Linear(e, e), nn.RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.dimensions)), nn.Sigmoid()
         )
         self.emotion_layer = nn.Linear(e, e)
-        self.emotion_classification_layer = nn.Sequential(nn.RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes)))
+        self.emotion_classification_layer = nn.Sequential(
+            nn.RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes))
+        )
         if config.lora_r > 0:
             self._add_lora()
 
@@ -418,7 +448,9 @@ class SERModel(nn.Module):
         """Log-mel -> encoder output and token lengths (None in `pad_to_30s` mode, as published)."""
         if self.config.pad_to_30s:
             frame_lengths = None
-        return self.whisper.encoder(features, frame_lengths, all_layers=self.config.layer_weighting == "weighted")
+        return self.whisper.encoder(
+            features, frame_lengths, all_layers=self.config.layer_weighting == "weighted"
+        )
 
     def head(self, hidden: Tensor, token_lengths: Tensor | None = None) -> SEROutput:
         """Encoder output -> logits, scores and embedding (everything after the Whisper encoder)."""
@@ -456,8 +488,13 @@ class SERModel(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
 
         cfg = self.config
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_targets), bias="none")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            bias="none",
+        )
         inject_adapter_in_model(lora, self.whisper.encoder)
         self.freeze_backbone()
         for p in self.lora_parameters():
@@ -475,12 +512,17 @@ class SERModel(nn.Module):
         own = self.whisper.encoder.state_dict()
         renamed = {}
         for name, tensor in state.items():
-            target = name if name in own else name.replace(".weight", ".base_layer.weight").replace(
-                ".bias", ".base_layer.bias")
+            target = (
+                name
+                if name in own
+                else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+            )
             if target not in own:
                 raise KeyError(f"backbone tensor {name!r} has no place in this encoder")
             if own[target].shape != tensor.shape:
-                raise ValueError(f"backbone tensor {name!r}: shape {tuple(tensor.shape)} != {tuple(own[target].shape)}")
+                raise ValueError(
+                    f"backbone tensor {name!r}: shape {tuple(tensor.shape)} != {tuple(own[target].shape)}"
+                )
             renamed[target] = tensor
         missing = sorted(n for n in own if n not in renamed and "lora_" not in n)
         if missing:
@@ -509,11 +551,17 @@ class SERModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if not include_backbone:
             if not self.config.backbone:
-                raise ValueError("include_backbone=False needs config.backbone to say where the encoder comes from")
+                raise ValueError(
+                    "include_backbone=False needs config.backbone to say where the encoder comes from"
+                )
             state = {k: v for k, v in state.items() if not k.startswith("whisper.") or "lora_" in k}
         meta = {"format": "serval", "serval_version": _version(), **self.config.to_dict()}
-        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-        atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(
+            directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")
+        )
+        atomic_write(
+            directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"})
+        )
         return directory
 
     @classmethod
@@ -539,7 +587,11 @@ class SERModel(nn.Module):
         model = cls(config) if has_backbone else cls.from_backbone(config)
         own = model.state_dict()
         unexpected = sorted(k for k in state if k not in own)
-        missing = sorted(k for k in own if k not in state and (has_backbone or not k.startswith("whisper.") or "lora_" in k))
+        missing = sorted(
+            k
+            for k in own
+            if k not in state and (has_backbone or not k.startswith("whisper.") or "lora_" in k)
+        )
         if unexpected or missing:
             raise KeyError(f"{weights}: unexpected tensors {unexpected[:10]}; missing tensors {missing[:10]}")
         model.load_state_dict(state, strict=False)
@@ -556,8 +608,22 @@ def merge_lora_state_dict(state: dict[str, Tensor], scaling: float) -> dict[str,
             target = name.replace(".base_layer.", ".")
             if name.endswith(".weight"):
                 prefix = name[: -len(".base_layer.weight")]
-                a = next((v for k, v in state.items() if k.startswith(prefix + ".lora_A.") and k.endswith(".weight")), None)
-                b = next((v for k, v in state.items() if k.startswith(prefix + ".lora_B.") and k.endswith(".weight")), None)
+                a = next(
+                    (
+                        v
+                        for k, v in state.items()
+                        if k.startswith(prefix + ".lora_A.") and k.endswith(".weight")
+                    ),
+                    None,
+                )
+                b = next(
+                    (
+                        v
+                        for k, v in state.items()
+                        if k.startswith(prefix + ".lora_B.") and k.endswith(".weight")
+                    ),
+                    None,
+                )
                 if a is not None and b is not None:
                     tensor = tensor + scaling * (b.float() @ a.float()).to(tensor.dtype)
             merged[target] = tensor
@@ -573,7 +639,9 @@ def _download(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.json"]))
     except Exception as e:  # offline, gated, or no such repo
-        raise FileNotFoundError(f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})") from e
+        raise FileNotFoundError(
+            f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})"
+        ) from e
 
 
 def _version() -> str:

@@ -583,7 +583,12 @@ def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> Non
                     continue
                 for u, windows in zip(rec["utterances"], state.windows(src.key)):
                     for w in windows:
-                        record = {"path": src.path, "utterance_start": u["start"], "utterance_end": u["end"], **w}
+                        record = {
+                            "path": src.path,
+                            "utterance_start": u["start"],
+                            "utterance_end": u["end"],
+                            **w,
+                        }
                         f.write(json.dumps(record) + "\n")
 
     atomic_write(path, write, overwrite=overwrite)

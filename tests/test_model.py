@@ -91,9 +91,16 @@ def test_encoder_matches_transformers_whisper_encoder():
 
     torch.manual_seed(0)
     cfg = SERConfig.tiny()
-    hf = HFWhisperEncoder(WhisperConfig(num_mel_bins=80, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
-                                        encoder_attention_heads=cfg.encoder_attention_heads,
-                                        encoder_ffn_dim=cfg.encoder_ffn_dim, max_source_positions=1500)).eval()
+    hf = HFWhisperEncoder(
+        WhisperConfig(
+            num_mel_bins=80,
+            d_model=cfg.d_model,
+            encoder_layers=cfg.encoder_layers,
+            encoder_attention_heads=cfg.encoder_attention_heads,
+            encoder_ffn_dim=cfg.encoder_ffn_dim,
+            max_source_positions=1500,
+        )
+    ).eval()
     model = SERModel(cfg).eval()
     model.load_backbone_state(hf.state_dict())
     feats = torch.randn(2, 80, 3000)
@@ -123,7 +130,9 @@ def test_lora_wraps_q_k_v_only_and_merges_into_published_names():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    model = tiny_model(seed=3, classes=("neutral", "angry", "sad", "happy"), dimensions=("valence", "arousal", "dominance"))
+    model = tiny_model(
+        seed=3, classes=("neutral", "angry", "sad", "happy"), dimensions=("valence", "arousal", "dominance")
+    )
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     loaded = SERModel.from_pretrained(tmp_path / "m")
