@@ -22,10 +22,10 @@ import torch
 from serval.audio import SAMPLE_RATE, AudioError, load_audio
 from serval.features import compute_features
 from serval.model import SERModel
+from serval.windows import MAX_WINDOW, split_span
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
-MAX_SECONDS = 30.0  # one encoder pass; longer inputs are cut into equal pieces and pooled
 
 
 class NoDefaultModelError(RuntimeError):
@@ -99,8 +99,8 @@ class Predictor:
         pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
         for i, w in enumerate(waves):
             w = np.asarray(w, dtype=np.float32).reshape(-1)
-            n_pieces = max(1, int(np.ceil(len(w) / (MAX_SECONDS * SAMPLE_RATE))))
-            pieces.extend((i, p) for p in np.array_split(w, n_pieces))
+            spans = split_span(0.0, len(w) / SAMPLE_RATE, MAX_WINDOW)
+            pieces.extend((i, w[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]) for a, b in spans)
         order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
         batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
         probs = np.zeros((len(waves), len(self.classes)), np.float64)
