@@ -378,13 +378,20 @@ def _read(f: sf.SoundFile, label: str, n: int, at: int) -> np.ndarray:
             f"truncated: the header announces {f.frames / sr:.3f} s but samples stop at "
             f"{(at + len(x)) / sr:.3f} s",
         )
-    if not np.isfinite(x).all():
-        bad = ~np.isfinite(x).all(axis=1)
-        first = (at + int(np.argmax(bad))) / sr
-        raise NonFiniteAudioError(
-            label, f"{int(bad.sum())} non-finite (NaN/inf) samples, the first at {first:.3f} s"
-        )
+    check_finite(x, label, sr, start=at)
     return x[:, 0].copy() if x.shape[1] == 1 else x.mean(axis=1, dtype=np.float32)
+
+
+def check_finite(x: np.ndarray, label: str, sample_rate: int = SAMPLE_RATE, start: int = 0) -> None:
+    """Raise NonFiniteAudioError naming `label` and the first bad time if `x` ([N] or [N, C]) holds NaN/inf."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    bad = ~(finite.all(axis=1) if finite.ndim == 2 else finite)
+    first = (start + int(np.argmax(bad))) / sample_rate
+    raise NonFiniteAudioError(
+        label, f"{int(bad.sum())} non-finite (NaN/inf) samples, the first at {first:.3f} s"
+    )
 
 
 def _last_good_frame(f: sf.SoundFile, at: int, n: int) -> int | None:

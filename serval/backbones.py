@@ -692,6 +692,18 @@ def _lora_scaling(directory: Path | None, hf_config: dict, r: int, given: float 
     return None
 
 
+def fetch_from_hub(repo_id: str) -> Path:
+    """Fetch a model repository from the Hugging Face Hub (config and safetensors only) into its cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.json"]))
+    except Exception as e:  # offline, gated, or no such repo
+        raise FileNotFoundError(
+            f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})"
+        ) from e
+
+
 def import_meralion_checkpoint(
     path: str | os.PathLike, lora_scaling: float | None = None, **overrides
 ) -> SERModel:
@@ -704,9 +716,7 @@ def import_meralion_checkpoint(
         text = os.fspath(path)
         if text.count("/") != 1:
             raise BackboneError(path, "no such file or directory")
-        from serval.model import _download
-
-        path = _download(text)
+        path = fetch_from_hub(text)
     directory = path if path.is_dir() else None
     if directory is not None:
         files = [f for f in _weight_files(directory) if f.suffix == ".safetensors"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serval.audio import SAMPLE_RATE, AudioError, load_audio
+from serval.audio import SAMPLE_RATE, AudioError, EmptyAudioError, check_finite, load_audio
 from serval.features import compute_features
 from serval.model import SERModel
 from serval.windows import MAX_WINDOW, split_span
@@ -167,9 +167,8 @@ class Predictor:
 def _check_array(array) -> np.ndarray:
     wave = np.asarray(array, dtype=np.float32).reshape(-1)
     if wave.size == 0:
-        raise AudioError("<array>", "no samples")
-    if not np.isfinite(wave).all():
-        raise AudioError("<array>", "non-finite samples (NaN or inf)")
+        raise EmptyAudioError("<array>", "no samples")
+    check_finite(wave, "<array>")
     return wave
 
 

@@ -569,7 +569,9 @@ class SERModel(nn.Module):
         """Load a model saved by `save_pretrained`, or a published MERaLiON-SER checkpoint (dir or hub id)."""
         path = Path(name_or_path)
         if not path.exists():
-            path = _download(str(name_or_path))
+            from serval.backbones import fetch_from_hub
+
+            path = fetch_from_hub(str(name_or_path))
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path}: no config.json (is this a serval model directory?)")
@@ -630,18 +632,6 @@ def merge_lora_state_dict(state: dict[str, Tensor], scaling: float) -> dict[str,
         else:
             merged[name] = tensor
     return merged
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch a model repository from the Hugging Face Hub (config and safetensors only)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.json"]))
-    except Exception as e:  # offline, gated, or no such repo
-        raise FileNotFoundError(
-            f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})"
-        ) from e
 
 
 def _version() -> str:

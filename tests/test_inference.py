@@ -89,9 +89,13 @@ def test_long_input_is_pooled_over_pieces(model_dir, ravdess_clips):
 def test_arrays_and_bad_arrays(model_dir, emodb_clips):
     predictor = serval.load(model_dir)
     good = load_audio(emodb_clips[0])
-    records = predictor.predict([good, np.array([np.nan] * 4000, np.float32)])
+    spiked = good.copy()
+    spiked[8000] = np.inf
+    records = predictor.predict([good, np.array([np.nan] * 4000, np.float32), spiked, np.zeros(0)])
     assert records[0]["file"] is None and "label" in records[0]
-    assert "non-finite" in records[1]["error"]
+    assert "non-finite" in records[1]["error"] and "4000" in records[1]["error"]
+    assert "the first at 0.500 s" in records[2]["error"]
+    assert "no samples" in records[3]["error"]
 
 
 def test_csv_and_table_formats(model_dir, clip_dir, capsys):
