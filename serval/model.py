@@ -455,6 +455,10 @@ class SERModel(nn.Module):
     def head(self, hidden: Tensor, token_lengths: Tensor | None = None) -> SEROutput:
         """Encoder output -> logits, scores and embedding (everything after the Whisper encoder)."""
         if hidden.dim() == 4:  # [B, L+1, T, d]: the learned weighted sum of all layers
+            # Whisper's inner layers are un-normalised residual streams with outlier channels in the
+            # hundreds; a parameter-free layer norm puts every layer on one scale, so the weights pick
+            # layers rather than magnitudes (the SUPERB weighted sum does the same).
+            hidden = F.layer_norm(hidden, hidden.shape[-1:])
             w = self.layer_weights.softmax(0).to(hidden.dtype)
             hidden = (hidden * w[None, :, None, None]).sum(1)
         mask = None if token_lengths is None else lengths_to_mask(token_lengths, hidden.shape[1])

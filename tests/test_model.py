@@ -57,6 +57,21 @@ def test_clip_alone_equals_clip_in_batch(weighting):
             assert torch.allclose(alone.embedding[0], batched.embedding[i], atol=1e-4)
 
 
+def test_weighted_sum_chooses_layers_not_magnitudes():
+    model = tiny_model(layer_weighting="weighted")
+    torch.manual_seed(2)
+    hidden = torch.randn(2, model.config.encoder_layers + 1, 50, model.config.d_model)
+    loud = hidden.clone()
+    loud[:, 1] *= 300.0  # Whisper's inner residual streams carry channels in the hundreds
+    with torch.no_grad():
+        assert torch.allclose(model.head(hidden).logits, model.head(loud).logits, atol=1e-4)
+        model.layer_weights.copy_(torch.tensor([-1e4] * model.config.encoder_layers + [0.0]))
+        only_last = model.head(hidden).logits
+        normed = torch.nn.functional.layer_norm(hidden[:, -1], hidden.shape[-1:])
+        model.config.layer_weighting = "last"
+        assert torch.allclose(only_last, model.head(normed).logits, atol=1e-5)
+
+
 def test_padding_values_do_not_leak():
     model = tiny_model()
     feats = torch.randn(1, 80, 300)
