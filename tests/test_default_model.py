@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors import safe_open
 
 import serval
 from serval.cli import main
 from serval.inference import DEFAULT_MODEL
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,13 @@ def test_shipped_files_hold_only_what_serval_trained():
     assert not [
         n for n in names if n.startswith("whisper.") and "lora_" not in n
     ]  # the backbone comes from PyPI
+
+
+def test_shipped_model_is_what_its_recipe_builds():
+    recipe = yaml.safe_load((REPO / "configs" / "default-model-cpu.yaml").read_text())["model"]
+    shipped = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert {k: shipped[k] for k in recipe} == recipe  # sizes come from the backbone, not the recipe
+    assert shipped["layer_weighting"] == "weighted"
 
 
 def test_default_model_labels_the_bundled_examples(default):

@@ -209,7 +209,13 @@ def test_config_yaml_with_overrides_and_clear_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("meralion-medium", "whisper-base-cpu", "whisper-base-lora"):
+    for name in (
+        "meralion-medium",
+        "whisper-base-cpu",
+        "whisper-base-lora",
+        "default-model",
+        "default-model-cpu",
+    ):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.model.backbone
     medium = load_config(REPO / "configs" / "meralion-medium.yaml")
