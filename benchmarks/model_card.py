@@ -6,7 +6,8 @@ mean-pooled over the clip, standardised, logistic regression fitted on the train
 Also measures CPU latency per clip. Writes `report.json`/`report.md`/confusion PNGs per split
 and `latency.json` into the output folder.
 
-    python benchmarks/model_card.py --manifest runs/default/all.csv --model serval/assets/default -o runs/model-card
+    python benchmarks/model_card.py --manifest runs/default/all.csv --model serval/assets/default -o runs/model-card \
+        --cache-dir runs/cache/whisper-base --extra-model last-layer=runs/default/cpu-last/best
 """
 
 from __future__ import annotations
@@ -118,11 +119,26 @@ def cpu_latency(predictor, paths: list[str], repeats: int = 1) -> dict:
     }
 
 
+def load_named(spec: str):
+    """`NAME=PATH` or `PATH`: a predictor, renamed to NAME when given."""
+    name, sep, path = spec.partition("=")
+    predictor = load(path if sep else spec, device="cpu")
+    if sep:
+        predictor.name = name
+    return predictor
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", required=True, help="manifest with train/dev/test splits")
     ap.add_argument("--model", default=None, help="model to describe (default: the bundled default model)")
-    ap.add_argument("--extra-model", action="append", default=[], help="more models scored side by side")
+    ap.add_argument(
+        "--extra-model",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="more models scored side by side (NAME tells apart models whose configs share a name)",
+    )
     ap.add_argument("--splits", default="dev,test")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -136,7 +152,7 @@ def main() -> None:
     rows = read_manifest(args.manifest)
     train = [r for r in rows if r.split == "train" and r.label]
     model = load(args.model, device="cpu")
-    systems = [model, *[load(m, device="cpu") for m in args.extra_model]]
+    systems = [model, *[load_named(m) for m in args.extra_model]]
     if not args.no_baselines:
         systems.append(MajorityClass([r.label for r in train]))
         frozen = FrozenEncoderLogReg(cache_dir=args.cache_dir)
