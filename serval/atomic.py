@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,3 +36,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
     """Write `text` (UTF-8) to `path` atomically; an existing file is kept unless `overwrite`."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""), overwrite)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move the finished folder `tmp` onto `final`; an old `final` is renamed aside first, then deleted.
+
+    `final` is always either the old folder or the new one, never a mix or missing for longer
+    than between two renames.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from serval.atomic import atomic_write_text
+from serval.atomic import atomic_write_text, replace_dir
 from serval.model import SERConfig, SERModel
 
 log = logging.getLogger("serval.train")
@@ -930,13 +930,7 @@ class Run:
         _save_model(model, tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        if final.exists():  # the same step saved again after a resume: move the old one aside first
-            old = self.ckpts / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # the same step can be saved again after a resume
         atomic_write_text(self.out / "last", f"checkpoints/{name}\n", overwrite=True)
         keep = {name} | {b[1] for b in state.best}
         for d in self.ckpts.iterdir():
@@ -1484,14 +1478,7 @@ def finish(
         _save_model(final, tmp)
         final_models = [final]
     (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    best = run.out / "best"
-    if best.exists():
-        old = run.out / f".old-best-{os.getpid()}"
-        os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, best)
+    best = replace_dir(tmp, run.out / "best")
 
     if "test" in datasets:
         result = predict(final_models, datasets["test"], cfg, device, single, batch_size)
