@@ -6,9 +6,21 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SERVAL_TEST_DATA", REPO.parent / "shared" / "data"))
+# RAVDESS file-name emotion codes of the 7 classes (02, calm, is not one of them), written out
+# here rather than taken from serval.corpora so that tests check the recipe against it.
+RAVDESS_CODES = {
+    "01": "neutral",
+    "03": "happy",
+    "04": "sad",
+    "05": "angry",
+    "06": "fearful",
+    "07": "disgusted",
+    "08": "surprised",
+}
 
 
 def clips(corpus: str, pattern: str = "**/*.flac", n: int | None = None) -> list[Path]:
@@ -42,3 +54,13 @@ def emodb_clips() -> list[Path]:
 @pytest.fixture(scope="session")
 def ased_clips() -> list[Path]:
     return clips("ased", n=4)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny models lose nothing by it, and on a busy shared CPU PyTorch's thread
+    pool stalls badly when oversubscribed (20x slower steps were seen on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, clips
+from conftest import DATA, RAVDESS_CODES, clips
 
 from serval.audio import load_audio
 from serval.cache import EncoderCache, backbone_fingerprint, encoder_settings
@@ -17,15 +17,7 @@ from serval.features import compute_features
 from serval.model import SERConfig, SERModel
 from serval.train import load_config, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny models lose nothing by it, and on a busy shared CPU PyTorch's thread
-    pool stalls badly when oversubscribed (20x slower steps were seen on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> SERModel:
@@ -82,22 +74,13 @@ def test_cached_outputs_equal_direct_encoding_of_real_clips(tmp_path):
 
 
 def _manifest(path: Path, files: list[Path], spans: dict[int, tuple[float, float]] | None = None) -> Path:
-    emotions = {
-        "01": "neutral",
-        "03": "happy",
-        "04": "sad",
-        "05": "angry",
-        "06": "fearful",
-        "07": "disgusted",
-        "08": "surprised",
-    }
     spans = spans or {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "start", "end", "label", "split"])
         for i, p in enumerate(files):
             start, end = spans.get(i, ("", ""))
-            w.writerow([p, start, end, emotions[p.stem.split("-")[2]], "dev" if i % 4 == 3 else "train"])
+            w.writerow([p, start, end, RAVDESS_CODES[p.stem.split("-")[2]], "dev" if i % 4 == 3 else "train"])
     return path
 
 

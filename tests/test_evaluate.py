@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, RAVDESS_CODES
 
 from serval import cli
 from serval.audio import load_audio
@@ -19,15 +19,6 @@ from serval.manifest import ManifestRow, read_manifest, write_manifest
 from serval.metrics import classification_scores
 from serval.model import EMOTIONS, SERConfig, SERModel
 
-RAVDESS_CODES = {
-    "01": "neutral",
-    "03": "happy",
-    "04": "sad",
-    "05": "angry",
-    "06": "fearful",
-    "07": "disgusted",
-    "08": "surprised",
-}
 EMODB_CODES = {"W": "angry", "E": "disgusted", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
 NOISE = DATA / "noise" / "speech-commands"
 

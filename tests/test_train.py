@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import DATA, REPO, clips
+from conftest import DATA, RAVDESS_CODES, REPO, clips
 from safetensors.torch import load_file
 
 from serval.model import SERConfig, SERModel
@@ -37,15 +37,6 @@ from serval.train import (
     train,
 )
 
-RAVDESS_EMOTIONS = {
-    "01": "neutral",
-    "03": "happy",
-    "04": "sad",
-    "05": "angry",
-    "06": "fearful",
-    "07": "disgusted",
-    "08": "surprised",
-}  # 02 (calm) is not one of the 7 classes
 TINY = [
     "model.d_model=64", "model.encoder_layers=2", "model.encoder_attention_heads=2", "model.encoder_ffn_dim=128",
     "model.channels=32", "model.embed_dim=32", "progress=false", "tensorboard=false", "log_every=1",
@@ -53,14 +44,7 @@ TINY = [
 NO_DROPOUT = ["model.proj_dropout=0.0", "model.embed_dropouts=[0.0, 0.0]", "model.lora_dropout=0.0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny models lose nothing by it, and on a busy shared CPU PyTorch's thread
-    pool stalls badly when oversubscribed (20x slower steps were seen on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Rough arousal/valence/dominance per emotion, so that runs exercise the CCC head too.
@@ -80,11 +64,11 @@ def ravdess_manifest(path: Path, n_train: int, n_dev: int = 0, dims: bool = Fals
     rows = []
     for actor, n, split in (("01", n_train, "train"), ("02", n_dev, "dev")):
         found = [
-            f for f in clips("ravdess", f"Actor_{actor}/*.flac") if f.stem.split("-")[2] in RAVDESS_EMOTIONS
+            f for f in clips("ravdess", f"Actor_{actor}/*.flac") if f.stem.split("-")[2] in RAVDESS_CODES
         ]
         step = max(1, len(found) // max(n, 1))
         for f in found[::step][:n]:
-            label = RAVDESS_EMOTIONS[f.stem.split("-")[2]]
+            label = RAVDESS_CODES[f.stem.split("-")[2]]
             rows.append([str(f), *span, label, split, *(AVD[label] if dims else ("", "", ""))])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
