@@ -1,0 +1,60 @@
+"""serval's shared vocabulary: class and dimension names, the sample rate, audio extensions, records.
+
+Torch-free and import-free (numpy only), so that every module, the server and the MCP tool can
+use it without pulling in the model. Each of these words is defined here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# The 7 classes, in the order of the published MERaLiON-SER-v1 checkpoint.
+EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
+# The paper's 4-class protocol.
+PRIMARY4 = ("neutral", "angry", "sad", "happy")
+# The dimensional scores, in serval's output order, each in [0, 1].
+DIMENSIONS = ("arousal", "valence", "dominance")
+# Every model input is 16 kHz mono.
+SAMPLE_RATE = 16000
+# File suffixes treated as audio when a folder is expanded (lower case).
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".m4a", ".mp4", ".sph")
+# Decimal places of every probability and score in a record.
+DIGITS = 6
+
+
+class UnknownClassesError(ValueError):
+    """A class subset names classes the model does not know."""
+
+
+def class_subset(classes: Sequence[str] | None, known: Sequence[str]) -> list[int] | None:
+    """Indices of `classes` in `known`, or None for all; raises `UnknownClassesError` for unknown names."""
+    if not classes:
+        return None
+    known = list(known)
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise UnknownClassesError(f"unknown classes {unknown}; this model knows {known}")
+    return [known.index(c) for c in classes]
+
+
+def probabilities(probs, classes: Sequence[str], keep: Sequence[int] | None = None) -> dict[str, float]:
+    """{class: p} over `keep` (all when None), renormalised over the kept classes and rounded."""
+    keep = list(range(len(classes))) if keep is None else list(keep)
+    p = np.asarray(probs, np.float64)[keep]
+    p = p / max(p.sum(), 1e-12)
+    return {classes[k]: round(float(v), DIGITS) for k, v in zip(keep, p)}
+
+
+def scores(values, dimensions: Sequence[str]) -> dict[str, float]:
+    """{dimension: score}, rounded."""
+    return {d: round(float(v), DIGITS) for d, v in zip(dimensions, values)}
+
+
+def label_body(
+    probs, values, classes: Sequence[str], dimensions: Sequence[str], keep: Sequence[int] | None = None
+) -> dict:
+    """The body every result shares: the top label, its probabilities and the dimensional scores."""
+    p = probabilities(probs, classes, keep)
+    return {"label": max(p, key=p.get), "probabilities": p, "scores": scores(values, dimensions)}
