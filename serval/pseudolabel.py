@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from serval.atomic import atomic_write, atomic_write_text
-from serval.windows import iter_windows
+from serval.windows import WindowSpec, iter_windows
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 NON_NEUTRAL = EMOTIONS[1:]
@@ -209,8 +209,9 @@ def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
     if not spans:
         result["reason"] = f"dropped: {end - start:.2f} s is shorter than {cfg.min_utterance:g} s"
         return result
+    grid = WindowSpec(cfg.window, cfg.hop, cfg.min_window)
     for a, b in spans:
-        windows = list(iter_windows(src.path, cfg.window, cfg.hop, cfg.min_window, start=a, end=b))
+        windows = list(iter_windows(src.path, grid, start=a, end=b))
         waves = [w.samples for w in windows]
         per_teacher = {
             name: teacher_labels(t, waves, cfg.batch_size) if waves else ([], [])

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serval import vocab
 from serval.atomic import atomic_write, atomic_write_text
-from serval.windows import WindowResult, check_grid, merge_windows, score_spans, sliding_windows
+from serval.windows import WindowResult, WindowSpec, merge_windows, score_spans, sliding_windows
 
 
 @dataclass
@@ -131,51 +132,28 @@ def result_record(r: WindowResult, classes: Sequence[str], dimensions: Sequence[
         rec["speech"] = r.speech
     if r.error is not None:
         rec["error"] = r.error
-    rec["label"] = r.label(classes)
     if r.scored:
-        rec["probabilities"] = {c: round(float(p), 6) for c, p in zip(classes, r.probs)}
-        rec["scores"] = {d: round(float(v), 6) for d, v in zip(dimensions, r.scores)}
+        rec.update(vocab.label_body(r.probs, r.scores, classes, dimensions))
+    else:
+        rec["label"] = None
     return rec
 
 
 def grid_timeline(
-    source,
-    predictor,
-    window: float = 4.0,
-    hop: float = 2.0,
-    min_length: float = 0.5,
-    vad: bool = False,
-    vad_threshold: float = 0.5,
-    min_speech: float = 0.5,
-    max_segment: float = 15.0,
-    batch_size: int = 16,
-    progress: bool = False,
+    source, predictor, spec: WindowSpec = WindowSpec(), batch_size: int = 16, progress: bool = False
 ) -> dict:
     """Every window of the grid and the merged segments of a file or 16 kHz array, as a JSON-ready dict."""
     classes, dims = predictor.classes, predictor.dimensions
-    results = list(
-        sliding_windows(
-            source,
-            predictor,
-            window,
-            hop,
-            min_length,
-            batch_size,
-            vad=vad,
-            vad_threshold=vad_threshold,
-            min_speech=min_speech,
-            progress=progress,
-        )
-    )
-    segments = merge_windows(results, classes, max_segment)
+    results = list(sliding_windows(source, predictor, spec, batch_size, progress=progress))
+    segments = merge_windows(results, classes, spec.max_segment)
     return {
         "file": source_name(source),
         "model": predictor.name,
         "classes": list(classes),
         "dimensions": list(dims),
-        "grid": {"window": window, "hop": hop, "min_length": min_length},
-        "vad": {"threshold": vad_threshold, "min_speech": min_speech} if vad else None,
-        "max_segment": max_segment,
+        "grid": {"window": spec.window, "hop": spec.hop, "min_length": spec.min_length},
+        "vad": {"threshold": spec.vad_threshold, "min_speech": spec.min_speech} if spec.vad else None,
+        "max_segment": spec.max_segment,
         "windows": [result_record(r, classes, dims) for r in results],
         "segments": [
             {
@@ -183,8 +161,8 @@ def grid_timeline(
                 "end": s.end,
                 "label": s.label,
                 "windows": s.windows,
-                "probabilities": {c: round(float(p), 6) for c, p in zip(classes, s.probs)},
-                "scores": {d: round(float(v), 6) for d, v in zip(dims, s.scores)},
+                "probabilities": vocab.probabilities(s.probs, classes),
+                "scores": vocab.scores(s.scores, dims),
             }
             for s in segments
         ],
@@ -242,14 +220,8 @@ def speaker_summary(records: Sequence[dict], classes: Sequence[str], dimensions:
             seconds = dict.fromkeys(classes, 0.0)
             for r in mine:
                 seconds[r["label"]] += r["end"] - r["start"]
-            summary.update(
-                {
-                    "label": classes[int(np.argmax(probs))],
-                    "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs)},
-                    "scores": {d: round(float(v), 6) for d, v in zip(dimensions, scores)},
-                    "label_seconds": {c: round(s, 3) for c, s in seconds.items() if s > 0},
-                }
-            )
+            summary.update(vocab.label_body(probs, scores, classes, dimensions))
+            summary["label_seconds"] = {c: round(s, 3) for c, s in seconds.items() if s > 0}
         out[spk] = summary
     return out
 
@@ -403,7 +375,15 @@ def run(args: argparse.Namespace) -> int:
     if args.output and "png" in formats and importlib.util.find_spec("matplotlib") is None:
         return fail("the PNG plot needs matplotlib: pip install 'serval[eval]', or pass --formats json,csv")
     try:
-        check_grid(args.window, args.hop, args.min_length)
+        spec = WindowSpec(
+            window=args.window,
+            hop=args.hop,
+            min_length=args.min_length,
+            vad=args.vad,
+            vad_threshold=args.vad_threshold,
+            min_speech=args.min_speech,
+            max_segment=args.max_segment,
+        )
         duration = audio_info(args.file).duration
         turns = read_turns(args.segments) if args.segments else None
     except (AudioError, TurnsError, ValueError) as e:
@@ -426,19 +406,7 @@ def run(args: argparse.Namespace) -> int:
                 args.file, predictor, turns, batch_size=args.batch_size, duration=duration
             )
         else:
-            result = grid_timeline(
-                args.file,
-                predictor,
-                args.window,
-                args.hop,
-                args.min_length,
-                args.vad,
-                args.vad_threshold,
-                args.min_speech,
-                args.max_segment,
-                args.batch_size,
-                progress=not args.no_progress,
-            )
+            result = grid_timeline(args.file, predictor, spec, args.batch_size, progress=not args.no_progress)
     except AudioError as e:
         return fail(str(e), 1)
     except (NoDefaultModelError, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
+from serval.vocab import SAMPLE_RATE
+
 FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
-FRAME_SECONDS = FRAME / SAMPLE_RATE
 
 
 class VADUnavailableError(RuntimeError):
@@ -116,29 +116,3 @@ class SileroVAD:
                 self._speaking = False
             flags[i] = self._speaking
         return flags
-
-
-def speech_flags(wave: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """One speech flag per 32 ms frame of a whole 16 kHz waveform (last partial frame included)."""
-    vad = SileroVAD(threshold)
-    return np.concatenate([vad.push(wave), vad.flush()])
-
-
-def speech_segments(
-    wave: np.ndarray, threshold: float = 0.5, min_speech: float = 0.25, min_silence: float = 0.1
-) -> list[tuple[float, float]]:
-    """Speech spans (seconds) of a 16 kHz waveform: pauses under `min_silence` are bridged, bursts
-    under `min_speech` dropped."""
-    flags = speech_flags(wave, threshold)
-    spans: list[list[int]] = []
-    for i in np.flatnonzero(flags):
-        if spans and (i - spans[-1][1]) * FRAME_SECONDS < min_silence:
-            spans[-1][1] = i + 1
-        else:
-            spans.append([i, i + 1])
-    end = len(wave) / SAMPLE_RATE
-    return [
-        (round(a * FRAME_SECONDS, 3), round(min(b * FRAME_SECONDS, end), 3))
-        for a, b in spans
-        if (b - a) * FRAME_SECONDS >= min_speech
-    ]

@@ -9,6 +9,8 @@ previous window when hop < window). Audio shorter than one window is a single wi
 own length when it is at least `min_length` long, and no window otherwise. All windows of a
 long recording therefore have the same length, which keeps the model's inputs comparable.
 
+The grid and what is done with its windows are one `WindowSpec` (window, hop, minimum length,
+VAD settings, longest merged segment), passed whole to every function here and to the timeline.
 The grid is computed incrementally by `StreamingWindower` (push samples, get the windows they
 complete; flush at the end for the end-aligned window), and `iter_windows`/`sliding_windows`
 feed it a file chunk by chunk, so memory stays bounded whatever the file's length.
@@ -17,18 +19,49 @@ feed it a file chunk by chunk, so memory stays bounded whatever the file's lengt
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 
-SAMPLE_RATE = 16000  # serval.audio.SAMPLE_RATE; kept here so the grid has no audio-decoding import
+from serval.progress import progress_bar
+from serval.vocab import SAMPLE_RATE
+
 MAX_WINDOW = 30.0  # the longest input the model takes in one pass
 # a file path, bytes or binary file object (anything serval.audio decodes), or 16 kHz samples
 Source = str | os.PathLike | bytes | BinaryIO | np.ndarray
-FRAME = 512  # Silero VAD frame (serval.vad.FRAME)
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """The window grid (seconds), the VAD that leaves silent windows unscored, and the merge.
+
+    Checked when made: a grid the model or the grid rule cannot handle raises ValueError naming
+    the bad value. The VAD settings apply only with `vad=True`; `max_segment` only when windows
+    are merged into segments.
+    """
+
+    window: float = 4.0
+    hop: float = 2.0
+    min_length: float = 0.5  # shortest end remainder (or whole clip) that still gets a window
+    vad: bool = False
+    vad_threshold: float = 0.5  # Silero speech probability
+    min_speech: float = 0.5  # fraction of a window's frames that must be speech for it to be scored
+    max_segment: float = 15.0  # longest merged segment
+
+    def __post_init__(self) -> None:
+        window, hop, min_length = self.window, self.hop, self.min_length
+        if not 0.1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be between 0.1 and {MAX_WINDOW:g} s, got {window:g}")
+        if not 0 < hop <= window:
+            raise ValueError(f"hop must be > 0 and <= window ({window:g} s), got {hop:g}")
+        if not 0.1 <= min_length <= window:
+            raise ValueError(
+                f"min_length must be between 0.1 s and the window ({window:g} s), got {min_length:g}"
+            )
+        if not self.max_segment > 0:
+            raise ValueError(f"max_segment must be > 0 s, got {self.max_segment:g}")
 
 
 @dataclass
@@ -73,23 +106,9 @@ def _samples(seconds: float) -> int:
     return int(round(seconds * SAMPLE_RATE))
 
 
-def check_grid(window: float, hop: float, min_length: float) -> None:
-    """Reject grids the model or the grid rule cannot handle, naming the bad value."""
-    if not 0.1 <= window <= MAX_WINDOW:
-        raise ValueError(f"window must be between 0.1 and {MAX_WINDOW:g} s, got {window:g}")
-    if not 0 < hop <= window:
-        raise ValueError(f"hop must be > 0 and <= window ({window:g} s), got {hop:g}")
-    if not 0.1 <= min_length <= window:
-        raise ValueError(
-            f"min_length must be between 0.1 s and the window ({window:g} s), got {min_length:g}"
-        )
-
-
-def window_grid(
-    duration: float, window: float = 4.0, hop: float = 2.0, min_length: float = 0.5
-) -> list[tuple[float, float]]:
+def window_grid(duration: float, spec: WindowSpec = WindowSpec()) -> list[tuple[float, float]]:
     """(start, end) seconds of every window over `duration` seconds of audio (see the module doc)."""
-    w = StreamingWindower(window, hop, min_length)
+    w = StreamingWindower(spec)
     n = _samples(duration)
     spans = [(a, b) for a, b in w._grid_until(n)]
     spans += w._final(n, spans[-1][1] if spans else None)
@@ -104,10 +123,9 @@ class StreamingWindower:
     future window can still need are kept.
     """
 
-    def __init__(self, window: float = 4.0, hop: float = 2.0, min_length: float = 0.5, offset: float = 0.0):
-        check_grid(window, hop, min_length)
-        self.window, self.hop, self.min_length, self.offset = window, hop, min_length, offset
-        self._w, self._h, self._min = _samples(window), _samples(hop), _samples(min_length)
+    def __init__(self, spec: WindowSpec = WindowSpec(), offset: float = 0.0):
+        self.spec, self.offset = spec, offset
+        self._w, self._h, self._min = _samples(spec.window), _samples(spec.hop), _samples(spec.min_length)
         self.reset()
 
     def reset(self) -> None:
@@ -172,9 +190,7 @@ def _array_chunks(wave: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
 
 def iter_windows(
     source: Source,
-    window: float = 4.0,
-    hop: float = 2.0,
-    min_length: float = 0.5,
+    spec: WindowSpec = WindowSpec(),
     start: float = 0.0,
     end: float | None = None,
     chunk_seconds: float = 60.0,
@@ -185,7 +201,7 @@ def iter_windows(
     Times are seconds from the start of the file. `on_chunk` sees every chunk before its windows
     are yielded (the VAD uses it). Audio errors are raised as `serval.audio.AudioError`.
     """
-    windower = StreamingWindower(window, hop, min_length, offset=start)
+    windower = StreamingWindower(spec, offset=start)
     if isinstance(source, np.ndarray):
         wave = np.asarray(source, np.float32).reshape(-1)
         wave = wave[_samples(start) : None if end is None else _samples(end)]
@@ -205,9 +221,10 @@ class _SpeechMask:
     """VAD flags of a stream, trimmed as windows move on; gives each window's speech fraction."""
 
     def __init__(self, threshold: float):
-        from serval.vad import SileroVAD
+        from serval.vad import FRAME, SileroVAD
 
         self.vad = SileroVAD(threshold)
+        self.frame = FRAME
         self.flags = np.zeros(0, bool)
         self.base = 0  # frame index of flags[0]
 
@@ -218,12 +235,13 @@ class _SpeechMask:
         self.flags = np.concatenate([self.flags, self.vad.flush()])
 
     def fraction(self, first_sample: int, n: int) -> float:
-        a, b = first_sample // FRAME, max(first_sample // FRAME + 1, (first_sample + n) // FRAME)
+        f = self.frame
+        a, b = first_sample // f, max(first_sample // f + 1, (first_sample + n) // f)
         sel = self.flags[max(a - self.base, 0) : max(b - self.base, 0)]
         return float(sel.mean()) if len(sel) else 0.0
 
     def trim(self, first_sample: int) -> None:
-        drop = first_sample // FRAME - self.base
+        drop = first_sample // self.frame - self.base
         if drop > 0:
             self.flags = self.flags[drop:]
             self.base += drop
@@ -232,13 +250,8 @@ class _SpeechMask:
 def sliding_windows(
     source: Source,
     predictor,
-    window: float = 4.0,
-    hop: float = 2.0,
-    min_length: float = 0.5,
+    spec: WindowSpec = WindowSpec(),
     batch_size: int = 16,
-    vad: bool = False,
-    vad_threshold: float = 0.5,
-    min_speech: float = 0.5,
     start: float = 0.0,
     end: float | None = None,
     chunk_seconds: float = 60.0,
@@ -247,11 +260,11 @@ def sliding_windows(
     """Score every window of a file or 16 kHz array with `predictor.predict_waveforms`, in time order.
 
     A generator: results come out batch by batch and the audio is read in chunks, so a
-    multi-hour file runs in bounded memory. With `vad=True` a window in which less than
-    `min_speech` of the 32 ms frames are speech is yielded unscored (`probs is None`).
+    multi-hour file runs in bounded memory. With `spec.vad` a window in which less than
+    `spec.min_speech` of the 32 ms frames are speech is yielded unscored (`probs is None`).
     """
-    mask = _SpeechMask(vad_threshold) if vad else None
-    bar = _progress_bar(source, start, end) if progress else None
+    mask = _SpeechMask(spec.vad_threshold) if spec.vad else None
+    bar = _audio_bar(source, start, end) if progress else None
 
     def on_chunk(chunk: np.ndarray) -> None:
         if mask is not None:
@@ -270,7 +283,7 @@ def sliding_windows(
         yield from (r for r, _ in pending)
         pending.clear()
 
-    windows = iter_windows(source, window, hop, min_length, start, end, chunk_seconds, on_chunk)
+    windows = iter_windows(source, spec, start, end, chunk_seconds, on_chunk)
     try:
         for w in _with_vad_tail(windows, mask):
             r = WindowResult(round(w.start, 3), round(w.end, 3))
@@ -278,7 +291,7 @@ def sliding_windows(
             if mask is not None:
                 r.speech = round(mask.fraction(w.first_sample, len(w.samples)), 3)
                 mask.trim(w.first_sample)
-                if r.speech < min_speech:
+                if r.speech < spec.min_speech:
                     keep = None
             pending.append((r, keep))
             waiting = sum(x is not None for _, x in pending)
@@ -304,9 +317,8 @@ def _with_vad_tail(windows: Iterator[Window], mask: _SpeechMask | None) -> Itera
         yield prev
 
 
-def _progress_bar(source, start: float, end: float | None):
-    from tqdm.auto import tqdm
-
+def _audio_bar(source, start: float, end: float | None):
+    # a bar in seconds of audio read, for a file or an array
     if isinstance(source, np.ndarray):
         total = len(source) / SAMPLE_RATE
     else:
@@ -314,10 +326,9 @@ def _progress_bar(source, start: float, end: float | None):
 
         total = audio_info(source).duration
     total = (min(total, end) if end is not None else total) - start
-    return tqdm(
+    return progress_bar(
         total=round(max(total, 0.0), 1),
         unit=" s audio",
-        file=sys.stderr,
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
     )
 

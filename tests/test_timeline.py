@@ -16,7 +16,7 @@ from serval.cli import main
 from serval.inference import Predictor
 from serval.model import SERConfig, SERModel
 from serval.timeline import Turn, TurnsError, grid_timeline, read_turns, turns_timeline
-from serval.windows import split_span
+from serval.windows import WindowSpec, split_span
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_read_turns_rttm_and_csv(tmp_path):
 
 def test_grid_timeline_with_vad(recording, predictor):
     path, duration, t_a = recording
-    result = grid_timeline(path, predictor, window=2.0, hop=2.0, vad=True)
+    result = grid_timeline(path, predictor, WindowSpec(window=2.0, hop=2.0, vad=True))
     windows = result["windows"]
     # the regular 2 s grid, then the 0.7 s remainder gets a window aligned to end at the end
     assert [w["start"] for w in windows[:-1]] == [2.0 * i for i in range(len(windows) - 1)]

@@ -11,10 +11,11 @@ from conftest import clips
 from serval.audio import SAMPLE_RATE, load_audio
 from serval.inference import Predictor
 from serval.model import EMOTIONS, SERConfig, SERModel
-from serval.vad import FRAME, SileroVAD, speech_flags, speech_segments
+from serval.vad import FRAME, SileroVAD
 from serval.windows import (
     StreamingWindower,
     WindowResult,
+    WindowSpec,
     iter_windows,
     merge_windows,
     owned_spans,
@@ -74,16 +75,23 @@ def speech():
 
 
 def test_grid_rule():
-    assert window_grid(10.0, 4, 2) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert window_grid(10.0, WindowSpec(4, 2)) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert window_grid(10.0) == window_grid(10.0, WindowSpec(4, 2, 0.5))  # the default is the paper's grid
     # 1.3 s left after the last regular window (>= min_length): one more window, aligned to the end
-    assert window_grid(23.3, 4, 2)[-2:] == [(18.0, 22.0), (19.3, 23.3)]
-    assert window_grid(22.3, 4, 2)[-1] == (18.0, 22.0)  # 0.3 s remainder < 0.5 s: left out
-    assert window_grid(3.0, 4, 2) == [(0.0, 3.0)]  # shorter than a window: one window of its own length
-    assert window_grid(0.3, 4, 2) == []
-    assert window_grid(8.0, 2, 2) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert window_grid(23.3, WindowSpec(4, 2))[-2:] == [(18.0, 22.0), (19.3, 23.3)]
+    assert window_grid(22.3, WindowSpec(4, 2))[-1] == (18.0, 22.0)  # 0.3 s remainder < 0.5 s: left out
+    assert window_grid(22.3, WindowSpec(4, 2, 0.2))[-1] == (18.3, 22.3)  # but not < min_length 0.2 s
+    # shorter than a window: one window of its own length
+    assert window_grid(3.0, WindowSpec(4, 2)) == [(0.0, 3.0)]
+    assert window_grid(0.3, WindowSpec(4, 2)) == []
+    assert window_grid(8.0, WindowSpec(2, 2)) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     for bad in [dict(window=4, hop=5), dict(window=40, hop=2), dict(window=4, hop=0)]:
         with pytest.raises(ValueError, match="window|hop"):
-            window_grid(10.0, **bad)
+            WindowSpec(**bad)
+    with pytest.raises(ValueError, match=r"min_length must be between 0\.1 s and the window \(2 s\), got 3"):
+        WindowSpec(2, 1, 3)
+    with pytest.raises(ValueError, match="max_segment must be > 0 s, got 0"):
+        WindowSpec(max_segment=0)
 
 
 def test_file_windows_match_grid_and_audio(tmp_path, speech):
@@ -92,8 +100,10 @@ def test_file_windows_match_grid_and_audio(tmp_path, speech):
     sf.write(path, wave, SAMPLE_RATE)
     wave = load_audio(path)  # as stored (16-bit)
     duration = len(wave) / SAMPLE_RATE
-    grid = window_grid(duration, 4, 2)
-    wins = list(iter_windows(path, 4, 2, chunk_seconds=3.7))  # chunks that do not line up with the grid
+    grid = window_grid(duration, WindowSpec(4, 2))
+    wins = list(
+        iter_windows(path, WindowSpec(4, 2), chunk_seconds=3.7)
+    )  # chunks that do not line up with the grid
     assert [(round(w.start, 6), round(w.end, 6)) for w in wins] == [
         (round(a, 6), round(b, 6)) for a, b in grid
     ]
@@ -102,15 +112,15 @@ def test_file_windows_match_grid_and_audio(tmp_path, speech):
         assert np.array_equal(w.samples, wave[w.first_sample : w.first_sample + len(w.samples)])
         assert len(w.samples) == 4 * SAMPLE_RATE
     # a span of the file: times stay file times
-    part = list(iter_windows(path, 2, 2, start=3.0, end=9.0))
+    part = list(iter_windows(path, WindowSpec(2, 2), start=3.0, end=9.0))
     assert [(w.start, w.end) for w in part] == [(3.0, 5.0), (5.0, 7.0), (7.0, 9.0)]
     assert np.array_equal(part[1].samples, wave[5 * SAMPLE_RATE : 7 * SAMPLE_RATE])
 
 
 def test_streaming_windower_equals_whole_stream(speech):
     wave, _ = join([0.7, *speech, 1.1])
-    whole = list(iter_windows(wave, 2.0, 0.5))
-    sw = StreamingWindower(2.0, 0.5)
+    whole = list(iter_windows(wave, WindowSpec(2.0, 0.5)))
+    sw = StreamingWindower(WindowSpec(2.0, 0.5))
     rng = np.random.default_rng(1)
     got, i = [], 0
     while i < len(wave):
@@ -125,9 +135,9 @@ def test_streaming_windower_equals_whole_stream(speech):
 
 def test_sliding_windows_scores_like_direct_calls(speech, tiny):
     wave, _ = join([*speech, 0.5])
-    results = list(sliding_windows(wave, tiny, 2.0, 1.0, batch_size=3))
+    results = list(sliding_windows(wave, tiny, WindowSpec(2.0, 1.0), batch_size=3))
     assert [(r.start, r.end) for r in results] == [
-        (round(a, 3), round(b, 3)) for a, b in window_grid(len(wave) / SAMPLE_RATE, 2, 1)
+        (round(a, 3), round(b, 3)) for a, b in window_grid(len(wave) / SAMPLE_RATE, WindowSpec(2, 1))
     ]
     direct, _ = tiny.inner.predict_waveforms(
         [wave[round(r.start * SAMPLE_RATE) : round(r.end * SAMPLE_RATE)] for r in results]
@@ -138,7 +148,7 @@ def test_sliding_windows_scores_like_direct_calls(speech, tiny):
 def test_vad_drops_the_silence(speech, tiny):
     wave, spans = join([4.0, *speech, 6.0, *speech[::-1], 4.0])
     tiny.seen.clear()
-    results = list(sliding_windows(wave, tiny, 2.0, 1.0, vad=True, batch_size=4))
+    results = list(sliding_windows(wave, tiny, WindowSpec(2.0, 1.0, vad=True), batch_size=4))
     assert len(tiny.seen) == sum(r.scored for r in results)  # unscored windows never reach the model
     silent = [(a, b) for a, b, kind in spans if kind == "silence"]
     talking = []  # contiguous clips form one speech region
@@ -159,7 +169,7 @@ def test_merge_respects_cap_and_tiles(tiny, speech):
     # real model outputs over 50 s of speech on the paper's 2 s grid
     wave, _ = join([*speech, *speech, *speech, *speech, *speech])
     wave = np.tile(wave, int(np.ceil(50 * SAMPLE_RATE / len(wave))))[: 50 * SAMPLE_RATE]
-    results = list(sliding_windows(wave, tiny, 2.0, 2.0, batch_size=16))
+    results = list(sliding_windows(wave, tiny, WindowSpec(2.0, 2.0), batch_size=16))
     segments = merge_windows(results, EMOTIONS, max_len=15.0)
     assert all(s.end - s.start <= 15.0 + 1e-6 for s in segments)
     assert segments[0].start == 0 and segments[-1].end == 50.0
@@ -215,14 +225,27 @@ def test_split_and_score_long_spans(tmp_path, speech, tiny):
         pool([out[2]])
 
 
-def test_vad_speech_segments_follow_the_clips(speech):
+def test_vad_flags_follow_the_clips(speech):
     wave, spans = join([3.0, speech[0], 2.5, speech[1], 3.0])
-    found = speech_segments(wave)
+    whole = SileroVAD()
+    flags = np.concatenate([whole.push(wave), whole.flush()])
+    assert len(flags) == int(np.ceil(len(wave) / FRAME))  # the last partial frame is flagged too
+    # pushed in chunks that do not line up with the frames, as sliding_windows feeds it
+    vad, rng, got, i = SileroVAD(), np.random.default_rng(2), [], 0
+    while i < len(wave):
+        n = int(rng.integers(1, 3000))
+        got.append(vad.push(wave[i : i + n]))
+        i += n
+    np.testing.assert_array_equal(np.concatenate([*got, vad.flush()]), flags)
+    t = (np.arange(len(flags)) + 0.5) * FRAME / SAMPLE_RATE  # frame centres
     truth = [(a, b) for a, b, kind in spans if kind == "speech"]
-    assert len(found) == 2
-    for (a, b), (ta, tb) in zip(found, truth):
-        assert abs(a - ta) < 0.5 and abs(b - tb) < 0.35  # Silero needs a few frames to be sure at an onset
-    flags = speech_flags(wave)
-    assert len(flags) == int(np.ceil(len(wave) / FRAME))
+    edges = [0.0, *(x for span in truth for x in span), len(wave) / SAMPLE_RATE]
+    for a, b in zip(edges[::2], edges[1::2]):  # silence, allowing Silero a few frames at each edge
+        quiet = (t >= (a + 0.35 if a else 0)) & (t < b - 0.5)
+        assert quiet.sum() > 30 and not flags[quiet].any()
+    for a, b in truth:
+        on = np.flatnonzero(flags & (t >= a - 0.5) & (t < b + 0.35))
+        assert abs(t[on[0]] - a) < 0.5 and abs(t[on[-1]] - b) < 0.35  # onset and offset found
+        assert flags[(t >= a) & (t < b)].mean() > 0.7  # pauses between words aside, it is speech
     with pytest.raises(ValueError, match="threshold"):
         SileroVAD(1.5)
