@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import random
 import re
@@ -23,15 +24,13 @@ from pathlib import Path
 
 from serval.atomic import atomic_write_text
 from serval.manifest import (
-    LABELS,
     ManifestRow,
     check_manifest,
     manifest_format,
     read_manifest,
     write_manifest,
 )
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".mp4")
+from serval.vocab import AUDIO_EXTENSIONS, EMOTIONS
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,12 @@ def _prefer_audio(paths: list[Path]) -> Path:
 
 
 def _scale(value: str, low: float, high: float) -> float | None:
-    """A rating on [low, high] mapped to [0, 1]; None when empty or not a number."""
+    """A rating on [low, high] mapped to [0, 1]; None when empty, not a number or NaN."""
     try:
         v = float(value)
     except (TypeError, ValueError):
+        return None
+    if not math.isfinite(v):  # a table's "NaN" is a missing rating, not 0
         return None
     return min(1.0, max(0.0, (v - low) / (high - low)))
 
@@ -132,7 +133,7 @@ class _Result:
         dominance: float | None = None,
         **extra,
     ):
-        assert label is None or label in LABELS, label
+        assert label is None or label in EMOTIONS, label
         extra = {"gender": gender, "original_label": original, **extra}
         row = ManifestRow(
             path=str(path),
@@ -330,6 +331,189 @@ def ased(root: Path, options: dict[str, str]) -> _Result:
             sentence=sentence,
             # 01-02 were said in all five emotions; 03-07 each in one, so their words give the label away.
             common_sentence=1 if sentence in ASED_COMMON_SENTENCES else 0,
+        )
+    return result
+
+
+TESS_NAME = re.compile(r"^(OAF|YAF)_(.+)_(angry|disgust|fear|happy|neutral|ps|sad)$", re.IGNORECASE)
+TESS_EMOTIONS = {
+    "angry": "angry",
+    "disgust": "disgusted",
+    "fear": "fearful",
+    "happy": "happy",
+    "neutral": "neutral",
+    "ps": "surprised",  # "pleasant surprise"
+    "sad": "sad",
+}
+
+
+def tess(root: Path, options: dict[str, str]) -> _Result:
+    """TESS: `SPK_word_emotion` names; two female speakers, OAF (aged 64) and YAF (aged 26)."""
+    result = _Result("tess", "en")
+    for path in _audio_files(root):
+        m = TESS_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not SPK_word_emotion (SPK OAF or YAF)")
+            continue
+        speaker, word, emotion = m.group(1).upper(), m.group(2), m.group(3).lower()
+        result.keep(
+            path,
+            TESS_EMOTIONS[emotion],
+            f"tess-{speaker}",
+            gender="female",
+            original="pleasant surprise" if emotion == "ps" else emotion,
+            word=word.lower(),
+        )
+    return result
+
+
+TUREV_NAME = re.compile(r"^(\d+)_([a-z]+)_(.+)$", re.IGNORECASE)
+TUREV_CODES = {"kz": "angry", "mt": "happy", "hl": "sad"}  # kızgın, mutlu, hüzünlü
+TUREV_FOLDERS = {"angry": "kz", "happy": "mt", "sad": "hl"}
+
+
+def turev(root: Path, options: dict[str, str]) -> _Result:
+    """TurEV-DB: `SPEAKER_code_word` names in folders Angry/Happy/Sad; its Calm folder is not neutral."""
+    result = _Result("turev", "tr")
+    for path in _audio_files(root):
+        folder = path.parent.name.lower()
+        if folder == "calm":
+            result.drop(path, "'calm' is not one of the 7 classes (TurEV-DB's calm is not neutral)", "calm")
+            continue
+        m = TUREV_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not SPEAKER_code_word")
+            continue
+        speaker, code, word = m.group(1), m.group(2).lower(), m.group(3)
+        if code not in TUREV_CODES:
+            result.drop(path, f"unknown label code {code!r}", code)
+            continue
+        if folder in TUREV_FOLDERS and TUREV_FOLDERS[folder] != code:
+            result.drop(path, f"file name says {code!r} but its folder is {path.parent.name}", code)
+            continue
+        label = TUREV_CODES[code]
+        result.keep(path, label, f"turev-{speaker}", original=label, word=word)
+    return result
+
+
+TAVA_NAME = re.compile(r"^s(\d+)_([a-z]+)_audio$", re.IGNORECASE)
+# 8 of the 16 affect words are one of the 7 classes; the other 8 keep their ratings, unlabelled.
+TAVA_AFFECTS = {
+    "happy": "happy",
+    "joyful": "happy",
+    "enraged": "angry",
+    "annoyed": "angry",
+    "frightened": "fearful",
+    "worried": "fearful",
+    "depressed": "sad",
+    "miserable": "sad",
+    **dict.fromkeys(
+        ("confident", "contemptuous", "dark", "mellow", "satisfied", "serene", "thrilled", "tranquil")
+    ),
+}
+TAVA_COLUMNS = (
+    "Speaker Number",
+    "Affect Name",
+    "Sex",
+    "Variant",
+    "meanValence",
+    "meanArousal",
+    "meanDominance",
+)
+
+
+def _tava_ratings(root: Path) -> dict[tuple[int, str], dict[str, str]]:
+    """SummaryData.csv's `speech` rows by (speaker number, affect word); the tEGG rows are another recording."""
+    table = _find_one(root, "SummaryData.csv")
+    ratings = {}
+    with open(table, encoding="utf-8-sig", newline="") as f:
+        for rec in _table(f, table, TAVA_COLUMNS):
+            if (rec["Variant"] or "").strip().lower() != "speech":
+                continue
+            try:
+                speaker = int(rec["Speaker Number"])
+            except ValueError:
+                raise CorpusError(
+                    f"{table}: speaker number {rec['Speaker Number']!r} is not a number"
+                ) from None
+            ratings[(speaker, rec["Affect Name"].strip().lower())] = rec
+    return ratings
+
+
+def tava(root: Path, options: dict[str, str], keep_dimensional: bool = True) -> _Result:
+    """TAVA: `audio/recordings/sNN_affect_audio` with crowd ratings on [-1, 1] in `annotations/SummaryData.csv`.
+
+    Ratings become (x + 1) / 2. Every rated clip is kept: the 8 affect words outside the 7 classes
+    without a label (`keep_dimensional` changes nothing: the ratings are what this corpus is for).
+    """
+    result = _Result("tava", "en")
+    ratings = _tava_ratings(root)
+    for path in _audio_files(root):
+        m = TAVA_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not sNN_affect_audio")
+            continue
+        speaker, affect = int(m.group(1)), m.group(2).lower()
+        if affect not in TAVA_AFFECTS:
+            result.drop(path, f"unknown affect word {affect!r}", affect)
+            continue
+        rec = ratings.get((speaker, affect))
+        if rec is None:
+            result.drop(path, "no speech row for this clip in SummaryData.csv", affect)
+            continue
+        dims = {
+            "arousal": _scale(rec["meanArousal"], -1, 1),
+            "valence": _scale(rec["meanValence"], -1, 1),
+            "dominance": _scale(rec["meanDominance"], -1, 1),
+        }
+        if TAVA_AFFECTS[affect] is None and all(v is None for v in dims.values()):
+            result.drop(path, f"'{affect}' is not one of the 7 classes and the clip has no ratings", affect)
+            continue
+        sex = (rec["Sex"] or "").strip().lower()
+        result.keep(
+            path,
+            TAVA_AFFECTS[affect],
+            f"tava-{speaker:02d}",
+            gender=sex if sex in ("male", "female") else None,
+            original=affect,
+            raters=(rec.get("Number of Raters") or "").strip() or None,
+            **dims,
+        )
+    return result
+
+
+BAVED_NAME = re.compile(r"^(\d+)-([mf])-(\d+)-(\d)-([012])-(\d+)$", re.IGNORECASE)
+# LEVEL is a coarse three-step activation label: a proxy for arousal, not a rating of it.
+BAVED_AROUSAL = {"0": 0.0, "1": 0.5, "2": 1.0}
+BAVED_LEVELS = {"0": "level 0 (low)", "1": "level 1 (neutral)", "2": "level 2 (high)"}
+
+
+def baved(root: Path, options: dict[str, str], keep_dimensional: bool = True) -> _Result:
+    """BAVED: `SPK-GENDER-AGE-WORD-LEVEL-REP` names in folders 0-6 (the word).
+
+    Level 1 is the class neutral; levels 0 and 2 carry no class. Every clip gets arousal
+    0 / 0.5 / 1 from its level, a proxy (a speaker's intended activation, not a rating).
+    """
+    result = _Result("baved", "ar")
+    for path in _audio_files(root):
+        m = BAVED_NAME.match(path.stem)
+        if not m:
+            result.drop(path, "file name is not SPK-GENDER-AGE-WORD-LEVEL-REP")
+            continue
+        speaker, gender, age, word, level, _ = m.groups()
+        if path.parent.name.isdigit() and path.parent.name != word:
+            result.drop(path, f"file name says word {word} but its folder is {path.parent.name}", level)
+            continue
+        result.keep(
+            path,
+            "neutral" if level == "1" else None,
+            f"baved-{int(speaker)}",
+            gender="male" if gender.lower() == "m" else "female",
+            original=BAVED_LEVELS[level],
+            arousal=BAVED_AROUSAL[level],
+            age=int(age),
+            word=word,
+            level=int(level),
         )
     return result
 
@@ -724,6 +908,10 @@ RECIPES: dict[str, Recipe] = {
     "ravdess": Recipe(ravdess, ("calm",)),
     "emodb": Recipe(emodb, ("boredom",)),
     "ased": Recipe(ased),
+    "tess": Recipe(tess),
+    "turev": Recipe(turev),
+    "tava": Recipe(tava, dimensional=True),
+    "baved": Recipe(baved, dimensional=True),
     "crema-d": Recipe(cremad),
     "esd": Recipe(esd),
     "meld": Recipe(meld, official_split=True),
@@ -760,13 +948,17 @@ def assign_splits(
     dev_speakers: list[str] | None = None,
     test_speakers: list[str] | None = None,
     group: str | None = None,
+    min_dev_speakers: int = 0,
 ) -> None:
     """Set each row's split to train/dev/test by speaker, in place (see docs/data.md for the rule).
 
-    Speakers sharing a value of the extra column `group` (IEMOCAP sessions) move together.
+    Speakers sharing a value of the extra column `group` (IEMOCAP sessions) move together. Dev
+    gets at least `min_dev_speakers` where the corpus can spare them (train keeps one).
     """
     if not 0 <= dev_fraction < 1 or not 0 <= test_fraction < 1 or dev_fraction + test_fraction >= 1:
         raise ValueError("--dev-fraction and --test-fraction must be in [0, 1) and sum to less than 1")
+    if min_dev_speakers < 0:
+        raise ValueError("--min-dev-speakers must be 0 or more")
     corpus = rows[0].corpus if rows else ""
     unit_of: dict[str, str] = {}
     gender_of: dict[str, set[str]] = defaultdict(set)
@@ -801,19 +993,19 @@ def assign_splits(
             if q:
                 order.append(q.pop(0))
 
-    def wanted(fraction: float) -> int:
-        if fraction <= 0 or len(units) < 3:
+    def wanted(fraction: float, at_least: int = 0) -> int:
+        if len(units) < 3:
             return 0
-        return max(1, round(fraction * len(units)))
+        return max(at_least, max(1, round(fraction * len(units))) if fraction > 0 else 0)
 
     split_of = dict(fixed)
-    for split, fraction, explicit in (
-        ("test", test_fraction, test_speakers),
-        ("dev", dev_fraction, dev_speakers),
+    for split, count, explicit in (
+        ("test", wanted(test_fraction), test_speakers),
+        ("dev", wanted(dev_fraction, min_dev_speakers), dev_speakers),
     ):
         if explicit:
             continue  # an explicit list is the whole of that split
-        for _ in range(wanted(fraction) - sum(1 for s in split_of.values() if s == split)):
+        for _ in range(count - sum(1 for s in split_of.values() if s == split)):
             if len(order) > 1:  # never leave train empty
                 split_of[order.pop(0)] = split
     for unit in order:
@@ -836,6 +1028,7 @@ def prepare_corpus(
     dev_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
+    min_dev_speakers: int = 0,
     keep_dimensional: bool = False,
     **label_options: str | None,
 ) -> tuple[list[ManifestRow], list[Dropped]]:
@@ -883,6 +1076,7 @@ def prepare_corpus(
             dev_speakers=dev_speakers,
             test_speakers=test_speakers,
             group=recipe.group,
+            min_dev_speakers=min_dev_speakers,
         )
     return rows, sorted(result.dropped, key=lambda d: d.path)
 
@@ -912,7 +1106,7 @@ def summary(rows: list[ManifestRow], dropped: list[Dropped]) -> str:
         part = by_split[split]
         speakers = {r.speaker for r in part if r.speaker}
         labels = Counter(r.label or "(none)" for r in part)
-        counts = ", ".join(f"{k} {labels[k]}" for k in [*LABELS, "(none)"] if labels[k])
+        counts = ", ".join(f"{k} {labels[k]}" for k in [*EMOTIONS, "(none)"] if labels[k])
         lines.append(f"  {split}: {len(part)} clips, {len(speakers)} speakers ({counts})")
     reasons = Counter(d.reason for d in dropped)
     for reason, n in reasons.most_common():
@@ -947,6 +1141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-fraction", type=float, default=0.1, help="share of speakers for test (default 0.1)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the speaker split (default 0)")
+    p.add_argument(
+        "--min-dev-speakers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="dev gets at least N speakers where the corpus can spare them (default 0: the fraction alone)",
+    )
     for name, (choices, default) in OPTIONS.items():
         applies = ", ".join(c for c, r in RECIPES.items() if name in r.options)
         p.add_argument(
@@ -955,7 +1156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-dimensional",
         action="store_true",
-        help="iemocap, msp-podcast: keep clips outside the 7 classes, unlabelled, for their A/V/D ratings",
+        help="iemocap, msp-podcast: keep clips outside the 7 classes, unlabelled, for their A/V/D ratings "
+        "(tava and baved always keep them)",
     )
     p.add_argument(
         "--check", action="store_true", help="also read every audio header (as `serval data check`)"
@@ -993,6 +1195,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
             dev_fraction=args.dev_fraction,
             test_fraction=args.test_fraction,
             seed=args.seed,
+            min_dev_speakers=args.min_dev_speakers,
             keep_dimensional=args.keep_dimensional,
             **{name: getattr(args, name) for name in OPTIONS},
         )

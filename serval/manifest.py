@@ -19,6 +19,7 @@ from typing import Any
 
 from serval.atomic import atomic_write_text
 from serval.audio import MIN_DURATION, SPAN_TOLERANCE, AudioError, AudioNotFoundError, audio_info
+from serval.vocab import DIMENSIONS, EMOTIONS
 
 COLUMNS = (
     "path",
@@ -33,10 +34,6 @@ COLUMNS = (
     "corpus",
     "split",
 )
-# The 7 classes in checkpoint order; the same tuple as serval.model.EMOTIONS, kept here so
-# reading a manifest does not import torch.
-LABELS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
-DIMENSIONS = ("arousal", "valence", "dominance")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 
 _FLOAT_COLUMNS = ("start", "end", *DIMENSIONS)
@@ -154,8 +151,8 @@ def _parse_record(
         values["label"] = None
     else:
         label = str(raw_label).strip().lower()
-        if label not in LABELS:
-            problems.append(("label", f"unknown label {raw_label!r} (expected one of {', '.join(LABELS)})"))
+        if label not in EMOTIONS:
+            problems.append(("label", f"unknown label {raw_label!r} (expected one of {', '.join(EMOTIONS)})"))
         values["label"] = label
 
     for name in _TEXT_COLUMNS:
@@ -300,6 +297,50 @@ def _read_header(path: str) -> tuple[float | None, str | None]:
         return None, f"unreadable audio {path}: {e.cause}"
 
 
+def _duplicates(parsed: list[tuple[int, ManifestRow, bool]]) -> list[Problem]:
+    """A problem for every row with the same path, start and end as an earlier one."""
+    problems, first_seen = [], {}
+    for line_no, row, span_ok in parsed:
+        if not span_ok:  # a span that did not parse would pass for "whole file" here
+            continue
+        key = (os.path.normpath(row.path), row.start, row.end)
+        if key in first_seen:
+            problems.append(
+                Problem(line_no, "path", f"duplicate of line {first_seen[key]} (same path, start, end)")
+            )
+        else:
+            first_seen[key] = line_no
+    return problems
+
+
+def _span_problem(line_no: int, row: ManifestRow, duration: float) -> Problem | None:
+    """What is wrong with a row's span given its file's duration, if anything."""
+    start = row.start or 0.0
+    if row.end is not None and row.end > duration + SPAN_TOLERANCE:
+        return Problem(line_no, "end", f"end {row.end:g} s is beyond the file's duration {duration:.3f} s")
+    if start >= duration:
+        return Problem(line_no, "start", f"start {start:g} s is beyond the file's duration {duration:.3f} s")
+    length = min(row.end if row.end is not None else duration, duration) - start
+    if length < MIN_DURATION:
+        return Problem(line_no, "end", f"span is {length:.3f} s, shorter than the {MIN_DURATION:g} s minimum")
+    return None
+
+
+def _audio_problems(parsed: list[tuple[int, ManifestRow, bool]]) -> list[Problem]:
+    """Missing or unreadable audio and spans outside their files; each header is read once."""
+    problems: list[Problem] = []
+    headers: dict[str, tuple[float | None, str | None]] = {}
+    for line_no, row, span_ok in parsed:
+        if row.path not in headers:
+            headers[row.path] = _read_header(row.path)
+        duration, error = headers[row.path]
+        if error:
+            problems.append(Problem(line_no, "path", error))
+        elif span_ok and (problem := _span_problem(line_no, row, duration)):
+            problems.append(problem)
+    return problems
+
+
 def check_manifest(path: str | os.PathLike, check_audio: bool = True) -> list[Problem]:
     """Every problem of a manifest, each with its line: bad values, duplicates, missing or bad audio.
 
@@ -329,61 +370,15 @@ def check_manifest(path: str | os.PathLike, check_audio: bool = True) -> list[Pr
         return [Problem(e.line, None, e.message)]
     except UnicodeDecodeError as e:
         return [Problem(0, None, f"not UTF-8 text: {e.reason}")]
-
-    first_seen: dict[tuple[str, float | None, float | None], int] = {}
-    for line_no, row, span_ok in parsed:
-        if not span_ok:  # a span that did not parse would pass for "whole file" here
-            continue
-        key = (os.path.normpath(row.path), row.start, row.end)
-        if key in first_seen:
-            problems.append(
-                Problem(line_no, "path", f"duplicate of line {first_seen[key]} (same path, start, end)")
-            )
-        else:
-            first_seen[key] = line_no
-
+    problems.extend(_duplicates(parsed))
     if check_audio:
-        headers: dict[str, tuple[float | None, str | None]] = {}
-        for line_no, row, span_ok in parsed:
-            if row.path not in headers:
-                headers[row.path] = _read_header(row.path)
-            duration, error = headers[row.path]
-            if error:
-                problems.append(Problem(line_no, "path", error))
-                continue
-            if not span_ok:
-                continue
-            start = row.start or 0.0
-            if row.end is not None and row.end > duration + SPAN_TOLERANCE:
-                problems.append(
-                    Problem(
-                        line_no, "end", f"end {row.end:g} s is beyond the file's duration {duration:.3f} s"
-                    )
-                )
-            elif start >= duration:
-                problems.append(
-                    Problem(
-                        line_no, "start", f"start {start:g} s is beyond the file's duration {duration:.3f} s"
-                    )
-                )
-            else:
-                length = min(row.end if row.end is not None else duration, duration) - start
-                if length < MIN_DURATION:
-                    problems.append(
-                        Problem(
-                            line_no,
-                            "end",
-                            f"span is {length:.3f} s, shorter than the {MIN_DURATION:g} s minimum",
-                        )
-                    )
+        problems.extend(_audio_problems(parsed))
     problems.sort(key=lambda p: p.line)
     return problems
 
 
 __all__ = [
     "COLUMNS",
-    "LABELS",
-    "DIMENSIONS",
     "ManifestRow",
     "ManifestError",
     "Problem",

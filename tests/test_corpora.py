@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -14,6 +15,7 @@ import soundfile as sf
 from serval.cli import main
 from serval.corpora import RECIPES, assign_splits, dropped_path, prepare_corpus
 from serval.manifest import check_manifest, read_manifest
+from serval.vocab import EMOTIONS
 
 
 def _by_name(rows):
@@ -129,6 +131,131 @@ def test_ased_speakers_and_sentences(data_dir):
     _assert_speaker_disjoint(rows)
     speaker_splits = {(r.speaker, r.split) for r in rows}
     assert Counter(split for _, split in speaker_splits) == {"train": 48, "dev": 6, "test": 6}
+
+
+def test_tess_labels_and_speakers(data_dir):
+    rows, dropped = prepare_corpus("tess", data_dir / "tess")
+    assert len(rows) == 700 and not dropped
+    assert Counter(r.label for r in rows) == {c: 100 for c in EMOTIONS}  # all 7 classes, 100 each
+    by_name = _by_name(rows)
+    ps = by_name["YAF_jail_ps.flac"]
+    assert (ps.label, ps.speaker, ps.extra["original_label"], ps.extra["word"]) == (
+        "surprised",
+        "tess-YAF",
+        "pleasant surprise",
+        "jail",
+    )
+    assert by_name["OAF_back_disgust.flac"].label == "disgusted"
+    assert by_name["OAF_back_fear.flac"].label == "fearful"
+    assert Counter(r.speaker for r in rows) == {"tess-OAF": 350, "tess-YAF": 350}
+    assert {r.language for r in rows} == {"en"} and {r.extra["gender"] for r in rows} == {"female"}
+    # two speakers cannot make a speaker-disjoint dev split: all of TESS is train
+    assert {r.split for r in rows} == {"train"}
+    held, _ = prepare_corpus("tess", data_dir / "tess", min_dev_speakers=4)
+    assert {r.split for r in held} == {"train"}
+
+
+def test_turev_labels_and_speakers(data_dir):
+    rows, dropped = prepare_corpus("turev", data_dir / "turev")
+    assert len(rows) == 1081 and not dropped
+    assert Counter(r.label for r in rows) == {"angry": 405, "happy": 275, "sad": 401}
+    by_name = _by_name(rows)
+    r = by_name["1234_kz_eger.flac"]
+    assert (r.label, r.speaker, r.language, r.extra["word"]) == ("angry", "turev-1234", "tr", "eger")
+    assert {r.speaker for r in rows} == {f"turev-{s}" for s in ("1157", "1234", "1358", "1984", "7895")}
+    assert not [r for r in rows if r.speaker == "turev-1157" and r.label == "happy"]  # as distributed
+    for path in (data_dir / "turev").rglob("*.flac"):  # the folder and the code agree on every clip
+        assert by_name[path.name].label == path.parent.name.lower()
+    _assert_speaker_disjoint(rows)
+
+
+def test_turev_drops_calm_and_disagreeing_folders(tmp_path):
+    root = tmp_path / "turev"
+    _silent(root / "Calm" / "1157_sk_elma.wav")
+    _silent(root / "Happy" / "1157_kz_elma.wav")  # angry code in the happy folder
+    _silent(root / "Sad" / "1157_hl_elma.wav")
+    rows, dropped = prepare_corpus("turev", root)
+    assert [(Path(r.path).name, r.label) for r in rows] == [("1157_hl_elma.wav", "sad")]
+    reasons = {Path(d.path).name: d.reason for d in dropped}
+    assert "calm" in reasons["1157_sk_elma.wav"] and "folder is Happy" in reasons["1157_kz_elma.wav"]
+
+
+def test_tava_ratings_and_classes(data_dir):
+    rows, dropped = prepare_corpus("tava", data_dir / "tava")
+    assert len(rows) == 224 and not dropped
+    assert len({r.speaker for r in rows}) == 14 and Counter(r.speaker for r in rows)["tava-01"] == 16
+    assert Counter(r.label for r in rows) == {None: 112, "happy": 28, "angry": 28, "fearful": 28, "sad": 28}
+    words = defaultdict(set)
+    for r in rows:
+        words[r.label].add(r.extra["original_label"])
+    assert words["happy"] == {"happy", "joyful"} and words["angry"] == {"enraged", "annoyed"}
+    assert words["fearful"] == {"frightened", "worried"} and words["sad"] == {"depressed", "miserable"}
+    assert len(words[None]) == 8
+    # SummaryData.csv, speech row of speaker 1, "happy": valence 0.30254902, arousal 0.190718954,
+    # dominance -0.045555556 on [-1, 1]; (x + 1) / 2 on [0, 1]
+    r = _by_name(rows)["s01_happy_audio.flac"]
+    assert (r.label, r.speaker, r.extra["gender"]) == ("happy", "tava-01", "male")
+    assert r.valence == pytest.approx((0.30254902 + 1) / 2)
+    assert r.arousal == pytest.approx((0.190718954 + 1) / 2)
+    assert r.dominance == pytest.approx((-0.045555556 + 1) / 2)
+    tranquil = _by_name(rows)["s01_tranquil_audio.flac"]  # no class, ratings kept
+    assert tranquil.label is None and tranquil.arousal == pytest.approx((-0.847973856 + 1) / 2)
+    assert all(r.arousal is not None and r.valence is not None and r.dominance is not None for r in rows)
+    assert all(0 <= v <= 1 for r in rows for v in (r.arousal, r.valence, r.dominance))
+    assert {r.language for r in rows} == {"en"}
+    _assert_speaker_disjoint(rows)
+
+
+def test_baved_levels_as_arousal(data_dir):
+    rows, dropped = prepare_corpus("baved", data_dir / "baved")
+    assert len(rows) == 776 and not dropped
+    assert Counter(r.extra["level"] for r in rows) == {0: 222, 1: 274, 2: 280}
+    for r in rows:  # only level 1 is a class; every level is an arousal value, and nothing else is rated
+        assert r.label == ("neutral" if r.extra["level"] == 1 else None)
+        assert r.arousal == {0: 0.0, 1: 0.5, 2: 1.0}[r.extra["level"]]
+        assert r.valence is None and r.dominance is None
+    r = _by_name(rows)["55-m-16-3-2-1063.flac"]
+    assert (r.speaker, r.extra["gender"], r.extra["age"], r.extra["word"], r.language) == (
+        "baved-55",
+        "male",
+        16,
+        "3",
+        "ar",
+    )
+    assert len({r.speaker for r in rows}) == 30
+    assert _by_name(rows)["3-f-21-3-2-824.flac"].extra["gender"] == "female"
+    _assert_speaker_disjoint(rows)
+
+
+def test_dimensional_rows_round_trip_and_check(data_dir, tmp_path):
+    """TAVA's and BAVED's unlabelled rows survive the manifest as written: no class, dims where present."""
+    out = tmp_path / "dims.csv"
+    assert main(["data", "prepare", "baved", str(data_dir / "baved"), "-o", str(out), "--check"]) == 0
+    back = read_manifest(out)
+    assert sum(r.label is None for r in back) == 502
+    assert all(r.valence is None and r.dominance is None and r.arousal is not None for r in back)
+    out = tmp_path / "tava.jsonl"
+    assert main(["data", "prepare", "tava", str(data_dir / "tava"), "-o", str(out), "--check"]) == 0
+    assert sum(r.label is None and r.valence is not None for r in read_manifest(out)) == 112
+
+
+def test_min_dev_speakers(data_dir, ravdess_root):
+    """Dev gets at least N speakers where the corpus can spare them; train always keeps one."""
+
+    def count(rows, split):
+        return len({r.speaker for r in rows if r.split == split})
+
+    rows, _ = prepare_corpus("ravdess", ravdess_root, min_dev_speakers=4)
+    assert (count(rows, "train"), count(rows, "dev"), count(rows, "test")) == (14, 4, 2)
+    _assert_speaker_disjoint(rows)
+    plain, _ = prepare_corpus("ravdess", ravdess_root)
+    assert count(plain, "dev") == 2  # the default is unchanged
+    rows, _ = prepare_corpus("turev", data_dir / "turev", min_dev_speakers=4, test_fraction=0)
+    assert (count(rows, "train"), count(rows, "dev"), count(rows, "test")) == (1, 4, 0)
+    rows, _ = prepare_corpus("emodb", data_dir / "emodb", min_dev_speakers=9, test_fraction=0)
+    assert (count(rows, "train"), count(rows, "dev")) == (1, 5)
+    with pytest.raises(ValueError, match="min-dev-speakers"):
+        prepare_corpus("emodb", data_dir / "emodb", min_dev_speakers=-1)
 
 
 def test_speaker_split_rule(ravdess_root):
@@ -490,19 +617,15 @@ def test_indowavesentiment_layout(tmp_path):
 
 
 def test_every_recipe_has_a_test():
-    tested = {
-        "ravdess",
-        "emodb",
-        "ased",
-        "crema-d",
-        "esd",
-        "meld",
-        "iemocap",
-        "msp-podcast",
-        "m3ed",
-        "indowavesentiment",
-    }
-    assert set(RECIPES) == tested
+    """Each recipe of the registry has a test here named after it that runs it by name."""
+    tests = {name: fn for name, fn in globals().items() if name.startswith("test_") and callable(fn)}
+    untested = []
+    for corpus in RECIPES:
+        stem = "test_" + corpus.replace("-", "_") + "_"
+        runs = [n for n, fn in tests.items() if n.startswith(stem) and f'"{corpus}"' in inspect.getsource(fn)]
+        if not runs:
+            untested.append(corpus)
+    assert not untested, f"recipes without a test named test_<corpus>_…: {untested}"
 
 
 # --- the CLI --------------------------------------------------------------------------------

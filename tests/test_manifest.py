@@ -14,7 +14,6 @@ from serval import manifest as mf
 from serval.cli import main
 from serval.manifest import (
     COLUMNS,
-    LABELS,
     ManifestError,
     ManifestRow,
     check_manifest,
@@ -213,6 +212,39 @@ def test_row_fields_are_the_columns():
     assert names == (*COLUMNS, "extra")
 
 
-def test_labels_match_model():
-    model = pytest.importorskip("serval.model")
-    assert LABELS == tuple(model.EMOTIONS)
+def test_labels_are_the_shared_vocabulary(tmp_path, ravdess_clips):
+    """Every class of serval.vocab reads back, and nothing else does: one list of names, not a copy."""
+    from serval import vocab
+
+    assert mf.EMOTIONS is vocab.EMOTIONS and mf.DIMENSIONS is vocab.DIMENSIONS
+    good = tmp_path / "good.csv"
+    write_manifest(
+        [
+            ManifestRow(path=str(ravdess_clips[0]), label=c, start=i * 0.1)
+            for i, c in enumerate(vocab.EMOTIONS)
+        ],
+        good,
+    )
+    assert [r.label for r in read_manifest(good)] == list(vocab.EMOTIONS)
+    with pytest.raises(ValueError, match="unknown label 'calm'"):
+        write_manifest([ManifestRow(path=str(ravdess_clips[0]), label="calm")], tmp_path / "bad.csv")
+
+
+def test_rows_with_dimensions_but_no_class(tmp_path, ravdess_clips):
+    """A row rated on some dimensions but with no class is valid, and each absent dimension reads as None."""
+    rows = [
+        ManifestRow(path=str(ravdess_clips[0]), arousal=0.5, corpus="baved"),
+        ManifestRow(path=str(ravdess_clips[1]), arousal=0.25, valence=0.75, dominance=0.0, corpus="tava"),
+        ManifestRow(path=str(ravdess_clips[2]), valence=1.0),
+    ]
+    for ext in ("csv", "jsonl"):
+        path = tmp_path / f"dims.{ext}"
+        write_manifest(rows, path)
+        assert check_manifest(path) == []
+        back = read_manifest(path)
+        assert [(r.label, r.arousal, r.valence, r.dominance) for r in back] == [
+            (None, 0.5, None, None),
+            (None, 0.25, 0.75, 0.0),
+            (None, None, 1.0, None),
+        ]
+    assert main(["data", "check", str(tmp_path / "dims.csv")]) == 0
