@@ -58,11 +58,12 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 def make_model(size: str, directory: Path) -> Path:
     import torch
 
+    from serval.checkpoint import save_model
     from serval.model import SERConfig, SERModel
 
     torch.manual_seed(0)
     config = SERConfig.tiny() if size == "tiny" else SERConfig.for_whisper(size, name=f"random-{size}")
-    return SERModel(config).save_pretrained(directory / size)
+    return save_model(SERModel(config), directory / size)
 
 
 def start_server(model: Path, device: str, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:

@@ -14,8 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("serval.evaluate", "score models on a manifest, side by side"),
     "data": ("serval.corpora", "prepare and check data manifests"),
     "pseudolabel": ("serval.pseudolabel", "label audio with agreeing teacher models"),
-    "serve": ("serval.server", "HTTP and WebSocket API"),
-    "mcp": ("serval.mcp_server", "MCP tool server for agents (stdio)"),
+    "serve": ("serval.serve.cli", "HTTP and WebSocket API"),
+    "mcp": ("serval.serve.mcp", "MCP tool server for agents (stdio)"),
     "bench": ("serval.bench", "speed and memory benchmarks"),
 }
 

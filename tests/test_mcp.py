@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import sys
 
 import numpy as np
@@ -21,9 +22,12 @@ pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
 
 from serval.audio import load_audio  # noqa: E402
+from serval.checkpoint import save_model  # noqa: E402
 from serval.inference import load  # noqa: E402
 from serval.model import SERConfig, SERModel  # noqa: E402
 from serval.timeline import grid_timeline  # noqa: E402
+from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4  # noqa: E402
+from serval.windows import WindowSpec  # noqa: E402
 
 TOL = 5e-6  # records are rounded to 6 decimals
 
@@ -52,7 +56,7 @@ async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]]):
 def run(tmp_path_factory, ravdess_clips, emodb_clips):
     torch.manual_seed(1)
     tmp = tmp_path_factory.mktemp("mcp")
-    model_dir = SERModel(SERConfig.tiny()).save_pretrained(tmp / "tiny")
+    model_dir = save_model(SERModel(SERConfig.tiny()), tmp / "tiny")
     predictor = load(model_dir, device="cpu")
     clip, other = ravdess_clips[4], emodb_clips[1]
     talk = tmp / "audio" / "conversation.wav"
@@ -98,20 +102,81 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
     )
 
 
+def _types(prop: dict) -> dict:
+    """A JSON-schema property as {type: item type or None}, e.g. {"array": "string", "null": None}."""
+    options = prop.get("anyOf", [prop])
+    return {o["type"]: o.get("items", {}).get("type") for o in options}
+
+
 def test_tools_are_listed_with_schemas(run):
-    assert run["init"].server_info.name == "serval"
-    tools = run["tools"]
-    assert {"recognize_emotion", "emotion_timeline"} <= set(tools)
-    assert {"path", "audio_base64", "filename", "classes"} <= set(
-        tools["recognize_emotion"].input_schema["properties"]
+    init, tools = run["init"], run["tools"]
+    assert init.server_info.name == "serval"
+    assert init.server_info.version == __import__("serval").__version__
+    # the instructions name every class, in the model's order, and the dimensions
+    found = re.search(r"(\d+) classes \(([^)]*)\)", init.instructions)
+    assert found, init.instructions
+    assert int(found[1]) == len(EMOTIONS) and tuple(found[2].split(", ")) == EMOTIONS
+    assert f"{'/'.join(DIMENSIONS)} scores in [0, 1]" in init.instructions
+    assert set(tools) == {"recognize_emotion", "emotion_timeline"}
+    assert all(name in init.instructions for name in tools)
+
+    optional = {"string": None, "null": None}
+    recognize = tools["recognize_emotion"]
+    schema = recognize.input_schema
+    # every argument is optional: the tool itself says which audio argument is missing
+    assert schema["type"] == "object" and not schema.get("required")
+    assert {k: _types(v) for k, v in schema["properties"].items()} == {
+        "path": optional,
+        "audio_base64": optional,
+        "filename": optional,
+        "classes": {"array": "string", "null": None},
+    }
+    assert all(v["default"] is None for v in schema["properties"].values())
+    out = recognize.output_schema
+    assert (
+        set(out["required"])
+        == set(out["properties"])
+        == {
+            "file",
+            "duration",
+            "label",
+            "probabilities",
+            "scores",
+        }
     )
-    assert {"file", "duration", "label", "probabilities", "scores"} <= set(
-        tools["recognize_emotion"].output_schema["properties"]
-    )
-    assert {"path", "audio_base64", "window", "hop", "vad"} <= set(
-        tools["emotion_timeline"].input_schema["properties"]
-    )
-    assert "emotion" in tools["recognize_emotion"].description.lower()
+    assert [out["properties"][k]["type"] for k in ("file", "duration", "label")] == [
+        "string",
+        "number",
+        "string",
+    ]
+    for k in ("probabilities", "scores"):
+        assert out["properties"][k]["type"] == "object"
+        assert out["properties"][k]["additionalProperties"] == {"type": "number"}
+    assert all(d in out["properties"]["scores"]["description"] for d in DIMENSIONS)
+    description = recognize.description
+    assert "emotion" in description.lower()
+    assert description.startswith("Recognise the emotion in one speech clip")
+    assert f"{'/'.join(DIMENSIONS)} scores in [0, 1]" in description
+    assert all(f'"{c}"' in description for c in PRIMARY4)  # the subset example uses real class names
+
+    timeline = tools["emotion_timeline"]
+    schema = timeline.input_schema
+    assert schema["type"] == "object" and not schema.get("required")
+    props = schema["properties"]
+    assert {k: _types(v) for k, v in props.items()} == {
+        "path": optional,
+        "audio_base64": optional,
+        "filename": optional,
+        "window": {"number": None},
+        "hop": {"number": None},
+        "max_segment": {"number": None},
+        "vad": {"boolean": None},
+        "include_windows": {"boolean": None},
+    }
+    defaults = {k: props[k]["default"] for k in ("window", "hop", "max_segment", "vad", "include_windows")}
+    assert defaults == {"window": 4.0, "hop": 2.0, "max_segment": 15.0, "vad": False, "include_windows": True}
+    assert timeline.description.startswith("Emotion over time in a longer recording")
+    assert "`serval timeline`" in timeline.description and "recognize_emotion" in timeline.description
 
 
 def test_recognize_emotion_is_the_predict_record(run):
@@ -146,7 +211,9 @@ def test_recognize_emotion_is_the_predict_record(run):
 
 def test_emotion_timeline_is_the_timeline_json(run):
     predictor, res = run["predictor"], run["results"]
-    want = grid_timeline(load_audio(run["talk"]), predictor, 3.0, 1.5, 0.5, max_segment=6.0)
+    want = grid_timeline(
+        load_audio(run["talk"]), predictor, WindowSpec(window=3.0, hop=1.5, min_length=0.5, max_segment=6.0)
+    )
     got = res["timeline"].structured_content
     assert not res["timeline"].is_error
     assert got["file"] == str(run["talk"]) and got["duration"] == pytest.approx(

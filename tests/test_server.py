@@ -32,11 +32,14 @@ ws_client = pytest.importorskip("websockets.sync.client")
 ConnectionClosed = pytest.importorskip("websockets.exceptions").ConnectionClosed
 
 from serval.audio import load_audio, resample  # noqa: E402
+from serval.checkpoint import save_model  # noqa: E402
 from serval.inference import load  # noqa: E402
 from serval.model import SERConfig, SERModel  # noqa: E402
-from serval.server import MicroBatcher, ServerConfig, create_app  # noqa: E402
+from serval.serve.app import create_app  # noqa: E402
+from serval.serve.batching import MicroBatcher  # noqa: E402
+from serval.serve.config import ServerConfig  # noqa: E402
 from serval.timeline import grid_timeline  # noqa: E402
-from serval.windows import window_grid  # noqa: E402
+from serval.windows import WindowSpec, window_grid  # noqa: E402
 
 TOL = 5e-6  # records are rounded to 6 decimals; different clips differ by far more (checked below)
 
@@ -95,7 +98,7 @@ def wait_healthy(base: str, proc: subprocess.Popen | None, log: Path | None, tim
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return SERModel(SERConfig.tiny()).save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+    return save_model(SERModel(SERConfig.tiny()), tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -264,11 +267,11 @@ def test_timeline_is_the_timeline_json(served, predictor, tmp_path):
     )
     assert r.status_code == 200, r.text
     got = r.json()
-    want = grid_timeline(decoded, predictor, 3.0, 1.5, 0.5, max_segment=6.0)
+    want = grid_timeline(decoded, predictor, WindowSpec(window=3.0, hop=1.5, min_length=0.5, max_segment=6.0))
     assert got["file"] == "talk.wav" and got["duration"] == round(len(decoded) / 16000, 3)
     assert got["grid"] == {"window": 3.0, "hop": 1.5, "min_length": 0.5} and got["max_segment"] == 6.0
     assert set(got) - {"duration"} == set(want)
-    grid = window_grid(len(decoded) / 16000, 3.0, 1.5, 0.5)
+    grid = window_grid(len(decoded) / 16000, WindowSpec(window=3.0, hop=1.5, min_length=0.5))
     assert [(w["start"], w["end"]) for w in got["windows"]] == [(round(a, 3), round(b, 3)) for a, b in grid]
     for g, w in zip(got["windows"], want["windows"]):
         np.testing.assert_allclose(probs_of(g, predictor.classes), probs_of(w, predictor.classes), atol=TOL)
@@ -430,7 +433,7 @@ def test_stream_answers_per_window_before_the_end(served, predictor):
             ws.recv(timeout=10)  # the server closes after the summary
         assert ws.close_code == 1000
     duration = len(pcm) / 16000
-    grid = window_grid(duration, 4.0, 2.0, 0.5)
+    grid = window_grid(duration, WindowSpec(window=4.0, hop=2.0, min_length=0.5))
     assert [(w["start"], w["end"]) for w in windows] == [(round(a, 3), round(b, 3)) for a, b in grid]
     assert [w["index"] for w in windows] == list(range(len(windows)))
     expected, _ = predictor.predict_waveforms([heard[round(a * 16000) : round(b * 16000)] for a, b in grid])
@@ -458,7 +461,8 @@ def test_stream_at_a_declared_rate(served, predictor):
             msgs.append(json.loads(ws.recv(timeout=30)))
     assert msgs[-1]["duration"] == pytest.approx(len(x8) / 8000, abs=0.01)
     assert [(m["start"], m["end"]) for m in msgs[:-1]] == [
-        (round(a, 3), round(b, 3)) for a, b in window_grid(msgs[-1]["duration"], 4.0, 2.0, 0.5)
+        (round(a, 3), round(b, 3))
+        for a, b in window_grid(msgs[-1]["duration"], WindowSpec(window=4.0, hop=2.0, min_length=0.5))
     ]
 
 

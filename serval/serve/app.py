@@ -1,0 +1,44 @@
+"""The FastAPI app: a `Service` on `app.state`, the error handlers, the metrics middleware, the routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from serval import __version__, vocab
+from serval.serve.config import ServerConfig
+from serval.serve.errors import add_error_handlers
+from serval.serve.metrics import Metrics, observe
+from serval.serve.routes import router
+from serval.serve.service import Service
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.service.start()
+    yield
+    # uvicorn has already let in-flight requests finish (graceful shutdown) when this runs
+    await app.state.service.stop()
+
+
+def create_app(predictor, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving `predictor` (a `serval.inference.Predictor`) with `config`'s limits."""
+    config = config or ServerConfig()
+    app = FastAPI(
+        title="serval",
+        version=__version__,
+        lifespan=lifespan,
+        description=(
+            f"Speech emotion recognition: {len(vocab.EMOTIONS)} emotion classes and "
+            f"{len(vocab.DIMENSIONS)} dimensional scores."
+        ),
+    )
+    app.state.config = config
+    app.state.metrics = Metrics()
+    app.state.service = Service(predictor, config, app.state.metrics)
+    add_error_handlers(app)
+    app.middleware("http")(observe)
+    app.include_router(router)
+    return app

@@ -1,0 +1,193 @@
+"""Micro-batching: the waveforms of concurrent requests gathered into shared model calls.
+
+One worker thread owns the model. Every request (an upload, the windows of a timeline, the
+windows of a live stream) hands its waveforms to the `MicroBatcher`, which gathers what arrives
+within `max_wait` into one model call of at most `max_batch` waveforms, so throughput grows with
+load instead of requests queueing one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class QueueFullError(RuntimeError):
+    """The batcher has `max_queue` requests waiting."""
+
+
+@dataclass(eq=False)
+class _Job:
+    waves: list[np.ndarray]
+    future: asyncio.Future
+    taken: int = 0  # waves handed to the model so far
+    done: int = 0  # waves with results
+    probs: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+
+class MicroBatcher:
+    """Gathers the waveforms of concurrent requests into model calls of at most `max_batch`.
+
+    After the first waiting request, up to `max_wait` seconds pass for others to join, but only
+    while `expecting()` says more requests are on their way (being uploaded or decoded), so a lone
+    request is never kept waiting for company that is not coming. A request
+    with more waveforms than fit (a timeline) is served a batch at a time, round-robin with the
+    others, so one long request cannot hold short ones back. `max_queue` bounds the requests
+    waiting; beyond it `submit` raises `QueueFullError`.
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
+        max_batch: int = 16,
+        max_wait: float = 0.010,
+        max_queue: int = 64,
+        on_batch: Callable[[int, int, float], None] | None = None,
+        expecting: Callable[[], int] | None = None,
+    ):
+        if max_batch < 1 or max_queue < 1 or max_wait < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_wait >= 0")
+        self.predict, self.max_batch, self.max_wait, self.max_queue = predict, max_batch, max_wait, max_queue
+        self.on_batch = on_batch  # (waveforms, requests, seconds) of every model call
+        self.expecting = expecting or (lambda: 1)  # requests that may still join; unknown: assume some
+        self._queue: deque[_Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        # one thread owns the model: torch parallelises inside a call, calls never overlap
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="serval-model")
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (or partly served)."""
+        return len(self._queue)
+
+    def full(self) -> bool:
+        return len(self._queue) >= self.max_queue
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="serval-batcher")
+
+    async def stop(self) -> None:
+        """Stop after the current model call; waiting requests fail with a shutdown error."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, waves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The model's (probabilities [N, classes], scores [N, dims]) for `waves`, in order."""
+        if not self.running:
+            raise RuntimeError("the batcher is not running")
+        if not waves:
+            raise ValueError("no waveforms to score")
+        if self.full():
+            raise QueueFullError(f"{len(self._queue)} requests are waiting for the model")
+        job = _Job(list(waves), asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._wakeup.set()
+        return await job.future
+
+    def _waiting_waves(self) -> int:
+        return sum(len(j.waves) - j.taken for j in self._queue)
+
+    def _take(self) -> list[tuple[_Job, int, int]]:
+        taken, n = [], 0
+        for job in list(self._queue):
+            if n >= self.max_batch:
+                break
+            self._queue.remove(job)
+            if job.future.done():  # its client went away
+                continue
+            k = min(len(job.waves) - job.taken, self.max_batch - n)
+            taken.append((job, job.taken, job.taken + k))
+            job.taken += k
+            n += k
+            if job.taken < len(job.waves):
+                self._queue.append(job)  # the rest waits its turn behind the others
+        return taken
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            deadline = loop.time() + self.max_wait
+            while (
+                self._waiting_waves() < self.max_batch
+                and self.expecting() > 0
+                and (left := deadline - loop.time()) > 0
+            ):
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                await self._serve(loop, batch)
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job, int, int]]) -> None:
+        waves = [w for job, a, b in batch for w in job.waves[a:b]]
+        t0 = time.perf_counter()
+        try:
+            probs, scores = await loop.run_in_executor(self._executor, self.predict, waves)
+        except Exception as e:
+            if len(batch) > 1:  # do not let one request's failure take the others down: retry each alone
+                for part in batch:
+                    await self._serve(loop, [part])
+                return
+            job = batch[0][0]
+            if job in self._queue:
+                self._queue.remove(job)
+            if not job.future.done():
+                job.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(waves), len({id(j) for j, _, _ in batch}), time.perf_counter() - t0)
+        row = 0
+        for job, a, b in batch:
+            p, s = probs[row : row + b - a], scores[row : row + b - a]
+            row += b - a
+            if job.future.done():
+                continue
+            if job.probs is None:
+                job.probs = np.zeros((len(job.waves), p.shape[1]), np.float32)
+                job.scores = np.zeros((len(job.waves), s.shape[1]), np.float32)
+            job.probs[a:b], job.scores[a:b] = p, s
+            job.done += b - a
+            if job.done == len(job.waves):
+                job.future.set_result((job.probs, job.scores))
+
+
+class BatchedPredictor:
+    """The predictor as code running in a worker thread sees it: `predict_waveforms` goes through
+    the server's micro-batcher (so timelines share model calls with everything else)."""
+
+    def __init__(self, predictor, batcher: MicroBatcher, loop: asyncio.AbstractEventLoop):
+        self.predictor, self.batcher, self.loop = predictor, batcher, loop
+        self.classes, self.dimensions, self.name = predictor.classes, predictor.dimensions, predictor.name
+
+    def predict_waveforms(
+        self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return asyncio.run_coroutine_threadsafe(self.batcher.submit(list(waves)), self.loop).result()

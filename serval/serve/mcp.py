@@ -1,0 +1,222 @@
+"""`serval mcp`: serval as a tool for agents, over the Model Context Protocol (stdio transport).
+
+Two tools, both returning structured records: `recognize_emotion` (the record of
+`serval predict` for one clip) and `emotion_timeline` (the JSON of `serval timeline`). Audio is
+given as a local path or as base64 bytes. The server runs on the user's machine for the user's
+agent, so it may read local files; `--root DIR` confines it to some folders, for agents that
+handle untrusted text. Standard output is the protocol channel: nothing else may print there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from serval import vocab
+from serval.audio import AudioError, audio_info, load_audio
+
+_DIMS = "/".join(vocab.DIMENSIONS)
+INSTRUCTIONS = (
+    f"serval recognises emotion in speech: {len(vocab.EMOTIONS)} classes ({', '.join(vocab.EMOTIONS)}) "
+    f"with probabilities, and {_DIMS} scores in [0, 1]. Use recognize_emotion for one utterance "
+    "(up to a few minutes) and emotion_timeline for a longer recording (windows over time merged "
+    "into segments). Give audio as a file path or as base64 bytes."
+)
+RECOGNIZE_DESCRIPTION = (
+    "Recognise the emotion in one speech clip (any common audio format, any sample rate).\n\n"
+    "Give `path` (a local audio file) or `audio_base64` (the file's bytes, base64-encoded; `filename` "
+    f"names it in the result). `classes` restricts the answer to a subset, e.g. {json.dumps(vocab.PRIMARY4)}, "
+    "with probabilities renormalised over it. Returns the label, the probability of each class and "
+    f"{_DIMS} scores in [0, 1]."
+)
+TIMELINE_DESCRIPTION = (
+    "Emotion over time in a longer recording: windows of `window` seconds every `hop` seconds, "
+    "adjacent windows with the same label merged into segments of at most `max_segment` seconds.\n\n"
+    "Give `path` or `audio_base64` as for recognize_emotion. `vad` leaves windows without speech "
+    "unscored. Set `include_windows` false to get only the merged segments (shorter answers for "
+    "long recordings). Returns the JSON of `serval timeline`: windows, segments, grid, duration."
+)
+
+
+class EmotionResult(BaseModel):
+    """The emotion of one clip, as `serval predict` reports it."""
+
+    file: str = Field(description="the path, or the name given for base64 audio")
+    duration: float = Field(description="seconds of audio")
+    label: str = Field(description="the most probable emotion")
+    probabilities: dict[str, float] = Field(description="probability of each emotion class")
+    scores: dict[str, float] = Field(
+        description=f"{', '.join(vocab.DIMENSIONS[:-1])} and {vocab.DIMENSIONS[-1]} in [0, 1]"
+    )
+
+
+class ToolInputError(ValueError):
+    """A bad tool call: no audio or both kinds, invalid base64, unknown classes, a path outside --root."""
+
+
+class AudioInput:
+    """Where a tool's audio comes from: a path (within the allowed roots, if any) or base64 bytes."""
+
+    def __init__(self, roots: list[str] | None = None):
+        self.allowed = [Path(r).expanduser().resolve() for r in roots or []]
+
+    def source(self, path: str | None, audio_base64: str | None, filename: str | None) -> tuple[Any, str]:
+        """(what `serval.audio` reads, the name for the record); ToolInputError for a bad choice."""
+        if (path is None) == (audio_base64 is None):
+            raise ToolInputError("give exactly one of `path` (a local audio file) or `audio_base64`")
+        if path is not None:
+            resolved = Path(path).expanduser().resolve()
+            if self.allowed and not any(resolved.is_relative_to(r) for r in self.allowed):
+                folders = ", ".join(str(r) for r in self.allowed)
+                raise ToolInputError(f"{path}: outside the folders this server may read ({folders})")
+            return str(resolved), path
+        try:
+            data = base64.b64decode(audio_base64, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ToolInputError(f"audio_base64 is not valid base64 ({e})") from None
+        return data, filename or "audio"
+
+    @staticmethod
+    def duration(source: Any, name: str, max_seconds: float, hint: str = "") -> float:
+        """The audio's duration from its header; ToolInputError when longer than `max_seconds`."""
+        duration = audio_info(source, name=name).duration
+        if duration > max_seconds + 1e-3:
+            raise ToolInputError(
+                f"{name}: {duration:.1f} s of audio; this tool takes at most {max_seconds:g} s{hint}"
+            )
+        return duration
+
+
+class EmotionTools:
+    """The two tools over one predictor; their signatures are the tools' input schemas."""
+
+    def __init__(self, predictor, audio: AudioInput, max_clip_seconds: float, max_timeline_seconds: float):
+        self.predictor, self.audio = predictor, audio
+        self.max_clip_seconds, self.max_timeline_seconds = max_clip_seconds, max_timeline_seconds
+        self.lock = (
+            threading.Lock()
+        )  # the SDK runs tools in worker threads; the model serves one call at a time
+
+    def recognize_emotion(
+        self,
+        path: str | None = None,
+        audio_base64: str | None = None,
+        filename: str | None = None,
+        classes: list[str] | None = None,
+    ) -> EmotionResult:
+        """The record of `serval predict` for one clip."""
+        from mcp.server.mcpserver.exceptions import ToolError
+
+        p = self.predictor
+        try:
+            source, name = self.audio.source(path, audio_base64, filename)
+            keep = vocab.class_subset(classes, p.classes)
+            self.audio.duration(
+                source, name, self.max_clip_seconds, "; use emotion_timeline for long recordings"
+            )
+            wave = load_audio(source, name=name)
+            with self.lock:
+                probs, scores = p.predict_waveforms([wave])
+        except (AudioError, ToolInputError, vocab.UnknownClassesError) as e:
+            raise ToolError(str(e)) from None
+        body = vocab.label_body(probs[0], scores[0], p.classes, p.dimensions, keep)
+        return EmotionResult(file=name, duration=round(len(wave) / vocab.SAMPLE_RATE, 3), **body)
+
+    def emotion_timeline(
+        self,
+        path: str | None = None,
+        audio_base64: str | None = None,
+        filename: str | None = None,
+        window: float = 4.0,
+        hop: float = 2.0,
+        max_segment: float = 15.0,
+        vad: bool = False,
+        include_windows: bool = True,
+    ) -> dict[str, Any]:
+        """The JSON of `serval timeline` for one recording."""
+        from mcp.server.mcpserver.exceptions import ToolError
+
+        from serval.timeline import grid_timeline
+        from serval.windows import WindowSpec
+
+        try:
+            source, name = self.audio.source(path, audio_base64, filename)
+            duration = self.audio.duration(source, name, self.max_timeline_seconds)
+            spec = WindowSpec(
+                window=window, hop=hop, min_length=min(0.5, window), vad=vad, max_segment=max_segment
+            )
+            if isinstance(source, bytes):  # read chunk by chunk like a file, never decoded whole
+                source = io.BytesIO(source)
+                source.name = name
+            with self.lock:
+                result = grid_timeline(source, self.predictor, spec)
+        except (AudioError, ToolInputError, ValueError) as e:
+            raise ToolError(str(e)) from None
+        result.update(file=name, duration=round(duration, 3))
+        if not include_windows:
+            result.pop("windows")
+        return result
+
+
+def build_server(
+    predictor,
+    roots: list[str] | None = None,
+    max_clip_seconds: float = 600.0,
+    max_timeline_seconds: float = 4 * 3600.0,
+):
+    """The MCP server (an `mcp.server.mcpserver.MCPServer`) exposing `predictor` as two tools."""
+    from mcp.server.mcpserver import MCPServer
+
+    from serval import __version__
+
+    tools = EmotionTools(predictor, AudioInput(roots), max_clip_seconds, max_timeline_seconds)
+    server = MCPServer("serval", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING")
+    server.add_tool(tools.recognize_emotion, description=RECOGNIZE_DESCRIPTION)
+    server.add_tool(tools.emotion_timeline, description=TIMELINE_DESCRIPTION)
+    return server
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument(
+        "--root",
+        action="append",
+        metavar="DIR",
+        help="only read audio under DIR (repeatable); default: any file the user can read",
+    )
+    p.add_argument(
+        "--max-clip-seconds", type=float, default=600.0, help="longest audio for recognize_emotion"
+    )
+    p.add_argument(
+        "--max-timeline-seconds", type=float, default=4 * 3600.0, help="longest audio for emotion_timeline"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from serval.inference import NoDefaultModelError, load
+
+    try:
+        predictor = load(args.model, device=args.device)
+    except (NoDefaultModelError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"serval mcp: {e}", file=sys.stderr)
+        return 2
+    for r in args.root or []:
+        if not Path(r).is_dir():
+            print(f"serval mcp: --root {r}: not a directory", file=sys.stderr)
+            return 2
+    server = build_server(predictor, args.root, args.max_clip_seconds, args.max_timeline_seconds)
+    server.run("stdio")
+    return 0

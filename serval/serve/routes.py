@@ -1,0 +1,150 @@
+"""The HTTP and WebSocket endpoints: module-level handlers on one `APIRouter`.
+
+Each handler reads the served model, limits and metrics from `app.state.service` (a `Service`),
+so the router holds no state and a new endpoint is one more function here (or its own router
+beside this one, included in `app.create_app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from fastapi import APIRouter, Depends, Query, Request, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from serval import __version__, vocab
+from serval.audio import AudioError
+from serval.serve.batching import QueueFullError
+from serval.serve.errors import ApiError, audio_error
+from serval.serve.schemas import ERROR_RESPONSES, UPLOAD_BODY, EmotionRecord, ModelInfo
+from serval.serve.service import Service
+from serval.serve.streaming import stream_session
+from serval.serve.uploads import check_audio, decode, read_upload
+from serval.timeline import grid_timeline
+from serval.windows import WindowSpec
+
+router = APIRouter()
+
+
+def get_service(request: Request) -> Service:
+    """The app's `Service` (a dependency of every handler)."""
+    return request.app.state.service
+
+
+def class_subset(text: str | None, classes) -> list[int] | None:
+    """`"neutral,angry"` -> indices into `classes`; None keeps all; unknown names are a 400."""
+    names = [c.strip() for c in (text or "").split(",") if c.strip()]
+    try:
+        return vocab.class_subset(names, classes)
+    except vocab.UnknownClassesError as e:
+        raise ApiError(400, "invalid_request", str(e)) from None
+
+
+@router.post(
+    "/v1/emotion",
+    response_model=EmotionRecord,
+    responses=ERROR_RESPONSES,
+    openapi_extra=UPLOAD_BODY,
+    summary="Emotion of one audio clip",
+)
+async def emotion(
+    request: Request,
+    classes: str | None = Query(None, description="comma-separated subset, renormalised"),
+    filename: str | None = Query(None, description="name for the record (raw uploads)"),
+    service: Service = Depends(get_service),
+):
+    """The same record as `serval predict`: label, class probabilities and dimensional scores."""
+    cfg, predictor = service.config, service.predictor
+    with service.admit():
+        keep = class_subset(classes, predictor.classes)
+        data, name = await read_upload(request, filename, cfg.max_upload_bytes)
+        wave = await decode(data, name, cfg.max_clip_seconds)
+    probs, scores = await service.score([wave])
+    return {
+        "file": name,
+        "duration": round(len(wave) / vocab.SAMPLE_RATE, 3),
+        **vocab.label_body(probs[0], scores[0], predictor.classes, predictor.dimensions, keep),
+    }
+
+
+@router.post(
+    "/v1/timeline", responses=ERROR_RESPONSES, openapi_extra=UPLOAD_BODY, summary="Emotion over time"
+)
+async def timeline(
+    request: Request,
+    # the defaults are the server's (`serval serve --window/--hop`), so they are filled in per request
+    window: float | None = Query(None, gt=0, le=30, description="window length (s); default: the server's"),
+    hop: float | None = Query(
+        None, gt=0, le=30, description="hop between window starts (s); default: the server's"
+    ),
+    max_segment: float | None = Query(
+        None, gt=0, description="longest merged segment (s); default: the server's"
+    ),
+    vad: bool = Query(False, description="leave windows without speech unscored (Silero VAD)"),
+    min_speech: float = Query(0.5, ge=0, le=1, description="speech fraction a window needs (vad)"),
+    filename: str | None = Query(None, description="name for the record (raw uploads)"),
+    service: Service = Depends(get_service),
+):
+    """Every window of the grid and the merged segments: the JSON of `serval timeline`."""
+    cfg = service.config
+    with service.admit():
+        try:
+            spec = cfg.window_spec(window, hop, max_segment, vad=vad, min_speech=min_speech)
+        except ValueError as e:
+            raise ApiError(400, "invalid_request", str(e)) from None
+        data, name = await read_upload(request, filename, cfg.max_upload_bytes)
+        duration = await check_audio(data, name, cfg.max_timeline_seconds, spec.min_length)
+    result = await _grid_timeline(service, data, name, spec)
+    return {**result, "file": name, "duration": round(duration, 3)}
+
+
+async def _grid_timeline(service: Service, data: bytes, name: str, spec: WindowSpec) -> dict:
+    audio = io.BytesIO(data)
+    audio.name = name  # decoded chunk by chunk, so a long recording never sits in memory as samples
+    try:  # in a thread whose model calls go through the batcher, a batch of windows at a time
+        return await asyncio.to_thread(
+            grid_timeline, audio, service.threaded, spec, batch_size=service.config.max_batch
+        )
+    except QueueFullError:
+        raise service.busy() from None
+    except AudioError as e:  # a file that breaks part-way through
+        raise audio_error(e) from None
+
+
+@router.get("/v1/model", response_model=ModelInfo, summary="The served model")
+async def model_info(service: Service = Depends(get_service)):
+    cfg, predictor = service.config, service.predictor
+    config = getattr(predictor, "config", None)
+    return {
+        "name": predictor.name,
+        "classes": list(predictor.classes),
+        "dimensions": list(predictor.dimensions),
+        "backbone": getattr(config, "backbone", None),
+        "version": __version__,
+        "limits": {
+            "max_upload_mb": cfg.max_upload_mb,
+            "max_clip_seconds": cfg.max_clip_seconds,
+            "max_timeline_seconds": cfg.max_timeline_seconds,
+            "max_stream_seconds": cfg.max_stream_seconds,
+        },
+        "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue},
+    }
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz(service: Service = Depends(get_service)):
+    alive = service.running
+    body = {"status": "ok" if alive else "unavailable", "queue": service.depth if alive else 0}
+    return JSONResponse(body, status_code=200 if alive else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+async def prometheus(service: Service = Depends(get_service)):
+    text = service.metrics.render(service.depth)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+@router.websocket("/v1/stream")
+async def stream(ws: WebSocket):
+    await stream_session(ws, ws.app.state.service)
