@@ -9,7 +9,16 @@ from conftest import clips
 from transformers import WhisperFeatureExtractor
 
 from serval.audio import load_audio
-from serval.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, compute_features, mel_filters, num_frames
+from serval.features import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    compute_features,
+    log_mel,
+    mel_filter_bank,
+    mel_filters,
+    num_frames,
+)
 
 TOL = 1e-4  # max abs difference allowed against the reference, in normalised log-mel units
 
@@ -121,6 +130,64 @@ def test_inputs_and_errors(waves):
 def test_mel_filters_cached():
     fb = mel_filters(128)
     assert fb.shape == (128, 201) and mel_filters(128) is fb and mel_filters(80).shape == (80, 201)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_equal_transformers(n_mels):
+    """Our own filters, bit for bit the ones transformers builds for WhisperFeatureExtractor."""
+    from transformers.audio_utils import mel_filter_bank as reference
+
+    ref = reference(
+        num_frequency_bins=201,
+        num_mel_filters=n_mels,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=16000,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    ours = mel_filter_bank(n_mels)
+    assert ours.dtype == ref.dtype == np.float64 and ours.shape == ref.shape == (201, n_mels)
+    assert np.array_equal(ours, ref)
+    assert np.array_equal(mel_filters(n_mels).numpy(), ref.T.astype(np.float32))
+
+
+@pytest.mark.parametrize("pad_to_30s", [False, True])
+def test_numpy_log_mel_matches_torch(waves, pad_to_30s):
+    joined = np.concatenate(waves * 4)
+    batch = [*waves, waves[0][:1600], joined[: N_SAMPLES - 37], joined[:N_SAMPLES]]
+    feats, lengths = compute_features(batch, n_mels=128, pad_to_30s=pad_to_30s)
+    ours, our_lengths = log_mel(batch, n_mels=128, pad_to_30s=pad_to_30s)
+    assert ours.dtype == np.float32 and ours.shape == tuple(feats.shape)
+    assert our_lengths.dtype == np.int64 and our_lengths.tolist() == lengths.tolist()
+    assert np.abs(ours - feats.numpy()).max() <= TOL
+    assert np.all(ours[len(waves), :, 10:] == 0.0) == (not pad_to_30s)  # the 0.1 s clip's padding
+    with pytest.raises(ValueError, match=r"clips \[1\].*NaN"):
+        log_mel([waves[0], np.full(1600, np.inf, np.float32)])
+    with pytest.raises(ValueError, match="fewer than one feature frame"):
+        log_mel([waves[0][:100]])
+
+
+def test_import_is_torch_free():
+    """The numpy path (the ONNX engine's) neither imports torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from serval.features import log_mel; "
+        "f, n = log_mel([np.zeros(1600, np.float32)]); "
+        "print(f.shape, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1,", "80,", "10)", "False", "False"]
+
+
+def test_check_finite_can_be_skipped(waves):
+    bad = waves[0].copy()
+    bad[10] = np.nan
+    feats, _ = compute_features([bad], check_finite=False)  # the caller vouches; no error
+    ours, _ = log_mel([bad], check_finite=False)
+    assert feats.shape[2] == ours.shape[2] == num_frames(len(bad)) + num_frames(len(bad)) % 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
