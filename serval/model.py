@@ -142,6 +142,16 @@ def attention_pool(x: Tensor, scorer: nn.Linear, mask: Tensor | None) -> Tensor:
     return (x * weights[:, None, :]).sum(-1)
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` written out as torch's own reference computes it (fp32), so that opset 17 exports it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return (h * self.weight).type_as(x)
+
+
 class MaskedGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics cover valid frames only, and whose padded output is zero."""
 
@@ -345,8 +355,9 @@ def halve_time(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Average-pool time by 2; with a mask, average valid frames only and max-pool the mask."""
     if mask is None:
         return F.avg_pool1d(x, 2), None
-    if x.shape[-1] % 2:
-        x, mask = F.pad(x, (0, 1)), F.pad(mask, (0, 1))
+    # One padded frame, whatever the parity: an even length's last window ignores it and an odd
+    # length's last window gets its partner, so no branch depends on the shape (export-clean).
+    x, mask = F.pad(x, (0, 1)), F.pad(mask, (0, 1))
     m = mask[:, None, :].to(x.dtype)
     summed = F.avg_pool1d(x * m, 2)
     count = F.avg_pool1d(m, 2)
@@ -433,11 +444,11 @@ class SERModel(nn.Module):
         self.downstream_model = ECAPADownstream(config)
         e = config.embed_dim
         self.dim_layer = nn.Sequential(
-            nn.Linear(e, e), nn.RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.dimensions)), nn.Sigmoid()
+            nn.Linear(e, e), RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.dimensions)), nn.Sigmoid()
         )
         self.emotion_layer = nn.Linear(e, e)
         self.emotion_classification_layer = nn.Sequential(
-            nn.RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes))
+            RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes))
         )
         if config.lora_r > 0:
             self._add_lora()
@@ -458,7 +469,7 @@ class SERModel(nn.Module):
             # Whisper's inner layers are un-normalised residual streams with outlier channels in the
             # hundreds; a parameter-free layer norm puts every layer on one scale, so the weights pick
             # layers rather than magnitudes (the SUPERB weighted sum does the same).
-            hidden = F.layer_norm(hidden, hidden.shape[-1:])
+            hidden = F.layer_norm(hidden, (self.config.d_model,))  # a constant shape exports
             w = self.layer_weights.softmax(0).to(hidden.dtype)
             hidden = (hidden * w[None, :, None, None]).sum(1)
         mask = None if token_lengths is None else lengths_to_mask(token_lengths, hidden.shape[1])
