@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from serval.atomic import atomic_write
+from serval.progress import progress_bar
 
 CACHE_VERSION = 1  # bump when the stored layout changes
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -127,11 +128,7 @@ class EncoderCache:
         device = torch.device(device or "cpu")
         # Sorting by length keeps padding (and wasted encoder work) small.
         todo.sort(key=lambda i: len(waves[i]))
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc="caching encoder outputs", unit="clip")
+        bar = progress_bar(enabled=progress, total=len(todo), desc="caching encoder outputs", unit="clip")
         model.eval()
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]

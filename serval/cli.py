@@ -10,7 +10,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("serval.inference", "emotion of audio files"),
     "timeline": ("serval.timeline", "emotion over time in a long recording"),
-    "train": ("serval.train", "train a model from a YAML config"),
+    "train": ("serval.train.command", "train a model from a YAML config"),
     "eval": ("serval.evaluate", "score models on a manifest, side by side"),
     "data": ("serval.corpora", "prepare and check data manifests"),
     "pseudolabel": ("serval.pseudolabel", "label audio with agreeing teacher models"),

@@ -39,6 +39,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def ensemble_forward(
+    models: Sequence[SERModel],
+    features: torch.Tensor,
+    frame_lengths: torch.Tensor | None,
+    cached: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities, scores) of a batch, each the mean over `models` (one model: its own).
+
+    `cached`: `features` are encoder outputs, so only each model's head runs (the CPU training path).
+    """
+    probs, scores = 0.0, 0.0
+    for m in models:
+        out = m.head(features, frame_lengths) if cached else m(features, frame_lengths)
+        probs = probs + out.logits.float().softmax(-1)
+        scores = scores + out.scores.float()
+    return probs / len(models), scores / len(models)
+
+
 class Predictor:
     """One model (or an ensemble whose probabilities are averaged) ready for inference."""
 
@@ -79,14 +97,9 @@ class Predictor:
         feats, lengths = compute_features(
             waves, n_mels=self.config.n_mels, pad_to_30s=self.config.pad_to_30s, device=self.device
         )
-        probs, scores = 0.0, 0.0
         with self._autocast():
-            for m in self.models:
-                out = m(feats, lengths.to(self.device))
-                probs = probs + out.logits.float().softmax(-1)
-                scores = scores + out.scores.float()
-        n = len(self.models)
-        return (probs / n).cpu().numpy(), (scores / n).cpu().numpy()
+            probs, scores = ensemble_forward(self.models, feats, lengths.to(self.device))
+        return probs.cpu().numpy(), scores.cpu().numpy()
 
     def predict_waveforms(
         self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False

@@ -19,20 +19,25 @@ import yaml
 from conftest import DATA, RAVDESS_CODES, REPO, clips
 from safetensors.torch import load_file
 
+from serval.checkpoint import save_model
 from serval.model import SERConfig, SERModel
 from serval.train import (
     BucketBatchSampler,
     NoiseBank,
+    RunState,
+    SelectConfig,
     add_noise,
     average_models,
     ccc_loss,
     change_speed,
     check_rows,
+    choose_combination,
     class_weights_from_labels,
     collate,
     cosine_with_warmup,
     load_config,
     mixup,
+    select_after_epoch,
     soft_cross_entropy,
     train,
 )
@@ -85,7 +90,7 @@ def tiny_init(folder: Path) -> Path:
         model = SERModel(SERConfig.tiny(proj_dropout=0.0, embed_dropouts=(0.0, 0.0)))
         with torch.no_grad():
             model.whisper.encoder.embed_positions.weight.mul_(0.02)
-        model.save_pretrained(folder)
+        save_model(model, folder)
     return folder
 
 
@@ -317,6 +322,41 @@ def test_average_models_merges_lora_before_averaging():
     merged = [m.merged_state_dict() for m in models]
     for k, v in avg.state_dict().items():
         assert torch.allclose(v, (merged[0][k] + merged[1][k]) / 2, atol=1e-6), k
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def test_select_after_epoch_keeps_the_best_and_stops_after_patience():
+    select = SelectConfig(patience=2, keep_best=2)
+    state, seen = RunState(), []
+    for step, loss in zip((10, 20, 30, 40, 50), (0.9, 0.7, 0.8, 0.75, 0.6)):
+        state.step, state.epoch = step, step // 10  # what the loop has counted when it asks
+        before = (list(state.best), state.best_loss, state.bad_epochs)
+        after = select_after_epoch(state, loss, select)
+        assert (state.best, state.best_loss, state.bad_epochs) == before  # pure: the input is untouched
+        seen.append((after.best, after.best_loss, after.bad_epochs, after.stopped))
+        state = after
+        if state.stopped:
+            break
+    assert seen == [
+        ([[0.9, "step-000010", 1]], 0.9, 0, False),
+        ([[0.7, "step-000020", 2], [0.9, "step-000010", 1]], 0.7, 0, False),
+        ([[0.7, "step-000020", 2], [0.8, "step-000030", 3]], 0.7, 1, False),
+        ([[0.7, "step-000020", 2], [0.75, "step-000040", 4]], 0.7, 2, True),  # 2 epochs without a better loss
+    ]
+    # without a dev set the last checkpoint is the one kept, and nothing stops the run
+    alone = select_after_epoch(RunState(step=7, epoch=1, best=[[0.0, "step-000003", 0]]), None, select)
+    assert (alone.best, alone.bad_epochs, alone.stopped) == ([[0.0, "step-000007", 1]], 0, False)
+
+
+def test_choose_combination_follows_the_setting_and_dev_uar():
+    assert choose_combination("auto", 1, {"predictions": 0.9, "weights": 0.1}) == "single"
+    assert choose_combination("auto", 4, {"predictions": 0.6, "weights": 0.7}) == "weights"
+    assert choose_combination("auto", 4, {"predictions": 0.7, "weights": 0.6}) == "predictions"
+    assert choose_combination("auto", 4, {"predictions": 0.7, "weights": 0.7}) == "weights"
+    assert choose_combination("auto", 4, {}) == "predictions"  # no dev set to decide on
+    assert choose_combination("predictions", 4, {"predictions": 0.1, "weights": 0.9}) == "predictions"
 
 
 # ---------------------------------------------------------------------------- real runs

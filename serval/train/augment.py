@@ -1,0 +1,111 @@
+"""Waveform augmentation (speed perturbation, additive noise) and MixUp of collated batches.
+
+Every draw comes from a `numpy` generator the caller seeds, so an augmented clip is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from serval.train.config import AugmentConfig
+from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE
+
+log = logging.getLogger("serval.train")
+
+
+def seeded_rng(*key: int) -> np.random.Generator:
+    """The generator of one draw site, keyed e.g. by (seed, epoch, clip): same key, same draws."""
+    return np.random.default_rng([int(k) for k in key])
+
+
+class NoiseBank:
+    """The audio files under a folder (MUSAN layout or any), mixed in at a random SNR."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from serval.audio import AudioError, audio_info
+
+        root = Path(folder)
+        if not root.is_dir():
+            raise ValueError(f"{folder}: augment.noise_dir is not a folder")
+        self.files, self.durations = [], []
+        for p in sorted(root.rglob("*")):
+            if p.suffix.lower() not in AUDIO_EXTENSIONS or not p.is_file():
+                continue
+            try:
+                d = audio_info(p).duration
+            except AudioError as e:
+                log.warning("noise: skipping %s", e)
+                continue
+            if d >= 0.1:
+                self.files.append(str(p))
+                self.durations.append(d)
+        if not self.files:
+            raise ValueError(f"{folder}: no readable audio files for augment.noise_dir")
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """`n` samples of one randomly chosen noise file at a random offset (tiled when the file is shorter)."""
+        from serval.audio import load_audio
+
+        i = int(rng.integers(len(self.files)))
+        want = n / SAMPLE_RATE
+        if self.durations[i] > want + 0.01:
+            start = float(rng.uniform(0.0, self.durations[i] - want - 0.01))
+            noise = load_audio(self.files[i], start, start + want + 0.005)
+        else:
+            noise = load_audio(self.files[i])
+        reps = -(-n // len(noise))
+        return np.tile(noise, reps)[:n]
+
+
+def add_noise(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """`wave` + `noise` scaled so that 10 log10(P_wave / P_noise) = snr_db."""
+    p_wave, p_noise = (
+        float(np.mean(wave.astype(np.float64) ** 2)),
+        float(np.mean(noise.astype(np.float64) ** 2)),
+    )
+    if p_wave <= 0 or p_noise <= 0:
+        return wave
+    scale = math.sqrt(p_wave / (p_noise * 10 ** (snr_db / 10)))
+    return (wave + scale * noise).astype(np.float32)
+
+
+def change_speed(wave: np.ndarray, factor: float) -> np.ndarray:
+    """Kaldi-style speed perturbation: resampling makes the clip `factor` times faster (pitch moves too)."""
+    if factor == 1.0:
+        return wave
+    from serval.audio import resample
+
+    return resample(wave, round(SAMPLE_RATE * factor), SAMPLE_RATE)
+
+
+def augment_wave(
+    wave: np.ndarray, aug: AugmentConfig, noise: NoiseBank | None, rng: np.random.Generator
+) -> np.ndarray:
+    """Speed perturbation, then additive noise, each drawn from `rng`."""
+    factor = float(aug.speed_factors[int(rng.integers(len(aug.speed_factors)))])
+    wave = change_speed(wave, factor)
+    if noise is not None and rng.random() < aug.noise_prob:
+        wave = add_noise(wave, noise.sample(len(wave), rng), float(rng.uniform(*aug.snr_db)))
+    return wave
+
+
+def mixup(batch: dict, lam: float, perm: Tensor) -> dict:
+    """MixUp of inputs, one-hot targets and dimensional targets with partner `perm` and weight `lam`.
+
+    Inputs are mixed as padded tensors, so a mixed clip is as long as the longer of its pair; its
+    dimensional target counts only when both partners have one.
+    """
+    out = dict(batch)
+    out["input"] = lam * batch["input"] + (1.0 - lam) * batch["input"][perm]
+    out["lengths"] = torch.maximum(batch["lengths"], batch["lengths"][perm])
+    out["targets"] = lam * batch["targets"] + (1.0 - lam) * batch["targets"][perm]
+    out["dims"] = lam * batch["dims"] + (1.0 - lam) * batch["dims"][perm]
+    out["dims_mask"] = batch["dims_mask"] & batch["dims_mask"][perm]
+    return out
