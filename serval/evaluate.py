@@ -14,6 +14,7 @@ over the protocol's classes that occur among the corpus's gold labels (docs/eval
 Every model sees exactly the same items: a clip that fails to decode is listed in the report
 and excluded for all. Predictions are cached per model and span (keyed by the model's
 fingerprint and the file's size and mtime), so a re-run only computes what changed.
+`serval.report` turns the report dict into Markdown tables and confusion-matrix PNGs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from serval.atomic import atomic_write, atomic_write_text
 from serval.audio import AudioError, audio_info, load_audio
-from serval.baselines import DIMENSIONS, EMOTIONS, load_system
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
+from serval.progress import progress_bar
+from serval.report import existing_reports, slug, write_report
+from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4
 
-PRIMARY4 = ("neutral", "angry", "sad", "happy")
 PROTOCOLS = {"7class": EMOTIONS, "4class": PRIMARY4}
 SEGMENTATIONS = ("utterance", "2s", "merged")
 SEGMENT_SECONDS = 2.0
@@ -45,7 +45,6 @@ MIN_TAIL_SECONDS = 1.0  # a row's last piece shorter than this is not scored und
 MERGE_MAX_SECONDS = 15.0
 TOUCH_TOLERANCE = 0.01  # seconds between spans that still count as adjacent
 CHUNK = 64  # spans decoded (and held in memory) at a time
-REPORT_FILES = ("report.json", "report.md")
 
 
 # ----------------------------------------------------------------------------- segments
@@ -176,16 +175,12 @@ def _can_merge(first, last, row) -> bool:
 # ----------------------------------------------------------------------------- prediction cache
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
-
 class PredictionCache:
     """One JSONL file per model: a line per (model fingerprint, file, size, mtime, start, end)."""
 
     def __init__(self, directory: str | os.PathLike, name: str, fingerprint: str):
         self.fingerprint = fingerprint
-        self.path = Path(directory) / f"{_slug(name)}-{fingerprint[:16]}.jsonl"
+        self.path = Path(directory) / f"{slug(name)}-{fingerprint[:16]}.jsonl"
         self.records: dict[str, dict] = {}
         if self.path.is_file():
             with open(self.path, encoding="utf-8") as f:
@@ -283,11 +278,7 @@ def predict_all(
     keys = [{s: c.key(s, file_ids[s[0]]) for s in spans} for c in caches]
     todo = [s for s in spans if any(k[s] is None or k[s] not in c.records for c, k in zip(caches, keys))]
     failures: dict[tuple, str] = {}
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), unit=" clip", desc="eval", file=sys.stderr)
+    bar = progress_bar(total=len(todo), enabled=progress and bool(todo), unit=" clip", desc="eval")
     for at in range(0, len(todo), CHUNK):
         chunk = todo[at : at + CHUNK]
         waves = {}
@@ -371,7 +362,7 @@ def evaluate(
 ) -> dict:
     """Score `systems` (Predictor-like objects or `--model` spec strings) on manifest `rows`.
 
-    Returns the report as a JSON-ready dict (NaN written as null); `write_report` saves it.
+    Returns the report as a JSON-ready dict (NaN written as null); `serval.report.write_report` saves it.
     """
     for p in protocols:
         if p not in PROTOCOLS:
@@ -380,108 +371,40 @@ def evaluate(
         raise ValueError("corpus_classes must be 'own' or 'all'")
     if specs is None:
         specs = [s if isinstance(s, str) else None for s in systems]
-    systems = [load_system(s) if isinstance(s, str) else s for s in systems]
+    from serval.inference import load  # the one spec resolver (imports torch: only when asked)
+
+    systems = [load(s) if isinstance(s, str) else s for s in systems]
     names = unique_names(systems)
     units = {seg: make_units(rows, seg) for seg in segmentations}
     # a row with neither a label nor a dimension cannot be scored: it is not run either
-    all_units = [
-        u for seg in segmentations for u in units[seg] if u.label is not None or np.isfinite(u.dims).any()
-    ]
+    all_units = [u for seg in segmentations for u in units[seg] if _scorable(u)]
     predictions, failures = predict_all(all_units, systems, names, cache_dir, batch_size, progress)
-
     failed_rows = {i for u in all_units if u.span in failures for i in u.rows}
-    # a corpus's label set is read from the whole manifest, so an excluded clip does not change it
-    labels_of: dict[str | None, set] = {}
-    for r in rows:
-        if r.label is not None:
-            labels_of.setdefault(r.corpus, set()).add(r.label)
-
-    results: dict = {}
-    dimensional: dict = {}
-    n_items: dict = {}
+    labels_of = corpus_labels(rows)
+    results, dimensional, n_items = {}, {}, {}
     for seg in segmentations:
-        valid = [
-            u
-            for u in units[seg]
-            if not failed_rows.intersection(u.rows) and (u.label is not None or np.isfinite(u.dims).any())
-        ]
+        valid = [u for u in units[seg] if _scorable(u) and not failed_rows.intersection(u.rows)]
         n_items[seg] = len(valid)
-        results[seg] = {}
-        for proto in protocols:
-            classes = PROTOCOLS[proto]
-            items = [u for u in valid if u.label in classes]
-            allowed = {
-                c: [k for k in classes if corpus_classes == "all" or k in labels_of.get(c, ())]
-                for c in {u.corpus for u in items}
-            }
-            results[seg][proto] = {}
-            for name, table in zip(names, predictions):
-                pred = [_restricted_label(table[u.span]["probs"], allowed[u.corpus]) for u in items]
-                gold = [u.label for u in items]
-                groups = [u.rows[0] for u in items]
-                entry = {"overall": _scores(gold, pred, classes, groups, bootstrap, seed)}
-                for attr in ("language", "corpus"):
-                    values = sorted({getattr(u, attr) for u in items}, key=lambda v: (v is None, str(v)))
-                    if not values or values == [None]:
-                        continue
-                    entry[f"by_{attr}"] = {}
-                    for v in values:
-                        idx = [i for i, u in enumerate(items) if getattr(u, attr) == v]
-                        entry[f"by_{attr}"][str(v) if v is not None else "(none)"] = _scores(
-                            [gold[i] for i in idx],
-                            [pred[i] for i in idx],
-                            classes,
-                            [groups[i] for i in idx],
-                            bootstrap,
-                            seed,
-                        )
-                results[seg][proto][name] = entry
-        dim_items = [u for u in valid if np.isfinite(u.dims).any()]
-        dimensional[seg] = {}
-        for name, table in zip(names, predictions):
-            if not dim_items:
-                break
-            pred = np.array([table[u.span]["scores"] for u in dim_items])
-            if not np.isfinite(pred).any():
-                continue  # no dimensional head (emotion2vec, LLMs)
-            dimensional[seg][name] = regression_scores(
-                np.array([u.dims for u in dim_items]), pred, DIMENSIONS
+        results[seg] = {
+            proto: score_protocol(
+                valid, PROTOCOLS[proto], names, predictions, labels_of, corpus_classes, bootstrap, seed
             )
-
-    models = []
-    for i, (name, system, table) in enumerate(zip(names, systems, predictions)):
-        unparseable, errors = [], []
-        for span, p in table.items():
-            d = p["detail"]
-            if isinstance(d, dict) and "error" in d:
-                errors.append({"file": span[0], "start": span[1], "end": span[2], "error": d["error"]})
-            elif isinstance(d, dict) and "reply" in d and not d.get("label"):
-                unparseable.append({"file": span[0], "start": span[1], "end": span[2], "reply": d["reply"]})
-        models.append(
-            {
-                "name": name,
-                "spec": specs[i] if specs else None,
-                "system": getattr(system, "name", None),
-                "fingerprint": fingerprint(system),
-                "unparseable": len(unparseable),
-                "failed_requests": len(errors),
-                "unparseable_replies": unparseable,
-                "request_errors": errors,
-            }
-        )
-    excluded = [{"file": s[0], "start": s[1], "end": s[2], "error": e} for s, e in failures.items()]
+            for proto in protocols
+        }
+        dimensional[seg] = score_dimensions(valid, names, predictions)
+    settings = {
+        "segmentations": list(segmentations),
+        "protocols": list(protocols),
+        "corpus_classes": corpus_classes,
+        "bootstrap_resamples": bootstrap,
+        "seed": seed,
+        "segment_seconds": SEGMENT_SECONDS,
+        "merge_max_seconds": MERGE_MAX_SECONDS,
+    }
     return _json_ready(
         {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "settings": {
-                "segmentations": list(segmentations),
-                "protocols": list(protocols),
-                "corpus_classes": corpus_classes,
-                "bootstrap_resamples": bootstrap,
-                "seed": seed,
-                "segment_seconds": SEGMENT_SECONDS,
-                "merge_max_seconds": MERGE_MAX_SECONDS,
-            },
+            "settings": settings,
             "n_rows": len(rows),
             "n_rows_excluded": len(failed_rows),
             "n_items": n_items,
@@ -489,12 +412,111 @@ def evaluate(
                 str(k) if k is not None else "(none)": [c for c in EMOTIONS if c in v]
                 for k, v in labels_of.items()
             },
-            "models": models,
-            "excluded": excluded,
+            "models": [
+                model_entry(name, spec, system, table)
+                for name, spec, system, table in zip(
+                    names, specs or [None] * len(systems), systems, predictions
+                )
+            ],
+            "excluded": [{"file": s[0], "start": s[1], "end": s[2], "error": e} for s, e in failures.items()],
             "results": results,
             "dimensional": dimensional,
         }
     )
+
+
+def _scorable(u: Unit) -> bool:
+    return u.label is not None or bool(np.isfinite(u.dims).any())
+
+
+def corpus_labels(rows: Sequence) -> dict[str | None, set]:
+    """The gold labels of each corpus, read from the whole manifest (an excluded clip does not change them)."""
+    labels_of: dict[str | None, set] = {}
+    for r in rows:
+        if r.label is not None:
+            labels_of.setdefault(r.corpus, set()).add(r.label)
+    return labels_of
+
+
+def score_protocol(
+    units: Sequence[Unit],
+    classes: Sequence[str],
+    names: Sequence[str],
+    predictions: Sequence[dict],
+    labels_of: dict,
+    corpus_classes: str,
+    bootstrap: int,
+    seed: int,
+) -> dict:
+    """{model: {"overall", "by_language", "by_corpus"}} over the units whose gold label is in `classes`.
+
+    A unit's prediction is the argmax over the classes its corpus has (`corpus_classes="own"`)
+    or over all of `classes` ("all").
+    """
+    items = [u for u in units if u.label in classes]
+    allowed = {
+        c: [k for k in classes if corpus_classes == "all" or k in labels_of.get(c, ())]
+        for c in {u.corpus for u in items}
+    }
+    gold = [u.label for u in items]
+    groups = [u.rows[0] for u in items]
+    out = {}
+    for name, table in zip(names, predictions):
+        pred = [_restricted_label(table[u.span]["probs"], allowed[u.corpus]) for u in items]
+        entry = {"overall": _scores(gold, pred, classes, groups, bootstrap, seed)}
+        for attr in ("language", "corpus"):
+            values = sorted({getattr(u, attr) for u in items}, key=lambda v: (v is None, str(v)))
+            if not values or values == [None]:
+                continue
+            entry[f"by_{attr}"] = {}
+            for v in values:
+                idx = [i for i, u in enumerate(items) if getattr(u, attr) == v]
+                entry[f"by_{attr}"][str(v) if v is not None else "(none)"] = _scores(
+                    [gold[i] for i in idx],
+                    [pred[i] for i in idx],
+                    classes,
+                    [groups[i] for i in idx],
+                    bootstrap,
+                    seed,
+                )
+        out[name] = entry
+    return out
+
+
+def score_dimensions(units: Sequence[Unit], names: Sequence[str], predictions: Sequence[dict]) -> dict:
+    """{model: CCC, Pearson r and MAE per dimension} over the units with annotated dimensions."""
+    dim_items = [u for u in units if np.isfinite(u.dims).any()]
+    out: dict = {}
+    if not dim_items:
+        return out
+    gold = np.array([u.dims for u in dim_items])
+    for name, table in zip(names, predictions):
+        pred = np.array([table[u.span]["scores"] for u in dim_items])
+        if not np.isfinite(pred).any():
+            continue  # no dimensional head (emotion2vec, LLMs)
+        out[name] = regression_scores(gold, pred, DIMENSIONS)
+    return out
+
+
+def model_entry(name: str, spec: str | None, system, table: dict) -> dict:
+    """A model's entry in the report: what it is, and the replies it could not give (LLM systems)."""
+    unparseable, errors = [], []
+    for span, p in table.items():
+        d = p["detail"]
+        if isinstance(d, dict) and "error" in d:
+            errors.append({"file": span[0], "start": span[1], "end": span[2], "error": d["error"]})
+        elif isinstance(d, dict) and "reply" in d and not d.get("label"):
+            unparseable.append({"file": span[0], "start": span[1], "end": span[2], "reply": d["reply"]})
+    return {
+        "name": name,
+        "spec": spec,
+        "system": getattr(system, "name", None),
+        "fingerprint": fingerprint(system),
+        "unparseable": len(unparseable),
+        "failed_requests": len(errors),
+        "unparseable_replies": unparseable,
+        "request_errors": errors,
+    }
 
 
 def _json_ready(x):
@@ -507,202 +529,6 @@ def _json_ready(x):
     if isinstance(x, np.generic):
         return _json_ready(x.item())
     return x
-
-
-# ----------------------------------------------------------------------------- reports
-
-
-def pct(x: float | None) -> str:
-    """A fraction as a percentage with 2 decimals, "-" when undefined."""
-    return "-" if x is None else f"{100 * x:.2f}"
-
-
-def markdown_report(report: dict, title: str = "serval eval") -> str:
-    """The comparison as Markdown tables: summary, breakdowns, dimensions, unparseable replies, exclusions."""
-    s = report["settings"]
-    names = [m["name"] for m in report["models"]]
-    lines = [f"# {title}", ""]
-    lines.append(
-        f"{report['n_rows']} manifest rows; {report['n_rows_excluded']} excluded for every model "
-        f"(failed to decode). Classes per corpus: {s['corpus_classes']}. UAR 95 % CI: "
-        f"{s['bootstrap_resamples']} bootstrap resamples of utterances, seed {s['seed']}. All values in %."
-    )
-    lines += [
-        "",
-        "## Models",
-        "",
-        "| model | spec | unparseable replies | failed requests |",
-        "| --- | --- | --- | --- |",
-    ]
-    for m in report["models"]:
-        lines.append(
-            f"| {m['name']} | {m['spec'] or m['system']} | {m['unparseable']} | {m['failed_requests']} |"
-        )
-
-    lines += [
-        "",
-        "## Summary",
-        "",
-        "| model | segments | protocol | n | UAR | UAR 95 % CI | accuracy | macro-F1 | no answer |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for seg, by_proto in report["results"].items():
-        for proto, by_model in by_proto.items():
-            for name in names:
-                o = by_model[name]["overall"]
-                lo, hi = o["uar_ci95"]
-                lines.append(
-                    f"| {name} | {seg} | {proto} | {o['n']} | {pct(o['uar'])} | {pct(lo)}–{pct(hi)} "
-                    f"| {pct(o['accuracy'])} | {pct(o['macro_f1'])} | {o['no_answer']} |"
-                )
-
-    for attr in ("language", "corpus"):
-        key = f"by_{attr}"
-        blocks = [
-            (seg, proto, by_model)
-            for seg, by_proto in report["results"].items()
-            for proto, by_model in by_proto.items()
-            if key in by_model[names[0]]
-        ]
-        if not blocks:
-            continue
-        lines += ["", f"## UAR by {attr}", ""]
-        for seg, proto, by_model in blocks:
-            groups = list(by_model[names[0]][key])
-            lines += [
-                f"{seg}, {proto}:",
-                "",
-                "| model | " + " | ".join(groups) + " |",
-                "| --- |" + " --- |" * len(groups),
-            ]
-            for name in names:
-                cells = [
-                    f"{pct(by_model[name][key][g]['uar'])} (n={by_model[name][key][g]['n']})" for g in groups
-                ]
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            lines.append("")
-
-    if any(report["dimensional"].values()):
-        lines += [
-            "",
-            "## Dimensions (CCC / Pearson r / MAE)",
-            "",
-            "| model | segments | dimension | n | CCC | Pearson r | MAE |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for seg, by_model in report["dimensional"].items():
-            for name, dims in by_model.items():
-                for dim, v in dims.items():
-                    f = [("-" if v[k] is None else f"{v[k]:.4f}") for k in ("ccc", "pearson", "mae")]
-                    lines.append(f"| {name} | {seg} | {dim} | {v['n']} | {f[0]} | {f[1]} | {f[2]} |")
-
-    odd = [(m["name"], r) for m in report["models"] for r in m["unparseable_replies"]]
-    if odd:
-        lines += [
-            "",
-            "## Unparseable replies (scored as wrong)",
-            "",
-            "| model | file | span | reply |",
-            "| --- | --- | --- | --- |",
-        ]
-        for name, r in odd:
-            reply = " ".join(str(r["reply"]).split()).replace("|", "\\|")[:200]
-            lines.append(f"| {name} | {r['file']} | {_span(r)} | {reply} |")
-    if report["excluded"]:
-        lines += [
-            "",
-            "## Excluded clips (failed to decode; left out for every model)",
-            "",
-            "| file | span | error |",
-            "| --- | --- | --- |",
-        ]
-        for r in report["excluded"]:
-            lines.append(f"| {r['file']} | {_span(r)} | {r['error'].replace('|', '/')} |")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _span(r: dict) -> str:
-    if r["start"] is None and r["end"] is None:
-        return "whole"
-    return f"{r['start'] or 0:g}–{'end' if r['end'] is None else format(r['end'], 'g')} s"
-
-
-def plot_confusions(report: dict, directory: str | os.PathLike) -> list[Path]:
-    """One PNG per model, segmentation and protocol: the row-normalised confusion matrix with counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for seg, by_proto in report["results"].items():
-        for proto, by_model in by_proto.items():
-            for name, entry in by_model.items():
-                o = entry["overall"]
-                cm = np.array(o["confusion"], dtype=np.float64)
-                columns = list(o["classes"])
-                if any(
-                    o["confusion_no_answer"]
-                ):  # unparseable or out-of-protocol answers get their own column
-                    cm = np.concatenate([cm, np.array(o["confusion_no_answer"], np.float64)[:, None]], 1)
-                    columns.append("no answer")
-                rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # row-normalised: recall on the diagonal
-                k = len(o["classes"])
-                fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2, 1.0 * k + 1.5))
-                ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-                for i in range(k):
-                    for j in range(len(columns)):
-                        ax.text(
-                            j,
-                            i,
-                            f"{int(cm[i, j])}",
-                            ha="center",
-                            va="center",
-                            color="white" if rates[i, j] > 0.5 else "black",
-                            fontsize=9,
-                        )
-                ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-                ax.set_yticks(range(k), o["classes"])
-                ax.set_xlabel("predicted")
-                ax.set_ylabel("gold")
-                ax.set_title(f"{name}\n{seg}, {proto}: UAR {pct(o['uar'])} %, n={o['n']}", fontsize=10)
-                fig.tight_layout()
-                path = directory / f"{_slug(name)}__{seg}__{proto}.png"
-                atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
-                plt.close(fig)
-                written.append(path)
-    return written
-
-
-def existing_reports(output: str | os.PathLike) -> list[Path]:
-    """Report files already in `output` (the cache folder does not count)."""
-    output = Path(output)
-    found = [output / f for f in REPORT_FILES if (output / f).exists()]
-    if (output / "confusion").is_dir():
-        found += sorted((output / "confusion").glob("*.png"))
-    return found
-
-
-def write_report(
-    report: dict, output: str | os.PathLike, overwrite: bool = False, title: str = "serval eval"
-) -> dict:
-    """Write report.json, report.md and confusion/*.png into `output`; refuses to replace a report unless overwrite."""
-
-    output = Path(output)
-    existing = existing_reports(output)
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{output}: already holds a report ({existing[0].name}); pass --overwrite to replace it"
-        )
-    if overwrite and (output / "confusion").is_dir():
-        for old in (output / "confusion").glob("*.png"):
-            old.unlink()  # stale plots of models no longer compared would mislead
-    pngs = plot_confusions(report, output / "confusion")
-    atomic_write_text(output / "report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
-    atomic_write_text(output / "report.md", markdown_report(report, title), overwrite=True)
-    return {"json": output / "report.json", "markdown": output / "report.md", "png": pngs}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -762,6 +588,7 @@ def _split_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from serval.inference import load
     from serval.manifest import ManifestError, read_manifest
 
     prog = "serval eval"
@@ -793,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
         if spec.startswith("llm:"):
             options = {"api_key_env": args.llm_api_key_env, "concurrency": args.llm_concurrency}
         try:
-            systems.append(load_system(spec, device=args.device, **options))
+            systems.append(load(spec, device=args.device, **options))
         except (ImportError, OSError, ValueError, KeyError) as e:
             print(f"{prog}: --model {spec}: {e}", file=sys.stderr)
             return 2

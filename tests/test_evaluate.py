@@ -14,10 +14,12 @@ from conftest import DATA, RAVDESS_CODES
 
 from serval import cli
 from serval.audio import load_audio
-from serval.evaluate import evaluate, make_units, pct
+from serval.checkpoint import save_model
+from serval.evaluate import evaluate, make_units
 from serval.manifest import ManifestRow, read_manifest, write_manifest
 from serval.metrics import classification_scores
 from serval.model import EMOTIONS, SERConfig, SERModel
+from serval.report import pct
 
 EMODB_CODES = {"W": "angry", "E": "disgusted", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
 NOISE = DATA / "noise" / "speech-commands"
@@ -330,7 +332,7 @@ def two_models(tmp_path_factory):
     dirs = []
     for seed, name in ((0, "model_a"), (1, "model_b")):
         torch.manual_seed(seed)
-        dirs.append(SERModel(SERConfig.tiny(name=name)).save_pretrained(root / name))
+        dirs.append(save_model(SERModel(SERConfig.tiny(name=name)), root / name))
     return dirs
 
 

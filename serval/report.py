@@ -1,0 +1,239 @@
+"""The `serval eval` report: Markdown tables, confusion-matrix PNGs, and writing them (`serval.evaluate` scores).
+
+`write_report` saves a report dict from `serval.evaluate.evaluate` as report.json, report.md and
+confusion/*.png; it never replaces an existing report unless asked to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from serval.atomic import atomic_write, atomic_write_text
+
+REPORT_FILES = ("report.json", "report.md")
+
+
+def slug(text: str) -> str:
+    """`text` made safe as a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with 2 decimals, "-" when undefined."""
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def markdown_report(report: dict, title: str = "serval eval") -> str:
+    """The comparison as Markdown tables: summary, breakdowns, dimensions, unparseable replies, exclusions."""
+    names = [m["name"] for m in report["models"]]
+    lines = [f"# {title}", "", _preamble(report)]
+    lines += _models_table(report["models"])
+    lines += _summary_table(report["results"], names)
+    for attr in ("language", "corpus"):
+        lines += _breakdown_tables(report["results"], names, attr)
+    lines += _dimensions_table(report["dimensional"])
+    lines += _unparseable_table(report["models"])
+    lines += _excluded_table(report["excluded"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _preamble(report: dict) -> str:
+    s = report["settings"]
+    return (
+        f"{report['n_rows']} manifest rows; {report['n_rows_excluded']} excluded for every model "
+        f"(failed to decode). Classes per corpus: {s['corpus_classes']}. UAR 95 % CI: "
+        f"{s['bootstrap_resamples']} bootstrap resamples of utterances, seed {s['seed']}. All values in %."
+    )
+
+
+def _table(heading: str, columns: list[str]) -> list[str]:
+    return ["", heading, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
+def _models_table(models: list[dict]) -> list[str]:
+    lines = _table("## Models", ["model", "spec", "unparseable replies", "failed requests"])
+    for m in models:
+        lines.append(
+            f"| {m['name']} | {m['spec'] or m['system']} | {m['unparseable']} | {m['failed_requests']} |"
+        )
+    return lines
+
+
+def _summary_table(results: dict, names: list[str]) -> list[str]:
+    columns = [
+        "model",
+        "segments",
+        "protocol",
+        "n",
+        "UAR",
+        "UAR 95 % CI",
+        "accuracy",
+        "macro-F1",
+        "no answer",
+    ]
+    lines = _table("## Summary", columns)
+    for seg, by_proto in results.items():
+        for proto, by_model in by_proto.items():
+            for name in names:
+                o = by_model[name]["overall"]
+                lo, hi = o["uar_ci95"]
+                lines.append(
+                    f"| {name} | {seg} | {proto} | {o['n']} | {pct(o['uar'])} | {pct(lo)}–{pct(hi)} "
+                    f"| {pct(o['accuracy'])} | {pct(o['macro_f1'])} | {o['no_answer']} |"
+                )
+    return lines
+
+
+def _breakdown_tables(results: dict, names: list[str], attr: str) -> list[str]:
+    # one table per segmentation and protocol: UAR (n) of every model per language or corpus
+    key = f"by_{attr}"
+    blocks = [
+        (seg, proto, by_model)
+        for seg, by_proto in results.items()
+        for proto, by_model in by_proto.items()
+        if key in by_model[names[0]]
+    ]
+    if not blocks:
+        return []
+    lines = ["", f"## UAR by {attr}", ""]
+    for seg, proto, by_model in blocks:
+        groups = list(by_model[names[0]][key])
+        lines += [
+            f"{seg}, {proto}:",
+            "",
+            "| model | " + " | ".join(groups) + " |",
+            "| --- |" + " --- |" * len(groups),
+        ]
+        for name in names:
+            cells = [
+                f"{pct(by_model[name][key][g]['uar'])} (n={by_model[name][key][g]['n']})" for g in groups
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _dimensions_table(dimensional: dict) -> list[str]:
+    if not any(dimensional.values()):
+        return []
+    columns = ["model", "segments", "dimension", "n", "CCC", "Pearson r", "MAE"]
+    lines = _table("## Dimensions (CCC / Pearson r / MAE)", columns)
+    for seg, by_model in dimensional.items():
+        for name, dims in by_model.items():
+            for dim, v in dims.items():
+                f = [("-" if v[k] is None else f"{v[k]:.4f}") for k in ("ccc", "pearson", "mae")]
+                lines.append(f"| {name} | {seg} | {dim} | {v['n']} | {f[0]} | {f[1]} | {f[2]} |")
+    return lines
+
+
+def _unparseable_table(models: list[dict]) -> list[str]:
+    odd = [(m["name"], r) for m in models for r in m["unparseable_replies"]]
+    if not odd:
+        return []
+    lines = _table("## Unparseable replies (scored as wrong)", ["model", "file", "span", "reply"])
+    for name, r in odd:
+        reply = " ".join(str(r["reply"]).split()).replace("|", "\\|")[:200]
+        lines.append(f"| {name} | {r['file']} | {_span(r)} | {reply} |")
+    return lines
+
+
+def _excluded_table(excluded: list[dict]) -> list[str]:
+    if not excluded:
+        return []
+    heading = "## Excluded clips (failed to decode; left out for every model)"
+    lines = _table(heading, ["file", "span", "error"])
+    for r in excluded:
+        lines.append(f"| {r['file']} | {_span(r)} | {r['error'].replace('|', '/')} |")
+    return lines
+
+
+def _span(r: dict) -> str:
+    if r["start"] is None and r["end"] is None:
+        return "whole"
+    return f"{r['start'] or 0:g}–{'end' if r['end'] is None else format(r['end'], 'g')} s"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_confusions(report: dict, directory: str | os.PathLike) -> list[Path]:
+    """One PNG per model, segmentation and protocol: the row-normalised confusion matrix with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for seg, by_proto in report["results"].items():
+        for proto, by_model in by_proto.items():
+            for name, entry in by_model.items():
+                fig = _confusion_figure(plt, entry["overall"], f"{name}\n{seg}, {proto}")
+                path = directory / f"{slug(name)}__{seg}__{proto}.png"
+                atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
+                plt.close(fig)
+                written.append(path)
+    return written
+
+
+def _confusion_figure(plt, o: dict, title: str):
+    cm = np.array(o["confusion"], dtype=np.float64)
+    columns = list(o["classes"])
+    if any(o["confusion_no_answer"]):  # unparseable or out-of-protocol answers get their own column
+        cm = np.concatenate([cm, np.array(o["confusion_no_answer"], np.float64)[:, None]], 1)
+        columns.append("no answer")
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # row-normalised: recall on the diagonal
+    k = len(o["classes"])
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2, 1.0 * k + 1.5))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(len(columns)):
+            color = "white" if rates[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color=color, fontsize=9)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(k), o["classes"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"{title}: UAR {pct(o['uar'])} %, n={o['n']}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def existing_reports(output: str | os.PathLike) -> list[Path]:
+    """Report files already in `output` (the cache folder does not count)."""
+    output = Path(output)
+    found = [output / f for f in REPORT_FILES if (output / f).exists()]
+    if (output / "confusion").is_dir():
+        found += sorted((output / "confusion").glob("*.png"))
+    return found
+
+
+def write_report(
+    report: dict, output: str | os.PathLike, overwrite: bool = False, title: str = "serval eval"
+) -> dict:
+    """Write report.json, report.md and confusion/*.png into `output`; refuses to replace a report unless overwrite."""
+    output = Path(output)
+    existing = existing_reports(output)
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output}: already holds a report ({existing[0].name}); pass --overwrite to replace it"
+        )
+    if overwrite and (output / "confusion").is_dir():
+        for old in (output / "confusion").glob("*.png"):
+            old.unlink()  # stale plots of models no longer compared would mislead
+    pngs = plot_confusions(report, output / "confusion")
+    atomic_write_text(output / "report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
+    atomic_write_text(output / "report.md", markdown_report(report, title), overwrite=True)
+    return {"json": output / "report.json", "markdown": output / "report.md", "png": pngs}
