@@ -491,6 +491,27 @@ def test_stream_errors(served, query, send, code, kind):
     assert proc.poll() is None
 
 
+def test_timeline_and_stream_default_to_the_servers_grid(predictor):
+    app = create_app(predictor, ServerConfig(window=3.0, hop=1.0, max_segment=5.0))
+    body = wav_bytes(speech(2))
+    with ThreadServer(app) as srv, httpx.Client(base_url=srv.base, timeout=60) as c:
+
+        def grid(**params):
+            r = c.post("/v1/timeline", content=body, headers={"content-type": "audio/wav"}, params=params)
+            assert r.status_code == 200, r.text
+            return r.json()["grid"], r.json()["max_segment"]
+
+        assert grid() == ({"window": 3.0, "hop": 1.0, "min_length": 0.5}, 5.0)
+        # a request's own values win; the shortest final window never exceeds the window
+        assert grid(window=0.4, hop=0.2, max_segment=8) == (
+            {"window": 0.4, "hop": 0.2, "min_length": 0.4},
+            8.0,
+        )
+        with ws_client.connect(srv.base.replace("http", "ws") + "/v1/stream") as ws:
+            ready = json.loads(ws.recv(timeout=20))
+        assert (ready["window"], ready["hop"]) == (3.0, 1.0)
+
+
 # ---------------------------------------------------------------------------- batching, queue, shutdown
 
 
