@@ -118,10 +118,8 @@ class StreamSession:
         try:
             spec = cfg.window_spec(float(q.get("window", cfg.window)), float(q.get("hop", cfg.hop)))
             self.windower = StreamingWindower(spec)
-            sample_rate, encoding = (
-                int(q.get("sample_rate", vocab.SAMPLE_RATE)),
-                q.get("encoding", "pcm_s16le"),
-            )
+            sample_rate = int(q.get("sample_rate", vocab.SAMPLE_RATE))
+            encoding = q.get("encoding", "pcm_s16le")
             self.decoder = StreamDecoder(sample_rate, encoding)
         except ValueError as e:
             await self.fail(1008, "invalid_request", str(e))
