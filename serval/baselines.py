@@ -12,9 +12,8 @@ Conventions that keep the scoring honest:
 - a `details` entry with an "error" key is a transient failure: it is scored as no answer
   but not cached, so a re-run asks again.
 
-Model specs (`load_system`): a serval model directory, `meralion:PATH`,
-`emotion2vec:large|base|seed` (or `emotion2vec:DIR` for a local FunASR model directory),
-`llm:MODEL@BASE_URL`.
+Specs (`emotion2vec:large|base|seed|DIR`, `llm:MODEL@BASE_URL`, and serval's own) are resolved
+by `serval.inference.load`, the one resolver; MERaLiON-SER-v1 is imported by `serval.meralion`.
 """
 
 from __future__ import annotations
@@ -36,64 +35,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from serval.audio import SAMPLE_RATE
-
-# The 7 classes in checkpoint order (serval.model.EMOTIONS), repeated so this module does not need torch.
-EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
-DIMENSIONS = ("arousal", "valence", "dominance")
+from serval.vocab import DIMENSIONS, EMOTIONS, SAMPLE_RATE
 
 # The paper's uniform prompt for every audio LLM (section 5).
 PROMPT = (
     "Determine the speaker's emotion in the given audio. "
     "Reply with a single label from: Neutral, Happy, Sad, Angry, Fearful, Disgusted, Surprised."
 )
-
-# ----------------------------------------------------------------------------- spec loading
-
-
-def load_system(spec: str, device: str | None = None, **options):
-    """A predictor for a `--model` spec: serval dir, `meralion:PATH`, `emotion2vec:VARIANT`, `llm:MODEL@URL`."""
-    if spec.startswith("emotion2vec:"):
-        return Emotion2Vec(spec.split(":", 1)[1], device=device)
-    if spec.startswith("llm:"):
-        model, sep, base_url = spec[4:].rpartition("@")
-        if not sep or not model or not base_url:
-            raise ValueError(
-                f"{spec!r}: an LLM spec is llm:MODEL@BASE_URL, e.g. llm:gpt-4o-audio-preview@https://api.openai.com/v1"
-            )
-        return AudioLLM(model, base_url, **options)
-    from serval.inference import load
-
-    if spec.startswith("meralion:"):
-        path = spec.split(":", 1)[1]
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such MERaLiON-SER checkpoint (file or directory)")
-        predictor = load(spec, device=device)
-        predictor.fingerprint = files_fingerprint(spec, path)
-        return predictor
-    if not Path(spec).exists():
-        raise FileNotFoundError(
-            f"{spec}: not a model directory, and not meralion:PATH, emotion2vec:VARIANT or llm:MODEL@URL"
-        )
-    predictor = load(spec, device=device)
-    predictor.fingerprint = files_fingerprint("serval", spec)
-    return predictor
-
-
-def files_fingerprint(kind: str, path: str | os.PathLike) -> str:
-    """A hash of a model's files (name, size, mtime; config files by content): changes when the model does."""
-    path = Path(path)
-    h = hashlib.sha1(f"{kind}\n{path.resolve()}\n".encode())
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        st = f.stat()
-        h.update(
-            f"{f.relative_to(path) if path.is_dir() else f.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
-        )
-        if f.suffix in (".json", ".yaml", ".yml") and st.st_size < 1_000_000:
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
 
 # ----------------------------------------------------------------------------- emotion2vec
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import os
@@ -19,13 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serval.audio import SAMPLE_RATE, AudioError, EmptyAudioError, check_finite, load_audio
+from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio
+from serval.backbones import fetch_from_hub, is_hub_id
+from serval.baselines import AudioLLM, Emotion2Vec
+from serval.checkpoint import is_serval_dir, load_model
 from serval.features import compute_features
+from serval.meralion import NAME as MERALION_NAME
+from serval.meralion import import_meralion_checkpoint
 from serval.model import SERModel
+from serval.progress import progress_bar
+from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE, class_subset, label_body
 from serval.windows import MAX_WINDOW, split_span
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 
 
 class NoDefaultModelError(RuntimeError):
@@ -93,21 +100,30 @@ class Predictor:
         return torch.autocast("cpu", enabled=False)
 
     @torch.inference_mode()
-    def _forward(self, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, waves: list[np.ndarray], check_finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
         feats, lengths = compute_features(
-            waves, n_mels=self.config.n_mels, pad_to_30s=self.config.pad_to_30s, device=self.device
+            waves,
+            n_mels=self.config.n_mels,
+            pad_to_30s=self.config.pad_to_30s,
+            device=self.device,
+            check_finite=check_finite,
         )
         with self._autocast():
             probs, scores = ensemble_forward(self.models, feats, lengths.to(self.device))
         return probs.cpu().numpy(), scores.cpu().numpy()
 
     def predict_waveforms(
-        self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int = 16,
+        progress: bool = False,
+        *,
+        check_finite: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """16 kHz mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
 
         Waveforms longer than 30 s are cut into equal pieces of at most 30 s whose outputs
-        are averaged, weighted by duration.
+        are averaged, weighted by duration. `check_finite=False`: the waves were checked when read.
         """
         pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
         for i, w in enumerate(waves):
@@ -119,8 +135,8 @@ class Predictor:
         probs = np.zeros((len(waves), len(self.classes)), np.float64)
         scores = np.zeros((len(waves), len(self.dimensions)), np.float64)
         weight = np.zeros(len(waves), np.float64)
-        for batch in _progress(batches, progress, "clips"):
-            p, s = self._forward([pieces[j][1] for j in batch])
+        for batch in progress_bar(batches, progress, unit=" clips batch"):
+            p, s = self._forward([pieces[j][1] for j in batch], check_finite)
             for row, j in enumerate(batch):
                 i, w = pieces[j][0], len(pieces[j][1])
                 probs[i] += w * p[row]
@@ -137,7 +153,7 @@ class Predictor:
         progress: bool = False,
     ) -> list[dict]:
         """Paths or 16 kHz arrays -> one record each; a bad file gives an error record, the rest still run."""
-        keep = self._class_subset(classes)
+        keep = class_subset(classes, self.classes)
         records: list[dict] = []
         waves, slots = [], []
         for item in inputs:
@@ -152,29 +168,17 @@ class Predictor:
             waves.append(wave)
             slots.append(len(records) - 1)
         if waves:
-            probs, scores = self.predict_waveforms(waves, batch_size=batch_size, progress=progress)
+            # every wave was checked finite as it was read, naming its file: not again
+            probs, scores = self.predict_waveforms(
+                waves, batch_size=batch_size, progress=progress, check_finite=False
+            )
             for slot, p, s in zip(slots, probs, scores):
                 records[slot].update(self.record(p, s, keep))
         return records
 
     def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
         """A label, its probabilities and the dimensional scores, as plain JSON-ready values."""
-        keep = list(range(len(self.classes))) if keep is None else list(keep)
-        p = np.asarray(probs, np.float64)[keep]
-        p = p / max(p.sum(), 1e-12)  # renormalise over the kept classes
-        return {
-            "label": self.classes[keep[int(np.argmax(p))]],
-            "probabilities": {self.classes[k]: round(float(v), 6) for k, v in zip(keep, p)},
-            "scores": {d: round(float(v), 6) for d, v in zip(self.dimensions, scores)},
-        }
-
-    def _class_subset(self, classes: Sequence[str] | None) -> list[int] | None:
-        if not classes:
-            return None
-        unknown = [c for c in classes if c not in self.classes]
-        if unknown:
-            raise ValueError(f"unknown classes {unknown}; this model knows {list(self.classes)}")
-        return [self.classes.index(c) for c in classes]
+        return label_body(probs, scores, self.classes, self.dimensions, keep)
 
 
 def _check_array(array) -> np.ndarray:
@@ -185,34 +189,92 @@ def _check_array(array) -> np.ndarray:
     return wave
 
 
-def _progress(items, enabled: bool, unit: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
+def load(
+    model: str | os.PathLike | SERModel | None = None, device: str | None = None, **options
+) -> Predictor | Emotion2Vec | AudioLLM:
+    """The one resolver of a model spec into a system (`predict_waveforms`, `classes`, `dimensions`, `name`).
 
-    return tqdm(items, unit=f" {unit} batch", file=sys.stderr)
-
-
-def load(model: str | os.PathLike | SERModel | None = None, device: str | None = None) -> Predictor:
-    """A Predictor for a model directory, an ensemble directory, a hub id, `meralion:PATH`, or the default model."""
+    `model`: a `SERModel`; None or "default" (the bundled model); a serval model directory; a directory
+    with `ensemble.json`; a MERaLiON-SER checkpoint directory; a Hub id; `meralion:PATH`;
+    `emotion2vec:large|base|seed|DIR`; `llm:MODEL@BASE_URL` (`options` go to `AudioLLM`). Every system
+    loaded from files has a `fingerprint` that changes when they do (it keys the evaluation cache).
+    """
     if isinstance(model, SERModel):
         return Predictor(model, device)
-    if model is None:
+    spec = "default" if model is None else os.fspath(model)
+    if spec.startswith("emotion2vec:"):
+        return Emotion2Vec(spec.split(":", 1)[1], device=device)
+    if spec.startswith("llm:"):
+        return _audio_llm(spec, options)
+    if spec.startswith("meralion:"):
+        return _meralion(spec, device)
+    path = _model_dir(spec)
+    ensemble = path / "ensemble.json"  # an ensemble: member folders whose outputs are averaged
+    folders = (
+        [path / m for m in json.loads(ensemble.read_text())["members"]] if ensemble.is_file() else [path]
+    )
+    predictor = Predictor([_network(f) for f in folders], device)
+    predictor.fingerprint = files_fingerprint("serval", path)
+    return predictor
+
+
+def _model_dir(spec: str) -> Path:
+    """The local folder of a spec: the bundled default, an existing path, or a Hub repository fetched."""
+    if spec == "default":
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise NoDefaultModelError("no default model is installed; pass a model directory (--model DIR)")
-        model = DEFAULT_MODEL
-    spec = str(model)
-    if spec.startswith("meralion:"):
-        from serval.backbones import import_meralion_checkpoint
+        return DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if is_hub_id(spec):
+        return fetch_from_hub(spec)
+    raise FileNotFoundError(
+        f"{spec}: not a model directory, and not meralion:PATH, emotion2vec:VARIANT or llm:MODEL@URL"
+    )
 
-        return Predictor(import_meralion_checkpoint(spec.split(":", 1)[1]), device, name="MERaLiON-SER-v1")
-    path = Path(spec)
-    ensemble = path / "ensemble.json"
-    if ensemble.is_file():
-        members = json.loads(ensemble.read_text())["members"]
-        models = [SERModel.from_pretrained(path / m) for m in members]
-        return Predictor(models, device, name=models[0].config.name)
-    return Predictor(SERModel.from_pretrained(spec), device)
+
+def _network(path: Path) -> SERModel:
+    """The model in a folder: a serval model directory, or a MERaLiON-SER checkpoint (its config.json is foreign)."""
+    if (path / "config.json").is_file() and not is_serval_dir(path):
+        return import_meralion_checkpoint(path)
+    return load_model(path)
+
+
+def _meralion(spec: str, device: str | None) -> Predictor:
+    path = spec.split(":", 1)[1]
+    local = Path(path).expanduser()
+    if not local.exists():
+        if not is_hub_id(path):
+            raise FileNotFoundError(f"{path}: no such MERaLiON-SER checkpoint (file or directory)")
+        local = fetch_from_hub(path)
+    predictor = Predictor(import_meralion_checkpoint(local), device, name=MERALION_NAME)
+    predictor.fingerprint = files_fingerprint(spec, local)
+    return predictor
+
+
+def _audio_llm(spec: str, options: dict) -> AudioLLM:
+    model, sep, base_url = spec[len("llm:") :].rpartition("@")
+    if not sep or not model or not base_url:
+        raise ValueError(
+            f"{spec!r}: an LLM spec is llm:MODEL@BASE_URL, e.g. llm:gpt-4o-audio-preview@https://api.openai.com/v1"
+        )
+    return AudioLLM(model, base_url, **options)
+
+
+def files_fingerprint(kind: str, path: str | os.PathLike) -> str:
+    """A hash of a model's files (name, size, mtime; config files by content): changes when the model does."""
+    path = Path(path)
+    h = hashlib.sha1(f"{kind}\n{path.resolve()}\n".encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        st = f.stat()
+        h.update(
+            f"{f.relative_to(path) if path.is_dir() else f.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
+        )
+        if f.suffix in (".json", ".yaml", ".yml") and st.st_size < 1_000_000:
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def expand_inputs(items: Iterable[str]) -> list[str]:

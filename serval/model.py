@@ -9,22 +9,14 @@ outputs do not depend on the other clips in its batch.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from serval.atomic import atomic_write
-
-EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
-PRIMARY4 = ("neutral", "angry", "sad", "happy")
-DIMENSIONS = ("arousal", "valence", "dominance")
+from serval.vocab import DIMENSIONS, EMOTIONS
 
 # Whisper encoder sizes: (n_mels, d_model, layers, heads, ffn).
 WHISPER_SIZES = {
@@ -544,112 +536,29 @@ class SERModel(nn.Module):
             raise KeyError(f"backbone is missing {len(missing)} tensors: {', '.join(missing[:10])}")
         self.whisper.encoder.load_state_dict(renamed, strict=False)
 
-    @classmethod
-    def from_backbone(cls, config: SERConfig) -> SERModel:
-        """A new model whose encoder weights come from `config.backbone`; the rest random."""
-        from serval.backbones import load_whisper_encoder
 
-        if not config.backbone:
-            raise ValueError("config.backbone is empty: nothing to load the Whisper weights from")
-        dims, state = load_whisper_encoder(config.backbone)
-        for key, value in dims.items():
-            if hasattr(config, key) and getattr(config, key) != value:
-                setattr(config, key, value)
-        model = cls(config)
-        model.load_backbone_state(state)
-        return model
-
-    def save_pretrained(self, directory: str | os.PathLike, include_backbone: bool = True) -> Path:
-        """Write `config.json` + `model.safetensors`; without the backbone only trained tensors are kept."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if not include_backbone:
-            if not self.config.backbone:
-                raise ValueError(
-                    "include_backbone=False needs config.backbone to say where the encoder comes from"
-                )
-            state = {k: v for k, v in state.items() if not k.startswith("whisper.") or "lora_" in k}
-        meta = {"format": "serval", "serval_version": _version(), **self.config.to_dict()}
-        atomic_write(
-            directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")
-        )
-        atomic_write(
-            directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"})
-        )
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides) -> SERModel:
-        """Load a model saved by `save_pretrained`, or a published MERaLiON-SER checkpoint (dir or hub id)."""
-        path = Path(name_or_path)
-        if not path.exists():
-            from serval.backbones import fetch_from_hub
-
-            path = fetch_from_hub(str(name_or_path))
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (is this a serval model directory?)")
-        meta = json.loads(config_file.read_text())
-        if meta.get("format") != "serval":
-            from serval.backbones import import_meralion_checkpoint
-
-            return import_meralion_checkpoint(path, **overrides)
-        config = SERConfig.from_dict({**meta, **overrides})
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{path}: no model.safetensors")
-        state = load_file(str(weights))
-        has_backbone = any(k.startswith("whisper.") and "lora_" not in k for k in state)
-        model = cls(config) if has_backbone else cls.from_backbone(config)
-        own = model.state_dict()
-        unexpected = sorted(k for k in state if k not in own)
-        missing = sorted(
-            k
-            for k in own
-            if k not in state and (has_backbone or not k.startswith("whisper.") or "lora_" in k)
-        )
-        if unexpected or missing:
-            raise KeyError(f"{weights}: unexpected tensors {unexpected[:10]}; missing tensors {missing[:10]}")
-        model.load_state_dict(state, strict=False)
-        return model.eval()
+def merge_lora(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """One LoRA-adapted weight folded into a plain one: W0 + scaling * B @ A, in float32, in W0's dtype."""
+    return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 
 def merge_lora_state_dict(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
-    """Fold peft LoRA factors into their base weights: W = W0 + scaling * B @ A; drop adapter names."""
+    """Fold peft LoRA factors into their base weights (`merge_lora`); drop adapter names."""
     merged = {}
     for name, tensor in state.items():
         if "lora_" in name:
             continue
-        if ".base_layer." in name:
-            target = name.replace(".base_layer.", ".")
-            if name.endswith(".weight"):
-                prefix = name[: -len(".base_layer.weight")]
-                a = next(
-                    (
-                        v
-                        for k, v in state.items()
-                        if k.startswith(prefix + ".lora_A.") and k.endswith(".weight")
-                    ),
-                    None,
-                )
-                b = next(
-                    (
-                        v
-                        for k, v in state.items()
-                        if k.startswith(prefix + ".lora_B.") and k.endswith(".weight")
-                    ),
-                    None,
-                )
-                if a is not None and b is not None:
-                    tensor = tensor + scaling * (b.float() @ a.float()).to(tensor.dtype)
-            merged[target] = tensor
-        else:
-            merged[name] = tensor
+        if ".base_layer." in name and name.endswith(".weight"):
+            prefix = name[: -len(".base_layer.weight")]
+            a = _lora_factor(state, prefix, "A")
+            b = _lora_factor(state, prefix, "B")
+            if a is not None and b is not None:
+                tensor = merge_lora(tensor, a, b, scaling)
+        merged[name.replace(".base_layer.", ".")] = tensor
     return merged
 
 
-def _version() -> str:
-    from serval import __version__
-
-    return __version__
+def _lora_factor(state: dict[str, Tensor], prefix: str, kind: str) -> Tensor | None:
+    """peft's `<prefix>.lora_<kind>.<adapter>.weight`, whatever the adapter's name."""
+    start = f"{prefix}.lora_{kind}."
+    return next((v for k, v in state.items() if k.startswith(start) and k.endswith(".weight")), None)

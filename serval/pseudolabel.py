@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from serval.atomic import atomic_write, atomic_write_text
+from serval.progress import progress_bar
+from serval.vocab import EMOTIONS
 from serval.windows import WindowSpec, iter_windows
 
-EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 NON_NEUTRAL = EMOTIONS[1:]
 _ALIASES = {
     "anger": "angry",
@@ -140,23 +141,6 @@ def decide(window_labels: Sequence[str], confidences: Sequence[float], cfg: Pseu
 
 
 # ---------------------------------------------------------------------------- teachers
-
-
-def load_teacher(spec: str, device: str | None = None):
-    """A teacher for a spec string, through `serval.baselines` (serval dirs, meralion:PATH, emotion2vec:…)
-    when it provides a loader, else `serval.inference.load` (serval dirs and meralion:PATH only)."""
-    try:
-        from serval import baselines
-    except ImportError:
-        baselines = None
-    loader = getattr(baselines, "load_predictor", None) or getattr(baselines, "load_system", None)
-    if loader is not None:
-        return loader(spec, device=device)
-    if spec.startswith("emotion2vec:"):
-        raise ValueError(f"{spec}: emotion2vec teachers need serval.baselines, which is not available")
-    from serval.inference import load
-
-    return load(spec, device=device)
 
 
 def teacher_labels(teacher, waves: list[np.ndarray], batch_size: int) -> tuple[list[str | None], list[float]]:
@@ -364,6 +348,7 @@ def pseudolabel(
     skipped.
     """
     from serval.audio import AudioError
+    from serval.inference import load
     from serval.manifest import manifest_format
 
     cfg = cfg or PseudoLabelConfig()
@@ -391,8 +376,8 @@ def pseudolabel(
     if len(todo) < len(sources) and teachers:
         log(f"resuming: {len(sources) - len(todo)} of {len(sources)} recordings already labelled")
     if todo:
-        models = {spec: load_teacher(spec, device) for spec in teachers}
-        for src in _bar(todo, progress, "first pass"):
+        models = {spec: load(spec, device=device) for spec in teachers}
+        for src in progress_bar(todo, progress, desc="first pass", unit=" file"):
             try:
                 rec = label_source(src, models, cfg)
             except (AudioError, OSError) as e:
@@ -434,6 +419,7 @@ def second_pass(
 ) -> None:
     """Relabel the kept utterances with a trained model: label, confidence and dimensional scores."""
     from serval.audio import AudioError, load_audio
+    from serval.inference import load
 
     todo = [
         s
@@ -444,10 +430,10 @@ def second_pass(
     ]
     if not todo:
         return
-    model = load_teacher(relabel, device)
+    model = load(relabel, device=device)
     names = [class_name(c) for c in model.classes]
     groups = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    for group in _bar(groups, progress, "second pass"):
+    for group in progress_bar(groups, progress, desc="second pass", unit=" file"):
         jobs, records = [], {}
         for src in group:
             try:
@@ -593,14 +579,6 @@ def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> Non
                         f.write(json.dumps(record) + "\n")
 
     atomic_write(path, write, overwrite=overwrite)
-
-
-def _bar(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=" file", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- CLI

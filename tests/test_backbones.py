@@ -13,16 +13,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from serval import backbones
+from serval import backbones, meralion
 from serval.backbones import (
     BackboneError,
     cache_dir,
     encoder_shapes,
-    import_meralion_checkpoint,
     load_whisper_encoder,
-    meralion_config,
     read_ctranslate2,
 )
+from serval.checkpoint import model_from_backbone
+from serval.inference import load
+from serval.meralion import import_meralion_checkpoint, meralion_config
 from serval.model import SERConfig, SERModel
 
 transformers = pytest.importorskip("transformers")
@@ -487,7 +488,7 @@ def test_import_published_names(tmp_path, prefix, features, monkeypatch):
     state = {prefix + k: v for k, v in {**source.state_dict(), **decoder_tensors()}.items()}
     path = write_checkpoint(tmp_path / "ckpt", state)
     read = []
-    original = backbones.safe_open
+    original = meralion.safe_open
 
     class Spy:
         def __init__(self, *args, **kwargs):
@@ -503,7 +504,7 @@ def test_import_published_names(tmp_path, prefix, features, monkeypatch):
             read.append(name)
             return self.f.get_tensor(name)
 
-    monkeypatch.setattr(backbones, "safe_open", Spy)
+    monkeypatch.setattr(meralion, "safe_open", Spy)
     model = import_meralion_checkpoint(path)
     assert not [n for n in read if "decoder" in n] and len(read) == len(source.state_dict())
     assert model.config.pad_to_30s and model.config.name == "MERaLiON-SER-v1"
@@ -514,7 +515,7 @@ def test_import_published_names(tmp_path, prefix, features, monkeypatch):
     same_outputs(model, source, features)
 
 
-def test_import_file_path_own_length_and_from_pretrained(tmp_path, features):
+def test_import_file_path_own_length_and_the_resolver(tmp_path, features):
     source = random_source(1)
     path = write_checkpoint(tmp_path / "ckpt", source.state_dict())
     model = import_meralion_checkpoint(path / "model.safetensors", pad_to_30s=False)
@@ -524,7 +525,7 @@ def test_import_file_path_own_length_and_from_pretrained(tmp_path, features):
         a = model(features[:, :, :300], lengths).logits
         b = source(features[:, :, :300], lengths).logits
     assert torch.allclose(a, b, atol=1e-5)
-    via_model = SERModel.from_pretrained(path)  # a non-serval config.json goes through the importer
+    via_model = load(path, device="cpu").model  # a non-serval config.json goes through the importer
     assert via_model.config.pad_to_30s and torch.equal(
         via_model.state_dict()["emotion_layer.weight"], source.state_dict()["emotion_layer.weight"]
     )
@@ -581,7 +582,7 @@ def test_import_lists_every_unmatched_and_missing_name(tmp_path):
 
 def test_model_from_pypi_backbone(cache, ravdess_clips):
     config = SERConfig(backbone="pypi:whisper-base", channels=32, embed_dim=32)
-    model = SERModel.from_backbone(config).eval()
+    model = model_from_backbone(config).eval()
     dims, state = load_whisper_encoder("pypi:whisper-base")
     assert all(getattr(model.config, k) == v for k, v in dims.items())
     ours = model.whisper.encoder.state_dict()

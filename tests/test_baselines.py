@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import sys
 import threading
 import types
@@ -20,18 +21,18 @@ from safetensors.torch import save_file
 
 from serval.audio import load_audio
 from serval.baselines import (
-    EMOTIONS,
     PROMPT,
     AudioLLM,
     Emotion2Vec,
     emotion2vec_probabilities,
-    load_system,
     parse_emotion_label,
 )
+from serval.checkpoint import save_model
 from serval.evaluate import evaluate, predict_all
-from serval.inference import Predictor
+from serval.inference import Predictor, load
 from serval.manifest import ManifestRow
 from serval.model import SERConfig, SERModel
+from serval.vocab import EMOTIONS
 
 # ----------------------------------------------------------------------------- label parsing
 
@@ -63,11 +64,30 @@ def test_parse_emotion_label(reply, label):
     assert parse_emotion_label(reply) == label
 
 
-def test_prompt_is_the_papers():
-    assert PROMPT == (
-        "Determine the speaker's emotion in the given audio. Reply with a single label from: "
-        "Neutral, Happy, Sad, Angry, Fearful, Disgusted, Surprised."
-    )
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "000_26edabeaeb4e5b1b.txt"
+
+
+def papers_prompt() -> str:
+    """The uniform LLM prompt as printed in the paper (section 5), typography and line breaks undone."""
+    if not PAPER.is_file():
+        pytest.skip("the paper's text is not under ../shared/reference")
+    found = re.search(r'PROMPT = "(.*?)"', PAPER.read_text(), re.S)
+    assert found, "no PROMPT in the paper's text"
+    return " ".join(found.group(1).replace("\u2019", "'").split())
+
+
+def test_prompt_is_the_papers(ravdess_clips):
+    wave = load_audio(ravdess_clips[0])
+    with ScriptedChatServer({len(wave): ["Sad"]}) as server:
+        llm = load(f"llm:m@{server.url}", backoff=0.01)
+        llm.predict_waveforms([wave])
+    (request,) = server.requests
+    sent = request["body"]["messages"][0]["content"][0]["text"]
+    assert sent == papers_prompt()
+    # the reply vocabulary it offers is serval's 7 classes, in checkpoint order
+    offered = sent.split("from:", 1)[1].rstrip(".").split(",")
+    assert [c.strip().lower() for c in offered] == list(EMOTIONS)
+    assert llm.details == [{"reply": "Sad", "label": "sad"}]
 
 
 # ----------------------------------------------------------------------------- the LLM adapter
@@ -148,7 +168,7 @@ def test_llm_adapter_against_loopback_server(tmp_path, ravdess_clips, monkeypatc
     rows = [ManifestRow(str(p), label="sad", language="en", corpus="ravdess") for p in clips]
     monkeypatch.setenv("SERVAL_LLM_API_KEY", "sk-test")
     with ScriptedChatServer(replies) as server:
-        llm = load_system(f"llm:test-audio-llm@{server.url}", backoff=0.01, max_retries=3, concurrency=3)
+        llm = load(f"llm:test-audio-llm@{server.url}", backoff=0.01, max_retries=3, concurrency=3)
         assert isinstance(llm, AudioLLM) and llm.name == "test-audio-llm"
         # corpus_classes="all": with "own", the corpus's only label (sad) would be the only allowed answer
         report = evaluate(
@@ -193,7 +213,7 @@ def test_llm_adapter_against_loopback_server(tmp_path, ravdess_clips, monkeypatc
         # a re-run uses the cache for every answered clip (unparseable ones too) and asks again
         # only for the failed request
         before = len(server.requests)
-        again = load_system(f"llm:test-audio-llm@{server.url}", backoff=0.01, max_retries=0)
+        again = load(f"llm:test-audio-llm@{server.url}", backoff=0.01, max_retries=0)
         evaluate(
             rows, [again], tmp_path / "cache", segmentations=["utterance"], protocols=["7class"], bootstrap=0
         )
@@ -221,7 +241,7 @@ def test_llm_unreachable_server_is_a_failed_request(ravdess_clips):
 
 def test_bad_llm_spec():
     with pytest.raises(ValueError, match="llm:MODEL@BASE_URL"):
-        load_system("llm:no-url")
+        load("llm:no-url")
 
 
 # ----------------------------------------------------------------------------- emotion2vec
@@ -254,7 +274,7 @@ def test_emotion2vec_label_mapping_by_hand():
 def test_emotion2vec_without_funasr_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "funasr", None)  # import funasr -> ImportError
     with pytest.raises(ImportError, match=r"pip install serval\[funasr\]"):
-        load_system("emotion2vec:large")
+        load("emotion2vec:large")
 
 
 def test_emotion2vec_adapter_with_funasr_stand_in(monkeypatch, ravdess_clips):
@@ -271,7 +291,7 @@ def test_emotion2vec_adapter_with_funasr_stand_in(monkeypatch, ravdess_clips):
             return [{"key": "x", "labels": FUNASR_LABELS, "scores": scores}]
 
     monkeypatch.setitem(sys.modules, "funasr", types.SimpleNamespace(AutoModel=AutoModel))
-    system = load_system("emotion2vec:seed", device="cpu")
+    system = load("emotion2vec:seed", device="cpu")
     assert isinstance(system, Emotion2Vec) and system.name == "emotion2vec-seed"
     assert calls["init"]["model"] == "emotion2vec/emotion2vec_plus_seed" and calls["init"]["hub"] == "hf"
     waves = [load_audio(p) for p in ravdess_clips[:4]]
@@ -284,7 +304,7 @@ def test_emotion2vec_adapter_with_funasr_stand_in(monkeypatch, ravdess_clips):
         np.array_equal(x, w) and k["granularity"] == "utterance" for (x, k), w in zip(calls["inputs"], waves)
     )
     with pytest.raises(ValueError, match="large, base, seed"):
-        load_system("emotion2vec:huge")
+        load("emotion2vec:huge")
 
 
 # ----------------------------------------------------------------------------- MERaLiON-SER-v1
@@ -299,7 +319,7 @@ def test_meralion_checkpoint_through_the_importer(tmp_path, ravdess_clips):
     (ckpt / "config.json").write_text(
         json.dumps({"model_type": "ser_whisper_ecapa", "encoder_attention_heads": 2})
     )
-    system = load_system(f"meralion:{ckpt}", device="cpu")
+    system = load(f"meralion:{ckpt}", device="cpu")
     assert isinstance(system, Predictor) and system.name == "MERaLiON-SER-v1"
     waves = [load_audio(ravdess_clips[0])]  # one clip: every pass is a padded 30 s one
     source.config.pad_to_30s = True  # the published behaviour the importer keeps
@@ -320,7 +340,7 @@ def test_meralion_checkpoint_through_the_importer(tmp_path, ravdess_clips):
         got, scores, atol=1e-6
     )
     with pytest.raises(FileNotFoundError, match="no such MERaLiON-SER checkpoint"):
-        load_system(f"meralion:{tmp_path / 'absent'}")
+        load(f"meralion:{tmp_path / 'absent'}")
 
 
 def rows_to_units(rows):
@@ -331,11 +351,11 @@ def rows_to_units(rows):
 
 def test_model_fingerprint_follows_the_weights(tmp_path):
     torch.manual_seed(0)
-    path = SERModel(SERConfig.tiny()).save_pretrained(tmp_path / "m")
-    a = load_system(str(path), device="cpu").fingerprint
-    assert load_system(str(path), device="cpu").fingerprint == a
+    path = save_model(SERModel(SERConfig.tiny()), tmp_path / "m")
+    a = load(str(path), device="cpu").fingerprint
+    assert load(str(path), device="cpu").fingerprint == a
     torch.manual_seed(1)
-    SERModel(SERConfig.tiny()).save_pretrained(path)  # retrained in place
-    assert load_system(str(path), device="cpu").fingerprint != a
+    save_model(SERModel(SERConfig.tiny()), path)  # retrained in place
+    assert load(str(path), device="cpu").fingerprint != a
     with pytest.raises(FileNotFoundError, match="not a model directory"):
-        load_system(str(Path(tmp_path) / "nothing"))
+        load(str(Path(tmp_path) / "nothing"))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import yaml
 from safetensors import safe_open
 
 import serval
 from serval.cli import main
 from serval.inference import DEFAULT_MODEL
+from serval.vocab import DIMENSIONS, EMOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -54,7 +57,28 @@ def test_default_model_labels_the_bundled_examples(default):
         assert all(0 <= v <= 1 for v in r["scores"].values())
 
 
+def examples_readme() -> tuple[dict[str, str], dict[str, str]]:
+    """(clip stem -> gold label, clip stem -> the wrong label the README says the model gives)."""
+    text = (EXAMPLES / "README.md").read_text()
+    gold = dict(re.findall(r"^\| ([\w-]+)\.flac \|[^|]*\|[^|]*\| (\w+) \|", text, re.M))
+    wrong = dict(re.findall(r"`([\w-]+)` (\w+)", text.split("it calls", 1)[1].split(")", 1)[0]))
+    return gold, wrong
+
+
 def test_main_job_prints_a_json_record_per_example(capsys):
     assert main(["predict", str(EXAMPLES), "--no-progress"]) == 0
     records = json.loads(capsys.readouterr().out)
-    assert len(records) == 7 and all("label" in r for r in records)
+    clips = sorted(EXAMPLES.glob("*.flac"))
+    assert [r["file"] for r in records] == [str(c) for c in clips] and len(records) == 7
+    gold, wrong = examples_readme()
+    assert sorted(gold) == sorted(c.stem for c in clips) and len(wrong) == 2
+    for clip, r in zip(clips, records):
+        assert set(r) == {"file", "duration", "label", "probabilities", "scores"}
+        probs = r["probabilities"]
+        assert list(probs) == list(EMOTIONS) and all(0 <= p <= 1 for p in probs.values())
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert list(r["scores"]) == list(DIMENSIONS) and all(0 <= v <= 1 for v in r["scores"].values())
+        assert r["duration"] == pytest.approx(sf.info(str(clip)).duration, abs=5e-4)
+        assert r["label"] == max(probs, key=probs.get)
+        # what examples/README.md says: right on 5 of the 7, and which label the other two get
+        assert r["label"] == wrong.get(clip.stem, gold[clip.stem]), clip.name

@@ -14,8 +14,10 @@ import torch
 import serval
 from serval import inference
 from serval.audio import load_audio
+from serval.checkpoint import save_model
 from serval.cli import main
 from serval.model import SERConfig, SERModel
+from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import split_span
 
 
@@ -23,7 +25,7 @@ from serval.windows import split_span
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny"
-    SERModel(SERConfig.tiny()).save_pretrained(path)
+    save_model(SERModel(SERConfig.tiny()), path)
     return path
 
 
@@ -99,11 +101,35 @@ def test_arrays_and_bad_arrays(model_dir, emodb_clips):
 
 
 def test_csv_and_table_formats(model_dir, clip_dir, capsys):
-    main(["predict", str(clip_dir), "--model", str(model_dir), "--format", "csv"])
+    args = ["predict", str(clip_dir), "--model", str(model_dir), "--format"]
+    main([*args, "json"])
+    records = json.loads(capsys.readouterr().out)
+    main([*args, "csv"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 6 and rows[0]["label"] in SERConfig().classes
-    main(["predict", str(clip_dir), "--model", str(model_dir), "--format", "table"])
-    assert capsys.readouterr().out.splitlines()[0].split()[:3] == ["file", "duration", "label"]
+    columns = ["file", "duration", "label", *EMOTIONS, *DIMENSIONS, "error"]
+    assert list(rows[0]) == columns
+    for row, r in zip(rows, records, strict=True):  # every value, read back, is the JSON record's
+        assert row["file"] == r["file"] and row["error"] == r.get("error", "")
+        if "error" in r:
+            assert all(row[c] == "" for c in columns[1:-1])
+            continue
+        assert float(row["duration"]) == r["duration"] and row["label"] == r["label"]
+        assert {c: float(row[c]) for c in EMOTIONS} == r["probabilities"]
+        assert {d: float(row[d]) for d in DIMENSIONS} == r["scores"]
+
+    main([*args, "table"])
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == columns and len(lines) == 6
+    starts = [header.index(f"{c} ") if c != "error" else header.rindex(c) for c in columns]
+    for line, r in zip(lines, records, strict=True):
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+        assert cells[0] == r["file"] and cells[-1] == r.get("error", "")
+        if "error" in r:
+            assert cells[1:-1] == [""] * (len(columns) - 2)
+            continue
+        values = [r["duration"], *r["probabilities"].values(), *r["scores"].values()]
+        assert cells[1:2] + cells[3:-1] == [f"{v:.3f}" for v in values] and cells[2] == r["label"]
 
 
 def test_output_file_is_never_overwritten(model_dir, emodb_clips, tmp_path, capsys):
@@ -119,3 +145,26 @@ def test_without_a_model_says_so_in_one_line(monkeypatch, tmp_path, emodb_clips,
     code = main(["predict", str(emodb_clips[0])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--model" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
+    model_dir, tmp_path, monkeypatch, emodb_clips
+):
+    monkeypatch.setattr(inference, "DEFAULT_MODEL", model_dir)
+    waves = [load_audio(emodb_clips[0])]
+    direct = serval.load(model_dir)
+    probs, scores = direct.predict_waveforms(waves)
+    for spec in (None, "default"):  # both mean the bundled model
+        bundled = serval.load(spec)
+        assert bundled.fingerprint == direct.fingerprint
+        p, s = bundled.predict_waveforms(waves)
+        assert np.array_equal(p, probs) and np.array_equal(s, scores)
+    for member in ("a", "b"):
+        shutil.copytree(model_dir, tmp_path / "ensemble" / member)
+    (tmp_path / "ensemble" / "ensemble.json").write_text(json.dumps({"members": ["a", "b"]}))
+    ensemble = serval.load(tmp_path / "ensemble")
+    assert len(ensemble.models) == 2 and ensemble.name == direct.name
+    p, s = ensemble.predict_waveforms(waves)  # two copies of one model average to that model
+    assert np.allclose(p, probs, atol=1e-6) and np.allclose(s, scores, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        serval.load(tmp_path / "nothing")

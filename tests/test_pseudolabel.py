@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, clips
 
 from serval.audio import SAMPLE_RATE, load_audio
+from serval.checkpoint import load_model, save_model
 from serval.cli import main
 from serval.inference import Predictor
 from serval.manifest import read_manifest
@@ -85,7 +86,7 @@ def teachers_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     for seed in (1, 2):
         torch.manual_seed(seed)
-        SERModel(SERConfig.tiny()).save_pretrained(root / f"t{seed}")
+        save_model(SERModel(SERConfig.tiny()), root / f"t{seed}")
     return root
 
 
@@ -166,7 +167,7 @@ def test_rule_teachers_on_known_timeline(timeline_file):
 
 def test_seeded_models_agree_as_their_own_predictions_say(timeline_file, teachers_dir):
     path, _ = timeline_file
-    models = {f"t{s}": Predictor(SERModel.from_pretrained(teachers_dir / f"t{s}"), "cpu") for s in (1, 2)}
+    models = {f"t{s}": Predictor(load_model(teachers_dir / f"t{s}"), "cpu") for s in (1, 2)}
     out = label_source(Source(str(path)), models, PseudoLabelConfig(min_utterance=10))
     windows = out["utterances"][0]["windows"]
     wave = load_audio(path)
@@ -224,7 +225,7 @@ def test_cli_run_reasons_failures_and_second_pass(tmp_path, teachers_dir, capsys
     assert main(["pseudolabel", str(out), "--relabel", t1, "-o", str(second), "--no-progress"]) == 0
     relabelled = read_manifest(second)
     assert len(relabelled) == len(rows)
-    model = Predictor(SERModel.from_pretrained(t1), "cpu")
+    model = Predictor(load_model(t1), "cpu")
     probs, scores = model.predict_waveforms([load_audio(r.path, r.start, r.end) for r in rows])
     for r, p, s in zip(relabelled, probs, scores):
         assert r.label == EMOTIONS[int(np.argmax(p))] and r.arousal == pytest.approx(float(s[0]), abs=1e-5)
@@ -294,7 +295,7 @@ def test_torn_progress_line_is_dropped_and_settings_must_match(tmp_path, teacher
     out = tmp_path / "run.csv"
     progress = output_paths(out)["progress"]
     settings = {"teachers": [t1, t2], "relabel": None, "config": dataclasses.asdict(cfg)}
-    models = {t: Predictor(SERModel.from_pretrained(t), "cpu") for t in (t1, t2)}
+    models = {t: Predictor(load_model(t), "cpu") for t in (t1, t2)}
     Progress(progress, settings).add(label_source(Source(str(files[0])), models, cfg))
     with open(progress, "a") as f:
         f.write('{"key": "' + str(files[1]) + '||", "utterances": [{"sta')

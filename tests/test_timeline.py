@@ -12,6 +12,7 @@ import torch
 from conftest import clips
 
 from serval.audio import SAMPLE_RATE, load_audio
+from serval.checkpoint import load_model, save_model
 from serval.cli import main
 from serval.inference import Predictor
 from serval.model import SERConfig, SERModel
@@ -23,13 +24,13 @@ from serval.windows import WindowSpec, split_span
 def model_dir(tmp_path_factory):
     torch.manual_seed(3)
     path = tmp_path_factory.mktemp("model") / "tiny"
-    SERModel(SERConfig.tiny()).save_pretrained(path)
+    save_model(SERModel(SERConfig.tiny()), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def predictor(model_dir):
-    return Predictor(SERModel.from_pretrained(model_dir), "cpu")
+    return Predictor(load_model(model_dir), "cpu")
 
 
 @pytest.fixture(scope="module")
