@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -410,6 +411,7 @@ def test_training_loss_falls_on_real_clips_and_final_model_loads(tmp_path):
     assert report["dev_loss"] == sorted(report["dev_loss"])
     ensemble = json.loads((best / "ensemble.json").read_text())
     assert ensemble["members"] == [f"member-{i}" for i in range(4)]
+    assert not list(best.rglob("trainer_state*"))  # the final model carries no trainer state
     assert {p.name for p in (out / "checkpoints").iterdir()} == set(report["members"])
     import serval
 
@@ -431,6 +433,50 @@ def test_out_dir_of_another_run_or_user_files_is_refused(tmp_path):
     other = tiny_config(tmp_path, manifest, "optim.batch_size=4", "optim.epochs=2")
     with pytest.raises(ValueError, match="different config"):
         train(other)
+
+
+class _Poison:
+    """Unpickled, it writes `marker`: what a poisoned run folder could do to a pickle-reading resume."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_a_poisoned_trainer_state_is_refused_and_never_run(tmp_path):
+    manifest = ravdess_manifest(tmp_path / "m.csv", n_train=4)
+    cfg = tiny_config(tmp_path, manifest, "optim.batch_size=4", "optim.epochs=1")
+    train(cfg)
+    out = Path(cfg.out_dir)
+    ckpt = out / (out / "last").read_text().strip()
+    assert sorted(p.name for p in ckpt.glob("trainer_state*")) == [
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Poison(probe)))  # the poison is real
+    assert probe.read_text() == "pwned"
+    marker = tmp_path / "marker"
+    poison = pickle.dumps(_Poison(marker))
+    for name, cause in (
+        ("trainer_state.json", "not a readable trainer state"),
+        ("trainer_state.safetensors", "not a readable safetensors file"),
+    ):
+        original = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(poison)
+        with pytest.raises(ValueError, match=rf"{name}: {cause}"):
+            train(cfg)  # resume: auto, from the poisoned checkpoint
+        assert not marker.exists()
+        (ckpt / name).write_bytes(original)
+    # a folder of the old format holds only a pickled trainer_state.pt: refused, by name
+    for name in ("trainer_state.json", "trainer_state.safetensors"):
+        (ckpt / name).unlink()
+    (ckpt / "trainer_state.pt").write_bytes(poison)
+    with pytest.raises(ValueError, match=r"step-000001/trainer_state\.pt: a pickled trainer state"):
+        train(cfg)
+    assert not marker.exists()
 
 
 def _lines_until(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:

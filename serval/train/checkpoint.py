@@ -1,9 +1,15 @@
 """What a checkpoint holds: the trained tensors, the trainer state (optimizer, scheduler, run
-position, RNG states) to resume from, and the weight average of several checkpoints."""
+position, RNG states) to resume from, and the weight average of several checkpoints.
+
+The trainer state is stored without pickle, so that resuming from a folder someone else wrote
+cannot run code: its tensors (optimizer moments, RNG states as bytes) go into a safetensors
+file, everything else (numbers, strings, the history) into JSON beside it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from copy import deepcopy
 from pathlib import Path
@@ -14,7 +20,11 @@ import torch
 from serval import checkpoint as model_dir
 from serval.model import SERModel
 
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"  # the JSON half; its tensors are in TRAINER_TENSORS
+TRAINER_TENSORS = "trainer_state.safetensors"
+TRAINER_FILES = (TRAINER_STATE, TRAINER_TENSORS)
+OLD_TRAINER_STATE = "trainer_state.pt"  # pickled, by earlier serval versions: refused
+FORMAT = "serval-trainer-state"
 
 
 def save_model(model: SERModel, directory: Path) -> None:
@@ -53,13 +63,90 @@ def average_models(models: list[SERModel]) -> SERModel:
 
 
 def save_trainer_state(trainer_state: dict, directory: Path) -> None:
-    """Write the trainer state of a checkpoint into `directory`."""
-    torch.save(trainer_state, Path(directory) / TRAINER_STATE)
+    """Write the trainer state of a checkpoint into `directory` as JSON plus safetensors."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(trainer_state, tensors)
+    save_file(tensors, str(Path(directory) / TRAINER_TENSORS))
+    text = json.dumps({"format": FORMAT, "version": 1, "state": tree}, indent=1)
+    (Path(directory) / TRAINER_STATE).write_text(text + "\n")
 
 
 def load_trainer_state(directory: Path) -> dict:
-    """The trainer state `save_trainer_state` wrote into `directory`."""
-    return torch.load(Path(directory) / TRAINER_STATE, map_location="cpu", weights_only=False)
+    """The trainer state `save_trainer_state` wrote into `directory`; ValueError names a file that
+    is missing, damaged or of another format (nothing in it is ever executed)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta, data = directory / TRAINER_STATE, directory / TRAINER_TENSORS
+    if not meta.is_file() and (directory / OLD_TRAINER_STATE).is_file():
+        raise ValueError(old_format_message(directory))
+    try:
+        head = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta}: not a readable trainer state ({e})") from None
+    if not isinstance(head, dict) or head.get("format") != FORMAT or head.get("version") != 1:
+        raise ValueError(f"{meta}: not a serval trainer state (format {FORMAT}, version 1)")
+    try:
+        tensors = load_file(str(data))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{data}: not a readable safetensors file ({e})") from None
+    try:
+        return _decode(head["state"], tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta}: damaged trainer state ({e})") from None
+
+
+def old_format_message(directory: Path) -> str:
+    """Why the pickled trainer state of `directory` is not read."""
+    return (
+        f"{Path(directory) / OLD_TRAINER_STATE}: a pickled trainer state of an older serval, which is no "
+        "longer read because unpickling can run code; start the run again in a new out_dir"
+    )
+
+
+def _encode(x, tensors: dict):
+    """`x` as JSON-able values; tensors and arrays are moved into `tensors` and named in their place."""
+    if isinstance(x, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = x.detach().cpu().contiguous().clone()
+        return {"$tensor": key}
+    if isinstance(x, np.ndarray):  # numpy's RNG key: kept as its bytes, dtype and shape
+        key = f"t{len(tensors)}"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(np.uint8).copy())
+        return {"$ndarray": key, "dtype": x.dtype.str, "shape": list(x.shape)}
+    if isinstance(x, tuple):
+        return {"$tuple": [_encode(v, tensors) for v in x]}
+    if isinstance(x, list):
+        return [_encode(v, tensors) for v in x]
+    if isinstance(x, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in x):
+            return {k: _encode(v, tensors) for k, v in x.items()}
+        return {"$items": [[_encode(k, tensors), _encode(v, tensors)] for k, v in x.items()]}  # int keys
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    raise TypeError(f"a trainer state cannot hold {type(x).__name__}")
+
+
+def _decode(x, tensors: dict):
+    """The inverse of `_encode`: only plain values, tuples, dicts, tensors and arrays come out."""
+    if isinstance(x, list):
+        return [_decode(v, tensors) for v in x]
+    if not isinstance(x, dict):
+        if x is None or isinstance(x, bool | int | float | str):
+            return x
+        raise TypeError(f"unexpected {type(x).__name__}")
+    if "$tensor" in x:
+        return tensors[x["$tensor"]]
+    if "$ndarray" in x:
+        raw = tensors[x["$ndarray"]].numpy().tobytes()
+        return np.frombuffer(raw, dtype=np.dtype(x["dtype"])).reshape(x["shape"]).copy()
+    if "$tuple" in x:
+        return tuple(_decode(v, tensors) for v in x["$tuple"])
+    if "$items" in x:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in x["$items"]}
+    return {k: _decode(v, tensors) for k, v in x.items()}
 
 
 def rng_state() -> dict:

@@ -15,7 +15,14 @@ import yaml
 
 from serval.atomic import atomic_write_text, replace_dir
 from serval.model import SERModel
-from serval.train.checkpoint import TRAINER_STATE, rng_state, save_model, save_trainer_state
+from serval.train.checkpoint import (
+    OLD_TRAINER_STATE,
+    TRAINER_STATE,
+    old_format_message,
+    rng_state,
+    save_model,
+    save_trainer_state,
+)
 from serval.train.config import TrainConfig
 from serval.train.ddp import Dist, barrier, gather_objects
 
@@ -55,11 +62,13 @@ class Run:
         return d
 
     def last_checkpoint(self) -> Path | None:
-        """The checkpoint `last` points at, when it holds a trainer state."""
+        """The checkpoint `last` points at, when it holds a trainer state; ValueError for a pickled one."""
         pointer = self.out / "last"
         if not pointer.is_file():
             return None
         path = self.out / pointer.read_text().strip()
+        if not (path / TRAINER_STATE).is_file() and (path / OLD_TRAINER_STATE).is_file():
+            raise ValueError(old_format_message(path))
         return path if (path / TRAINER_STATE).is_file() else None
 
     def prepare(self) -> Path | None:

@@ -16,7 +16,13 @@ import yaml
 
 from serval.atomic import atomic_write_text, replace_dir
 from serval.model import SERModel
-from serval.train.checkpoint import TRAINER_STATE, average_models, load_checkpoint, save_model
+from serval.train.checkpoint import (
+    OLD_TRAINER_STATE,
+    TRAINER_FILES,
+    average_models,
+    load_checkpoint,
+    save_model,
+)
 from serval.train.config import SelectConfig, TrainConfig
 from serval.train.ddp import Dist
 from serval.train.folder import Run, RunState
@@ -104,7 +110,9 @@ def _write_best(run: Run, cfg: TrainConfig, choice: str, members: list[Path], fi
     if choice == "predictions":
         names = []
         for i, m in enumerate(members):
-            shutil.copytree(m, tmp / f"member-{i}", ignore=shutil.ignore_patterns(TRAINER_STATE))
+            shutil.copytree(
+                m, tmp / f"member-{i}", ignore=shutil.ignore_patterns(*TRAINER_FILES, OLD_TRAINER_STATE)
+            )
             names.append(f"member-{i}")
         ensemble = {
             "format": "serval-ensemble",
