@@ -294,7 +294,11 @@ def expand_inputs(items: Iterable[str]) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files or directories of them")
-    p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
+    p.add_argument(
+        "--model",
+        help="default (the bundled model, when omitted), a model or ensemble directory, a Hub id "
+        "or meralion:PATH",
+    )
     p.add_argument("--format", choices=["json", "jsonl", "csv", "table"], default="json")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
@@ -310,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         predictor = load(args.model, device=args.device)
+        if not isinstance(predictor, Predictor):  # emotion2vec:, llm: have no records of their own
+            raise ValueError(
+                f"{args.model}: predict runs serval models; score other systems with serval eval"
+            )
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
         records = predictor.predict(
             files,
