@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serval.serve.cli", "HTTP and WebSocket API"),
     "mcp": ("serval.serve.mcp", "MCP tool server for agents (stdio)"),
     "bench": ("serval.bench", "speed and memory benchmarks"),
+    "export": ("serval.export", "export a model as an ONNX graph"),
 }
 
 
