@@ -6,8 +6,15 @@ mean-pooled over the clip, standardised, logistic regression fitted on the train
 Also measures CPU latency per clip. Writes `report.json`/`report.md`/confusion PNGs per split
 and `latency.json` into the output folder.
 
+Then scores the model(s) beside the linear probes of benchmarks/probes.py (all 7 whisper-base
+layers mean-pooled, standardised; logistic regression for classes, ridge per dimension),
+per corpus, per language and per dimension, on the dev and test speakers: `probes.md`, also
+printed. `--probes-only` writes the probe tables alone (no model needed); pooled features are
+cached in `--probe-cache` (default runs/probe-cache), so reruns only pay for the model.
+
     python benchmarks/model_card.py --manifest runs/default/all.csv --model serval/assets/default -o runs/model-card \
         --cache-dir runs/cache/whisper-base --extra-model last-layer=runs/default/cpu-last/best
+    python benchmarks/model_card.py --manifest runs/default/all.csv -o runs/model-card --probes-only
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import hashlib
 import json
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,11 +33,16 @@ import torch
 
 from serval.audio import load_audio
 from serval.cache import EncoderCache, encoder_settings
+from serval.checkpoint import model_from_backbone
 from serval.evaluate import evaluate, write_report
 from serval.features import compute_features
 from serval.inference import load
 from serval.manifest import read_manifest
-from serval.model import DIMENSIONS, EMOTIONS, SERConfig, SERModel
+from serval.model import SERConfig
+from serval.vocab import DIMENSIONS, EMOTIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import LinearProbe, PooledFeatures, class_scores, dim_scores, markdown  # noqa: E402
 
 
 class MajorityClass:
@@ -61,7 +74,7 @@ class FrozenEncoderLogReg:
     def __init__(self, backbone: str = "pypi:whisper-base", cache_dir: str | None = None):
         self.classes = EMOTIONS
         self.name = "whisper-base mean-pool + logreg"
-        self.encoder = SERModel.from_backbone(SERConfig.for_whisper("base", backbone=backbone)).eval()
+        self.encoder = model_from_backbone(SERConfig.for_whisper("base", backbone=backbone)).eval()
         self.cache = EncoderCache(cache_dir, encoder_settings(self.encoder, "float16")) if cache_dir else None
         self.clf = None
 
@@ -128,6 +141,38 @@ def load_named(spec: str):
     return predictor
 
 
+def probe_section(rows, models: list, out: Path, args: argparse.Namespace) -> str:
+    """The model(s) beside the linear and ridge probes per corpus, language and dimension, as Markdown."""
+    train = [r for r in rows if r.split == "train"]
+    probe = LinearProbe(PooledFeatures(args.probe_cache, reuse_dir=args.cache_dir)).fit(train, progress=True)
+    systems = [*models, probe]
+    n_dims = {d: sum(getattr(r, d) is not None for r in train) for d in DIMENSIONS}
+    parts = [
+        "## Against linear probes, per corpus",
+        "",
+        f"Probe: frozen whisper-base, all 7 encoder outputs mean-pooled and concatenated, standardised; "
+        f"logistic regression (balanced) on the {sum(1 for r in train if r.label)} labelled train clips, "
+        "ridge per dimension on the train clips rated on it ("
+        + ", ".join(f"{d} {n}" for d, n in n_dims.items())
+        + "). Fitted on train speakers only; scored on speakers neither it nor the model saw.",
+        "",
+    ]
+    for split in args.probe_splits.split(","):
+        part = [r for r in rows if r.split == split]
+        if not part:
+            continue
+        labelled = [r for r in part if r.label]
+        classes = class_scores(labelled, systems, out / "cache", args.bootstrap)
+        common = [r for r in labelled if str(r.extra.get("common_sentence")) == "1"]
+        common_scores = class_scores(common, systems, out / "cache", args.bootstrap) if common else None
+        dims = dim_scores(part, systems, out / "cache", args.bootstrap)
+        parts.append(markdown(split, part, classes, common_scores, dims, probe.alphas()))
+    text = "\n".join(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probes.md").write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", required=True, help="manifest with train/dev/test splits")
@@ -144,12 +189,21 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument(
-        "--cache-dir", help="a training run's encoder cache, reused by the frozen-encoder baseline"
+        "--cache-dir",
+        help="a training run's encoder cache, reused by the frozen-encoder baseline and the probes",
     )
+    ap.add_argument("--probes-only", action="store_true", help="only the probe tables, no model")
+    ap.add_argument(
+        "--probe-cache", default="runs/probe-cache", help="pooled probe features (default %(default)s)"
+    )
+    ap.add_argument("--probe-splits", default="dev,test", help="splits the probe tables cover")
     args = ap.parse_args()
 
     out = Path(args.output)
     rows = read_manifest(args.manifest)
+    if args.probes_only:
+        print(probe_section(rows, [], out, args))
+        return
     train = [r for r in rows if r.split == "train" and r.label]
     model = load(args.model, device="cpu")
     systems = [model, *[load_named(m) for m in args.extra_model]]
@@ -179,6 +233,7 @@ def main() -> None:
     latency = cpu_latency(model, test_paths)
     (out / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
     print("CPU latency per clip:", latency)
+    print(probe_section(rows, [model, *systems[1 : 1 + len(args.extra_model)]], out, args))
 
 
 if __name__ == "__main__":
