@@ -56,5 +56,10 @@ def label_body(
     probs, values, classes: Sequence[str], dimensions: Sequence[str], keep: Sequence[int] | None = None
 ) -> dict:
     """The body every result shares: the top label, its probabilities and the dimensional scores."""
-    p = probabilities(probs, classes, keep)
-    return {"label": max(p, key=p.get), "probabilities": p, "scores": scores(values, dimensions)}
+    keep = list(range(len(classes))) if keep is None else list(keep)
+    top = keep[int(np.argmax(np.asarray(probs, np.float64)[keep]))]  # from the unrounded values: no ties by rounding
+    return {
+        "label": classes[top],
+        "probabilities": probabilities(probs, classes, keep),
+        "scores": scores(values, dimensions),
+    }
