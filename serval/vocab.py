@@ -57,7 +57,8 @@ def label_body(
 ) -> dict:
     """The body every result shares: the top label, its probabilities and the dimensional scores."""
     keep = list(range(len(classes))) if keep is None else list(keep)
-    top = keep[int(np.argmax(np.asarray(probs, np.float64)[keep]))]  # from the unrounded values: no ties by rounding
+    # The label comes from the unrounded values, so rounding can never create a tie.
+    top = keep[int(np.argmax(np.asarray(probs, np.float64)[keep]))]
     return {
         "label": classes[top],
         "probabilities": probabilities(probs, classes, keep),
