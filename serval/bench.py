@@ -21,6 +21,7 @@ import torch
 from serval.features import compute_features
 from serval.inference import resolve_device
 from serval.model import WHISPER_SIZES, SERConfig, SERModel
+from serval.vocab import SAMPLE_RATE
 
 
 def _sync(device: torch.device) -> None:
@@ -40,13 +41,19 @@ def time_inference(
     min_seconds: float = 2.0,
     max_iters: int = 50,
 ) -> dict:
-    """Clips per second for one batch of waveforms, features included, after one warm-up pass."""
+    """Clips per second for one batch of waveforms, features included, after one warm-up pass.
+
+    Timed passes repeat until `min_seconds` have passed (at least one, at most `max_iters`); the
+    result has the raw timing (`iters`, `seconds`) and the mel frames each clip was fed as (`frames`).
+    """
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    frames = []
 
     def step():
         feats, lengths = compute_features(
             waves, n_mels=model.config.n_mels, pad_to_30s=model.config.pad_to_30s, device=device
         )
+        frames.append(int(feats.shape[-1]))
         with torch.inference_mode(), autocast:
             out = model(feats, lengths.to(device))
         return out.logits.float().softmax(-1)
@@ -65,6 +72,8 @@ def time_inference(
         "clips_per_s": round(len(waves) * iters / elapsed, 2),
         "ms_per_batch": round(1000 * elapsed / iters, 2),
         "iters": iters,
+        "seconds": round(elapsed, 6),
+        "frames": frames[0],
     }
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -107,6 +116,15 @@ def time_train_step(config: SERConfig, waves: list[np.ndarray], device: torch.de
     return result
 
 
+def model_pair(size: str, device: torch.device, seed: int = 0) -> tuple[SERModel, SERModel]:
+    """serval's way (own length) and the published way (fp32, padded to 30 s) of one random network."""
+    torch.manual_seed(seed)
+    ours = SERModel(SERConfig.for_whisper(size)).to(device).eval()
+    published = SERModel(SERConfig.for_whisper(size, pad_to_30s=True)).to(device).eval()
+    published.load_state_dict(ours.state_dict())
+    return ours, published
+
+
 def run_benchmark(
     size: str = "base",
     device: str | None = None,
@@ -118,12 +136,8 @@ def run_benchmark(
 ) -> dict:
     """Published way vs serval's way for each clip length, plus single-clip latency."""
     dev = resolve_device(device)
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    config = SERConfig.for_whisper(size)
-    ours = SERModel(config).to(dev).eval()
-    published = SERModel(SERConfig.for_whisper(size, pad_to_30s=True)).to(dev).eval()
-    published.load_state_dict(ours.state_dict())
+    ours, published = model_pair(size, dev, seed)
     bf16 = dev.type == "cuda"
     report = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -135,7 +149,8 @@ def run_benchmark(
         "results": [],
     }
     for sec in seconds:
-        waves = [rng.standard_normal(int(sec * 16000)).astype(np.float32) * 0.1 for _ in range(batch_size)]
+        n = int(sec * SAMPLE_RATE)
+        waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for _ in range(batch_size)]
         base = time_inference(published, waves, dev, bf16=False, min_seconds=min_seconds)
         fast = time_inference(ours, waves, dev, bf16=bf16, min_seconds=min_seconds)
         single_base = time_inference(published, waves[:1], dev, bf16=False, min_seconds=min_seconds)
@@ -150,7 +165,7 @@ def run_benchmark(
             "speedup_single": round(single_base["ms_per_batch"] / single_fast["ms_per_batch"], 2),
         }
         if train:
-            row["lora_train_step"] = time_train_step(config, waves, dev)
+            row["lora_train_step"] = time_train_step(ours.config, waves, dev)
         report["results"].append(row)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return report

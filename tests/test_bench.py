@@ -1,14 +1,73 @@
-"""`serval bench` produces a complete report (no timing is asserted: speed lives in the benchmark)."""
+"""`serval bench` measures what it says it measures (no speed is asserted: speed lives in the benchmark)."""
 
-from serval.bench import format_report, run_benchmark
+import numpy as np
+import pytest
+import torch
+
+from serval.bench import format_report, model_pair, run_benchmark, time_inference, time_train_step
+from serval.features import compute_features
+from serval.vocab import SAMPLE_RATE
 
 
-def test_benchmark_report_structure():
+def consistent(timing: dict, clips: int) -> None:
+    """The rates of a timing are of its own raw measurement: `iters` passes of `clips` clips in `seconds`."""
+    assert timing["iters"] >= 1 and timing["seconds"] > 0
+    assert timing["clips_per_s"] == pytest.approx(clips * timing["iters"] / timing["seconds"], abs=0.006)
+    assert timing["ms_per_batch"] == pytest.approx(1000 * timing["seconds"] / timing["iters"], abs=0.006)
+
+
+def test_the_two_ways_are_one_network():
+    ours, published = model_pair("tiny", torch.device("cpu"))
+    assert not ours.config.pad_to_30s and published.config.pad_to_30s
+    a, b = ours.state_dict(), published.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a 30 s clip needs no padding: both ways then compute the same thing
+    clip = [np.random.default_rng(0).standard_normal(30 * SAMPLE_RATE).astype(np.float32) * 0.1]
+    probs = []
+    for model in (ours, published):
+        feats, lengths = compute_features(
+            clip, n_mels=model.config.n_mels, pad_to_30s=model.config.pad_to_30s
+        )
+        with torch.inference_mode():
+            probs.append(model(feats, lengths).logits.softmax(-1))
+    torch.testing.assert_close(probs[0], probs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_timing_is_bounded_and_self_consistent():
+    ours, _ = model_pair("tiny", torch.device("cpu"))
+    waves = [np.zeros(SAMPLE_RATE // 2, np.float32)] * 3
+    once = time_inference(ours, waves, torch.device("cpu"), bf16=False, min_seconds=0.0)
+    assert once["iters"] == 1 and once["frames"] == 50  # 0.5 s at 100 mel frames a second
+    capped = time_inference(ours, waves, torch.device("cpu"), bf16=False, min_seconds=1e9, max_iters=3)
+    assert capped["iters"] == 3  # max_iters ends it long before min_seconds
+    for timing in (once, capped):
+        consistent(timing, clips=3)
+
+
+def test_benchmark_report():
     report = run_benchmark("tiny", "cpu", batch_size=2, seconds=(1.0,), min_seconds=0.0)
+    assert report["whisper_size"] == "tiny" and report["batch_size"] == 2 and report["serval_dtype"] == "fp32"
     (row,) = report["results"]
-    assert row["published_fp32_30s"]["clips_per_s"] > 0 and row["serval_own_length"]["clips_per_s"] > 0
-    assert row["speedup_batch"] == round(
-        row["serval_own_length"]["clips_per_s"] / row["published_fp32_30s"]["clips_per_s"], 2
+    base, fast = row["published_fp32_30s"], row["serval_own_length"]
+    consistent(base, clips=2)
+    consistent(fast, clips=2)
+    assert base["frames"] == 3000 and fast["frames"] == 100  # padded to 30 s against the clip's own 1 s
+    assert row["speedup_batch"] == pytest.approx(fast["clips_per_s"] / base["clips_per_s"], abs=0.006)
+    assert row["single_clip_ms_published"] > 0 and row["single_clip_ms_serval"] > 0
+    assert row["speedup_single"] == pytest.approx(
+        row["single_clip_ms_published"] / row["single_clip_ms_serval"], abs=0.006
     )
+    assert report["peak_rss_mb"] > 50  # torch alone is more than that: it is this process's real peak
     table = format_report(report)
-    assert "| 1 s |" in table and "Whisper-tiny" in table
+    assert (
+        f"| 1 s | {base['clips_per_s']} | {fast['clips_per_s']} | {row['speedup_batch']}x | "
+        f"{row['single_clip_ms_published']} | {row['single_clip_ms_serval']} | {row['speedup_single']}x |"
+    ) in table
+    assert "Whisper-tiny encoder · batch 2" in table and "LoRA training step" not in table
+
+
+def test_lora_train_step_runs():
+    # the LoRA step builds its own adapted copy of the network and takes optimiser steps on it
+    ours, _ = model_pair("tiny", torch.device("cpu"))
+    waves = [np.zeros(SAMPLE_RATE // 2, np.float32)] * 2
+    assert time_train_step(ours.config, waves, torch.device("cpu"), steps=1)["samples_per_s"] > 0
