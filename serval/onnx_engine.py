@@ -1,0 +1,262 @@
+"""The ONNX Runtime engine: serval's predictor without torch, and `load_engine`, the choice of engine.
+
+`OnnxPredictor` has the interface of `serval.inference.Predictor` (`predict`, `predict_waveforms`,
+`record`, `classes`, `dimensions`, `name`, `fingerprint`) and gives the same records, but its
+inference path imports neither torch nor transformers: numpy computes the log-mel
+(`serval.features.log_mel`) and ONNX Runtime runs the graph that `serval.export` writes.
+
+A model is exported once: the graph is cached as `<cache>/onnx/<key>.onnx` (`serval.locations.cache_dir`,
+`$SERVAL_CACHE` overrides it), where the key hashes the model's weights and config (and a local
+backbone's files), the serval version and the opset. Only building a missing graph imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio
+from serval.features import log_mel
+from serval.locations import DEFAULT_MODEL, cache_dir
+from serval.progress import progress_bar
+from serval.version import __version__
+from serval.vocab import SAMPLE_RATE, class_subset, label_body
+from serval.windows import MAX_WINDOW, split_span
+
+ENGINES = ("auto", "torch", "onnx")
+OPSET = 17  # serval.export.OPSET, repeated so that the cache key needs no torch import (a test checks)
+_KEY_VERSION = "1"  # bump when the exported graph changes for the same weights
+
+
+class OnnxPredictor:
+    """A graph written by `serval.export` (one model or an ensemble), run by ONNX Runtime on the CPU."""
+
+    def __init__(
+        self,
+        graph: str | os.PathLike,
+        name: str | None = None,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.graph = Path(graph)
+        self.session = ort.InferenceSession(
+            str(self.graph), options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "classes" not in meta:
+            raise ValueError(
+                f"{graph}: not a graph written by serval export (no class names in its metadata)"
+            )
+        self.classes: tuple[str, ...] = tuple(json.loads(meta["classes"]))
+        self.dimensions: tuple[str, ...] = tuple(json.loads(meta["dimensions"]))
+        self.n_mels = int(meta["n_mels"])
+        self.pad_to_30s = bool(json.loads(meta["pad_to_30s"]))
+        self.name = name or meta.get("name", self.graph.stem)
+        self.fingerprint = f"onnx:{self.graph.stem}"
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def _forward(self, waves: list[np.ndarray], check_finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        feats, lengths = log_mel(waves, self.n_mels, self.pad_to_30s, check_finite=check_finite)
+        feeds = {"features": feats, "frame_lengths": lengths}
+        probs, scores = self.session.run(
+            ["probabilities", "scores"], {k: v for k, v in feeds.items() if k in self._inputs}
+        )
+        return probs, scores
+
+    def predict_waveforms(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int = 16,
+        progress: bool = False,
+        *,
+        check_finite: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """16 kHz mono waveforms -> (probabilities [N, classes], scores [N, dims]), as `Predictor`'s."""
+        return pooled_predict(
+            lambda batch: self._forward(batch, check_finite),
+            waves,
+            (len(self.classes), len(self.dimensions)),
+            batch_size,
+            progress,
+        )
+
+    def predict(
+        self,
+        inputs: Iterable[str | os.PathLike | np.ndarray],
+        batch_size: int = 16,
+        classes: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> list[dict]:
+        """Paths or 16 kHz arrays -> one record each; a bad file gives an error record, the rest still run."""
+        keep = class_subset(classes, self.classes)
+        records: list[dict] = []
+        waves, slots = [], []
+        for item in inputs:
+            is_path = isinstance(item, str | os.PathLike)
+            name = str(item) if is_path else None
+            try:
+                wave = load_audio(item) if is_path else _check_array(item)
+            except AudioError as e:
+                records.append({"file": name, "error": str(e)})
+                continue
+            records.append({"file": name, "duration": round(len(wave) / SAMPLE_RATE, 3)})
+            waves.append(wave)
+            slots.append(len(records) - 1)
+        if waves:
+            probs, scores = self.predict_waveforms(
+                waves, batch_size=batch_size, progress=progress, check_finite=False
+            )
+            for slot, p, s in zip(slots, probs, scores):
+                records[slot].update(self.record(p, s, keep))
+        return records
+
+    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
+        """A label, its probabilities and the dimensional scores, as plain JSON-ready values."""
+        return label_body(probs, scores, self.classes, self.dimensions, keep)
+
+
+def pooled_predict(
+    forward: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
+    waves: Sequence[np.ndarray],
+    widths: tuple[int, int],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`forward` over length-sorted batches of ≤ 30 s pieces; each input's outputs pooled by duration.
+
+    Waveforms longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
+    weighted by their length (the rule of `Predictor.predict_waveforms`).
+    """
+    pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
+    for i, w in enumerate(waves):
+        w = np.asarray(w, dtype=np.float32).reshape(-1)
+        spans = split_span(0.0, len(w) / SAMPLE_RATE, MAX_WINDOW)
+        pieces.extend((i, w[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]) for a, b in spans)
+    order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    probs = np.zeros((len(waves), widths[0]), np.float64)
+    scores = np.zeros((len(waves), widths[1]), np.float64)
+    weight = np.zeros(len(waves), np.float64)
+    for batch in progress_bar(batches, progress, unit=" clips batch"):
+        p, s = forward([pieces[j][1] for j in batch])
+        for row, j in enumerate(batch):
+            i, w = pieces[j][0], len(pieces[j][1])
+            probs[i] += w * p[row]
+            scores[i] += w * s[row]
+            weight[i] += w
+    weight = np.maximum(weight, 1)[:, None]
+    return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
+
+
+def _check_array(array) -> np.ndarray:
+    wave = np.asarray(array, dtype=np.float32).reshape(-1)
+    if wave.size == 0:
+        raise EmptyAudioError("<array>", "no samples")
+    check_finite(wave, "<array>")
+    return wave
+
+
+# ---------------------------------------------------------------------------- the cached graph
+
+
+def model_folders(model: str | os.PathLike | None) -> list[Path] | None:
+    """The serval model folders a spec names (one, or an ensemble's members), or None when it is not local."""
+    spec = "default" if model is None else os.fspath(model)
+    path = DEFAULT_MODEL if spec == "default" else Path(spec).expanduser()
+    if spec.startswith("meralion:"):
+        path = Path(spec.split(":", 1)[1]).expanduser()
+    if not path.is_dir():
+        return None
+    ensemble = path / "ensemble.json"
+    if ensemble.is_file():
+        return [path / m for m in json.loads(ensemble.read_text())["members"]]
+    return [path] if (path / "config.json").is_file() else None
+
+
+def graph_key(folders: Sequence[Path], spec: str = "") -> str:
+    """The cache key of a model's graph: a sha256 of its files' contents, the serval version and the opset.
+
+    A folder's config and weight files are hashed whole; a backbone named by a local path in the
+    config is hashed too (a `pypi:` backbone is pinned by its own sha256, so its name is enough).
+    """
+    h = hashlib.sha256(f"serval-onnx {_KEY_VERSION} {__version__} opset {OPSET} {spec}\n".encode())
+    for folder in folders:
+        files = _weight_files(folder)
+        config = folder / "config.json"
+        if config.is_file():
+            backbone = json.loads(config.read_text()).get("backbone") or ""
+            local = Path(backbone).expanduser()
+            if backbone and local.exists():
+                files += _weight_files(local) if local.is_dir() else [local]
+        for f in files:
+            h.update(f"{f.name}\n".encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    suffixes = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in suffixes)
+
+
+def cached_graph(model: str | os.PathLike | None = None) -> Path:
+    """The cached ONNX graph of a local model spec, exported (with torch) the first time only."""
+    folders = model_folders(model)
+    if folders is None:
+        raise ValueError(f"{model}: the ONNX engine needs a local serval model or ensemble directory")
+    spec = os.fspath(model) if model is not None and os.fspath(model).startswith("meralion:") else ""
+    path = cache_dir() / "onnx" / f"{graph_key(folders, spec)}.onnx"
+    if not path.is_file():
+        from serval.export import export_onnx
+        from serval.inference import load
+
+        system = load("default" if model is None else model, device="cpu")
+        export_onnx(system.models, path, name=system.name)
+    return path
+
+
+def load_engine(
+    model: str | os.PathLike | None = None,
+    engine: str = "auto",
+    device: str | None = None,
+    threads: int | None = None,
+):
+    """A predictor for `model` on `engine`: "torch" (`serval.inference.load`), "onnx", or "auto".
+
+    "auto" is ONNX Runtime on a CPU (a `.onnx` file, or a local serval model or ensemble, exported once
+    into the cache), and torch on a GPU or for anything else (emotion2vec:, llm:, Hub ids). The check
+    for a GPU is torch-free (the NVIDIA driver's files), so "auto" on a CPU never imports torch.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    spec = None if model is None else os.fspath(model)
+    is_graph = spec is not None and spec.endswith(".onnx") and Path(spec).is_file()
+    wants_gpu = device not in (None, "auto", "cpu") or (device in (None, "auto") and _has_nvidia_gpu())
+    if engine == "auto":
+        engine = "onnx" if (is_graph or model_folders(spec) is not None) and not wants_gpu else "torch"
+    if engine == "torch":
+        if is_graph:
+            raise ValueError(f"{spec}: an ONNX graph runs on the onnx engine only")
+        from serval.inference import load
+
+        return load(model, device=device)
+    if device not in (None, "auto", "cpu"):
+        raise ValueError(f"the onnx engine runs on the CPU; device {device!r} needs --engine torch")
+    return OnnxPredictor(spec if is_graph else cached_graph(spec), threads=threads)
+
+
+def _has_nvidia_gpu() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
