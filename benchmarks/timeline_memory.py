@@ -27,7 +27,8 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SERVAL_TEST_DATA", REPO.parent / "shared" / "data"))
-SR = 16000
+sys.path.insert(0, str(REPO))
+from serval.vocab import SAMPLE_RATE  # noqa: E402
 
 
 def write_recording(path: Path, seconds: float, seed: int = 0) -> None:
@@ -36,12 +37,12 @@ def write_recording(path: Path, seconds: float, seed: int = 0) -> None:
     if not files:
         sys.exit(f"no RAVDESS clips under {DATA}")
     rng = np.random.default_rng(seed)
-    total = int(seconds * SR)
+    total = int(seconds * SAMPLE_RATE)
     written = 0
-    with sf.SoundFile(path, "w", SR, 1, subtype="PCM_16") as out:
+    with sf.SoundFile(path, "w", SAMPLE_RATE, 1, subtype="PCM_16") as out:
         while written < total:
             clip, _ = sf.read(files[int(rng.integers(len(files)))], dtype="float32")
-            gap = rng.normal(0, 1e-4, int(rng.uniform(0.5, 3.0) * SR)).astype(np.float32)
+            gap = rng.normal(0, 1e-4, int(rng.uniform(0.5, 3.0) * SAMPLE_RATE)).astype(np.float32)
             block = np.concatenate([clip, gap])[: total - written]
             out.write(block)
             written += len(block)
@@ -71,7 +72,6 @@ def main() -> int:
     p.add_argument("--bound-mb", type=float, default=100.0)
     p.add_argument("--workdir", help="keep the files here instead of a temporary folder")
     args = p.parse_args()
-    sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         model = args.model
@@ -111,7 +111,7 @@ def main() -> int:
         growth = figures[f"{args.hours:g} hours"] - figures["1 minute"]
         print(
             f"{windows} windows; peak RSS grows by {growth:.1f} MB from 1 minute to {args.hours:g} h "
-            f"(bound {args.bound_mb:g} MB; the decoded file alone would be {args.hours * 3600 * SR * 4 / 2**20:.0f} MB)"
+            f"(bound {args.bound_mb:g} MB; the decoded file alone would be {args.hours * 3600 * SAMPLE_RATE * 4 / 2**20:.0f} MB)"
         )
         return 0 if growth <= args.bound_mb else 1
 

@@ -21,7 +21,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-SAMPLE_RATE = 16000
+from serval.vocab import SAMPLE_RATE  # re-exported: `from serval.audio import SAMPLE_RATE` keeps working
+
 MIN_DURATION = 0.1  # seconds; shorter clips raise AudioTooShortError
 SPAN_TOLERANCE = 0.01  # seconds an `end` may overshoot the duration (rounded manifests); it is clipped
 
