@@ -11,6 +11,7 @@ from serval import __version__, vocab
 from serval.serve.config import ServerConfig
 from serval.serve.errors import add_error_handlers
 from serval.serve.metrics import Metrics, observe
+from serval.serve.pages import router as pages
 from serval.serve.routes import router
 from serval.serve.service import Service
 
@@ -30,6 +31,9 @@ def create_app(predictor, config: ServerConfig | None = None) -> FastAPI:
         title="serval",
         version=__version__,
         lifespan=lifespan,
+        # /docs is serve.pages's, with Swagger UI from the package (FastAPI's loads it from a CDN)
+        docs_url=None,
+        redoc_url=None,
         description=(
             f"Speech emotion recognition: {len(vocab.EMOTIONS)} emotion classes and "
             f"{len(vocab.DIMENSIONS)} dimensional scores."
@@ -41,4 +45,5 @@ def create_app(predictor, config: ServerConfig | None = None) -> FastAPI:
     add_error_handlers(app)
     app.middleware("http")(observe)
     app.include_router(router)
+    app.include_router(pages)
     return app
