@@ -18,6 +18,7 @@ feed it a file chunk by chunk, so memory stays bounded whatever the file's lengt
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,8 +30,17 @@ from serval.progress import progress_bar
 from serval.vocab import SAMPLE_RATE
 
 MAX_WINDOW = 30.0  # the longest input the model takes in one pass
+MIN_HOP = 0.01  # seconds (160 samples): a finer grid is no finer for a model of 20 ms frames
+MAX_WINDOWS = 100_000  # windows per recording (or stream) unless a WindowSpec asks for fewer
 # a file path, bytes or binary file object (anything serval.audio decodes), or 16 kHz samples
 Source = str | os.PathLike | bytes | BinaryIO | np.ndarray
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except TypeError:  # not a number at all
+        return False
 
 
 @dataclass(frozen=True)
@@ -49,19 +59,54 @@ class WindowSpec:
     vad_threshold: float = 0.5  # Silero speech probability
     min_speech: float = 0.5  # fraction of a window's frames that must be speech for it to be scored
     max_segment: float = 15.0  # longest merged segment
+    max_windows: int = MAX_WINDOWS  # most windows one recording or stream may have (bounds memory)
 
     def __post_init__(self) -> None:
         window, hop, min_length = self.window, self.hop, self.min_length
+        for name in ("window", "hop", "min_length", "vad_threshold", "min_speech", "max_segment"):
+            value = getattr(self, name)
+            if not _finite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be between 0.1 and {MAX_WINDOW:g} s, got {window:g}")
-        if not 0 < hop <= window:
-            raise ValueError(f"hop must be > 0 and <= window ({window:g} s), got {hop:g}")
+        # checked in samples too: a hop that rounds to no samples would never move the grid on
+        if not MIN_HOP <= hop <= window or _samples(hop) < 1:
+            raise ValueError(f"hop must be between {MIN_HOP:g} s and the window ({window:g} s), got {hop:g}")
         if not 0.1 <= min_length <= window:
             raise ValueError(
                 f"min_length must be between 0.1 s and the window ({window:g} s), got {min_length:g}"
             )
         if not self.max_segment > 0:
             raise ValueError(f"max_segment must be > 0 s, got {self.max_segment:g}")
+        if not (0 <= self.vad_threshold <= 1 and 0 <= self.min_speech <= 1):
+            raise ValueError(
+                f"vad_threshold and min_speech must be in [0, 1], got {self.vad_threshold:g}, {self.min_speech:g}"
+            )
+        if not isinstance(self.max_windows, int) or self.max_windows < 1:
+            raise ValueError(f"max_windows must be a whole number >= 1, got {self.max_windows!r}")
+
+    def count(self, duration: float) -> int:
+        """How many windows the grid puts over `duration` seconds of audio (without making them)."""
+        n, w, h, least = (
+            _samples(duration),
+            _samples(self.window),
+            _samples(self.hop),
+            _samples(self.min_length),
+        )
+        if n < w:
+            return int(n >= least)
+        regular = (n - w) // h + 1
+        return regular + int(n - ((regular - 1) * h + w) >= least)
+
+    def check_count(self, duration: float) -> int:
+        """The window count over `duration` seconds; ValueError when it passes `max_windows`."""
+        n = self.count(duration)
+        if n > self.max_windows:
+            raise ValueError(
+                f"a {self.window:g} s window every {self.hop:g} s over {duration:.1f} s of audio makes "
+                f"{n} windows; at most {self.max_windows} are allowed: use a larger hop"
+            )
+        return n
 
 
 @dataclass
@@ -147,6 +192,8 @@ class StreamingWindower:
     def _grid_until(self, total: int) -> Iterator[tuple[int, int]]:
         # regular windows that fit in `total` samples, from the next one on
         while self._next * self._h + self._w <= total:
+            if self._next >= self.spec.max_windows:
+                raise ValueError(f"more than {self.spec.max_windows} windows: use a larger hop")
             a = self._next * self._h
             self._next += 1
             self._last_end = a + self._w

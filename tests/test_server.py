@@ -577,28 +577,38 @@ def test_full_queue_answers_503_with_retry_after(predictor, ravdess_clips):
         assert ask().status_code == 200  # room again
 
 
-def test_uploads_being_received_count_towards_the_queue(predictor, ravdess_clips):
-    app = create_app(predictor, ServerConfig(max_queue=1))
+def test_uploads_being_received_hold_no_place_in_the_model_queue(predictor, ravdess_clips):
+    # an upload in progress does not take the queue's one place, but --max-receiving bounds them
+    app = create_app(predictor, ServerConfig(max_queue=1, max_receiving=2))
     body = ravdess_clips[0].read_bytes()
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow_body():
         for i in range(0, len(body), 8192):
             yield body[i : i + 8192]
             started.set()
-            time.sleep(0.1)
+            assert release.wait(30)
 
     with (
         ThreadServer(app) as srv,
-        ThreadPoolExecutor(1) as pool,
+        ThreadPoolExecutor(2) as pool,
         httpx.Client(base_url=srv.base, timeout=60) as c,
     ):
         slow = pool.submit(c.post, "/v1/emotion", content=slow_body(), headers={"content-type": "audio/flac"})
         assert started.wait(20)
         wait_until(lambda: metric(c.get("/metrics").text, "serval_in_flight_requests") >= 2)
         r = c.post("/v1/emotion", content=body, headers={"content-type": "audio/flac"})
-        assert_error(r, 503, "server_busy")  # the queue's one place is taken by the upload in progress
-        assert slow.result(60).status_code == 200
+        assert r.status_code == 200, r.text  # the queue's place is free while the other one uploads
+        started.clear()
+        slow2 = pool.submit(
+            c.post, "/v1/emotion", content=slow_body(), headers={"content-type": "audio/flac"}
+        )
+        assert started.wait(20)
+        wait_until(lambda: metric(c.get("/metrics").text, "serval_in_flight_requests") >= 3)
+        r = c.post("/v1/emotion", content=body, headers={"content-type": "audio/flac"})
+        assert_error(r, 503, "server_busy")  # two uploads are being received: no room for a third
+        release.set()
+        assert slow.result(60).status_code == 200 and slow2.result(60).status_code == 200
         assert c.post("/v1/emotion", content=body, headers={"content-type": "audio/flac"}).status_code == 200
 
 

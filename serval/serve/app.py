@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from serval import __version__, vocab
 from serval.serve.config import ServerConfig
 from serval.serve.errors import add_error_handlers
-from serval.serve.metrics import Metrics, observe
+from serval.serve.metrics import Metrics, Observe
 from serval.serve.pages import router as pages
 from serval.serve.routes import router
-from serval.serve.service import Service
+from serval.serve.schemas import SafeJSONResponse
+from serval.serve.service import Service, ShedLoad
 
 
 @asynccontextmanager
@@ -31,6 +32,7 @@ def create_app(predictor, config: ServerConfig | None = None) -> FastAPI:
         title="serval",
         version=__version__,
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,  # a NaN becomes null, never a 500
         # /docs is serve.pages's, with Swagger UI from the package (FastAPI's loads it from a CDN)
         docs_url=None,
         redoc_url=None,
@@ -43,7 +45,9 @@ def create_app(predictor, config: ServerConfig | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.service = Service(predictor, config, app.state.metrics)
     add_error_handlers(app)
-    app.middleware("http")(observe)
+    # the last added runs first: Observe counts every request, ShedLoad refuses before routing
+    app.add_middleware(ShedLoad, service=app.state.service)
+    app.add_middleware(Observe, metrics=app.state.metrics)
     app.include_router(router)
     app.include_router(pages)
     return app

@@ -3,12 +3,15 @@
 One worker thread owns the model. Every request (an upload, the windows of a timeline, the
 windows of a live stream) hands its waveforms to the `MicroBatcher`, which gathers what arrives
 within `max_wait` into one model call of at most `max_batch` waveforms, so throughput grows with
-load instead of requests queueing one by one.
+load instead of requests queueing one by one. Requests come in two lanes: "short" (clips, stream
+windows) fill a call first, "long" (the windows of a timeline) take what room is left, at most
+`max_long_batch` per call, so a short clip waits for at most one small model call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,10 +25,15 @@ class QueueFullError(RuntimeError):
     """The batcher has `max_queue` requests waiting."""
 
 
+class ClientGoneError(RuntimeError):
+    """The client of a request went away, so its remaining work was dropped."""
+
+
 @dataclass(eq=False)
 class _Job:
     waves: list[np.ndarray]
     future: asyncio.Future
+    lane: str = "short"
     taken: int = 0  # waves handed to the model so far
     done: int = 0  # waves with results
     probs: np.ndarray | None = None
@@ -40,7 +48,8 @@ class MicroBatcher:
     request is never kept waiting for company that is not coming. A request
     with more waveforms than fit (a timeline) is served a batch at a time, round-robin with the
     others, so one long request cannot hold short ones back. `max_queue` bounds the requests
-    waiting; beyond it `submit` raises `QueueFullError`.
+    waiting; beyond it `submit` raises `QueueFullError`. Short-lane requests are taken before
+    long-lane ones (see the module doc).
     """
 
     def __init__(
@@ -49,15 +58,17 @@ class MicroBatcher:
         max_batch: int = 16,
         max_wait: float = 0.010,
         max_queue: int = 64,
+        max_long_batch: int | None = None,
         on_batch: Callable[[int, int, float], None] | None = None,
         expecting: Callable[[], int] | None = None,
     ):
         if max_batch < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait >= 0")
         self.predict, self.max_batch, self.max_wait, self.max_queue = predict, max_batch, max_wait, max_queue
+        self.max_long_batch = min(max_long_batch or max_batch, max_batch)
         self.on_batch = on_batch  # (waveforms, requests, seconds) of every model call
         self.expecting = expecting or (lambda: 1)  # requests that may still join; unknown: assume some
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[_Job] = deque()  # both lanes, each in arrival (round-robin) order
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         # one thread owns the model: torch parallelises inside a call, calls never overlap
@@ -67,6 +78,10 @@ class MicroBatcher:
     def depth(self) -> int:
         """Requests waiting (or partly served)."""
         return len(self._queue)
+
+    def lane_depth(self, lane: str) -> int:
+        """Requests of one lane waiting (or partly served)."""
+        return sum(1 for j in self._queue if j.lane == lane)
 
     def full(self) -> bool:
         return len(self._queue) >= self.max_queue
@@ -93,15 +108,18 @@ class MicroBatcher:
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
-    async def submit(self, waves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """The model's (probabilities [N, classes], scores [N, dims]) for `waves`, in order."""
+    async def submit(self, waves: Sequence[np.ndarray], lane: str = "short") -> tuple[np.ndarray, np.ndarray]:
+        """The model's (probabilities [N, classes], scores [N, dims]) for `waves`, in order.
+
+        Cancelling the caller drops the request's waveforms not yet handed to the model.
+        """
         if not self.running:
             raise RuntimeError("the batcher is not running")
         if not waves:
             raise ValueError("no waveforms to score")
         if self.full():
             raise QueueFullError(f"{len(self._queue)} requests are waiting for the model")
-        job = _Job(list(waves), asyncio.get_running_loop().create_future())
+        job = _Job(list(waves), asyncio.get_running_loop().create_future(), lane)
         self._queue.append(job)
         self._wakeup.set()
         return await job.future
@@ -110,17 +128,25 @@ class MicroBatcher:
         return sum(len(j.waves) - j.taken for j in self._queue)
 
     def _take(self) -> list[tuple[_Job, int, int]]:
-        taken, n = [], 0
-        for job in list(self._queue):
-            if n >= self.max_batch:
-                break
-            self._queue.remove(job)
-            if job.future.done():  # its client went away
+        taken, n, n_long = [], 0, 0
+        for job in [j for j in self._queue if j.lane == "short"] + [
+            j for j in self._queue if j.lane != "short"
+        ]:
+            room = (
+                self.max_batch - n
+                if job.lane == "short"
+                else min(self.max_batch - n, self.max_long_batch - n_long)
+            )
+            if room <= 0:
                 continue
-            k = min(len(job.waves) - job.taken, self.max_batch - n)
+            self._queue.remove(job)
+            if job.future.done():  # its client went away (the caller was cancelled)
+                continue
+            k = min(len(job.waves) - job.taken, room)
             taken.append((job, job.taken, job.taken + k))
             job.taken += k
             n += k
+            n_long += k if job.lane != "short" else 0
             if job.taken < len(job.waves):
                 self._queue.append(job)  # the rest waits its turn behind the others
         return taken
@@ -183,11 +209,29 @@ class BatchedPredictor:
     """The predictor as code running in a worker thread sees it: `predict_waveforms` goes through
     the server's micro-batcher (so timelines share model calls with everything else)."""
 
-    def __init__(self, predictor, batcher: MicroBatcher, loop: asyncio.AbstractEventLoop):
-        self.predictor, self.batcher, self.loop = predictor, batcher, loop
+    def __init__(
+        self,
+        predictor,
+        batcher: MicroBatcher,
+        loop: asyncio.AbstractEventLoop,
+        lane: str = "long",
+        cancel: threading.Event | None = None,
+    ):
+        self.predictor, self.batcher, self.loop, self.lane = predictor, batcher, loop, lane
+        self.cancel = cancel or threading.Event()  # set when the client has gone: stop scoring
         self.classes, self.dimensions, self.name = predictor.classes, predictor.dimensions, predictor.name
 
     def predict_waveforms(
         self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        return asyncio.run_coroutine_threadsafe(self.batcher.submit(list(waves)), self.loop).result()
+        """Scores through the batcher; ClientGoneError as soon as `cancel` is set."""
+        if self.cancel.is_set():
+            raise ClientGoneError("the client went away")
+        future = asyncio.run_coroutine_threadsafe(self.batcher.submit(list(waves), self.lane), self.loop)
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except TimeoutError:
+                if self.cancel.is_set():
+                    future.cancel()  # the batcher drops the waveforms not yet scored
+                    raise ClientGoneError("the client went away") from None

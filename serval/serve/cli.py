@@ -19,6 +19,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-upload-mb", type=float, default=d.max_upload_mb, help="largest request body (413 beyond)"
     )
     p.add_argument(
+        "--upload-timeout",
+        type=float,
+        default=d.upload_timeout,
+        help="seconds an upload may send nothing before it is answered 408",
+    )
+    p.add_argument(
+        "--min-upload-rate",
+        type=float,
+        default=d.min_upload_rate,
+        help="bytes/s an upload must average after its first --upload-timeout seconds (408 below; 0: off)",
+    )
+    p.add_argument(
+        "--max-receiving",
+        type=int,
+        default=d.max_receiving,
+        help="uploads being received at once; more get 503",
+    )
+    p.add_argument(
         "--max-clip-seconds",
         type=float,
         default=d.max_clip_seconds,
@@ -34,7 +52,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-stream-seconds", type=float, default=d.max_stream_seconds, help="longest WebSocket stream"
     )
     p.add_argument(
+        "--max-streams",
+        type=int,
+        default=d.max_streams,
+        help="open WebSocket streams; more are closed (1013)",
+    )
+    p.add_argument(
+        "--stream-idle-seconds",
+        type=float,
+        default=d.stream_idle_seconds,
+        help="a stream that sends nothing for this long is closed (1008)",
+    )
+    p.add_argument(
+        "--max-windows",
+        type=int,
+        default=d.max_windows,
+        help="windows of one timeline or stream (400 / close 1008 beyond)",
+    )
+    p.add_argument(
         "--max-batch", type=int, default=d.max_batch, help="waveforms per model call; 1 disables batching"
+    )
+    p.add_argument(
+        "--max-long-batch",
+        type=int,
+        default=d.max_long_batch,
+        help="timeline waveforms per model call (short requests go first and take the rest)",
     )
     p.add_argument(
         "--max-wait-ms",
@@ -46,7 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue",
         type=int,
         default=d.max_queue,
-        help="requests being received or waiting for the model before new ones get 503",
+        help="clips decoded and waiting for the model before new ones get 503",
+    )
+    p.add_argument(
+        "--max-timelines",
+        type=int,
+        default=d.max_timelines,
+        help="timelines being worked on before new ones get 503",
     )
     p.add_argument("--window", type=float, default=d.window, help="default timeline/stream window (s)")
     p.add_argument("--hop", type=float, default=d.hop, help="default timeline/stream hop (s)")
@@ -72,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     try:
-        cfg.window_spec()  # the default grid, checked before the model loads
-        if cfg.max_batch < 1 or cfg.max_queue < 1 or cfg.max_wait_ms < 0:
-            raise ValueError("--max-batch and --max-queue must be >= 1 and --max-wait-ms >= 0")
+        cfg.check()  # the limits and the default grid, before the model loads
         predictor = load(args.model, device=args.device)
     except (NoDefaultModelError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"serval serve: {e}", file=sys.stderr)

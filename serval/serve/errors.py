@@ -11,11 +11,11 @@ import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serval.audio import AudioError
 from serval.serve.metrics import endpoint_of
+from serval.serve.schemas import SafeJSONResponse
 
 log = logging.getLogger("serval.server")
 
@@ -52,27 +52,29 @@ def busy(max_queue: int, retry_after: int) -> ApiError:
 
 def error_response(
     request: Request, status: int, type_: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
+) -> SafeJSONResponse:
     """The JSON answer of an error, counted in the app's metrics."""
     request.app.state.metrics.error(endpoint_of(request.url.path), type_)
-    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+    return SafeJSONResponse(
+        {"error": {"type": type_, "message": message}}, status_code=status, headers=headers
+    )
 
 
-async def api_error(request: Request, e: ApiError) -> JSONResponse:
+async def api_error(request: Request, e: ApiError) -> SafeJSONResponse:
     return error_response(request, e.status, e.type, e.message, e.headers)
 
 
-async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, e: RequestValidationError) -> SafeJSONResponse:
     parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
     return error_response(request, 400, "invalid_request", "; ".join(parts))
 
 
-async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+async def http_error(request: Request, e: StarletteHTTPException) -> SafeJSONResponse:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
     return error_response(request, e.status_code, kind, str(e.detail), getattr(e, "headers", None))
 
 
-async def internal_error(request: Request, e: Exception) -> JSONResponse:
+async def internal_error(request: Request, e: Exception) -> SafeJSONResponse:
     log.exception("unexpected error on %s", request.url.path)
     return error_response(request, 500, "internal_error", f"{type(e).__name__}: {e}")
 

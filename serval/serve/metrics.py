@@ -121,16 +121,31 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-async def observe(request, call_next):
-    """HTTP middleware: count every request, its status and its latency."""
-    metrics: Metrics = request.app.state.metrics
-    t0 = time.perf_counter()
-    metrics.in_flight += 1
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        metrics.in_flight -= 1
-        metrics.request(endpoint_of(request.url.path), status, time.perf_counter() - t0)
+class Observe:
+    """ASGI middleware: count every HTTP request, its status and its latency.
+
+    Plain ASGI (not `BaseHTTPMiddleware`), so the request's `receive` reaches the handlers as the
+    server gave it: a handler can see its client disconnect.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight += 1
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.request(endpoint_of(scope["path"]), status, time.perf_counter() - t0)

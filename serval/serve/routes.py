@@ -8,14 +8,16 @@ beside this one, included in `app.create_app`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
+import threading
 
 from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from serval import __version__, vocab
 from serval.audio import AudioError
-from serval.serve.batching import QueueFullError
+from serval.serve.batching import ClientGoneError, QueueFullError
 from serval.serve.errors import ApiError, audio_error
 from serval.serve.schemas import ERROR_RESPONSES, UPLOAD_BODY, EmotionRecord, ModelInfo
 from serval.serve.service import Service
@@ -27,7 +29,7 @@ from serval.windows import WindowSpec
 router = APIRouter()
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     """The app's `Service` (a dependency of every handler)."""
     return request.app.state.service
 
@@ -56,16 +58,23 @@ async def emotion(
 ):
     """The same record as `serval predict`: label, class probabilities and dimensional scores."""
     cfg, predictor = service.config, service.predictor
-    with service.admit():
-        keep = class_subset(classes, predictor.classes)
-        data, name = await read_upload(request, filename, cfg.max_upload_bytes)
+    keep = class_subset(classes, predictor.classes)
+    with service.receiving_body():  # admitted by the `shed` middleware before this ran
+        data, name = await read_upload(
+            request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate
+        )
+    with service.decoding_body():
         wave = await decode(data, name, cfg.max_clip_seconds)
-    probs, scores = await service.score([wave])
+    probs, scores = await service.score([wave])  # no await between: the clip goes straight in the queue
     return {
         "file": name,
         "duration": round(len(wave) / vocab.SAMPLE_RATE, 3),
         **vocab.label_body(probs[0], scores[0], predictor.classes, predictor.dimensions, keep),
     }
+
+
+def _seconds(description: str, **limits) -> Query:
+    return Query(None, gt=0, allow_inf_nan=False, description=description, **limits)
 
 
 @router.post(
@@ -74,42 +83,68 @@ async def emotion(
 async def timeline(
     request: Request,
     # the defaults are the server's (`serval serve --window/--hop`), so they are filled in per request
-    window: float | None = Query(None, gt=0, le=30, description="window length (s); default: the server's"),
-    hop: float | None = Query(
-        None, gt=0, le=30, description="hop between window starts (s); default: the server's"
-    ),
-    max_segment: float | None = Query(
-        None, gt=0, description="longest merged segment (s); default: the server's"
-    ),
+    window: float | None = _seconds("window length (s); default: the server's", le=30),
+    hop: float | None = _seconds("hop between window starts (s, >= 0.01); default: the server's", le=30),
+    max_segment: float | None = _seconds("longest merged segment (s); default: the server's"),
     vad: bool = Query(False, description="leave windows without speech unscored (Silero VAD)"),
-    min_speech: float = Query(0.5, ge=0, le=1, description="speech fraction a window needs (vad)"),
+    min_speech: float = Query(
+        0.5, ge=0, le=1, allow_inf_nan=False, description="speech fraction a window needs (vad)"
+    ),
     filename: str | None = Query(None, description="name for the record (raw uploads)"),
     service: Service = Depends(get_service),
 ):
     """Every window of the grid and the merged segments: the JSON of `serval timeline`."""
     cfg = service.config
-    with service.admit():
-        try:
-            spec = cfg.window_spec(window, hop, max_segment, vad=vad, min_speech=min_speech)
-        except ValueError as e:
-            raise ApiError(400, "invalid_request", str(e)) from None
-        data, name = await read_upload(request, filename, cfg.max_upload_bytes)
+    try:
+        spec = cfg.window_spec(window, hop, max_segment, vad=vad, min_speech=min_speech)
+    except ValueError as e:
+        raise ApiError(400, "invalid_request", str(e)) from None
+    with service.receiving_body():
+        data, name = await read_upload(
+            request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate
+        )
+    with service.timeline():
         duration = await check_audio(data, name, cfg.max_timeline_seconds, spec.min_length)
-    result = await _grid_timeline(service, data, name, spec)
+        try:
+            spec.check_count(duration)
+        except ValueError as e:
+            raise ApiError(400, "too_many_windows", f"{name}: {e}") from None
+        result = await _grid_timeline(request, service, data, name, spec)
     return {**result, "file": name, "duration": round(duration, 3)}
 
 
-async def _grid_timeline(service: Service, data: bytes, name: str, spec: WindowSpec) -> dict:
+async def _grid_timeline(
+    request: Request, service: Service, data: bytes, name: str, spec: WindowSpec
+) -> dict:
     audio = io.BytesIO(data)
     audio.name = name  # decoded chunk by chunk, so a long recording never sits in memory as samples
+    gone = threading.Event()  # set when the client disconnects: its remaining windows are dropped
+    watch = asyncio.create_task(_until_disconnected(request, gone))
+    loop = asyncio.get_running_loop()
     try:  # in a thread whose model calls go through the batcher, a batch of windows at a time
-        return await asyncio.to_thread(
-            grid_timeline, audio, service.threaded, spec, batch_size=service.config.max_batch
+        return await loop.run_in_executor(
+            service.timeline_pool,
+            functools.partial(
+                grid_timeline, audio, service.threaded(gone), spec, batch_size=service.config.max_batch
+            ),
         )
+    except ClientGoneError:
+        raise ApiError(
+            499, "client_closed_request", "the client went away; the timeline was stopped"
+        ) from None
     except QueueFullError:
         raise service.busy() from None
     except AudioError as e:  # a file that breaks part-way through
         raise audio_error(e) from None
+    finally:
+        watch.cancel()
+
+
+async def _until_disconnected(request: Request, gone: threading.Event) -> None:
+    # the body has been read, so the next message the server has for this request is its disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
 
 
 @router.get("/v1/model", response_model=ModelInfo, summary="The served model")

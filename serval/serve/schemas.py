@@ -1,7 +1,13 @@
-"""The API's response models and the OpenAPI text of its error answers and upload bodies."""
+"""The API's response models, the OpenAPI text of its error answers and upload bodies, and the JSON
+encoder that never writes a non-finite number."""
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 
@@ -62,3 +68,29 @@ UPLOAD_BODY = {
         },
     }
 }
+
+
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) replaced by None, which JSON can carry."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(content: Any) -> str:
+    """Strict JSON of `content`: a NaN or inf anywhere becomes null rather than invalid JSON or a 500."""
+    try:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # "Out of range float values are not JSON compliant"
+        return json.dumps(finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class SafeJSONResponse(JSONResponse):
+    """The app's JSON responses, rendered with `dumps`."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")

@@ -1,10 +1,24 @@
 """The served model as every handler sees it (`app.state.service`): the predictor behind its
-micro-batcher, the server's limits and metrics, and admission (load shedding) of new requests."""
+micro-batcher, the server's limits and metrics, and admission (load shedding) of new requests.
+
+Admission is decided before a request's body is read (`refusal`, called by the `shed` middleware
+before routing), so a 503 costs no upload, no decoding and no thread. What is counted:
+
+- `receiving`: uploads whose body is still arriving. They hold no place in the model's queue (a
+  stalled upload must not keep others out) but are bounded by `max_receiving`, and each one is
+  answered 408 once it stalls (`uploads.read_limited`).
+- `waiting`: clips (`/v1/emotion`) whose body has arrived, being decoded or queued for the model
+  (short-lane requests in the batcher, stream windows included); bounded by `max_queue`.
+- `timelines`: timelines being worked on; bounded by `max_timelines`. An admitted request is never
+  refused later for lack of room.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -13,6 +27,7 @@ from serval.serve.batching import BatchedPredictor, MicroBatcher, QueueFullError
 from serval.serve.config import ServerConfig
 from serval.serve.errors import ApiError, busy
 from serval.serve.metrics import Metrics
+from serval.serve.schemas import SafeJSONResponse
 
 
 class Service:
@@ -20,11 +35,14 @@ class Service:
 
     def __init__(self, predictor, config: ServerConfig, metrics: Metrics):
         self.predictor, self.config, self.metrics = predictor, config, metrics
-        # requests admitted that have not yet handed their audio to the batcher; while there are
-        # some, the batcher's bounded wait for company is worth it
-        self.arriving = 0
+        self.receiving = 0  # bodies being received
+        self.decoding = 0  # received, not yet handed to the batcher: worth waiting for in a batch
+        self.timelines = 0  # timelines being worked on
         self.batcher: MicroBatcher | None = None
-        self.threaded: BatchedPredictor | None = None  # for code in worker threads (timelines)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # timelines run in their own threads (their model calls go through the batcher), so the
+        # default executor stays free for decoding clips
+        self.timeline_pool = ThreadPoolExecutor(config.max_timelines, thread_name_prefix="serval-timeline")
 
     def start(self) -> None:
         cfg = self.config
@@ -32,16 +50,19 @@ class Service:
             lambda waves: self.predictor.predict_waveforms(waves, batch_size=cfg.max_batch),
             max_batch=cfg.max_batch,
             max_wait=cfg.max_wait_ms / 1000,
-            max_queue=cfg.max_queue,
+            # a safety net only: every request in the queue was admitted within the limits below
+            max_queue=cfg.max_queue + cfg.max_timelines + cfg.max_streams,
+            max_long_batch=cfg.max_long_batch,
             on_batch=self.metrics.batch,
-            expecting=lambda: self.arriving,
+            expecting=lambda: self.decoding,
         )
         self.batcher.start()
-        self.threaded = BatchedPredictor(self.predictor, self.batcher, asyncio.get_running_loop())
+        self.loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
         if self.batcher is not None:
             await self.batcher.stop()
+        self.timeline_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def running(self) -> bool:
@@ -52,27 +73,74 @@ class Service:
         """Requests waiting for the model."""
         return self.batcher.depth if self.batcher is not None else 0
 
+    def threaded(self, cancel: threading.Event | None = None) -> BatchedPredictor:
+        """The predictor for code in a worker thread (a timeline): long lane, stopped by `cancel`."""
+        return BatchedPredictor(self.predictor, self.batcher, self.loop, "long", cancel)
+
+    @property
+    def waiting(self) -> int:
+        """Short requests decoded or being decoded and not yet taken by the model."""
+        queued = self.batcher.lane_depth("short") if self.batcher is not None else 0
+        return self.decoding + queued
+
     def busy(self) -> ApiError:
         return busy(self.config.max_queue, self.config.retry_after)
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold a place in the queue while a request is received and decoded; 503 when there is none.
+    def refusal(self, path: str) -> ApiError | None:
+        """The 503 for a new request to `path` when there is no room for it, else None."""
+        cfg = self.config
+        if path == "/v1/emotion":
+            full = self.waiting >= cfg.max_queue
+        elif path == "/v1/timeline":
+            full = self.timelines >= cfg.max_timelines
+        else:
+            return None
+        return self.busy() if full or self.receiving >= cfg.max_receiving else None
 
-        Load is shed before a body the model has no room for is read. Requests still being
-        received count towards the queue too, which bounds the memory uploads can hold at once.
-        """
-        if self.depth + self.arriving >= self.config.max_queue:
-            raise self.busy()
-        self.arriving += 1
+    def short_queue_full(self) -> bool:
+        return self.waiting >= self.config.max_queue
+
+    @contextmanager
+    def _counting(self, name: str) -> Iterator[None]:
+        setattr(self, name, getattr(self, name) + 1)
         try:
             yield
         finally:
-            self.arriving -= 1
+            setattr(self, name, getattr(self, name) - 1)
+
+    def receiving_body(self):
+        """Count a body being received (`receiving`)."""
+        return self._counting("receiving")
+
+    def timeline(self):
+        """Count a timeline until its answer is known (`timelines`)."""
+        return self._counting("timelines")
+
+    def decoding_body(self):
+        """Count a body being decoded before its waveforms go to the batcher (`decoding`, `waiting`)."""
+        return self._counting("decoding")
 
     async def score(self, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities, scores) of `waves` from a shared model call; 503 when the queue is full."""
+        """(probabilities, scores) of `waves` from a shared model call (short lane)."""
         try:
             return await self.batcher.submit(waves)
         except QueueFullError:
             raise self.busy() from None
+
+
+class ShedLoad:
+    """ASGI middleware: an upload the service has no room for is answered 503 before routing,
+    before its body is read and before any thread is used, so a refusal costs microseconds."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            refusal = self.service.refusal(scope["path"])
+            if refusal is not None:
+                self.service.metrics.error(scope["path"], refusal.type)
+                body = {"error": {"type": refusal.type, "message": refusal.message}}
+                response = SafeJSONResponse(body, status_code=refusal.status, headers=refusal.headers)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)

@@ -4,10 +4,13 @@ The protocol (docs/serving.md): the server says "ready"; the client sends binary
 gets a "window" message as soon as each window is complete; the client's `{"type": "end"}`
 makes the server score the last, end-aligned window and send the "summary", then close.
 Every error is an "error" message followed by a close with the code in the protocol's table.
+At most `max_streams` streams are open at once (more are closed with 1013), and a stream that
+sends nothing for `stream_idle_seconds` is closed (1008).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -18,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from serval import vocab
 from serval.serve.batching import QueueFullError
+from serval.serve.schemas import dumps
 from serval.serve.service import Service
 from serval.timeline import result_record
 from serval.windows import StreamingWindower, Window, WindowResult, merge_windows, pool
@@ -107,10 +111,14 @@ class StreamSession:
         self.status = code
         self.service.metrics.error("/v1/stream", type_)
         try:
-            await self.ws.send_json({"type": "error", "error": {"type": type_, "message": message}})
+            await self.send({"type": "error", "error": {"type": type_, "message": message}})
             await self.ws.close(code)
         except (WebSocketDisconnect, RuntimeError):  # the client is already gone
             pass
+
+    async def send(self, message: dict) -> None:
+        """One JSON text frame; a non-finite number in it is sent as null (never as invalid JSON)."""
+        await self.ws.send_text(dumps(message))
 
     async def open(self) -> bool:
         """Read the stream's parameters and say "ready"; False (after an error) when it cannot start."""
@@ -124,12 +132,12 @@ class StreamSession:
         except ValueError as e:
             await self.fail(1008, "invalid_request", str(e))
             return False
-        if self.service.batcher.full():
+        if self.service.short_queue_full():
             await self.fail(1013, "server_busy", "the model queue is full; retry later")
             return False
         ready = {"type": "ready", "sample_rate": sample_rate, "encoding": encoding}
         ready |= {"window": spec.window, "hop": spec.hop}
-        await self.ws.send_json(ready | {"classes": list(self.classes), "dimensions": list(self.dims)})
+        await self.send(ready | {"classes": list(self.classes), "dimensions": list(self.dims)})
         return True
 
     async def emit(self, windows: Sequence[Window]) -> None:
@@ -142,13 +150,19 @@ class StreamSession:
             self.results.append(r)
             self.service.metrics.stream_windows += 1
             record = result_record(r, self.classes, self.dims)
-            await self.ws.send_json({"type": "window", "index": len(self.results) - 1, **record})
+            await self.send({"type": "window", "index": len(self.results) - 1, **record})
 
     async def receive(self) -> bool:
         """Take audio frames until the client's end (True); False when the stream ended otherwise."""
-        max_samples = int(self.service.config.max_stream_seconds * vocab.SAMPLE_RATE)
+        cfg = self.service.config
+        max_samples = int(cfg.max_stream_seconds * vocab.SAMPLE_RATE)
         while True:
-            message = await self.ws.receive()
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), cfg.stream_idle_seconds)
+            except TimeoutError:
+                text = f"no data for {cfg.stream_idle_seconds:g} s; the stream was closed"
+                await self.fail(1008, "stream_idle", text)
+                return False
             if message["type"] == "websocket.disconnect":
                 self.status = 1001  # the client left without asking for the summary
                 return False
@@ -169,7 +183,12 @@ class StreamSession:
                     1009, "stream_too_long", f"the stream passed the server's limit of {limit:g} s"
                 )
                 return False
-            await self.emit(self.windower.push(x))
+            try:
+                windows = self.windower.push(x)
+            except ValueError as e:  # the grid passed the server's windows per stream
+                await self.fail(1008, "too_many_windows", str(e))
+                return False
+            await self.emit(windows)
 
     async def finish(self) -> None:
         """Score the rest (the end-aligned window), send the summary and close."""
@@ -178,7 +197,7 @@ class StreamSession:
         await self.emit(self.windower.flush())
         max_segment = self.service.config.max_segment
         summary = stream_summary(self.results, self.classes, self.dims, max_segment)
-        await self.ws.send_json({"type": "summary", "duration": duration, **summary})
+        await self.send({"type": "summary", "duration": duration, **summary})
         await self.ws.close(1000)
 
 
@@ -187,14 +206,20 @@ async def stream_session(ws: WebSocket, service: Service) -> None:
     await ws.accept()
     t0 = time.perf_counter()
     session = StreamSession(ws, service)
+    full = service.metrics.streams >= service.config.max_streams
     service.metrics.streams += 1
     try:
-        if await session.open() and await session.receive():
+        if full:
+            limit = service.config.max_streams
+            await session.fail(1013, "too_many_streams", f"{limit} streams are open already; retry later")
+        elif await session.open() and await session.receive():
             await session.finish()
     except WebSocketDisconnect:
         session.status = 1001
     except QueueFullError:
         await session.fail(1013, "server_busy", "the model queue is full; retry later")
+    except ValueError as e:  # the end-aligned last window passed the windows per stream
+        await session.fail(1008, "too_many_windows", str(e))
     finally:
         service.metrics.streams -= 1
         service.metrics.request("/v1/stream", session.status, time.perf_counter() - t0)

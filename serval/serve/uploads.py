@@ -18,8 +18,13 @@ from serval.serve.errors import ApiError, audio_error
 ACCEPTED_TYPES = ("audio/", "application/octet-stream", "application/ogg", "multipart/form-data")
 
 
-async def read_upload(request: Request, filename: str | None, limit: int) -> tuple[bytes, str]:
-    """The uploaded audio's bytes and its name: a raw audio body or the 'file' of a multipart form."""
+async def read_upload(
+    request: Request, filename: str | None, limit: int, timeout: float = 10.0, min_rate: float = 0.0
+) -> tuple[bytes, str]:
+    """The uploaded audio's bytes and its name: a raw audio body or the 'file' of a multipart form.
+
+    A body over `limit` bytes is a 413; one that stalls (see `read_limited`) a 408.
+    """
     mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not mime or not any(mime == t or (t.endswith("/") and mime.startswith(t)) for t in ACCEPTED_TYPES):
         raise ApiError(
@@ -28,7 +33,7 @@ async def read_upload(request: Request, filename: str | None, limit: int) -> tup
             f"content type {mime or '(none)'!r} is not audio; send the file's bytes as audio/* or "
             "application/octet-stream, or as the 'file' field of multipart/form-data",
         )
-    body = await read_limited(request, limit)
+    body = await read_limited(request, limit, timeout, min_rate)
     if mime != "multipart/form-data":
         return body, filename or "upload"
     data, name = await _multipart_file(request, body)
@@ -61,35 +66,57 @@ async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | N
     return data, upload.filename
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The request body, or 413 once it passes `limit` bytes (the rest is drained, not stored)."""
+async def read_limited(request: Request, limit: int, timeout: float = 10.0, min_rate: float = 0.0) -> bytes:
+    """The request body, or 413 once it passes `limit` bytes (the rest is drained, not stored).
+
+    408 when no bytes come for `timeout` seconds, or when after the first `timeout` seconds the body
+    arrives slower than `min_rate` bytes/s on average: a stalled upload cannot hold its
+    connection (and its memory) for long.
+    """
     declared = request.headers.get("content-length", "")
     too_big = ApiError(
         413, "upload_too_large", f"the upload is larger than the server's limit of {limit} bytes"
     )
     if declared.isdigit() and int(declared) > limit:
-        await _drain(request, limit)
+        await _drain(request, limit, timeout)
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    start, chunks, size = loop.time(), [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        wait = timeout
+        if min_rate > 0:  # the time by which `size` bytes would be too slow an average
+            wait = min(wait, start + timeout + size / min_rate - loop.time())
+        try:
+            chunk = await asyncio.wait_for(anext(stream), max(wait, 0.0))
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "upload_timeout",
+                f"the upload stalled: {size} bytes in {loop.time() - start:.1f} s (the server needs "
+                f"data at least every {timeout:g} s and {min_rate / 1024:g} KiB/s on average)",
+                {"Connection": "close"},
+            ) from None
         size += len(chunk)
         if size > limit:
-            await _drain(request, limit)
+            await _drain(request, limit, timeout)
             raise too_big
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _drain(request: Request, limit: int) -> None:
+async def _drain(request: Request, limit: int, timeout: float) -> None:
     # Reading (and dropping) a moderately oversized body lets the client see the 413 instead of a
-    # reset connection; past 4x the limit the connection is simply closed after the answer.
+    # reset connection; past 4x the limit, or a stall of `timeout`, the connection is simply
+    # closed after the answer.
     seen = 0
     try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > 4 * limit:
-                break
-    except Exception:  # the client went away or the stream was already consumed
+        stream = request.stream().__aiter__()
+        while seen <= 4 * limit:
+            seen += len(await asyncio.wait_for(anext(stream), timeout))
+    except Exception:  # the end, a stall, the client gone, or the stream already consumed
         pass
 
 
