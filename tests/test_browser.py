@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,31 +46,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`serval serve` with the bundled model: its base URL and its classes."""
-    port, log = free_port(), tmp_path_factory.mktemp("browser") / "server.log"
+@contextmanager
+def serve(log: Path, *options: str):
+    """`serval serve` (the bundled model) with `options` on a free loopback port: its base URL."""
+    port = free_port()
     cmd = [sys.executable, "-m", "serval", "serve", "--device", "cpu", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--log-level", "warning"]
+    cmd += ["--port", str(port), "--log-level", "warning", *options]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"server did not come up:\n{log.read_text()}"
-        time.sleep(0.2)
-    yield base, httpx.get(f"{base}/v1/model").json()["classes"]
-    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server did not come up:\n{log.read_text()}"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server the tests share: its base URL and its classes."""
+    with serve(tmp_path_factory.mktemp("browser") / "server.log") as base:
+        yield base, httpx.get(f"{base}/v1/model").json()["classes"]
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +230,38 @@ def test_record_streams_the_microphone_live(server, driver, angry_wav):
     wait.until(lambda d: button.is_enabled())
     # (the AudioWorklet's module load is not in Chromium's logs; that it ran shows in the windows)
     assert_same_origin(requested_urls(driver, base), base, "/static/app.js", "/v1/stream")
+
+
+def test_bad_file_shows_the_apis_error(server, driver, tmp_path):
+    base, _ = server
+    fake = tmp_path / "notes.wav"
+    fake.write_text("these are not the samples you are looking for\n" * 50)
+    api = httpx.post(f"{base}/v1/emotion", files={"file": (fake.name, fake.read_bytes())}, timeout=WAIT)
+    assert api.status_code == 422, api.text
+    wait = open_page(driver, base)
+    driver.find_element("css selector", 'input[type="file"]').send_keys(str(fake))
+    status = driver.find_element("id", "status")
+    wait.until(lambda d: "error" in status.get_attribute("class"))
+    assert api.json()["error"]["message"] in status.text
+    assert label_of(driver) == ("—", "")
+
+
+def test_a_stream_the_server_ends_returns_to_record(driver, tmp_path):
+    # a server whose streams may last 3 s: it answers the 4th second with an error and a close
+    with serve(tmp_path / "server.log", "--max-stream-seconds", "3") as base:
+        wait = open_page(driver, base)
+        button = driver.find_element("css selector", '[data-testid="record"]')
+        button.click()
+        wait.until(lambda d: button.text == "Stop")
+        status = driver.find_element("id", "status")
+        wait.until(lambda d: "error" in status.get_attribute("class"))
+        assert status.text.startswith("stream: ") and len(status.text) > len("stream: ")
+        assert button.text == "Record" and button.is_enabled()
+        # and the next recording starts afresh
+        button.click()
+        wait.until(lambda d: button.text == "Stop")
+        button.click()
+        wait.until(lambda d: button.text == "Record" and button.is_enabled())
 
 
 def test_docs_render_from_this_server(server, driver):

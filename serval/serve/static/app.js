@@ -165,7 +165,7 @@ class Recorder {
       this.ws.onclose = () => reject(new Error("the server closed the stream"));
     });
     this.ws.onmessage = (e) => this.receive(JSON.parse(e.data));
-    this.ws.onclose = null;
+    this.ws.onclose = () => this.lost("the server closed the stream");
     this.node = new AudioWorkletNode(this.ctx, "pcm16k", { numberOfOutputs: 1 });
     this.flushed = new Promise((resolve) => {
       this.node.port.onmessage = (e) => {
@@ -196,10 +196,17 @@ class Recorder {
         say(`recorded ${msg.duration.toFixed(1)} s: too short for a result`);
       }
     } else if (msg.type === "error") {
-      say(`stream: ${msg.error.message}`, true);
-      this.release();
-      setIdle();
+      this.lost(msg.error.message);
     }
+  }
+
+  // the stream ended without the client's Stop: an error from the server, or the server gone
+  lost(why) {
+    if (recorder !== this) return;
+    recorder = null;
+    this.release();
+    setIdle();
+    say(`stream: ${why}`, true);
   }
 
   release() {
