@@ -94,6 +94,7 @@ def meralion_config(
         pad_to_30s=True,
         lora_r=0,
         dimensions=MERALION_DIMENSIONS,
+        trained_dimensions=MERALION_DIMENSIONS,  # the published model was trained on all three
         name=NAME,
     )
     return SERConfig(**{**settings, **overrides})

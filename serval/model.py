@@ -60,6 +60,9 @@ class SERConfig:
     # outputs
     classes: tuple[str, ...] = EMOTIONS
     dimensions: tuple[str, ...] = DIMENSIONS
+    # The dimensions whose scores were trained (had CCC targets); the others are untrained outputs.
+    # Absent from an older config.json: none.
+    trained_dimensions: tuple[str, ...] = ()
     name: str = "serval"
 
     @classmethod

@@ -24,11 +24,13 @@ from serval.checkpoint import save_model
 from serval.model import SERConfig, SERModel
 from serval.train import (
     BucketBatchSampler,
+    Example,
     NoiseBank,
     RunState,
     SelectConfig,
     add_noise,
     average_models,
+    balance_weights,
     ccc_loss,
     change_speed,
     check_rows,
@@ -40,8 +42,10 @@ from serval.train import (
     mixup,
     select_after_epoch,
     soft_cross_entropy,
+    total_loss,
     train,
 )
+from serval.train.loop import trained_dimensions
 
 TINY = [
     "model.d_model=64", "model.encoder_layers=2", "model.encoder_attention_heads=2", "model.encoder_ffn_dim=128",
@@ -134,6 +138,21 @@ def test_ccc_loss_matches_numpy_and_skips_unlabelled_samples():
     one = torch.zeros(12, dtype=torch.bool)
     one[0] = True
     assert ccc_loss(torch.tensor(pred), torch.tensor(target), one).item() == 0.0  # < 2 labelled: skipped
+
+
+def test_ccc_loss_per_dimension_mask_uses_each_dimension_where_present():
+    rng = np.random.default_rng(1)
+    pred, target = rng.uniform(size=(10, 3)), rng.uniform(size=(10, 3))
+    mask = np.ones((10, 3), dtype=bool)
+    mask[5:, 1:] = False  # rows 5-9 carry arousal only (BAVED-like)
+    mask[:, 2] = False
+    mask[0, 2] = True  # dominance on one row only: fewer than two, that dimension adds nothing
+    target[~mask] = 99.0
+    expected = np.mean([1 - numpy_ccc(pred[mask[:, j], j], target[mask[:, j], j]) for j in (0, 1)])
+    got = ccc_loss(torch.tensor(pred), torch.tensor(target), torch.tensor(mask))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    none = torch.zeros((10, 3), dtype=torch.bool)
+    assert ccc_loss(torch.tensor(pred), torch.tensor(target), none).item() == 0.0
 
 
 def test_soft_cross_entropy_equals_torch_for_hard_labels_and_ignores_unlabelled():
@@ -293,7 +312,7 @@ def test_mixup_mixes_inputs_targets_and_dims():
             "input": torch.full((n,), float(i + 1)),
             "target": F.one_hot(torch.tensor(i), 3).float(),
             "dims": torch.full((3,), 0.1 * (i + 1)),
-            "dims_mask": i != 2,
+            "dims_mask": torch.tensor([i != 2, i == 0, i != 2]),  # per dimension
         }
         for i, n in enumerate((5, 3, 4))
     ]
@@ -304,7 +323,9 @@ def test_mixup_mixes_inputs_targets_and_dims():
     assert out["input"][0, 0].item() == pytest.approx(0.25 * 1 + 0.75 * 2)
     assert out["targets"][0].tolist() == pytest.approx([0.25, 0.75, 0.0])
     assert out["dims"][0, 0].item() == pytest.approx(0.25 * 0.1 + 0.75 * 0.2)
-    assert out["lengths"].tolist() == [5, 4, 5] and out["dims_mask"].tolist() == [True, False, False]
+    assert out["lengths"].tolist() == [5, 4, 5]
+    # a mixed clip keeps a dimension only where both partners have it
+    assert out["dims_mask"].tolist() == [[True, False, True], [False, False, False], [False, False, False]]
     assert torch.allclose(out["targets"].sum(1), torch.ones(3))
 
 
@@ -582,3 +603,76 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     assert moved and a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+# ---------------------------------------------------------------------------- dimensional-only rows
+
+
+def test_rows_with_only_dimensions_train_the_dimensional_head_and_not_the_classifier(tmp_path):
+    """Rows without a class but with (some) dimensions are kept; the categorical loss skips them,
+    the CCC loss uses each dimension where present: no gradient reaches the classifier layers."""
+    from serval.train.data import ClipDataset, read_split
+    from serval.train.network import Forward, build_model, model_inputs
+
+    found = [f for f in clips("ravdess", "Actor_01/*.flac")][:8]
+    path = tmp_path / "dims.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "end", "label", "split", "arousal", "valence", "dominance"])
+        for i, clip in enumerate(found):  # half TAVA-like (all three), half BAVED-like (arousal only)
+            a = 0.1 + 0.1 * i
+            w.writerow([clip, 1.0, "", "train", a, *((1 - a, 0.5 * a) if i < 4 else ("", ""))])
+    cfg = load_config(None, [*TINY, *NO_DROPOUT, f"data.train={path}", f"out_dir={tmp_path / 'run'}"])
+    examples = read_split(str(path), "train", cfg.model)
+    assert len(examples) == 8 and all(ex.label == -1 for ex in examples)
+    assert examples[5].dims[0] == pytest.approx(0.6) and examples[5].dims[1:] == (None, None)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = collate([ClipDataset(examples, cfg, train=False)[i] for i in range(8)])
+    assert batch["dims_mask"].tolist() == [[True] * 3] * 4 + [[True, False, False]] * 4
+    x, n = model_inputs(batch, model, cached=False, device=torch.device("cpu"))
+    logits, scores = Forward(model, cached=False)(x, n)
+    loss, ce, ccc = total_loss(logits, scores, batch, cfg.loss, None)
+    assert ce.item() == 0.0 and ccc.item() > 0.0
+    loss.backward()
+    classifier = [*model.emotion_layer.parameters(), *model.emotion_classification_layer.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in classifier)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dim_layer.parameters())
+    assert trained_dimensions(cfg, examples) == ("arousal", "valence", "dominance")
+    assert trained_dimensions(cfg, examples[4:]) == ("arousal",)
+    no_ccc = load_config(None, [*TINY, f"data.train={path}", "loss.ccc_weight=0"])
+    assert trained_dimensions(no_ccc, examples) == ()
+
+
+def test_feature_augmentation_crops_and_masks_cached_outputs():
+    from serval.train.augment import augment_features, seeded_rng
+
+    cfg = load_config(None, ["augment.crop_seconds=1.0", "augment.time_masks=2", "augment.channel_masks=1",
+                             "augment.time_mask_frames=5", "augment.channel_mask_width=8", "data.train=x.csv"])  # fmt: skip
+    hidden = torch.randn(3, 120, 64) + 5.0  # [L+1, T, d], no exact zeros
+    out = augment_features(hidden, cfg.augment, seeded_rng(0, 1, 2))
+    assert out.shape == (3, 50, 64)  # 1 s of 20 ms frames
+    zero_frames = (out == 0).all(-1).all(0)
+    zero_channels = (out == 0).all(-2).all(0)
+    assert 0 < zero_frames.sum() <= 10 and 0 < zero_channels.sum() <= 8
+    again = augment_features(hidden, cfg.augment, seeded_rng(0, 1, 2))
+    assert torch.equal(out, again) and hidden.min() > 0  # seeded, and the input is untouched
+    kept = out[:, ~zero_frames][:, :, ~zero_channels]
+    assert (kept != 0).all()  # only the masked stretches are zero
+
+
+def test_balanced_sampling_evens_out_corpora_and_class_weights_follow():
+    exs = [Example("a", None, None, 1.0, 0, None, "big", "am") for _ in range(90)]
+    exs += [Example("b", None, None, 1.0, 1, None, "small", "en") for _ in range(10)]
+    w = balance_weights(exs, "corpus", 1.0)
+    assert w[:90].sum() == pytest.approx(0.5) and w[90:].sum() == pytest.approx(0.5)
+    root = balance_weights(exs, "language", 0.5)
+    assert root[:90].sum() == pytest.approx(3 / 4)  # sqrt(90) : sqrt(10) = 3 : 1
+    assert balance_weights(exs, "none", 0.5) is None
+    sampler = BucketBatchSampler([1.0] * 100, 10, seed=0, weights=w)
+    drawn = [i for b in sampler.batches(0) for i in b]
+    assert len(drawn) == 100 and 30 < sum(i >= 90 for i in drawn) < 70
+    assert sampler.batches(3) == sampler.batches(3)
+    labels = [ex.label for ex in exs]
+    assert class_weights_from_labels(labels, 2, w).tolist() == pytest.approx([1.0, 1.0])
+    assert class_weights_from_labels(labels, 2).tolist()[1] == pytest.approx(5.0)

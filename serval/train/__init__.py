@@ -20,7 +20,7 @@ fill), `sampler`, `ddp`, `network` (the model trained), `optim`, `scoring` (dev/
 `select` (selection, the final model), `loop` (`train`), `command` (the CLI).
 """
 
-from serval.train.augment import NoiseBank, add_noise, augment_wave, change_speed, mixup
+from serval.train.augment import NoiseBank, add_noise, augment_features, augment_wave, change_speed, mixup
 from serval.train.checkpoint import average_models, load_checkpoint
 from serval.train.config import (
     AugmentConfig,
@@ -38,6 +38,7 @@ from serval.train.data import (
     CachedDataset,
     ClipDataset,
     Example,
+    balance_weights,
     check_rows,
     collate,
     crop,
@@ -64,7 +65,7 @@ from serval.train.select import choose_combination, finish, select_after_epoch
 __all__ = [
     "AugmentConfig", "BucketBatchSampler", "CacheConfig", "CachedDataset", "ClipDataset", "DataConfig", "Dist",
     "Example", "LossConfig", "MetricsLog", "NoiseBank", "OptimConfig", "Run", "RunState", "SelectConfig",
-    "TrainConfig", "add_noise", "augment_wave", "average_models", "build_model", "ccc_loss", "change_speed",
+    "TrainConfig", "add_noise", "augment_features", "augment_wave", "balance_weights", "average_models", "build_model", "ccc_loss", "change_speed",
     "check_rows", "choose_combination", "class_weights_for", "class_weights_from_labels", "collate",
     "cosine_with_warmup", "crop", "evaluate_split", "finish", "from_dict", "load_checkpoint", "load_config",
     "load_example", "load_splits", "make_optimizer", "mixup", "prepare_cache", "read_split", "restore",

@@ -1,4 +1,5 @@
-"""Waveform augmentation (speed perturbation, additive noise) and MixUp of collated batches.
+"""Waveform augmentation (speed perturbation, additive noise), cropping and masking of cached encoder
+outputs, and MixUp of collated batches.
 
 Every draw comes from a `numpy` generator the caller seeds, so an augmented clip is reproducible.
 """
@@ -96,11 +97,41 @@ def augment_wave(
     return wave
 
 
+ENCODER_FRAMES_PER_SECOND = 50  # Whisper: 10 ms mel hop, halved by the stride-2 convolution
+
+
+def augment_features(hidden: Tensor, aug: AugmentConfig, rng: np.random.Generator) -> Tensor:
+    """A cached encoder output `[(L+1,) T, d]` cropped to `crop_seconds` at a random place, with
+    `time_masks` stretches of frames and `channel_masks` bands of channels zeroed (every layer alike).
+
+    Zero stays zero through the network's parameter-free layer norm, so a masked frame carries nothing.
+    """
+    t, d = hidden.shape[-2], hidden.shape[-1]
+    keep = int(aug.crop_seconds * ENCODER_FRAMES_PER_SECOND)
+    if keep and t > keep:
+        start = int(rng.integers(t - keep + 1))
+        hidden, t = hidden[..., start : start + keep, :], keep
+    if not (aug.time_masks or aug.channel_masks):
+        return hidden
+    hidden = hidden.clone()
+    for _ in range(aug.time_masks):
+        width = int(rng.integers(aug.time_mask_frames + 1))
+        if 0 < width < t:  # never the whole clip
+            start = int(rng.integers(t - width + 1))
+            hidden[..., start : start + width, :] = 0.0
+    for _ in range(aug.channel_masks):
+        width = int(rng.integers(min(aug.channel_mask_width, d - 1) + 1))
+        if width:
+            start = int(rng.integers(d - width + 1))
+            hidden[..., start : start + width] = 0.0
+    return hidden
+
+
 def mixup(batch: dict, lam: float, perm: Tensor) -> dict:
     """MixUp of inputs, one-hot targets and dimensional targets with partner `perm` and weight `lam`.
 
     Inputs are mixed as padded tensors, so a mixed clip is as long as the longer of its pair; its
-    dimensional target counts only when both partners have one.
+    dimensional target counts only when both partners have one (per dimension: the mask is `[B, D]`).
     """
     out = dict(batch)
     out["input"] = lam * batch["input"] + (1.0 - lam) * batch["input"][perm]

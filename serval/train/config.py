@@ -27,6 +27,8 @@ class DataConfig:
     test_split: str | None = None
     max_seconds: float = 30.0  # training clips are cropped to this (random crop), eval clips to their start
     num_workers: int = 0  # DataLoader workers for audio decoding and augmentation
+    balance: str = "none"  # none | corpus | language: draw training clips evenly over these groups
+    balance_power: float = 0.5  # a clip of a group of n clips is drawn with probability ~ n^-power (1: equal)
 
 
 @dataclass
@@ -61,6 +63,12 @@ class AugmentConfig:
     noise_prob: float = 0.5  # per clip
     snr_db: tuple[float, float] = (5.0, 20.0)
     speed_factors: tuple[float, ...] = (0.9, 1.0, 1.1)  # one drawn per clip; (1.0,): off
+    # On cached encoder outputs (frozen_cached training clips only), drawn per (seed, epoch, clip):
+    crop_seconds: float = 0.0  # a random window of at most this many seconds of encoder frames; 0: whole clip
+    time_masks: int = 0  # stretches of frames set to zero (SpecAugment-style, after the encoder)
+    time_mask_frames: int = 10  # each at most this many 20 ms frames long
+    channel_masks: int = 0  # bands of encoder channels set to zero, the same in every layer
+    channel_mask_width: int = 32  # each at most this many channels wide
 
 
 @dataclass
@@ -129,6 +137,16 @@ class TrainConfig:
                 "augment.speed_factors must be positive numbers",
             ),
             (self.augment.mixup_alpha > 0, "augment.mixup_alpha must be positive"),
+            (self.augment.crop_seconds >= 0, "augment.crop_seconds must be 0 (off) or positive"),
+            (
+                min(self.augment.time_masks, self.augment.channel_masks) >= 0
+                and min(self.augment.time_mask_frames, self.augment.channel_mask_width) >= 1,
+                "augment.time_masks and channel_masks must be >= 0, their widths >= 1",
+            ),
+            (
+                self.data.balance in ("none", "corpus", "language") and self.data.balance_power >= 0,
+                "data.balance must be none, corpus or language, data.balance_power >= 0",
+            ),
             (0.0 < self.data.max_seconds <= 30.0, "data.max_seconds must be in (0, 30]: one encoder pass"),
             (
                 not (self.mode == "frozen_cached" and self.model.lora_r > 0),

@@ -11,7 +11,7 @@ import torch
 
 from serval.model import SERConfig, SERModel
 from serval.progress import progress_bar
-from serval.train.augment import NoiseBank, augment_wave, seeded_rng
+from serval.train.augment import NoiseBank, augment_features, augment_wave, seeded_rng
 from serval.train.config import TrainConfig
 from serval.train.ddp import Dist, barrier
 from serval.vocab import SAMPLE_RATE
@@ -28,7 +28,9 @@ class Example:
     end: float | None
     duration: float  # of the span, seconds
     label: int  # class index, -1 when the row has no categorical label
-    dims: tuple[float, float, float] | None
+    dims: tuple[float | None, ...] | None  # per dimension, None where the row has no value; None: none at all
+    corpus: str = ""  # what `data.balance` can balance over
+    language: str = ""
 
 
 def check_rows(rows, classes: tuple[str, ...], dimensions: tuple[str, ...], where: str) -> list[Example]:
@@ -53,10 +55,13 @@ def check_rows(rows, classes: tuple[str, ...], dimensions: tuple[str, ...], wher
                     f"label {row.label!r} is not one of the model's classes {', '.join(classes)}"
                 )
             values = [getattr(row, d, None) for d in dimensions]
-            dims = tuple(float(v) for v in values) if all(v is not None for v in values) else None
+            # Each dimension on its own: BAVED rates arousal only, and a row keeps what it has.
+            dims = tuple(None if v is None else float(v) for v in values)
+            dims = dims if any(v is not None for v in dims) else None
             if row.label is None and dims is None:
                 raise ValueError("no categorical label and no dimensional labels")
-            good.append(Example(row.path, row.start, row.end, end - start, index.get(row.label, -1), dims))
+            label, where_from = index.get(row.label, -1), (row.corpus or "", row.language or "")
+            good.append(Example(row.path, row.start, row.end, end - start, label, dims, *where_from))
         except (AudioError, ValueError) as e:
             bad.append(f"{row.path}: {e}" if not isinstance(e, AudioError) else str(e))
     if bad:
@@ -69,16 +74,31 @@ def check_rows(rows, classes: tuple[str, ...], dimensions: tuple[str, ...], wher
 
 
 def read_split(path: str, split: str | None, model_cfg: SERConfig) -> list[Example]:
-    """The checked examples of one manifest, restricted to one split when given."""
+    """The checked examples of one manifest, restricted to one split (or "train,dev": several) when given."""
     from serval.manifest import read_manifest
 
     rows = read_manifest(path)
     if split is not None:
-        rows = [r for r in rows if r.split == split]
+        wanted = {s.strip() for s in split.split(",")}
+        rows = [r for r in rows if r.split in wanted]
         if not rows:
             raise ValueError(f"{path}: no rows with split {split!r}")
     where = f"{path}" + (f" (split {split})" if split else "")
     return check_rows(rows, tuple(model_cfg.classes), tuple(model_cfg.dimensions), where)
+
+
+def balance_weights(examples: list[Example], by: str, power: float) -> np.ndarray | None:
+    """Per-clip draw probabilities ~ n_group^-power over `by` (corpus or language); None for "none".
+
+    ASED alone is a quarter of the clips: power 0.5 (square-root balancing) evens the groups out
+    without repeating a small corpus's few clips as often as full balancing (power 1) would.
+    """
+    if by == "none":
+        return None
+    groups = [getattr(ex, by) for ex in examples]
+    counts = {g: groups.count(g) for g in set(groups)}
+    w = np.array([counts[g] ** -power for g in groups], dtype=np.float64)
+    return w / w.sum()
 
 
 def crop(wave: np.ndarray, max_samples: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -151,6 +171,8 @@ class CachedDataset(torch.utils.data.Dataset):
         except KeyError as e:
             log.warning("dropping a clip from its batch: %s", e)
             return None
+        if self.train:
+            hidden = augment_features(hidden, self.cfg.augment, seeded_rng(self.cfg.seed, epoch, index, 5))
         return {"index": index, "input": hidden, **_targets(self.examples[index], self.cfg.model)}
 
 
@@ -158,10 +180,10 @@ def _targets(ex: Example, model_cfg: SERConfig) -> dict:
     target = torch.zeros(len(model_cfg.classes))
     if ex.label >= 0:
         target[ex.label] = 1.0
-    dims = torch.tensor(
-        ex.dims if ex.dims is not None else [0.0] * len(model_cfg.dimensions), dtype=torch.float32
-    )
-    return {"target": target, "dims": dims, "dims_mask": ex.dims is not None}
+    values = ex.dims if ex.dims is not None else (None,) * len(model_cfg.dimensions)
+    dims = torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float32)
+    mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    return {"target": target, "dims": dims, "dims_mask": mask}
 
 
 def collate(items: list[dict | None]) -> dict | None:
@@ -186,7 +208,7 @@ def collate(items: list[dict | None]) -> dict | None:
         "lengths": lengths,
         "targets": torch.stack([x["target"] for x in items]),
         "dims": torch.stack([x["dims"] for x in items]),
-        "dims_mask": torch.tensor([x["dims_mask"] for x in items], dtype=torch.bool),
+        "dims_mask": torch.stack([x["dims_mask"] for x in items]),  # [B, D]: per dimension
     }
 
 

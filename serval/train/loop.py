@@ -20,7 +20,15 @@ from serval.progress import progress_bar
 from serval.train.augment import NoiseBank, mixup, seeded_rng
 from serval.train.checkpoint import load_trainer_state, set_rng_state
 from serval.train.config import TrainConfig
-from serval.train.data import CachedDataset, ClipDataset, Example, collate, prepare_cache, read_split
+from serval.train.data import (
+    CachedDataset,
+    ClipDataset,
+    Example,
+    balance_weights,
+    collate,
+    prepare_cache,
+    read_split,
+)
 from serval.train.ddp import (
     Dist,
     barrier,
@@ -105,6 +113,17 @@ def load_splits(cfg: TrainConfig, model_cfg: SERConfig) -> dict[str, list[Exampl
     return splits
 
 
+def trained_dimensions(cfg: TrainConfig, train: list[Example]) -> tuple[str, ...]:
+    """The dimensions this run trains: those with a value in any training clip (and a CCC term), plus
+    those the starting model (`init_from`) was trained on."""
+    names = cfg.model.dimensions
+    have = {n for ex in train if ex.dims is not None for n, v in zip(names, ex.dims) if v is not None}
+    if not cfg.loss.ccc_weight:
+        have = set()
+    before = set(cfg.model.trained_dimensions) if cfg.init_from else set()
+    return tuple(n for n in names if n in have | before)
+
+
 def make_datasets(
     cfg: TrainConfig, splits: dict[str, list[Example]], model: SERModel, dist: Dist, device: torch.device
 ) -> dict:
@@ -133,7 +152,10 @@ def make_sampler(cfg: TrainConfig, train_set, dist: Dist) -> tuple[BucketBatchSa
             f"{world} devices x {accum} accumulation steps"
         )
     seconds = [min(ex.duration, cfg.data.max_seconds) for ex in train_set.examples]
-    sampler = BucketBatchSampler(seconds, cfg.optim.batch_size, cfg.seed)
+    if cfg.mode == "frozen_cached" and cfg.augment.crop_seconds:
+        seconds = [min(s, cfg.augment.crop_seconds) for s in seconds]
+    weights = balance_weights(train_set.examples, cfg.data.balance, cfg.data.balance_power)
+    sampler = BucketBatchSampler(seconds, cfg.optim.batch_size, cfg.seed, weights=weights)
     if len(sampler) == 0:
         raise ValueError(
             f"{cfg.data.train}: {len(seconds)} clips are fewer than one batch of {cfg.optim.batch_size}"
@@ -312,8 +334,12 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) the training `cfg` describes; returns the final model folder `<out_dir>/best`."""
     cfg, dist, device, model, run, resume_from = setup(cfg)
     splits = load_splits(cfg, model.config)
+    model.config = dataclasses.replace(
+        model.config, trained_dimensions=trained_dimensions(cfg, splits["train"])
+    )
+    balance = balance_weights(splits["train"], cfg.data.balance, cfg.data.balance_power)
     class_weights = class_weights_for(
-        cfg.loss, [ex.label for ex in splits["train"]], len(model.config.classes)
+        cfg.loss, [ex.label for ex in splits["train"]], len(model.config.classes), balance
     )
     datasets = make_datasets(cfg, splits, model, dist, device)
     sampler, micro = make_sampler(cfg, datasets["train"], dist)

@@ -11,19 +11,30 @@ from serval.train.config import LossConfig
 
 
 def ccc_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
-    """1 - mean over dimensions of the concordance correlation coefficient, over samples where `mask`.
+    """1 - mean over dimensions of the concordance correlation coefficient, each over its labelled samples.
 
-    Samples without dimensional labels (mask False) are skipped; fewer than two labelled samples give 0.
+    `mask` is `[B]` (a row has all dimensions or none) or `[B, D]` (per dimension: BAVED carries
+    arousal only). A dimension with fewer than two labelled samples in the batch adds nothing; the
+    mean runs over the dimensions that count, and with none the loss is 0 (with no gradient).
     """
-    if mask is not None:
-        pred, target = pred[mask.bool()], target[mask.bool()]
-    if pred.shape[0] < 2:
-        return pred.sum() * 0.0
     p, t = pred.float(), target.float()
-    pm, tm = p.mean(0), t.mean(0)
-    cov = ((p - pm) * (t - tm)).mean(0)
-    denom = p.var(0, unbiased=False) + t.var(0, unbiased=False) + (pm - tm) ** 2
-    return 1.0 - (2.0 * cov / (denom + eps)).mean()
+    if mask is None:
+        mask = torch.ones_like(p, dtype=torch.bool)
+    elif mask.dim() == 1:
+        mask = mask.bool()[:, None].expand_as(p)
+    terms = []
+    for j in range(p.shape[1]):
+        m = mask[:, j].bool()
+        if int(m.sum()) < 2:
+            continue
+        pj, tj = p[m, j], t[m, j]
+        pm, tm = pj.mean(), tj.mean()
+        cov = ((pj - pm) * (tj - tm)).mean()
+        denom = pj.var(unbiased=False) + tj.var(unbiased=False) + (pm - tm) ** 2
+        terms.append(1.0 - 2.0 * cov / (denom + eps))
+    if not terms:
+        return pred.sum() * 0.0
+    return torch.stack(terms).mean()
 
 
 def soft_cross_entropy(
@@ -50,21 +61,32 @@ def soft_cross_entropy(
     return -(smoothed * w * logp).sum() / denom
 
 
-def class_weights_from_labels(labels: list[int], n_classes: int) -> Tensor:
-    """Inverse-frequency weights N / (K * n_c) over the K classes present; absent classes get 0."""
-    counts = np.bincount([y for y in labels if y >= 0], minlength=n_classes).astype(np.float64)
+def class_weights_from_labels(labels: list[int], n_classes: int, sample_weights=None) -> Tensor:
+    """Inverse-frequency weights N / (K * n_c) over the K classes present; absent classes get 0.
+
+    With `sample_weights` (the balanced sampler's per-clip probabilities) the counts are the expected
+    counts of what training draws, so balancing corpora and weighting classes do not correct twice.
+    """
+    w = None if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
+    ys = np.asarray(labels)
+    keep = ys >= 0
+    counts = np.bincount(ys[keep], weights=None if w is None else w[keep], minlength=n_classes).astype(
+        np.float64
+    )
     present = counts > 0
     weights = np.zeros(n_classes)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def class_weights_for(cfg: LossConfig, labels: list[int], n_classes: int) -> Tensor | None:
+def class_weights_for(
+    cfg: LossConfig, labels: list[int], n_classes: int, sample_weights=None
+) -> Tensor | None:
     """The class weights `loss.class_weights` asks for: a given list, inverse frequency ("auto"), or none."""
     if isinstance(cfg.class_weights, list):
         return torch.tensor(cfg.class_weights, dtype=torch.float32)
     if cfg.class_weights == "auto":
-        return class_weights_from_labels(labels, n_classes)
+        return class_weights_from_labels(labels, n_classes, sample_weights)
     return None
 
 

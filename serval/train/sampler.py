@@ -10,7 +10,7 @@ from serval.train.augment import seeded_rng
 class BucketBatchSampler:
     """Seeded, length-bucketed global batches, sharded over ranks and accumulation steps.
 
-    Per epoch: shuffle, sort by length within buckets of `bucket_batches` batches, cut into global
+    Per epoch: shuffle (or, with `weights`, draw len(lengths) clips with replacement), sort by length within buckets of `bucket_batches` batches, cut into global
     batches, shuffle the batches. The state to resume is (epoch, batches done), nothing more.
     """
 
@@ -22,15 +22,20 @@ class BucketBatchSampler:
         shuffle: bool = True,
         drop_last: bool = True,
         bucket_batches: int = 50,
+        weights=None,
     ):
         self.lengths = np.asarray(lengths, dtype=np.float64)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.bucket = batch_size * bucket_batches
 
     def batches(self, epoch: int) -> list[list[int]]:
         n = len(self.lengths)
         rng = seeded_rng(self.seed, epoch, 2)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.weights is not None:  # balanced: n draws with replacement, by the clips' weights
+            order = rng.choice(n, size=n, replace=True, p=self.weights / self.weights.sum())
+        else:
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
         ordered = []
         for s in range(0, n, self.bucket):
             chunk = order[s : s + self.bucket]

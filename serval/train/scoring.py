@@ -77,14 +77,11 @@ def score_outputs(
         out["uar"] = uar(gold, guess, classes)
         out["accuracy"] = float((pred == y).mean())
         out["recall"] = {classes[c]: float((pred[y == c] == c).mean()) for c in np.unique(y)}
-    with_dims = np.array([ex.dims is not None for ex in examples])
-    if with_dims.sum() >= 2:
-        t = torch.tensor([ex.dims for ex in examples if ex.dims is not None])
-        s = torch.from_numpy(dims[with_dims])
-        out["ccc"] = {
-            name: float(1 - ccc_loss(s[:, j : j + 1], t[:, j : j + 1]))
-            for j, name in enumerate(cfg.model.dimensions)
-        }
+    for j, name in enumerate(cfg.model.dimensions):  # each dimension over the clips that carry it
+        rated = [k for k, ex in enumerate(examples) if ex.dims is not None and ex.dims[j] is not None]
+        if len(rated) >= 2:
+            t = torch.tensor([[examples[k].dims[j]] for k in rated])
+            out.setdefault("ccc", {})[name] = float(1 - ccc_loss(torch.from_numpy(dims[rated, j : j + 1]), t))
     return out
 
 
