@@ -34,7 +34,7 @@ from serval.model import SERConfig
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 POOLING_VERSION = 1  # bump when the pooled layout changes
-RIDGE_ALPHAS = np.logspace(0, 6, 13)
+RIDGE_ALPHAS = np.logspace(-2, 6, 17)
 
 
 class PooledFeatures:
