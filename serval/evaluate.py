@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serval.audio import AudioError, audio_info, load_audio
+from serval.audio import AudioError
+from serval.batch import item_file, item_info, load_item, read_rows
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
 from serval.progress import progress_bar
 from serval.report import existing_reports, slug, write_report
@@ -79,7 +80,7 @@ def _unit(row, i: int, start=None, end=None, whole: bool = True) -> Unit:
 
 def _file_duration(path: str) -> float | None:
     try:
-        return audio_info(path).duration
+        return item_info(path).duration
     except AudioError:
         return None  # the load of the whole row will then fail and report why
 
@@ -211,7 +212,7 @@ class PredictionCache:
 
 def _file_id(path: str) -> tuple[int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.stat(item_file(path))  # a dataset row: its data file
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns)
@@ -284,7 +285,7 @@ def predict_all(
         waves = {}
         for span in chunk:
             try:
-                waves[span] = load_audio(*span)
+                waves[span] = load_item(*span)
             except AudioError as e:
                 failures[span] = str(e)
         for system, cache, key in zip(systems, caches, keys):
@@ -536,7 +537,9 @@ def _json_ready(x):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "manifest", help="CSV or JSONL manifest (path, start, end, label, …, language, corpus, split)"
+        "manifest",
+        help="CSV or JSONL manifest (path, start, end, label, …, language, corpus, split), or a Hugging "
+        "Face dataset (save_to_disk folder or Parquet) with an Audio and a label column",
     )
     p.add_argument(
         "--model",
@@ -589,13 +592,13 @@ def _split_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from serval.inference import load
-    from serval.manifest import ManifestError, read_manifest
+    from serval.manifest import ManifestError
 
     prog = "serval eval"
     try:
         segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")
         protocols = _split_list(args.protocols, tuple(PROTOCOLS), "--protocols")
-        rows = read_manifest(args.manifest)
+        rows = read_rows(args.manifest)
     except (ValueError, ManifestError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Inference: a `Predictor` turns audio into emotion records; `serval predict` is its command.
+"""Inference: a `Predictor` turns audio into emotion records (`serval predict` is in `serval.batch`).
 
 The model (`serval.model`) knows nothing of files, batching or devices; this module does.
 Clips are grouped by length so that a batch carries little padding, the encoder runs at
@@ -7,13 +7,9 @@ each batch's own length, and the model runs in bf16 on a GPU and fp32 on a CPU.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import hashlib
-import io
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,7 +25,7 @@ from serval.meralion import NAME as MERALION_NAME
 from serval.meralion import import_meralion_checkpoint
 from serval.model import SERModel
 from serval.progress import progress_bar
-from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE, class_subset, label_body
+from serval.vocab import SAMPLE_RATE, class_subset, label_body
 from serval.windows import MAX_WINDOW, split_span
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
@@ -275,100 +271,3 @@ def files_fingerprint(kind: str, path: str | os.PathLike) -> str:
         if f.suffix in (".json", ".yaml", ".yml") and st.st_size < 1_000_000:
             h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def expand_inputs(items: Iterable[str]) -> list[str]:
-    """Files stay as given; directories become their audio files, sorted, recursively."""
-    out: list[str] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in AUDIO_EXTENSIONS)
-        else:
-            out.append(item)
-    return out
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files or directories of them")
-    p.add_argument(
-        "--model",
-        help="default (the bundled model, when omitted), a model or ensemble directory, a Hub id "
-        "or meralion:PATH",
-    )
-    p.add_argument("--format", choices=["json", "jsonl", "csv", "table"], default="json")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--classes", help="comma-separated subset, e.g. neutral,angry,sad,happy (renormalised)")
-    p.add_argument("-o", "--output", help="write here instead of standard output (never overwrites)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    files = expand_inputs(args.inputs)
-    if not files:
-        print("serval predict: no audio files found in the given paths", file=sys.stderr)
-        return 2
-    try:
-        predictor = load(args.model, device=args.device)
-        if not isinstance(predictor, Predictor):  # emotion2vec:, llm: have no records of their own
-            raise ValueError(
-                f"{args.model}: predict runs serval models; score other systems with serval eval"
-            )
-        classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        records = predictor.predict(
-            files,
-            batch_size=args.batch_size,
-            classes=classes,
-            progress=not args.no_progress and len(files) > args.batch_size,
-        )
-    except (NoDefaultModelError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"serval predict: {e}", file=sys.stderr)
-        return 2
-    text = format_records(records, args.format)
-    if args.output:
-        out = Path(args.output)
-        if out.exists():
-            print(f"serval predict: {out} exists; not overwriting", file=sys.stderr)
-            return 2
-        out.write_text(text)
-    else:
-        sys.stdout.write(text)
-    failed = [r for r in records if "error" in r]
-    for r in failed:
-        print(f"serval predict: {r['error']}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def format_records(records: list[dict], fmt: str) -> str:
-    """Records as json (an array), jsonl, csv or an aligned table."""
-    if fmt == "json":
-        return json.dumps(records, indent=2) + "\n"
-    if fmt == "jsonl":
-        return "".join(json.dumps(r) + "\n" for r in records)
-    ok = next((r for r in records if "error" not in r), None)
-    classes = list(ok["probabilities"]) if ok else []
-    dims = list(ok["scores"]) if ok else []
-    header = ["file", "duration", "label", *classes, *dims, "error"]
-    rows = []
-    for r in records:
-        rows.append(
-            [
-                r.get("file") or "",
-                r.get("duration", ""),
-                r.get("label", ""),
-                *[r.get("probabilities", {}).get(c, "") for c in classes],
-                *[r.get("scores", {}).get(d, "") for d in dims],
-                r.get("error", ""),
-            ]
-        )
-    if fmt == "csv":
-        buf = io.StringIO()
-        csv.writer(buf).writerows([header, *rows])
-        return buf.getvalue()
-    cells = [header] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n" for row in cells)

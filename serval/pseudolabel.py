@@ -227,7 +227,7 @@ def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
 
 def collect_sources(inputs: Sequence[str]) -> list[Source]:
     """Audio files (directories searched recursively) and manifest rows (.csv/.jsonl), in the given order."""
-    from serval.inference import expand_inputs
+    from serval.batch import expand_inputs
 
     sources: list[Source] = []
     for item in inputs:
