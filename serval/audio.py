@@ -7,6 +7,7 @@ soxr HQ, channels are averaged. Spans are read by seeking, and long files can be
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -243,6 +244,15 @@ def _label(source: AudioSource, name: str | None) -> str:
     return file_name if isinstance(file_name, str) else "<bytes>"
 
 
+def _loops(path: Path) -> bool:
+    # Path.exists() says False for a symlink loop as for a missing file; stat tells them apart
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 @contextmanager
 def _open(source: AudioSource, name: str | None) -> Iterator[tuple[sf.SoundFile, str]]:
     """Open `source` with libsndfile after the checks libsndfile does not make, mapping its errors."""
@@ -250,6 +260,8 @@ def _open(source: AudioSource, name: str | None) -> Iterator[tuple[sf.SoundFile,
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         if not path.exists():
+            if _loops(path):
+                raise AudioNotFoundError(label, "symlink loop: the link leads back to itself")
             raise AudioNotFoundError(label, "no such file")
         if path.is_dir():
             raise AudioNotFoundError(label, "is a directory, not an audio file")

@@ -385,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
             max_segment=args.max_segment,
         )
         duration = audio_info(args.file).duration
+        if not args.segments:
+            spec.check_count(duration)  # too fine a grid for the recording: refused before any work
         turns = read_turns(args.segments) if args.segments else None
     except (AudioError, TurnsError, ValueError) as e:
         return fail(str(e))
