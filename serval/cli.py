@@ -21,6 +21,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# import name -> what to pip install when it is missing (the extras, and base packages whose import
+# name differs from their pip name); anything else is installed under its own name.
+PIP_NAMES: dict[str, str] = {
+    "ray": "serval[ray]",
+    "funasr": "serval[funasr]",
+    "ctranslate2": "serval[ct2]",
+    "sklearn": "scikit-learn",
+    "multipart": "python-multipart",
+    "python_multipart": "python-multipart",
+    "silero_vad": "silero-vad",
+    "yaml": "pyyaml",
+    "PIL": "pillow",
+}
+
+
+def missing_dependency(e: ImportError) -> str | None:
+    """The one-line message for a third-party package that failed to import; None for serval's own."""
+    top = (e.name or "").split(".")[0]
+    if not top or top == "serval":
+        return None
+    pip_name = PIP_NAMES.get(top, top)
+    if isinstance(e, ModuleNotFoundError):
+        return f"needs the {top} package, which is not installed: pip install '{pip_name}'"
+    return f"the installed {top} does not provide what serval needs ({e}): pip install -U '{pip_name}'"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s module is imported to fill in its arguments."""
     parser = argparse.ArgumentParser(prog="serval", description="Speech emotion recognition.")
@@ -35,13 +61,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    command = command if command in COMMANDS else None
     try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except ImportError as e:  # a package a command needs: one line naming what to install
+        message = missing_dependency(e)
+        if message is None:
+            raise
+        print(f"serval {command}: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import io
 import json
 import math
@@ -50,11 +51,27 @@ class CorpusError(ValueError):
 # Helpers shared by the recipes
 
 
+def _walk(root: Path, pattern: str = "*") -> list[Path]:
+    """Files under root whose name matches `pattern`, following symlinked folders (each real folder once).
+
+    `Path.rglob` does not descend into symlinked folders, and corpora are often assembled from links.
+    """
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        found.extend(Path(folder) / f for f in fnmatch.filter(files, pattern))
+    return found
+
+
 def _audio_files(root: Path) -> list[Path]:
     """Every audio file under root, sorted, hidden files skipped."""
     found = [
         p
-        for p in root.rglob("*")
+        for p in _walk(root)
         if p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith(".") and p.is_file()
     ]
     return sorted(found)
@@ -71,7 +88,7 @@ def _missing_reason(path: Path) -> str | None:
 
 def _find_one(root: Path, name: str) -> Path:
     """The single file called `name` under root (the corpus may sit one folder deeper)."""
-    hits = sorted(root.rglob(name))
+    hits = sorted(_walk(root, name))
     if not hits:
         raise CorpusError(f"{root}: no {name} found under this folder")
     return hits[0]
@@ -537,7 +554,7 @@ def cremad(root: Path, options: dict[str, str]) -> _Result:
     """CREMA-D: `AudioWAV/ActorID_Sentence_Emotion_Level.wav`; sex from VideoDemographics.csv."""
     result = _Result("crema-d", "en")
     sex: dict[str, str] = {}
-    demographics = sorted(root.rglob("VideoDemographics.csv"))
+    demographics = sorted(_walk(root, "VideoDemographics.csv"))
     if demographics:
         with open(demographics[0], encoding="utf-8-sig", newline="") as f:
             for rec in _table(f, demographics[0], ("ActorID", "Sex")):
@@ -637,7 +654,7 @@ def meld(root: Path, options: dict[str, str]) -> _Result:
             media[(split, f.stem)].append(f)
     found_any = False
     for split, name in MELD_SPLITS.items():
-        tables = sorted(root.rglob(name))
+        tables = sorted(_walk(root, name))
         if not tables:
             continue
         found_any = True
@@ -693,7 +710,7 @@ IEMOCAP_EMOTIONS = {
 def iemocap(root: Path, options: dict[str, str], keep_dimensional: bool = False) -> _Result:
     """IEMOCAP: `Session*/dialog/EmoEvaluation/*.txt` labels, `Session*/sentences/wav/<dialog>/<turn>.wav`."""
     result = _Result("iemocap", "en")
-    tables = sorted(p for p in root.rglob("*.txt") if p.parent.name == "EmoEvaluation")
+    tables = sorted(p for p in _walk(root, "*.txt") if p.parent.name == "EmoEvaluation")
     if not tables:
         raise CorpusError(f"{root}: no Session*/dialog/EmoEvaluation/*.txt found under this folder")
     wavs = _index_by_stem([p for p in _audio_files(root) if "sentences" in p.relative_to(root).parts])
@@ -822,7 +839,7 @@ def m3ed(root: Path, options: dict[str, str]) -> _Result:
         annotation = json.load(f)
     movie_split: dict[str, str] = {}
     for name, split in M3ED_SPLITS.items():
-        for lst in sorted(root.rglob(f"movie_list_{name}.txt")):
+        for lst in sorted(_walk(root, f"movie_list_{name}.txt")):
             for line in lst.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     movie_split[line.strip()] = split
@@ -1081,6 +1098,19 @@ def prepare_corpus(
     return rows, sorted(result.dropped, key=lambda d: d.path)
 
 
+def split_warnings(rows: list[ManifestRow]) -> list[str]:
+    """A line for each of dev and test that came out empty (too few speakers, or none named)."""
+    speakers = len({r.speaker for r in rows if r.speaker is not None})
+    empty = [s for s in ("dev", "test") if not any(r.split == s for r in rows)]
+    if not empty or not rows:
+        return []
+    return [
+        f"warning: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+        f"({len(rows)} clips, {speakers} speakers): pass --dev-speakers/--test-speakers, larger "
+        "--dev-fraction/--test-fraction, or score on another corpus"
+    ]
+
+
 def dropped_path(manifest: str | os.PathLike) -> Path:
     """Where the list of dropped files goes: `<manifest without extension>.dropped.csv`."""
     manifest = Path(manifest)
@@ -1208,6 +1238,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         f"{args.output}: {len(rows)} clips of {args.corpus}; {len(dropped)} dropped (listed in {dropped_file})"
     )
     print(summary(rows, dropped))
+    for line in split_warnings(rows):
+        print(f"serval data prepare: {line}", file=sys.stderr)
     if args.check:
         return _report(args.output, check_manifest(args.output))
     return 0

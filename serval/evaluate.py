@@ -544,10 +544,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         action="append",
-        required=True,
         metavar="SPEC",
-        help="repeatable: a serval model directory, meralion:PATH, emotion2vec:large|base|seed, "
-        "llm:MODEL@BASE_URL",
+        help="repeatable: default (the bundled model, when omitted), a serval model directory, "
+        "meralion:PATH, emotion2vec:large|base|seed, llm:MODEL@BASE_URL",
     )
     p.add_argument(
         "-o", "--output", required=True, help="report folder (report.json, report.md, confusion/*.png)"
@@ -591,10 +590,13 @@ def _split_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import matplotlib  # noqa: F401  (the report's plots: a missing package stops us before predicting, not after)
+
     from serval.inference import load
     from serval.manifest import ManifestError
 
     prog = "serval eval"
+    args.model = args.model or ["default"]
     try:
         segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")
         protocols = _split_list(args.protocols, tuple(PROTOCOLS), "--protocols")

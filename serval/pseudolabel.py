@@ -260,24 +260,25 @@ class Progress:
         self.offsets: dict[str, int] = {}  # key -> byte offset of its full record in the log
         self.relabelled: dict[str, dict] = {}
         self.errors: dict[str, str] = {}  # key -> the last error of a job not (yet) done
-        if path.exists() and not restart:
-            self._load(settings)
-        else:
+        if not (path.exists() and not restart and self._load(settings)):
             atomic_write_text(path, json.dumps({"settings": settings}) + "\n", overwrite=True)
 
-    def _load(self, settings: dict) -> None:
+    def _load(self, settings: dict) -> bool:
+        """Index the log; False when it holds other settings and no finished job (nothing to lose)."""
         with open(self.path, "rb") as f:
             first = f.readline()
             try:
                 saved = json.loads(first).get("settings") if first.endswith(b"\n") else None
             except json.JSONDecodeError:
                 saved = None
+            offset = good = f.tell()
             if saved != settings:
+                if not f.read(1):
+                    return False
                 raise ValueError(
                     f"{self.path}: this unfinished run used other settings ({saved}); "
                     "rerun with the same settings to resume, or pass --restart to start over"
                 )
-            offset = good = f.tell()
             for line in f:
                 if not line.endswith(b"\n"):
                     break  # a write torn by a kill
@@ -286,6 +287,7 @@ class Progress:
         if good < self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(good)
+        return True
 
     def _index(self, rec: dict, offset: int) -> None:
         key = rec.get("relabel", rec.get("key"))
@@ -367,6 +369,10 @@ def pseudolabel(
     if not sources:
         raise ValueError(f"no audio files or manifest rows found in {list(inputs)}")
     settings = {"teachers": list(teachers), "relabel": relabel, "config": asdict(cfg)}
+    # A fresh run loads its teachers before it starts the progress log, so a teacher that fails to
+    # load leaves no log behind to refuse the next run's (corrected) settings.
+    fresh = restart or not paths["progress"].exists()
+    models = {spec: load(spec, device=device) for spec in teachers} if fresh else None
     state = Progress(paths["progress"], settings, restart=restart)
     if not teachers:  # second pass only: every input row is one selected utterance
         for src in sources:
@@ -376,7 +382,7 @@ def pseudolabel(
     if len(todo) < len(sources) and teachers:
         log(f"resuming: {len(sources) - len(todo)} of {len(sources)} recordings already labelled")
     if todo:
-        models = {spec: load(spec, device=device) for spec in teachers}
+        models = models or {spec: load(spec, device=device) for spec in teachers}
         for src in progress_bar(todo, progress, desc="first pass", unit=" file"):
             try:
                 rec = label_source(src, models, cfg)
@@ -596,7 +602,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="a teacher (repeat): serval model dir, meralion:PATH, emotion2vec:base|seed|large; "
+        help="a teacher (repeat): default (the bundled model), a serval model dir, meralion:PATH, "
+        "emotion2vec:base|seed|large; "
         "without teachers, --relabel relabels the rows of an input manifest (second pass only)",
     )
     p.add_argument(

@@ -319,7 +319,10 @@ def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="audio file (any length)")
-    p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
+    p.add_argument(
+        "--model",
+        help="default (the bundled model, when omitted), a model directory, hub id or meralion:PATH",
+    )
     p.add_argument("--window", type=float, default=4.0, help="window length in seconds (default 4)")
     p.add_argument("--hop", type=float, default=2.0, help="seconds between window starts (default 2)")
     p.add_argument(
@@ -373,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not formats:
         return fail(f"--formats takes json, csv, png; got {args.formats!r}")
     if args.output and "png" in formats and importlib.util.find_spec("matplotlib") is None:
-        return fail("the PNG plot needs matplotlib: pip install 'serval[eval]', or pass --formats json,csv")
+        return fail("the PNG plot needs matplotlib, which is not installed: pip install matplotlib")
     try:
         spec = WindowSpec(
             window=args.window,

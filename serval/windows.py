@@ -316,8 +316,8 @@ def sliding_windows(
     def on_chunk(chunk: np.ndarray) -> None:
         if mask is not None:
             mask.push(chunk)
-        if bar is not None:
-            bar.update(len(chunk) / SAMPLE_RATE)
+        if bar is not None:  # never past the total: a header's duration can be shorter than the decode
+            bar.update(min(len(chunk) / SAMPLE_RATE, bar.total - bar.n))
 
     pending: list[tuple[WindowResult, np.ndarray | None]] = []
 
@@ -374,7 +374,7 @@ def _audio_bar(source, start: float, end: float | None):
         total = audio_info(source).duration
     total = (min(total, end) if end is not None else total) - start
     return progress_bar(
-        total=round(max(total, 0.0), 1),
+        total=max(total, 0.0),
         unit=" s audio",
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
     )

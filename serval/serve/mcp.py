@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from serval import vocab
 from serval.audio import AudioError, audio_info, load_audio
+from serval.serve.records import Timeline
 
 _DIMS = "/".join(vocab.DIMENSIONS)
 INSTRUCTIONS = (
@@ -141,7 +142,7 @@ class EmotionTools:
         max_segment: float = 15.0,
         vad: bool = False,
         include_windows: bool = True,
-    ) -> dict[str, Any]:
+    ) -> Timeline:
         """The JSON of `serval timeline` for one recording."""
         from mcp.server.mcpserver.exceptions import ToolError
 

@@ -19,7 +19,14 @@ from serval import __version__, vocab
 from serval.audio import AudioError
 from serval.serve.batching import ClientGoneError, QueueFullError
 from serval.serve.errors import ApiError, audio_error
-from serval.serve.schemas import ERROR_RESPONSES, UPLOAD_BODY, EmotionRecord, ModelInfo
+from serval.serve.schemas import (
+    ERROR_RESPONSES,
+    HEALTH_RESPONSES,
+    TIMELINE_RESPONSE,
+    UPLOAD_BODY,
+    EmotionRecord,
+    ModelInfo,
+)
 from serval.serve.service import Service
 from serval.serve.streaming import stream_session
 from serval.serve.uploads import check_audio, decode, read_upload
@@ -78,7 +85,10 @@ def _seconds(description: str, **limits) -> Query:
 
 
 @router.post(
-    "/v1/timeline", responses=ERROR_RESPONSES, openapi_extra=UPLOAD_BODY, summary="Emotion over time"
+    "/v1/timeline",
+    responses={**TIMELINE_RESPONSE, **ERROR_RESPONSES},
+    openapi_extra=UPLOAD_BODY,
+    summary="Emotion over time",
 )
 async def timeline(
     request: Request,
@@ -167,7 +177,7 @@ async def model_info(service: Service = Depends(get_service)):
     }
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get("/healthz", responses=HEALTH_RESPONSES, summary="Liveness")
 async def healthz(service: Service = Depends(get_service)):
     alive = service.running
     body = {"status": "ok" if alive else "unavailable", "queue": service.depth if alive else 0}

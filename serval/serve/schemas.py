@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from serval.serve.records import Timeline
 
 
 class ErrorDetail(BaseModel):
@@ -26,6 +28,21 @@ class EmotionRecord(BaseModel):
     label: str
     probabilities: dict[str, float]
     scores: dict[str, float]
+
+
+class Health(BaseModel):
+    """`GET /healthz`: ok (200) while the model queue runs, unavailable (503) once it has stopped."""
+
+    status: Literal["ok", "unavailable"]
+    queue: int = Field(description="clips waiting for the model")
+
+
+# `POST /v1/timeline` answers the timeline JSON, typed in serval.serve.records (shared with the MCP tool)
+TIMELINE_RESPONSE = {200: {"model": Timeline, "description": "the JSON of `serval timeline`"}}
+HEALTH_RESPONSES = {
+    200: {"model": Health, "description": "serving"},
+    503: {"model": Health, "description": "the model queue has stopped"},
+}
 
 
 class ModelInfo(BaseModel):

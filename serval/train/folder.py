@@ -6,8 +6,8 @@ import csv
 import json
 import logging
 import math
+import secrets
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,21 @@ from serval.train.config import TrainConfig
 from serval.train.ddp import Dist, barrier, gather_objects
 
 log = logging.getLogger("serval.train")
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder in `parent` to build a checkpoint in before it is renamed into place.
+
+    Made with a plain mkdir so its mode follows the umask like the run's other folders
+    (`tempfile.mkdtemp` makes it 0700, and the rename keeps that mode).
+    """
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 @dataclass
@@ -98,7 +113,7 @@ class Run:
         name = f"step-{state.step:06d}"
         final = self.ckpts / name
         self.ckpts.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.ckpts, prefix=f".tmp-{name}-"))
+        tmp = temp_dir(self.ckpts, f".tmp-{name}-")
         save_model(model, tmp)
         save_trainer_state(trainer_state, tmp)
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))

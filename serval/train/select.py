@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from serval.train.checkpoint import (
 )
 from serval.train.config import SelectConfig, TrainConfig
 from serval.train.ddp import Dist
-from serval.train.folder import Run, RunState
+from serval.train.folder import Run, RunState, temp_dir
 from serval.train.scoring import evaluate_split
 
 log = logging.getLogger("serval.train")
@@ -106,7 +105,7 @@ def finish(
 
 def _write_best(run: Run, cfg: TrainConfig, choice: str, members: list[Path], final_models: list) -> Path:
     """`<out>/best`, swapped in whole: the member checkpoints and an ensemble.json, or one model."""
-    tmp = Path(tempfile.mkdtemp(dir=run.out, prefix=".tmp-best-"))
+    tmp = temp_dir(run.out, ".tmp-best-")
     if choice == "predictions":
         names = []
         for i, m in enumerate(members):
