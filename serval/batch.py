@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import os
 import queue
 import sys
@@ -434,6 +435,7 @@ class RaySettings:
     actors: int | None = None  # default: the cluster's CPUs (or GPUs) / each actor's share
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    num_cpus: int | None = None  # of a local cluster (default: this machine's)
 
 
 def init_ray(settings: RaySettings, log: Callable[[str], None] | None = None):
@@ -446,11 +448,15 @@ def init_ray(settings: RaySettings, log: Callable[[str], None] | None = None):
     except ImportError:
         raise ImportError('--ray needs Ray Data: pip install "serval[ray]"', name="ray") from None
     if not ray.is_initialized():
+        quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
         if settings.address:
-            ray.init(address=settings.address, log_to_driver=False)
+            ray.init(address=settings.address, **quiet)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+            ray.init(num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 
@@ -477,7 +483,7 @@ def ray_map(
         fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_cpus=settings.cpus_per_actor,
         num_gpus=settings.gpus_per_actor or None,
     )
@@ -608,17 +614,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "resumes it (skipping the inputs it holds); other formats are never overwritten",
     )
     p.add_argument("--overwrite", action="store_true", help="start -o afresh instead of resuming or refusing")
+    add_ray_arguments(p, "needs -o FILE.jsonl")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_ray_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--ray [ADDRESS] and the actor pool's size and resources (predict, pseudolabel)."""
     p.add_argument(
         "--ray",
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="run on a Ray cluster (a local one without ADDRESS); needs -o FILE.jsonl",
+        help="run on a Ray cluster (ray://HOST:10001, HOST:6379 or auto; a local one without ADDRESS)"
+        + (f"; {note}" if note else ""),
     )
-    p.add_argument("--ray-actors", type=int, help="predictor actors (default: CPUs or GPUs / per actor)")
-    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--ray-gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--ray-actors", type=int, help="model actors (default: the cluster's CPUs or GPUs / per actor)"
+    )
+    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs each actor holds (default 1)")
+    p.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs each actor holds (default 0)")
+
+
+def ray_settings(args: argparse.Namespace) -> RaySettings | None:
+    """The RaySettings of --ray and its options; None without --ray."""
+    if args.ray is None:
+        return None
+    return RaySettings(args.ray or None, args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor)
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -706,14 +727,13 @@ def _run_local(args: argparse.Namespace, items: list[Item], fmt: str, classes) -
 def _run_ray(args: argparse.Namespace, items: list[Item], fmt: str, classes) -> list[dict]:
     if not args.output or fmt != "jsonl":
         raise ValueError("--ray writes JSONL shards: give -o FILE.jsonl")
-    settings = RaySettings(
-        args.ray or None, args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor
-    )
+    # a bad model spec or class subset fails here, in one line, not in every actor
+    class_subset(classes, _load(args).classes)
     return ray_predict(
         items,
         args.output,
         args.model,
-        settings,
+        ray_settings(args),
         device=args.device,
         batch_size=args.batch_size,
         classes=classes,

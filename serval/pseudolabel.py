@@ -340,6 +340,7 @@ def pseudolabel(
     restart: bool = False,
     progress: bool = False,
     log=None,
+    ray=None,
 ) -> dict:
     """Run the pipeline and write the manifest, OUTPUT-stem.windows.jsonl and OUTPUT-stem.decisions.jsonl.
 
@@ -347,7 +348,7 @@ def pseudolabel(
     Without teachers: the second pass alone, relabelling every row of the input manifests (the output of
     an earlier first pass) with the `relabel` model. Returns counts {"sources", "failed", "utterances",
     "kept"}. Resumes an interrupted run with the same settings; a recording that fails is recorded and
-    skipped.
+    skipped. `ray` (`serval.batch.RaySettings`): the first pass runs on a Ray cluster's actors.
     """
     from serval.audio import AudioError
     from serval.inference import load
@@ -381,7 +382,9 @@ def pseudolabel(
     todo = [s for s in sources if s.key not in state.done]
     if len(todo) < len(sources) and teachers:
         log(f"resuming: {len(sources) - len(todo)} of {len(sources)} recordings already labelled")
-    if todo:
+    if todo and ray is not None:
+        first_pass_on_ray(todo, state, teachers, cfg, device, ray, progress, log)
+    elif todo:
         models = models or {spec: load(spec, device=device) for spec in teachers}
         for src in progress_bar(todo, progress, desc="first pass", unit=" file"):
             try:
@@ -393,6 +396,47 @@ def pseudolabel(
     if relabel:
         second_pass(sources, state, relabel, device, cfg, progress, log)
     return _write_outputs(sources, state, paths, teachers, relabel, overwrite)
+
+
+class RayTeachers:
+    """A Ray actor holding the teachers: {"x": sources as JSON} -> {"y": first-pass records as JSON}."""
+
+    def __init__(self, teachers: Sequence[str], cfg: dict, device: str | None):
+        from serval.inference import load
+
+        self.teachers = {spec: load(spec, device=device) for spec in teachers}
+        self.cfg = PseudoLabelConfig(**cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        from serval.audio import AudioError
+
+        out = []
+        for x in batch["x"]:
+            src = Source(**json.loads(x))
+            try:
+                rec = label_source(src, self.teachers, self.cfg)
+            except (AudioError, OSError) as e:
+                rec = {"key": src.key, "path": src.path, "error": str(e)}
+            out.append(json.dumps(rec))
+        return {"i": batch["i"], "y": np.array(out, dtype=object)}
+
+
+def first_pass_on_ray(todo, state: Progress, teachers, cfg: PseudoLabelConfig, device, ray, progress, log):
+    """The first pass by a pool of `RayTeachers` actors; each finished recording goes to the log as it comes."""
+    from serval.batch import ray_map
+
+    rows = [json.dumps(asdict(src)) for src in todo]
+    kwargs = {"teachers": list(teachers), "cfg": asdict(cfg), "device": device}
+    bar = progress_bar(total=len(todo), enabled=progress, desc="first pass", unit=" file")
+    for _, text in ray_map(rows, RayTeachers, kwargs, 1, ray):
+        rec = json.loads(text)
+        if "error" in rec:
+            log(f"serval pseudolabel: {rec['error']}")
+        state.add(rec)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 def given_utterance(src: Source) -> dict:
@@ -591,6 +635,8 @@ def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> Non
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from serval.batch import add_ray_arguments
+
     p.add_argument(
         "inputs",
         nargs="+",
@@ -637,10 +683,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--restart", action="store_true", help="discard an unfinished run's progress and start over"
     )
+    add_ray_arguments(p, "the first pass runs on its actors")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    from serval.batch import ray_settings
+
     cfg = PseudoLabelConfig(
         window=args.window,
         hop=args.hop,
@@ -661,6 +710,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             restart=args.restart,
             progress=not args.no_progress,
+            ray=ray_settings(args),
         )
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"serval pseudolabel: {e}", file=sys.stderr)
