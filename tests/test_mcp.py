@@ -40,11 +40,11 @@ def probs(record: dict, classes) -> np.ndarray:
     return np.array([record["probabilities"][c] for c in classes])
 
 
-async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]]):
-    """Start `serval mcp ARGS` over stdio, initialise, list its tools and make `calls`."""
+async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]], cwd=REPO):
+    """Start `serval mcp ARGS` in `cwd` over stdio, initialise, list its tools and make `calls`."""
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
-    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), args=["-m", "serval", "mcp", *args])
+    params = StdioServerParameters(command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args])
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         init = await session.initialize()
         tools = {t.name: t for t in (await session.list_tools()).tools}
@@ -71,7 +71,7 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
     broken.write_bytes(clip.read_bytes()[:2500])
     wav22k = io.BytesIO()  # 22.05 kHz 16-bit WAV bytes: decoded and resampled like a file
     sf.write(wav22k, soxr.resample(load_audio(clip), 16000, 22050), 22050, format="WAV", subtype="PCM_16")
-    outside = REPO / "pyproject.toml"  # readable, but not under either --root
+    outside = REPO / "pyproject.toml"  # readable, but neither under a --root nor where the tool starts
     calls = {
         "path": ("recognize_emotion", {"path": str(clip)}),
         "base64": (
@@ -96,7 +96,8 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
         "sneaky": ("recognize_emotion", {"path": str(tmp / "audio" / ".." / ".." / ".." / outside.name)}),
     }
     args = ["--model", str(model_dir), "--device", "cpu", "--root", str(tmp / "audio"), "--root", str(DATA)]
-    init, tools, results = anyio.run(session_calls, args, calls)
+    (tmp / "start").mkdir()
+    init, tools, results = anyio.run(session_calls, args, calls, tmp / "start")
     return dict(
         predictor=predictor, clip=clip, other=other, talk=talk, init=init, tools=tools, results=results
     )

@@ -3,8 +3,10 @@
 Two tools, both returning structured records: `recognize_emotion` (the record of
 `serval predict` for one clip) and `emotion_timeline` (the JSON of `serval timeline`). Audio is
 given as a local path or as base64 bytes. The server runs on the user's machine for the user's
-agent, so it may read local files; `--root DIR` confines it to some folders, for agents that
-handle untrusted text. Standard output is the protocol channel: nothing else may print there.
+agent, so it may read local files, but only regular files under the folder it was started in
+(`--root DIR` adds folders); a path outside gets the same answer whether or not it exists, so an
+agent cannot probe the machine. Reading a file has a time limit. Standard output is the protocol
+channel: nothing else may print there.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import base64
 import binascii
 import io
 import json
+import os
+import stat
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from serval import vocab
-from serval.audio import AudioError, audio_info, load_audio
+from serval.audio import AudioError, AudioNotFoundError, audio_info, load_audio
 from serval.serve.records import Timeline
 
 _DIMS = "/".join(vocab.DIMENSIONS)
@@ -61,35 +66,96 @@ class EmotionResult(BaseModel):
 
 
 class ToolInputError(ValueError):
-    """A bad tool call: no audio or both kinds, invalid base64, unknown classes, a path outside --root."""
+    """A bad tool call: no audio or both kinds, invalid base64, unknown classes, a path outside the roots."""
+
+
+READ_TIMEOUT = 30.0  # seconds to open a file and read its header (a stuck network share, say)
+
+
+def within(seconds: float, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """`fn(*args, **kwargs)`, or ToolInputError when it takes longer than `seconds` (left behind in
+    a daemon thread: a read that never returns cannot hang the tool)."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    worker = threading.Thread(target=call, daemon=True, name="serval-mcp-read")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise ToolInputError(f"{what}: reading took longer than {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def rewound(source: Any) -> Any:
+    """An open file back at its start (each reader of serval.audio starts where the file stands)."""
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return source
 
 
 class AudioInput:
-    """Where a tool's audio comes from: a path (within the allowed roots, if any) or base64 bytes."""
+    """Where a tool's audio comes from: a regular file under the allowed folders, or base64 bytes.
 
-    def __init__(self, roots: list[str] | None = None):
-        self.allowed = [Path(r).expanduser().resolve() for r in roots or []]
+    The folders are the one the server was started in plus `roots`.
+    """
+
+    def __init__(self, roots: list[str] | None = None, cwd: str | None = None):
+        folders = [cwd or os.getcwd(), *(roots or [])]
+        self.allowed = list(dict.fromkeys(Path(r).expanduser().resolve() for r in folders))
 
     def source(self, path: str | None, audio_base64: str | None, filename: str | None) -> tuple[Any, str]:
         """(what `serval.audio` reads, the name for the record); ToolInputError for a bad choice."""
         if (path is None) == (audio_base64 is None):
             raise ToolInputError("give exactly one of `path` (a local audio file) or `audio_base64`")
         if path is not None:
-            resolved = Path(path).expanduser().resolve()
-            if self.allowed and not any(resolved.is_relative_to(r) for r in self.allowed):
-                folders = ", ".join(str(r) for r in self.allowed)
-                raise ToolInputError(f"{path}: outside the folders this server may read ({folders})")
-            return str(resolved), path
+            return self.open(path), path
         try:
             data = base64.b64decode(audio_base64, validate=True)
         except (binascii.Error, ValueError) as e:
             raise ToolInputError(f"audio_base64 is not valid base64 ({e})") from None
         return data, filename or "audio"
 
+    def open(self, path: str) -> io.BufferedReader:
+        """The file at `path`, opened for reading: only a regular file under the allowed folders."""
+        try:
+            resolved = Path(path).expanduser().resolve()  # symlinks and ".." followed before the check
+        except (RuntimeError, OSError):  # a symlink loop
+            resolved = None
+        lexical = Path(os.path.abspath(Path(path).expanduser()))
+        if resolved is None and any(lexical.is_relative_to(r) for r in self.allowed):
+            raise AudioNotFoundError(path, "symlink loop: the link leads back to itself")
+        if resolved is None or not any(resolved.is_relative_to(r) for r in self.allowed):
+            # the same answer for a path that exists and one that does not: nothing to probe
+            folders = ", ".join(str(r) for r in self.allowed)
+            raise ToolInputError(f"{path}: outside the folders this server may read ({folders})")
+        try:
+            info = os.stat(resolved)  # stat never blocks on a FIFO, open would
+        except OSError as e:
+            cause = "no such file" if isinstance(e, FileNotFoundError) else e.strerror
+            raise AudioNotFoundError(path, cause) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ToolInputError(
+                f"{path}: not a regular file (a directory, FIFO or device); give an audio file"
+            )
+        # O_NONBLOCK: should the path have become a FIFO since, opening it still returns at once
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ToolInputError(f"{path}: not a regular file; give an audio file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+
     @staticmethod
     def duration(source: Any, name: str, max_seconds: float, hint: str = "") -> float:
         """The audio's duration from its header; ToolInputError when longer than `max_seconds`."""
-        duration = audio_info(source, name=name).duration
+        duration = within(READ_TIMEOUT, name, audio_info, rewound(source), name=name).duration
         if duration > max_seconds + 1e-3:
             raise ToolInputError(
                 f"{name}: {duration:.1f} s of audio; this tool takes at most {max_seconds:g} s{hint}"
@@ -124,7 +190,7 @@ class EmotionTools:
             self.audio.duration(
                 source, name, self.max_clip_seconds, "; use emotion_timeline for long recordings"
             )
-            wave = load_audio(source, name=name)
+            wave = within(READ_TIMEOUT, name, load_audio, rewound(source), name=name)
             with self.lock:
                 probs, scores = p.predict_waveforms([wave])
         except (AudioError, ToolInputError, vocab.UnknownClassesError) as e:
@@ -151,15 +217,16 @@ class EmotionTools:
 
         try:
             source, name = self.audio.source(path, audio_base64, filename)
-            duration = self.audio.duration(source, name, self.max_timeline_seconds)
             spec = WindowSpec(
                 window=window, hop=hop, min_length=min(0.5, window), vad=vad, max_segment=max_segment
             )
+            duration = self.audio.duration(source, name, self.max_timeline_seconds)
+            spec.check_count(duration)
             if isinstance(source, bytes):  # read chunk by chunk like a file, never decoded whole
                 source = io.BytesIO(source)
                 source.name = name
             with self.lock:
-                result = grid_timeline(source, self.predictor, spec)
+                result = grid_timeline(rewound(source), self.predictor, spec)
         except (AudioError, ToolInputError, ValueError) as e:
             raise ToolError(str(e)) from None
         result.update(file=name, duration=round(duration, 3))
@@ -196,7 +263,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--root",
         action="append",
         metavar="DIR",
-        help="only read audio under DIR (repeatable); default: any file the user can read",
+        help="also read audio under DIR (repeatable); the folder the server starts in is always allowed",
     )
     p.add_argument(
         "--max-clip-seconds", type=float, default=600.0, help="longest audio for recognize_emotion"
