@@ -1,0 +1,107 @@
+"""Dev numbers of training runs side by side, per corpus, from the runs' own encoder cache.
+
+For each run folder (`NAME=RUN_DIR`), its `best/` model's head is scored on the cached
+(float16, clean) encoder outputs of one split: UAR per corpus over that corpus's own classes,
+pooled UAR, and CCC per dimension where the corpus carries it. Cheap (no encoder pass), and
+equal to scoring the audio up to float16 rounding of the encoder outputs; the shipped model's
+figures in MODEL_CARD.md come from benchmarks/model_card.py on the audio itself.
+
+    python benchmarks/variants.py --manifest runs/default/all.csv --cache-dir runs/cache/whisper-base \
+        v1=runs/default/v1 v2=runs/default/v2 -o runs/variants.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from serval.cache import EncoderCache, encoder_settings
+from serval.checkpoint import load_model
+from serval.metrics import ccc, uar
+from serval.train.config import TrainConfig
+from serval.train.data import CachedDataset, crop, load_example, read_split
+from serval.train.ddp import Dist
+from serval.train.scoring import split_outputs
+from serval.vocab import SAMPLE_RATE
+
+
+def cached_split(manifest: str, split: str, model, cache_dir: str, cfg: TrainConfig) -> CachedDataset:
+    """The clean cached encoder outputs of one split, keyed exactly as training keys them."""
+    examples = read_split(manifest, split, model.config)
+    cache = EncoderCache(cache_dir, encoder_settings(model, "float16"))
+    keys = []
+    for ex in examples:
+        wave = crop(load_example(ex, 30.0, None), 30 * SAMPLE_RATE, None)
+        keys.append([cache.key(wave)])
+    return CachedDataset(examples, keys, cache, cfg, train=False)
+
+
+def scores(model, dataset: CachedDataset, cfg: TrainConfig) -> dict:
+    """{corpus: {"uar", "n", dims...}} plus "pooled" for one model on one cached split."""
+    probs, dims, idx = split_outputs([model], dataset, cfg, torch.device("cpu"), Dist(), 32)
+    exs = [dataset.examples[int(i)] for i in idx]
+    classes = list(model.config.classes)
+    out: dict = {}
+    groups = {"pooled": list(range(len(exs)))}
+    for k, ex in enumerate(exs):
+        groups.setdefault(ex.corpus, []).append(k)
+    for name, members in groups.items():
+        row = {}
+        labelled = [k for k in members if exs[k].label >= 0]
+        if len({exs[k].label for k in labelled}) > 1:
+            gold = [classes[exs[k].label] for k in labelled]
+            guess = [classes[int(probs[k].argmax())] for k in labelled]
+            row["uar"], row["n"] = 100 * uar(gold, guess, classes), len(labelled)
+        for j, dim in enumerate(model.config.dimensions):
+            rated = [k for k in members if exs[k].dims is not None and exs[k].dims[j] is not None]
+            if name != "pooled" and len(rated) >= 2:
+                row[dim] = ccc([exs[k].dims[j] for k in rated], dims[rated, j])
+        out[name] = row
+    return out
+
+
+def table(results: dict[str, dict], split: str) -> str:
+    """Markdown: one row per run; UAR per corpus, pooled, then the CCC columns."""
+    corpora = sorted({c for r in results.values() for c in r if c != "pooled" and "uar" in r[c]})
+    dim_cols = sorted(
+        {(c, d) for r in results.values() for c, v in r.items() for d in v if d not in ("uar", "n")}
+    )
+    head = [f"{c} UAR" for c in corpora] + ["pooled UAR"] + [f"{c} {d} CCC" for c, d in dim_cols]
+    lines = [f"| run ({split}) | " + " | ".join(head) + " |", "| --- " * (len(head) + 1) + "|"]
+    for name, r in results.items():
+        cells = [f"{r[c]['uar']:.1f}" if "uar" in r.get(c, {}) else "" for c in corpora]
+        cells.append(f"{r['pooled']['uar']:.1f}")
+        cells += [f"{r[c][d]:.3f}" if d in r.get(c, {}) else "" for c, d in dim_cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR", help="a run folder (its best/) or a model folder")
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--split", default="dev")
+    ap.add_argument("-o", "--output", default=None, help="also write the table (and .json) here")
+    args = ap.parse_args()
+    cfg = TrainConfig(progress=False)
+    results, dataset = {}, None
+    for spec in args.runs:
+        name, _, run = spec.partition("=")
+        model = load_model(Path(run) / "best" if (Path(run) / "best").is_dir() else run)
+        if dataset is None:  # the encoder (and so every key) is the same for every run
+            dataset = cached_split(args.manifest, args.split, model, args.cache_dir, cfg)
+        cfg.model = model.config
+        results[name] = scores(model, dataset, cfg)
+    text = table(results, args.split)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        Path(args.output).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
