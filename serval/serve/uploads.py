@@ -11,6 +11,7 @@ import asyncio
 
 import numpy as np
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from serval.audio import AudioError, audio_info, load_audio
 from serval.serve.errors import ApiError, audio_error
@@ -91,6 +92,8 @@ async def read_limited(request: Request, limit: int, timeout: float = 10.0, min_
             chunk = await asyncio.wait_for(anext(stream), max(wait, 0.0))
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # the client gave up mid-upload: nobody to answer, nothing to log
+            raise ApiError(499, "client_closed_request", "the client went away during the upload") from None
         except TimeoutError:
             raise ApiError(
                 408,

@@ -183,3 +183,13 @@ def test_a_stream_past_the_windows_limit_is_closed(server):
     assert msg is not None and msg["type"] == "error" and msg["error"]["type"] == "too_many_windows", msg
     assert ws.close_code == 1008
     assert server.alive
+
+
+def test_clients_leaving_mid_upload_leave_no_trace(server):
+    for _ in range(8):
+        s = raw_request(server.port, "/v1/emotion", 100_000, b"RIFF" + bytes(1000))
+        s.close()
+    time.sleep(0.5)
+    metrics = httpx.get(server.base + "/metrics", timeout=10).text
+    assert 'status="500"' not in metrics and "Traceback" not in server.log.read_text()
+    assert server.alive
