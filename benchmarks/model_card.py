@@ -36,13 +36,14 @@ from serval.cache import EncoderCache, encoder_settings
 from serval.checkpoint import model_from_backbone
 from serval.evaluate import evaluate, write_report
 from serval.features import compute_features
-from serval.inference import load
+from serval.inference import DEFAULT_MODEL, load
 from serval.manifest import read_manifest
 from serval.model import SERConfig
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import LinearProbe, PooledFeatures, class_scores, dim_scores, markdown  # noqa: E402
+from variants import CachedHead  # noqa: E402
 
 
 class MajorityClass:
@@ -132,9 +133,12 @@ def cpu_latency(predictor, paths: list[str], repeats: int = 1) -> dict:
     }
 
 
-def load_named(spec: str):
-    """`NAME=PATH` or `PATH`: a predictor, renamed to NAME when given."""
+def load_named(spec: str, cached_head: str | None = None):
+    """`NAME=PATH` or `PATH`: a predictor, renamed to NAME when given; with `cached_head` (an
+    encoder cache folder) a serval model folder is scored by its head on that cache."""
     name, sep, path = spec.partition("=")
+    if cached_head:
+        return CachedHead(path if sep else spec, cached_head, name if sep else None)
     predictor = load(path if sep else spec, device="cpu")
     if sep:
         predictor.name = name
@@ -197,6 +201,11 @@ def main() -> None:
         "--probe-cache", default="runs/probe-cache", help="pooled probe features (default %(default)s)"
     )
     ap.add_argument("--probe-splits", default="dev,test", help="splits the probe tables cover")
+    ap.add_argument(
+        "--cached-head",
+        action="store_true",
+        help="score the serval models by their head on --cache-dir's encoder outputs (benchmarks/variants.py)",
+    )
     args = ap.parse_args()
 
     out = Path(args.output)
@@ -206,7 +215,9 @@ def main() -> None:
         return
     train = [r for r in rows if r.split == "train" and r.label]
     model = load(args.model, device="cpu")
-    systems = [model, *[load_named(m) for m in args.extra_model]]
+    head = args.cache_dir if args.cached_head else None
+    scored = load_named(str(args.model or DEFAULT_MODEL), head) if head else model
+    systems = [scored, *[load_named(m, head) for m in args.extra_model]]
     if not args.no_baselines:
         systems.append(MajorityClass([r.label for r in train]))
         frozen = FrozenEncoderLogReg(cache_dir=args.cache_dir)
@@ -233,7 +244,7 @@ def main() -> None:
     latency = cpu_latency(model, test_paths)
     (out / "latency.json").write_text(json.dumps(latency, indent=2) + "\n")
     print("CPU latency per clip:", latency)
-    print(probe_section(rows, [model, *systems[1 : 1 + len(args.extra_model)]], out, args))
+    print(probe_section(rows, systems[: 1 + len(args.extra_model)], out, args))
 
 
 if __name__ == "__main__":
