@@ -425,6 +425,7 @@ def test_training_loss_falls_on_real_clips_and_final_model_loads(tmp_path):
     assert any(not torch.equal(trained[k], start[k]) for k in start if "lora_B" in k)
     assert yaml.safe_load((ckpt / "train_config.yaml").read_text())["optim"]["epochs"] == 12
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["lora_r"] == 4
+    assert json.loads((ckpt / "config.json").read_text())["trained_dimensions"] == []  # no dims in the data
 
     # the 4 best checkpoints by dev loss form the ensemble; serval.load reads it
     report = json.loads((out / "final.json").read_text())
@@ -676,3 +677,14 @@ def test_balanced_sampling_evens_out_corpora_and_class_weights_follow():
     labels = [ex.label for ex in exs]
     assert class_weights_from_labels(labels, 2, w).tolist() == pytest.approx([1.0, 1.0])
     assert class_weights_from_labels(labels, 2).tolist()[1] == pytest.approx(5.0)
+
+
+def test_trained_dimensions_are_saved_and_a_legacy_config_means_none(tmp_path):
+    from serval.checkpoint import load_model
+
+    save_model(SERModel(SERConfig.tiny(trained_dimensions=("arousal",))), tmp_path / "m")
+    assert load_model(tmp_path / "m").config.trained_dimensions == ("arousal",)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["trained_dimensions"]  # a model saved before the field existed
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert load_model(tmp_path / "m").config.trained_dimensions == ()
