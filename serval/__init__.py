@@ -1,6 +1,11 @@
 """serval: speech emotion recognition (the MERaLiON-SER system)."""
 
+from serval.hf import install_import_hook
 from serval.version import __version__
+
+# transformers' Auto classes and pipeline() read serval model folders (serval.hf); registered now if
+# transformers is imported, else when it is, so importing serval never imports transformers itself
+install_import_hook()
 
 
 def load(model=None, device=None):

@@ -1,4 +1,5 @@
-"""A serval model directory: `config.json` (the `SERConfig`) beside `model.safetensors`.
+"""A serval model directory: `config.json` (the `SERConfig`) beside `model.safetensors`, and the
+files that let transformers and the Hub read it (`preprocessor_config.json`, a `README.md` card).
 
 Saving keeps the Whisper backbone or, without it, only the trained tensors (downstream, heads,
 LoRA), in which case loading rebuilds the encoder from `config.backbone`. The network
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from serval.atomic import atomic_write
 from serval.backbones import load_whisper_encoder
+from serval.hub import ARCHITECTURE, HF_CONFIG_KEYS, MODEL_TYPE, write_hf_files
 from serval.model import SERConfig, SERModel
 from serval.version import __version__
 
@@ -36,7 +38,8 @@ def model_from_backbone(config: SERConfig) -> SERModel:
 
 
 def save_model(model: SERModel, directory: str | os.PathLike, include_backbone: bool = True) -> Path:
-    """Write `config.json` + `model.safetensors`; without the backbone only trained tensors are kept."""
+    """Write `config.json` + `model.safetensors` (+ `preprocessor_config.json` and a `README.md` model
+    card for Hugging Face, `serval.hub`); without the backbone only trained tensors are kept."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -46,9 +49,17 @@ def save_model(model: SERModel, directory: str | os.PathLike, include_backbone: 
                 "include_backbone=False needs config.backbone to say where the encoder comes from"
             )
         state = {k: v for k, v in state.items() if not _is_backbone(k)}
-    meta = {"format": FORMAT, "serval_version": __version__, **model.config.to_dict()}
+    # model_type and architectures let transformers' Auto classes read the folder (serval.hf)
+    meta = {
+        "format": FORMAT,
+        "serval_version": __version__,
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        **model.config.to_dict(),
+    }
     atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_hf_files(directory, model.config.to_dict())  # preprocessor_config.json and the README card
     return directory
 
 
@@ -69,6 +80,7 @@ def load_model(directory: str | os.PathLike, **overrides) -> SERModel:
         raise ValueError(
             f"{path}: not a serval model directory (for a MERaLiON-SER checkpoint use meralion:{path})"
         )
+    meta = {k: v for k, v in meta.items() if k not in HF_CONFIG_KEYS}
     config = SERConfig.from_dict({**meta, **overrides})
     weights = path / "model.safetensors"
     if not weights.is_file():

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio
+from serval.api import AudioClassifier, at_model_rate
 from serval.backbones import fetch_from_hub, is_hub_id
 from serval.baselines import AudioLLM, Emotion2Vec
 from serval.checkpoint import is_serval_dir, load_model
@@ -25,7 +25,7 @@ from serval.meralion import NAME as MERALION_NAME
 from serval.meralion import import_meralion_checkpoint
 from serval.model import SERModel
 from serval.progress import progress_bar
-from serval.vocab import SAMPLE_RATE, class_subset, label_body
+from serval.vocab import SAMPLE_RATE
 from serval.windows import MAX_WINDOW, split_span
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
@@ -60,8 +60,11 @@ def ensemble_forward(
     return probs / len(models), scores / len(models)
 
 
-class Predictor:
-    """One model (or an ensemble whose probabilities are averaged) ready for inference."""
+class Predictor(AudioClassifier):
+    """One model (or an ensemble whose probabilities are averaged) ready for inference.
+
+    `predict` (records) and `__call__` (transformers' pipeline shape) come from `AudioClassifier`.
+    """
 
     def __init__(
         self,
@@ -115,15 +118,17 @@ class Predictor:
         progress: bool = False,
         *,
         check_finite: bool = True,
+        sampling_rate: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """16 kHz mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
+        """Mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
 
-        Waveforms longer than 30 s are cut into equal pieces of at most 30 s whose outputs
-        are averaged, weighted by duration. `check_finite=False`: the waves were checked when read.
+        `sampling_rate`: the waves' rate, resampled to 16 kHz (None: they are 16 kHz). Waveforms
+        longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
+        weighted by duration. `check_finite=False`: the waves were checked when read.
         """
         pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
         for i, w in enumerate(waves):
-            w = np.asarray(w, dtype=np.float32).reshape(-1)
+            w = at_model_rate(np.asarray(w, dtype=np.float32).reshape(-1), sampling_rate)
             spans = split_span(0.0, len(w) / SAMPLE_RATE, MAX_WINDOW)
             pieces.extend((i, w[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]) for a, b in spans)
         order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
@@ -140,49 +145,6 @@ class Predictor:
                 weight[i] += w
         weight = np.maximum(weight, 1)[:, None]
         return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
-
-    def predict(
-        self,
-        inputs: Iterable[str | os.PathLike | np.ndarray],
-        batch_size: int = 16,
-        classes: Sequence[str] | None = None,
-        progress: bool = False,
-    ) -> list[dict]:
-        """Paths or 16 kHz arrays -> one record each; a bad file gives an error record, the rest still run."""
-        keep = class_subset(classes, self.classes)
-        records: list[dict] = []
-        waves, slots = [], []
-        for item in inputs:
-            is_path = isinstance(item, str | os.PathLike)
-            name = str(item) if is_path else None
-            try:
-                wave = load_audio(item) if is_path else _check_array(item)
-            except AudioError as e:
-                records.append({"file": name, "error": str(e)})
-                continue
-            records.append({"file": name, "duration": round(len(wave) / SAMPLE_RATE, 3)})
-            waves.append(wave)
-            slots.append(len(records) - 1)
-        if waves:
-            # every wave was checked finite as it was read, naming its file: not again
-            probs, scores = self.predict_waveforms(
-                waves, batch_size=batch_size, progress=progress, check_finite=False
-            )
-            for slot, p, s in zip(slots, probs, scores):
-                records[slot].update(self.record(p, s, keep))
-        return records
-
-    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
-        """A label, its probabilities and the dimensional scores, as plain JSON-ready values."""
-        return label_body(probs, scores, self.classes, self.dimensions, keep)
-
-
-def _check_array(array) -> np.ndarray:
-    wave = np.asarray(array, dtype=np.float32).reshape(-1)
-    if wave.size == 0:
-        raise EmptyAudioError("<array>", "no samples")
-    check_finite(wave, "<array>")
-    return wave
 
 
 def load(

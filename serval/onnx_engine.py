@@ -15,17 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio
+from serval.api import AudioClassifier, at_model_rate
 from serval.features import log_mel
 from serval.locations import DEFAULT_MODEL, cache_dir
 from serval.progress import progress_bar
 from serval.version import __version__
-from serval.vocab import SAMPLE_RATE, class_subset, label_body
+from serval.vocab import SAMPLE_RATE
 from serval.windows import MAX_WINDOW, split_span
 
 ENGINES = ("auto", "torch", "onnx")
@@ -33,7 +33,7 @@ OPSET = 17  # serval.export.OPSET, repeated so that the cache key needs no torch
 _KEY_VERSION = "1"  # bump when the exported graph changes for the same weights
 
 
-class OnnxPredictor:
+class OnnxPredictor(AudioClassifier):
     """A graph written by `serval.export` (one model or an ensemble), run by ONNX Runtime on the CPU."""
 
     def __init__(
@@ -81,49 +81,16 @@ class OnnxPredictor:
         progress: bool = False,
         *,
         check_finite: bool = True,
+        sampling_rate: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """16 kHz mono waveforms -> (probabilities [N, classes], scores [N, dims]), as `Predictor`'s."""
+        """Mono waveforms (16 kHz unless `sampling_rate`) -> (probabilities, scores), as `Predictor`'s."""
         return pooled_predict(
             lambda batch: self._forward(batch, check_finite),
-            waves,
+            [at_model_rate(np.asarray(w, np.float32).reshape(-1), sampling_rate) for w in waves],
             (len(self.classes), len(self.dimensions)),
             batch_size,
             progress,
         )
-
-    def predict(
-        self,
-        inputs: Iterable[str | os.PathLike | np.ndarray],
-        batch_size: int = 16,
-        classes: Sequence[str] | None = None,
-        progress: bool = False,
-    ) -> list[dict]:
-        """Paths or 16 kHz arrays -> one record each; a bad file gives an error record, the rest still run."""
-        keep = class_subset(classes, self.classes)
-        records: list[dict] = []
-        waves, slots = [], []
-        for item in inputs:
-            is_path = isinstance(item, str | os.PathLike)
-            name = str(item) if is_path else None
-            try:
-                wave = load_audio(item) if is_path else _check_array(item)
-            except AudioError as e:
-                records.append({"file": name, "error": str(e)})
-                continue
-            records.append({"file": name, "duration": round(len(wave) / SAMPLE_RATE, 3)})
-            waves.append(wave)
-            slots.append(len(records) - 1)
-        if waves:
-            probs, scores = self.predict_waveforms(
-                waves, batch_size=batch_size, progress=progress, check_finite=False
-            )
-            for slot, p, s in zip(slots, probs, scores):
-                records[slot].update(self.record(p, s, keep))
-        return records
-
-    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
-        """A label, its probabilities and the dimensional scores, as plain JSON-ready values."""
-        return label_body(probs, scores, self.classes, self.dimensions, keep)
 
 
 def pooled_predict(
@@ -157,14 +124,6 @@ def pooled_predict(
             weight[i] += w
     weight = np.maximum(weight, 1)[:, None]
     return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
-
-
-def _check_array(array) -> np.ndarray:
-    wave = np.asarray(array, dtype=np.float32).reshape(-1)
-    if wave.size == 0:
-        raise EmptyAudioError("<array>", "no samples")
-    check_finite(wave, "<array>")
-    return wave
 
 
 # ---------------------------------------------------------------------------- the cached graph

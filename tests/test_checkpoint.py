@@ -22,7 +22,12 @@ def test_save_and_load_round_trip(tmp_path):
         seed=3, classes=("neutral", "angry", "sad", "happy"), dimensions=("valence", "arousal", "dominance")
     )
     save_model(model, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "README.md",  # the model card, and the feature-extractor config for transformers (serval.hf)
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     loaded = load_model(tmp_path / "m")
     assert loaded.config == model.config
     feats = torch.randn(2, 80, 160)

@@ -1,0 +1,150 @@
+"""The calls every serval predictor shares, built on its `predict_waveforms` (torch or ONNX alike).
+
+- `predict(x)`: one record for one input (a path, an array, or a datasets-style dict), a list of
+  records for a list; a bad file gives an error record and the rest still run.
+- `predictor(x, top_k=None)`: `[{"label", "score"}]` best first, the shape of transformers'
+  audio-classification pipeline (a list of such lists for a list).
+
+Sample rates: a file is read at its own rate (from its header) and resampled to 16 kHz. An array
+carries no rate: pass `sampling_rate=` (or a dict with "sampling_rate") and it is resampled; an
+array given without one is taken to be 16 kHz, the only case where a rate is assumed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio, resample
+from serval.vocab import SAMPLE_RATE, class_subset, label_body
+
+# a path, a mono array (numpy or torch), or {"array" or "raw": samples, "sampling_rate": Hz, "path": name}
+Audio = str | os.PathLike | np.ndarray | dict
+
+
+def is_single(inputs: Any) -> bool:
+    """True for one input (a path, a 1-D array, a dict), False for a list or batch of them."""
+    return isinstance(inputs, str | os.PathLike | dict) or getattr(inputs, "ndim", None) == 1
+
+
+def check_array(array: Any, name: str = "<array>") -> np.ndarray:
+    """Samples as float32 [N]; EmptyAudioError or NonFiniteAudioError naming `name`."""
+    wave = np.asarray(array, dtype=np.float32).reshape(-1)
+    if wave.size == 0:
+        raise EmptyAudioError(name, "no samples")
+    check_finite(wave, name)
+    return wave
+
+
+def at_model_rate(wave: np.ndarray, sampling_rate: int | None) -> np.ndarray:
+    """`wave` resampled from `sampling_rate` to 16 kHz (None: it is 16 kHz already)."""
+    if sampling_rate is None or int(sampling_rate) == SAMPLE_RATE:
+        return wave
+    if not 1000 <= int(sampling_rate) <= 384_000:
+        raise ValueError(f"sampling_rate must be between 1000 and 384000 Hz, got {sampling_rate}")
+    return resample(wave, int(sampling_rate))
+
+
+def input_name(item: Audio) -> str | None:
+    """The name a record gives an input: its path as given, a dict's "path", None for an array."""
+    if isinstance(item, str | os.PathLike):
+        return str(item)
+    return item.get("path") if isinstance(item, dict) else None
+
+
+def read_input(item: Audio, sampling_rate: int | None = None) -> tuple[str | None, np.ndarray]:
+    """(name, 16 kHz mono samples) of one input; AudioError naming it when it cannot be used.
+
+    `sampling_rate` is the rate of an array; a file's own rate, or a dict's "sampling_rate", wins.
+    """
+    if isinstance(item, str | os.PathLike):
+        return str(item), load_audio(item)
+    name, rate = None, sampling_rate
+    if isinstance(item, dict):
+        name, rate = item.get("path"), item.get("sampling_rate", sampling_rate)
+        item = item["array"] if "array" in item else item.get("raw")
+        if item is None:
+            if name is None:
+                raise ValueError("an input dict needs 'array' (or 'raw') and 'sampling_rate', or 'path'")
+            return str(name), load_audio(name)
+    if hasattr(item, "detach"):  # a torch tensor, without importing torch here
+        item = item.detach().cpu().numpy()
+    return name, at_model_rate(check_array(item, name or "<array>"), rate)
+
+
+class AudioClassifier:
+    """`predict` and `__call__` for a class with `classes`, `dimensions` and `predict_waveforms`."""
+
+    classes: tuple[str, ...]
+    dimensions: tuple[str, ...]
+
+    def predict(
+        self,
+        inputs: Audio | Iterable[Audio],
+        batch_size: int = 16,
+        classes: Sequence[str] | None = None,
+        progress: bool = False,
+        *,
+        sampling_rate: int | None = None,
+    ) -> dict | list[dict]:
+        """One input -> its record; a list -> one record each (a bad file: an error record, the rest run).
+
+        A record: {"file", "duration", "label", "probabilities", "scores"}, or {"file", "error"}.
+        `sampling_rate`: the rate of array inputs (see the module's note on rates).
+        """
+        if is_single(inputs):
+            return self.predict([inputs], batch_size, classes, progress, sampling_rate=sampling_rate)[0]
+        keep = class_subset(classes, self.classes)
+        records: list[dict] = []
+        waves, slots = [], []
+        for item in inputs:
+            try:
+                name, wave = read_input(item, sampling_rate)
+            except AudioError as e:
+                records.append({"file": input_name(item), "error": str(e)})
+                continue
+            records.append({"file": name, "duration": round(len(wave) / SAMPLE_RATE, 3)})
+            waves.append(wave)
+            slots.append(len(records) - 1)
+        if waves:
+            # every wave was checked finite as it was read, naming its file: not again
+            probs, scores = self.predict_waveforms(
+                waves, batch_size=batch_size, progress=progress, check_finite=False
+            )
+            for slot, p, s in zip(slots, probs, scores):
+                records[slot].update(self.record(p, s, keep))
+        return records
+
+    def __call__(
+        self,
+        inputs: Audio | Iterable[Audio],
+        top_k: int | None = None,
+        *,
+        sampling_rate: int | None = None,
+        classes: Sequence[str] | None = None,
+        batch_size: int = 16,
+    ) -> list[dict] | list[list[dict]]:
+        """[{"label", "score"}] best first (`top_k` of them; None: every class), as transformers' pipeline.
+
+        A list of inputs gives a list of such lists. An input that cannot be read raises its AudioError.
+        """
+        single = is_single(inputs)
+        waves = [read_input(x, sampling_rate)[1] for x in ([inputs] if single else inputs)]
+        keep = class_subset(classes, self.classes)
+        out = []
+        if waves:
+            probs, scores = self.predict_waveforms(waves, batch_size=batch_size, check_finite=False)
+            for p, s in zip(probs, scores):
+                body = self.record(p, s, keep)
+                ranked = body["probabilities"]
+                # the label first (it is the argmax of the unrounded values), then by probability
+                order = sorted(ranked, key=lambda c: (c != body["label"], -ranked[c]))
+                out.append([{"label": c, "score": ranked[c]} for c in order[:top_k]])
+        return out[0] if single else out
+
+    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
+        """A label, its probabilities and the dimensional scores, as plain JSON-ready values."""
+        return label_body(probs, scores, self.classes, self.dimensions, keep)
