@@ -73,7 +73,8 @@ class AugmentConfig:
 
 @dataclass
 class SelectConfig:
-    patience: int = 3  # epochs without a better dev categorical loss before stopping
+    metric: str = "ce"  # ce (dev categorical loss, the paper) | uar (minus dev UAR): what ranks checkpoints
+    patience: int = 3  # epochs without a better dev figure before stopping
     keep_best: int = 4
     average: str = "auto"  # predictions | weights | auto (whichever scores the higher dev UAR)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: at epoch ends only)
@@ -131,6 +132,7 @@ class TrainConfig:
                 "select.average must be auto, predictions or weights",
             ),
             (self.select.keep_best >= 1, "select.keep_best must be at least 1"),
+            (self.select.metric in ("ce", "uar"), "select.metric must be ce or uar"),
             (self.augment.snr_db[0] <= self.augment.snr_db[1], "augment.snr_db must be (low, high)"),
             (
                 all(f > 0 for f in self.augment.speed_factors) and self.augment.speed_factors,

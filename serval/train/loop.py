@@ -301,13 +301,16 @@ def _log_train(t: Training, means: np.ndarray) -> None:
 
 
 def end_epoch(t: Training) -> None:
-    """Count the epoch, evaluate dev, rank the checkpoint by dev categorical loss, maybe stop; save."""
+    """Count the epoch, evaluate dev, rank the checkpoint by `select.metric` (dev categorical loss or
+    minus dev UAR: lower is better either way), maybe stop; save."""
     t.state.epoch += 1
     t.state.position = 0
     dev_loss = None
     if "dev" in t.datasets:
         dev = evaluate_split([t.model], t.datasets["dev"], t.cfg, t.device, t.dist, t.micro, t.class_weights)
         dev_loss = dev.get("ce", math.inf)
+        if t.cfg.select.metric == "uar":
+            dev_loss = -dev.get("uar", -math.inf)
         t.metrics.write(
             step=t.state.step,
             epoch=t.state.epoch,
@@ -320,7 +323,7 @@ def end_epoch(t: Training) -> None:
             log.info(
                 "epoch %d: dev categorical loss %.4f, UAR %.4f",
                 t.state.epoch,
-                dev_loss,
+                dev.get("ce", math.nan),
                 dev.get("uar", math.nan),
             )
     after = select_after_epoch(t.state, dev_loss, t.cfg.select)
