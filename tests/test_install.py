@@ -17,7 +17,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import REPO, clips
+from conftest import clips
 
 from serval.cli import COMMANDS
 
@@ -40,9 +40,12 @@ OPTIONAL = (
 
 
 def serval(
-    *args: str, missing: tuple[str, ...] = (), timeout: float = 600, **kw
+    *args: str, cwd, missing: tuple[str, ...] = (), timeout: float = 600, **kw
 ) -> subprocess.CompletedProcess:
-    """`serval ARGS` in a subprocess, with the `missing` packages made unimportable."""
+    """`serval ARGS` in a subprocess, with the `missing` packages made unimportable.
+
+    It runs in `cwd`, away from the checkout, so that it imports the installed package.
+    """
     code = (
         "import sys\n"
         f"for name in {list(missing)!r}:\n"
@@ -52,7 +55,7 @@ def serval(
     )
     return subprocess.run(
         [sys.executable, "-c", code, *args],
-        cwd=kw.pop("cwd", REPO),
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -67,8 +70,8 @@ def one_clean_line(done: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_help_needs_no_optional_package(command):
-    done = serval(command, "--help", missing=OPTIONAL)
+def test_help_needs_no_optional_package(command, tmp_path):
+    done = serval(command, "--help", cwd=tmp_path, missing=OPTIONAL)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: serval {command}") and "Traceback" not in done.stderr
 
@@ -91,7 +94,7 @@ def test_a_missing_package_is_one_line(tmp_path, args, package, pip):
         {"MANIFEST": str(manifest), "CLIP": str(clip)}.get(a, a.replace("OUT", str(tmp_path / "out")))
         for a in args
     ]
-    done = serval(*args, missing=(package,), timeout=120, stdin=subprocess.DEVNULL)
+    done = serval(*args, cwd=tmp_path, missing=(package,), timeout=120, stdin=subprocess.DEVNULL)
     line = one_clean_line(done)
     assert done.returncode == 2 and line.startswith(f"serval {args[0]}: ") and pip in line, line
     assert not (tmp_path / "out").exists()  # it stopped before doing any work
@@ -101,7 +104,16 @@ def test_eval_without_model_uses_the_bundled_one(tmp_path):
     rows = clips("ravdess", "Actor_07/*.flac", n=4)
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label,corpus\n" + "".join(f"{p},neutral,ravdess\n" for p in rows))
-    done = serval("eval", str(manifest), "-o", str(tmp_path / "report"), "--bootstrap", "0", "--no-progress")
+    done = serval(
+        "eval",
+        str(manifest),
+        "-o",
+        str(tmp_path / "report"),
+        "--bootstrap",
+        "0",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [m["spec"] for m in report["models"]] == ["default"]
@@ -112,7 +124,9 @@ def test_eval_without_model_uses_the_bundled_one(tmp_path):
 
 
 def test_timeline_writes_its_outputs(tmp_path):
-    done = serval("timeline", str(clips("emodb", n=1)[0]), "-o", str(tmp_path / "t"), "--no-progress")
+    done = serval(
+        "timeline", str(clips("emodb", n=1)[0]), "-o", str(tmp_path / "t"), "--no-progress", cwd=tmp_path
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     for suffix in ("json", "csv", "segments.csv", "png"):
         assert (tmp_path / f"t.{suffix}").stat().st_size > 0, suffix
@@ -124,12 +138,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_answers_health():
+def test_serve_answers_health(tmp_path):
     port = free_port()
     code = "import sys\nfrom serval.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-        cwd=REPO,
+        cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -151,7 +165,7 @@ def test_serve_answers_health():
     assert "Traceback" not in err, err
 
 
-def test_mcp_answers_initialize():
+def test_mcp_answers_initialize(tmp_path):
     request = {
         "jsonrpc": "2.0",
         "id": 1,
@@ -165,7 +179,7 @@ def test_mcp_answers_initialize():
     code = "import sys\nfrom serval.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "mcp", "--device", "cpu"],
-        cwd=REPO,
+        cwd=tmp_path,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
