@@ -5,7 +5,8 @@ after another (its latency is the figure that matters), clients posting 60 s tim
 third one gives up after a second and disconnects), WebSocket streams (every third one leaves
 without `end`), and a client sending bad input (not audio, wrong content type, a 10 µs hop, an
 infinite max_segment, uploads that stall). The short-clip latency is measured alone first
-(idle), then under that load. Reported: requests done and answers by status code per kind, the
+(idle), then under that load; at the end, 160 clips are posted at once (overload, to time the
+503s). Reported: requests done and answers by status code per kind, the
 short clips' p50/p99 idle and under load, and the server's RSS at the start, at minute 2 and at
 the end.
 
@@ -154,6 +155,31 @@ class Soak:
         writer.close()
 
 
+async def burst(base: str, body: bytes, clients: int) -> dict:
+    """`clients` clips posted at once (overload) while a probe posts one clip at a time beside
+    them: answers by code, and the probe's seconds to a 200 and to a 503 (the cost of a refusal
+    as one more client sees it, not its place in the burst's own arrival order)."""
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as c:
+
+        async def one() -> tuple[int, float]:
+            t0 = time.perf_counter()
+            r = await c.post("/v1/emotion", content=body, headers=WAV)
+            return r.status_code, time.perf_counter() - t0
+
+        flood = asyncio.gather(*(one() for _ in range(clients)))
+        probes = []
+        while not flood.done():
+            probes.append(await one())
+        answers = await flood
+    ms = {code: percentiles([t for c, t in probes if c == code]) for code in sorted({c for c, _ in probes})}
+    return {
+        "clients": clients,
+        "answers": dict(Counter(code for code, _ in answers)),
+        "probe_p50_p99_ms": ms,
+    }
+
+
 def percentiles(seconds: list[float]) -> tuple[float, float]:
     ms = np.array(seconds) * 1000
     return round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 99)), 1)
@@ -185,6 +211,7 @@ async def soak(base: str, port: int, pid: int, args, data: dict) -> dict:
         tasks += [s.streams(k) for k in range(args.streams)]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         results += await asyncio.gather(*s.stalls, return_exceptions=True)  # each answered in seconds
+        overload = await burst(base, data["short"][0], args.burst)
         healthz = (await c.get("/healthz")).status_code
     crashed = [repr(r) for r in results if isinstance(r, BaseException)]
     at2 = [m for t, m in memory if t >= 120]
@@ -194,6 +221,7 @@ async def soak(base: str, port: int, pid: int, args, data: dict) -> dict:
         "short_idle_p50_p99_ms": percentiles(idle),
         "short_load_p50_p99_ms": percentiles(loaded),
         "refusal_p50_p99_ms": percentiles(s.refusals) if s.refusals else None,
+        "burst": overload,
         "answers": {k: dict(v) for k, v in s.codes.items()},
         "rss_mib": {k: round(v / 1024, 1) if v else None for k, v in rss.items()},
         "rss_growth_from_minute_2": round(rss["end"] / at2[0] - 1, 4) if at2 else None,
@@ -207,7 +235,18 @@ def table(r: dict) -> str:
         ("minutes of load", r["minutes"]),
         ("short clips p50 / p99 idle (ms)", " / ".join(map(str, r["short_idle_p50_p99_ms"]))),
         ("short clips p50 / p99 under load (ms)", " / ".join(map(str, r["short_load_p50_p99_ms"]))),
-        ("503 answers p50 / p99 (ms)", " / ".join(map(str, r["refusal_p50_p99_ms"] or ["-", "-"]))),
+        (
+            "503 answers during the soak p50 / p99 (ms)",
+            " / ".join(map(str, r["refusal_p50_p99_ms"] or ["-", "-"])),
+        ),
+        (
+            f"burst of {r['burst']['clients']} clips at once: answers",
+            ", ".join(f"{c} x{n}" for c, n in r["burst"]["answers"].items()),
+        ),
+        *(
+            (f"burst: a probe's {code} p50 / p99 (ms)", " / ".join(map(str, v)))
+            for code, v in r["burst"]["probe_p50_p99_ms"].items()
+        ),
         *((f"{k}: answers", ", ".join(f"{c} x{n}" for c, n in v.items())) for k, v in r["answers"].items()),
         ("RSS start / minute 2 / end (MiB)", " / ".join(str(v) for v in r["rss_mib"].values())),
         ("RSS growth minute 2 -> end", r["rss_growth_from_minute_2"]),
@@ -227,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--timelines", type=int, default=7, help="concurrent timeline clients (60 s each)")
     p.add_argument("--streams", type=int, default=2, help="concurrent stream clients")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="the server's --max-queue (small, so the burst overflows it)",
+    )
+    p.add_argument("--serve", default="", help="more `serval serve` options, e.g. '--max-long-batch 1'")
+    p.add_argument("--burst", type=int, default=160, help="clips posted at once at the end (overload)")
     p.add_argument("--out", help="also write the results as JSON here (never overwritten)")
     args = p.parse_args(argv)
     if args.out and Path(args.out).exists():
@@ -239,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else make_model(args.size, Path(tmp))
-        proc, base = start_server(model, args.device, ["--upload-timeout", "5"], Path(tmp) / "server.log")
+        proc, base = start_server(
+            model,
+            args.device,
+            ["--upload-timeout", "5", "--max-queue", str(args.max_queue), *args.serve.split()],
+            Path(tmp) / "server.log",
+        )
         try:
             result = asyncio.run(soak(base, int(base.rsplit(":", 1)[1]), proc.pid, args, data))
         finally:
@@ -247,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(60)
             log = (Path(tmp) / "server.log").read_text()
     result |= {
+        "serve_options": args.serve,
         "model": args.model or f"random {args.size}",
         "host": f"{platform.node()} ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})",
         "tracebacks_in_server_log": log.count("Traceback"),

@@ -4,8 +4,10 @@ One worker thread owns the model. Every request (an upload, the windows of a tim
 windows of a live stream) hands its waveforms to the `MicroBatcher`, which gathers what arrives
 within `max_wait` into one model call of at most `max_batch` waveforms, so throughput grows with
 load instead of requests queueing one by one. Requests come in two lanes: "short" (clips, stream
-windows) fill a call first, "long" (the windows of a timeline) take what room is left, at most
-`max_long_batch` per call, so a short clip waits for at most one small model call.
+windows) fill a call first, "long" (the windows of a timeline) take what room is left: at most
+`max_long_batch` waveforms, and no more audio than recent calls say the model gets through in
+`long_call` seconds. So a short clip arriving while long work runs waits for at most one short
+model call, on a slow CPU as on a fast GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class MicroBatcher:
         max_wait: float = 0.010,
         max_queue: int = 64,
         max_long_batch: int | None = None,
+        long_call: float | None = None,
         on_batch: Callable[[int, int, float], None] | None = None,
         expecting: Callable[[], int] | None = None,
     ):
@@ -66,6 +69,8 @@ class MicroBatcher:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait >= 0")
         self.predict, self.max_batch, self.max_wait, self.max_queue = predict, max_batch, max_wait, max_queue
         self.max_long_batch = min(max_long_batch or max_batch, max_batch)
+        self.long_call = long_call  # seconds a call with long work should take (None: no bound)
+        self._per_sample: float | None = None  # model seconds per audio sample, from recent calls
         self.on_batch = on_batch  # (waveforms, requests, seconds) of every model call
         self.expecting = expecting or (lambda: 1)  # requests that may still join; unknown: assume some
         self._queue: deque[_Job] = deque()  # both lanes, each in arrival (round-robin) order
@@ -127,22 +132,34 @@ class MicroBatcher:
     def _waiting_waves(self) -> int:
         return sum(len(j.waves) - j.taken for j in self._queue)
 
+    def _long_room(self, job: _Job, n: int, n_long: int, samples: float) -> int:
+        # long waveforms of `job` that fit beside the `n` taken: within max_long_batch, and
+        # within the long_call budget of audio (always at least one, so long work moves on)
+        room = min(self.max_batch - n, self.max_long_batch - n_long)
+        if self.long_call is None or self._per_sample is None:
+            return room
+        budget, k = self.long_call / self._per_sample, 0
+        while k < room and job.taken + k < len(job.waves):
+            samples += len(job.waves[job.taken + k])
+            if samples > budget and n_long + k > 0:
+                break
+            k += 1
+        return k
+
     def _take(self) -> list[tuple[_Job, int, int]]:
-        taken, n, n_long = [], 0, 0
+        taken, n, n_long, samples = [], 0, 0, 0
         for job in [j for j in self._queue if j.lane == "short"] + [
             j for j in self._queue if j.lane != "short"
         ]:
-            room = (
-                self.max_batch - n
-                if job.lane == "short"
-                else min(self.max_batch - n, self.max_long_batch - n_long)
-            )
+            short = job.lane == "short"
+            room = self.max_batch - n if short else self._long_room(job, n, n_long, samples)
             if room <= 0:
                 continue
             self._queue.remove(job)
             if job.future.done():  # its client went away (the caller was cancelled)
                 continue
             k = min(len(job.waves) - job.taken, room)
+            samples += sum(len(w) for w in job.waves[job.taken : job.taken + k])
             taken.append((job, job.taken, job.taken + k))
             job.taken += k
             n += k
@@ -188,8 +205,13 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.set_exception(e)
             return
+        took = time.perf_counter() - t0
+        per_sample = took / max(1, sum(len(w) for w in waves))
+        self._per_sample = (
+            per_sample if self._per_sample is None else 0.7 * self._per_sample + 0.3 * per_sample
+        )
         if self.on_batch is not None:
-            self.on_batch(len(waves), len({id(j) for j, _, _ in batch}), time.perf_counter() - t0)
+            self.on_batch(len(waves), len({id(j) for j, _, _ in batch}), took)
         row = 0
         for job, a, b in batch:
             p, s = probs[row : row + b - a], scores[row : row + b - a]

@@ -76,7 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-long-batch",
         type=int,
         default=d.max_long_batch,
-        help="timeline waveforms per model call (short requests go first and take the rest)",
+        help="timeline waveforms per model call at most (short requests go first)",
+    )
+    p.add_argument(
+        "--long-call-ms",
+        type=float,
+        default=d.long_call_ms,
+        help="model time a call with timeline windows should take (0: no bound), so a clip waits little",
     )
     p.add_argument(
         "--max-wait-ms",

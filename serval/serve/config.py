@@ -23,7 +23,8 @@ class ServerConfig:
     max_stream_seconds: float = 4 * 3600.0  # one WebSocket stream
     max_windows: int = 20_000  # windows of one timeline or stream (400 / close 1008 beyond)
     max_batch: int = 16  # waveforms per model call (1 = no micro-batching)
-    max_long_batch: int = 4  # timeline waveforms per model call, so a short request waits little
+    max_long_batch: int = 16  # timeline waveforms per model call at most
+    long_call_ms: float = 250.0  # model time a call with timeline windows should take, at most one window
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
     max_queue: int = 64  # clips decoded and waiting for the model; more get 503 + Retry-After
     max_timelines: int = 16  # timelines being worked on at once; more get 503 + Retry-After
@@ -74,7 +75,7 @@ class ServerConfig:
         ):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "min_upload_rate"):
+        for name in ("max_wait_ms", "min_upload_rate", "long_call_ms"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0")
         for name in ("upload_timeout", "stream_idle_seconds", "max_upload_mb"):

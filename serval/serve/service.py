@@ -53,6 +53,7 @@ class Service:
             # a safety net only: every request in the queue was admitted within the limits below
             max_queue=cfg.max_queue + cfg.max_timelines + cfg.max_streams,
             max_long_batch=cfg.max_long_batch,
+            long_call=cfg.long_call_ms / 1000 if cfg.long_call_ms > 0 else None,
             on_batch=self.metrics.batch,
             expecting=lambda: self.decoding,
         )

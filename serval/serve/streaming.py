@@ -26,6 +26,7 @@ from serval.serve.service import Service
 from serval.timeline import result_record
 from serval.windows import StreamingWindower, Window, WindowResult, merge_windows, pool
 
+LIVE_SLACK = 5.0  # seconds of audio a live stream may be ahead of the clock (client-side buffering)
 STREAM_ENCODINGS = {"pcm_s16le": ("<i2", 1 / 32768.0), "f32le": ("<f4", 1.0)}
 
 
@@ -104,6 +105,7 @@ class StreamSession:
         self.status = 1000
         self.results: list[WindowResult] = []
         self.windower: StreamingWindower | None = None
+        self.started = time.monotonic()
         self.decoder: StreamDecoder | None = None
 
     async def fail(self, code: int, type_: str, message: str) -> None:
@@ -140,11 +142,17 @@ class StreamSession:
         await self.send(ready | {"classes": list(self.classes), "dimensions": list(self.dims)})
         return True
 
+    def lane(self) -> str:
+        """ "short" while the stream is live (no further ahead of the clock than LIVE_SLACK), else
+        "long": a client pushing audio faster than real time is bulk work, like a timeline."""
+        ahead = self.windower.total_samples / vocab.SAMPLE_RATE - (time.monotonic() - self.started)
+        return "short" if ahead <= LIVE_SLACK else "long"
+
     async def emit(self, windows: Sequence[Window]) -> None:
         """Score complete windows and send each one's result."""
         if not windows:
             return
-        probs, scores = await self.service.batcher.submit([w.samples for w in windows])
+        probs, scores = await self.service.batcher.submit([w.samples for w in windows], self.lane())
         for w, p, s in zip(windows, probs, scores):
             r = WindowResult(round(w.start, 3), round(w.end, 3), p, s)
             self.results.append(r)

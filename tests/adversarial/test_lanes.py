@@ -177,3 +177,26 @@ def test_non_finite_outputs_are_never_serialised():
         metrics = httpx.get(srv.base + "/metrics").text
         assert 'status="500"' not in metrics
         assert healthy(srv.base)
+
+
+def test_a_stream_pushing_faster_than_real_time_is_long_work():
+    app = create_app(HeldPredictor(), ServerConfig(max_wait_ms=0))
+    with ThreadServer(app) as srv:
+        batcher, lanes = srv.service.batcher, []
+        submit = batcher.submit
+
+        async def spy(waves, lane="short"):
+            lanes.append(lane)
+            return await submit(waves, lane)
+
+        batcher.submit = spy
+        for seconds in (4.6, 30.0):  # live, then 25 s ahead of the clock in one frame
+            with ws_client.connect(srv.base.replace("http", "ws") + "/v1/stream") as ws:
+                assert json.loads(ws.recv(timeout=20))["type"] == "ready"
+                ws.send((tone(seconds) * 32767).astype("<i2").tobytes())
+                ws.send("end")
+                while json.loads(ws.recv(timeout=30))["type"] != "summary":
+                    pass
+            lanes.append("|")
+        assert healthy(srv.base)
+    assert lanes == ["short", "short", "|", "long", "|"], lanes  # (30 s: 14 windows, no end remainder)
