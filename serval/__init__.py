@@ -8,11 +8,15 @@ from serval.version import __version__
 install_import_hook()
 
 
-def load(model=None, device=None):
-    """Load a model for inference: any model spec (see `serval.inference.load`, the one resolver)."""
-    from serval.inference import load as _load
+def load(model=None, device=None, engine="auto", **options):
+    """Load a model for inference: any model spec (`serval.inference.load`, the one resolver).
 
-    return _load(model, device=device)
+    `engine`: "auto" (ONNX Runtime on a CPU for local serval models, torch otherwise), "torch" or "onnx"
+    (`serval.onnx_engine.load_engine`).
+    """
+    from serval.onnx_engine import load_engine
+
+    return load_engine(model, engine=engine, device=device, **options)
 
 
 __all__ = ["__version__", "load"]

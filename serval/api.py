@@ -13,13 +13,15 @@ array given without one is taken to be 16 kHz, the only case where a rate is ass
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio, resample
+from serval.progress import progress_bar
 from serval.vocab import SAMPLE_RATE, class_subset, label_body
+from serval.windows import MAX_WINDOW, split_span
 
 # a path, a mono array (numpy or torch), or {"array" or "raw": samples, "sampling_rate": Hz, "path": name}
 Audio = str | os.PathLike | np.ndarray | dict
@@ -73,6 +75,39 @@ def read_input(item: Audio, sampling_rate: int | None = None) -> tuple[str | Non
     if hasattr(item, "detach"):  # a torch tensor, without importing torch here
         item = item.detach().cpu().numpy()
     return name, at_model_rate(check_array(item, name or "<array>"), rate)
+
+
+def pooled_predict(
+    forward: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
+    waves: Sequence[np.ndarray],
+    widths: tuple[int, int],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`forward` over length-sorted batches of <= 30 s pieces; each input's outputs pooled by duration.
+
+    The one batching rule of every engine's `predict_waveforms`: waveforms (16 kHz) longer than 30 s
+    are cut into equal pieces of at most 30 s whose outputs are averaged, weighted by their length.
+    """
+    pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
+    for i, w in enumerate(waves):
+        w = np.asarray(w, dtype=np.float32).reshape(-1)
+        spans = split_span(0.0, len(w) / SAMPLE_RATE, MAX_WINDOW)
+        pieces.extend((i, w[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]) for a, b in spans)
+    order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    probs = np.zeros((len(waves), widths[0]), np.float64)
+    scores = np.zeros((len(waves), widths[1]), np.float64)
+    weight = np.zeros(len(waves), np.float64)
+    for batch in progress_bar(batches, progress, unit=" clips batch"):
+        p, s = forward([pieces[j][1] for j in batch])
+        for row, j in enumerate(batch):
+            i, w = pieces[j][0], len(pieces[j][1])
+            probs[i] += w * p[row]
+            scores[i] += w * s[row]
+            weight[i] += w
+    weight = np.maximum(weight, 1)[:, None]
+    return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
 
 
 class AudioClassifier:

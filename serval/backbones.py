@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from serval.atomic import atomic_write
+from serval.locations import cache_dir
 
 DIM_KEYS = (
     "n_mels",
@@ -500,15 +501,6 @@ def _local_encoder(path: Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 # ---------------------------------------------------------------------------- the PyPI wheels and the cache
-
-
-def cache_dir() -> Path:
-    """serval's cache folder: `$SERVAL_CACHE`, else `$XDG_CACHE_HOME/serval`, else `~/.cache/serval`."""
-    if os.environ.get("SERVAL_CACHE"):
-        return Path(os.environ["SERVAL_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "serval"
-    return Path.home() / ".cache" / "serval"
 
 
 def _wheel_parts(name: str) -> list[Path]:

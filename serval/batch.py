@@ -613,6 +613,8 @@ def merge_shards(folder: Path, target: JsonlOutput) -> list[dict]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from serval.onnx_engine import add_engine_argument
+
     p.add_argument(
         "inputs",
         nargs="+",
@@ -632,6 +634,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    add_engine_argument(p)
     p.add_argument("--classes", help="comma-separated subset, e.g. neutral,angry,sad,happy (renormalised)")
     p.add_argument(
         "-o",
@@ -701,10 +704,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from serval.inference import Predictor, load
+    from serval.api import AudioClassifier
+    from serval.onnx_engine import load_engine
 
-    predictor = load(args.model, device=args.device)
-    if not isinstance(predictor, Predictor):  # emotion2vec:, llm: have no records of their own
+    predictor = load_engine(args.model, getattr(args, "engine", "auto"), device=args.device)
+    if not isinstance(predictor, AudioClassifier):  # emotion2vec:, llm: have no records of their own
         raise ValueError(f"{args.model}: predict runs serval models; score other systems with serval eval")
     return predictor
 

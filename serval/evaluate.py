@@ -536,6 +536,8 @@ def _json_ready(x):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from serval.onnx_engine import add_engine_argument
+
     p.add_argument(
         "manifest",
         help="CSV or JSONL manifest (path, start, end, label, …, language, corpus, split), or a Hugging "
@@ -570,6 +572,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    add_engine_argument(p)
     p.add_argument("--cache-dir", help="prediction cache (default: OUTPUT/cache)")
     p.add_argument(
         "--llm-api-key-env",
@@ -592,8 +595,8 @@ def _split_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import matplotlib  # noqa: F401  (the report's plots: a missing package stops us before predicting, not after)
 
-    from serval.inference import load
     from serval.manifest import ManifestError
+    from serval.onnx_engine import load_engine
 
     prog = "serval eval"
     args.model = args.model or ["default"]
@@ -625,7 +628,7 @@ def run(args: argparse.Namespace) -> int:
         if spec.startswith("llm:"):
             options = {"api_key_env": args.llm_api_key_env, "concurrency": args.llm_concurrency}
         try:
-            systems.append(load(spec, device=args.device, **options))
+            systems.append(load_engine(spec, args.engine, device=args.device, **options))
         except (ImportError, OSError, ValueError, KeyError) as e:
             print(f"{prog}: --model {spec}: {e}", file=sys.stderr)
             return 2

@@ -16,23 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serval.api import AudioClassifier, at_model_rate
+from serval.api import AudioClassifier, at_model_rate, pooled_predict
 from serval.backbones import fetch_from_hub, is_hub_id
 from serval.baselines import AudioLLM, Emotion2Vec
 from serval.checkpoint import is_serval_dir, load_model
 from serval.features import compute_features
+from serval.locations import DEFAULT_MODEL, NoDefaultModelError
 from serval.meralion import NAME as MERALION_NAME
 from serval.meralion import import_meralion_checkpoint
 from serval.model import SERModel
-from serval.progress import progress_bar
-from serval.vocab import SAMPLE_RATE
-from serval.windows import MAX_WINDOW, split_span
-
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
-
-
-class NoDefaultModelError(RuntimeError):
-    pass
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -126,25 +118,13 @@ class Predictor(AudioClassifier):
         longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
         weighted by duration. `check_finite=False`: the waves were checked when read.
         """
-        pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
-        for i, w in enumerate(waves):
-            w = at_model_rate(np.asarray(w, dtype=np.float32).reshape(-1), sampling_rate)
-            spans = split_span(0.0, len(w) / SAMPLE_RATE, MAX_WINDOW)
-            pieces.extend((i, w[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]) for a, b in spans)
-        order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
-        batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-        probs = np.zeros((len(waves), len(self.classes)), np.float64)
-        scores = np.zeros((len(waves), len(self.dimensions)), np.float64)
-        weight = np.zeros(len(waves), np.float64)
-        for batch in progress_bar(batches, progress, unit=" clips batch"):
-            p, s = self._forward([pieces[j][1] for j in batch], check_finite)
-            for row, j in enumerate(batch):
-                i, w = pieces[j][0], len(pieces[j][1])
-                probs[i] += w * p[row]
-                scores[i] += w * s[row]
-                weight[i] += w
-        weight = np.maximum(weight, 1)[:, None]
-        return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
+        return pooled_predict(
+            lambda batch: self._forward(batch, check_finite),
+            [at_model_rate(np.asarray(w, dtype=np.float32).reshape(-1), sampling_rate) for w in waves],
+            (len(self.classes), len(self.dimensions)),
+            batch_size,
+            progress,
+        )
 
 
 def load(

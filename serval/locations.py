@@ -8,6 +8,10 @@ from pathlib import Path
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 
 
+class NoDefaultModelError(RuntimeError):
+    """No bundled default model is installed (and none was named)."""
+
+
 def cache_dir() -> Path:
     """serval's cache folder: `$SERVAL_CACHE`, else `$XDG_CACHE_HOME/serval`, else `~/.cache/serval`."""
     if os.environ.get("SERVAL_CACHE"):

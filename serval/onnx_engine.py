@@ -15,18 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from serval.api import AudioClassifier, at_model_rate
+from serval.api import AudioClassifier, at_model_rate, pooled_predict
 from serval.features import log_mel
 from serval.locations import DEFAULT_MODEL, cache_dir
-from serval.progress import progress_bar
 from serval.version import __version__
-from serval.vocab import SAMPLE_RATE
-from serval.windows import MAX_WINDOW, split_span
 
 ENGINES = ("auto", "torch", "onnx")
 OPSET = 17  # serval.export.OPSET, repeated so that the cache key needs no torch import (a test checks)
@@ -91,39 +89,6 @@ class OnnxPredictor(AudioClassifier):
             batch_size,
             progress,
         )
-
-
-def pooled_predict(
-    forward: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
-    waves: Sequence[np.ndarray],
-    widths: tuple[int, int],
-    batch_size: int = 16,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`forward` over length-sorted batches of ≤ 30 s pieces; each input's outputs pooled by duration.
-
-    Waveforms longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
-    weighted by their length (the rule of `Predictor.predict_waveforms`).
-    """
-    pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
-    for i, w in enumerate(waves):
-        w = np.asarray(w, dtype=np.float32).reshape(-1)
-        spans = split_span(0.0, len(w) / SAMPLE_RATE, MAX_WINDOW)
-        pieces.extend((i, w[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]) for a, b in spans)
-    order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
-    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    probs = np.zeros((len(waves), widths[0]), np.float64)
-    scores = np.zeros((len(waves), widths[1]), np.float64)
-    weight = np.zeros(len(waves), np.float64)
-    for batch in progress_bar(batches, progress, unit=" clips batch"):
-        p, s = forward([pieces[j][1] for j in batch])
-        for row, j in enumerate(batch):
-            i, w = pieces[j][0], len(pieces[j][1])
-            probs[i] += w * p[row]
-            scores[i] += w * s[row]
-            weight[i] += w
-    weight = np.maximum(weight, 1)[:, None]
-    return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- the cached graph
@@ -192,29 +157,52 @@ def load_engine(
     engine: str = "auto",
     device: str | None = None,
     threads: int | None = None,
+    **options,
 ):
     """A predictor for `model` on `engine`: "torch" (`serval.inference.load`), "onnx", or "auto".
 
     "auto" is ONNX Runtime on a CPU (a `.onnx` file, or a local serval model or ensemble, exported once
-    into the cache), and torch on a GPU or for anything else (emotion2vec:, llm:, Hub ids). The check
-    for a GPU is torch-free (the NVIDIA driver's files), so "auto" on a CPU never imports torch.
+    into the cache), and torch on a GPU or for anything else (emotion2vec:, llm:, Hub ids; a one-line
+    warning says so). The check for a GPU is torch-free (the NVIDIA driver's files), so "auto" on a
+    CPU never imports torch. `options` go to `serval.inference.load` (an LLM's settings).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if model is not None and not isinstance(model, str | os.PathLike):  # a SERModel in memory
+        if engine == "onnx":
+            raise ValueError("the onnx engine runs a model folder or a .onnx file, not a model object")
+        engine = "torch"
     spec = None if model is None else os.fspath(model)
     is_graph = spec is not None and spec.endswith(".onnx") and Path(spec).is_file()
     wants_gpu = device not in (None, "auto", "cpu") or (device in (None, "auto") and _has_nvidia_gpu())
     if engine == "auto":
-        engine = "onnx" if (is_graph or model_folders(spec) is not None) and not wants_gpu else "torch"
+        local = is_graph or model_folders(spec) is not None
+        engine = "onnx" if local and not wants_gpu else "torch"
+        if not local and not wants_gpu:
+            print(
+                f"serval: {spec or model}: not a local serval model, so it runs on torch, not ONNX Runtime",
+                file=sys.stderr,
+            )
     if engine == "torch":
         if is_graph:
             raise ValueError(f"{spec}: an ONNX graph runs on the onnx engine only")
         from serval.inference import load
 
-        return load(model, device=device)
+        return load(model, device=device, **options)
     if device not in (None, "auto", "cpu"):
         raise ValueError(f"the onnx engine runs on the CPU; device {device!r} needs --engine torch")
     return OnnxPredictor(spec if is_graph else cached_graph(spec), threads=threads)
+
+
+def add_engine_argument(p) -> None:
+    """--engine auto|torch|onnx, the same on every command that runs a model."""
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="auto (default): ONNX Runtime on a CPU for local serval models (exported once, cached), "
+        "torch otherwise; torch; onnx",
+    )
 
 
 def _has_nvidia_gpu() -> bool:

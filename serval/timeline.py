@@ -318,6 +318,8 @@ def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from serval.onnx_engine import add_engine_argument
+
     p.add_argument("file", metavar="FILE", help="audio file (any length)")
     p.add_argument(
         "--model",
@@ -360,12 +362,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    add_engine_argument(p)
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from serval.audio import AudioError, audio_info
-    from serval.inference import NoDefaultModelError, load
+    from serval.locations import NoDefaultModelError
+    from serval.onnx_engine import load_engine
 
     def fail(message: str, code: int = 2) -> int:
         print(f"serval timeline: {message}", file=sys.stderr)
@@ -405,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
         if existing and not args.overwrite:
             return fail(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     try:
-        predictor = load(args.model, device=args.device)
+        predictor = load_engine(args.model, args.engine, device=args.device)
         if turns is not None:
             result = turns_timeline(
                 args.file, predictor, turns, batch_size=args.batch_size, duration=duration

@@ -150,3 +150,49 @@ def test_onnx_file_and_errors(engine, tmp_path):
         OnnxPredictor(foreign)
     with pytest.raises(ValueError, match="NaN"):
         engine.predict_waveforms([np.full(1600, np.nan, np.float32)])
+
+
+def test_cli_default_engine_agrees_with_torch_on_the_examples(cache, engine):
+    """`serval predict examples/`: ORT (the CPU default) gives torch's labels, probabilities to 1e-4."""
+    env = {**os.environ, "SERVAL_CACHE": str(cache)}
+
+    def predict(*extra: str) -> list[dict]:
+        cmd = [sys.executable, "-m", "serval", "predict", *EXAMPLES, "--format", "json", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    auto, torch_records = predict(), predict("--engine", "torch")
+    assert len(auto) == len(torch_records) == len(EXAMPLES)
+    for a, t in zip(auto, torch_records):
+        assert (a["file"], a["duration"], a["label"]) == (t["file"], t["duration"], t["label"])
+        assert max(abs(a["probabilities"][k] - t["probabilities"][k]) for k in t["probabilities"]) <= TOL
+        assert max(abs(a["scores"][k] - t["scores"][k]) for k in t["scores"]) <= TOL
+    assert auto != torch_records  # two engines really ran: they differ in the last digits
+
+
+def test_auto_falls_back_to_torch_with_one_line(engine, capsys):
+    import serval
+    from serval.baselines import AudioLLM
+    from serval.inference import Predictor
+
+    llm = load_engine("llm:some-model@http://127.0.0.1:9", "auto", device="cpu", api_key="x")
+    assert isinstance(llm, AudioLLM)
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "llm:some-model@http://127.0.0.1:9" in warning and "torch" in warning
+    assert isinstance(serval.load(engine="torch", device="cpu"), Predictor)
+    assert isinstance(serval.load(), OnnxPredictor) and capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="model object"):
+        load_engine(serval.load(engine="torch").model, "onnx")
+
+
+@pytest.mark.parametrize("command", ["predict", "timeline", "eval", "serve", "mcp"])
+def test_every_model_command_takes_engine(command):
+    from serval.cli import build_parser
+
+    parser = build_parser(command)
+    extra = {"predict": ["x.flac"], "timeline": ["x.flac"], "eval": ["m.csv", "-o", "out"]}.get(command, [])
+    assert parser.parse_args([command, *extra]).engine == "auto"
+    assert parser.parse_args([command, *extra, "--engine", "torch"]).engine == "torch"
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *extra, "--engine", "tensorrt"])

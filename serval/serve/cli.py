@@ -10,9 +10,12 @@ from serval.serve.config import ServerConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from serval.onnx_engine import add_engine_argument
+
     d = ServerConfig()
     p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    add_engine_argument(p)
     p.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument(
@@ -121,13 +124,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serval.inference import NoDefaultModelError, load
+    from serval.locations import NoDefaultModelError
+    from serval.onnx_engine import load_engine
     from serval.serve.app import create_app
 
     cfg = config_from_args(args)
     try:
         cfg.check()  # the limits and the default grid, before the model loads
-        predictor = load(args.model, device=args.device)
+        predictor = load_engine(args.model, args.engine, device=args.device)
     except (NoDefaultModelError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"serval serve: {e}", file=sys.stderr)
         return 2

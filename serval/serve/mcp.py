@@ -257,8 +257,11 @@ def build_server(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from serval.onnx_engine import add_engine_argument
+
     p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    add_engine_argument(p)
     p.add_argument(
         "--root",
         action="append",
@@ -274,10 +277,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serval.inference import NoDefaultModelError, load
+    from serval.locations import NoDefaultModelError
+    from serval.onnx_engine import load_engine
 
     try:
-        predictor = load(args.model, device=args.device)
+        predictor = load_engine(args.model, args.engine, device=args.device)
     except (NoDefaultModelError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"serval mcp: {e}", file=sys.stderr)
         return 2
