@@ -1,18 +1,28 @@
 """`serval bench`: speed and memory of inference (and a LoRA training step), measured in one run.
 
-Every figure is reported beside the published code's way of running the same network
-(fp32, every clip padded to 30 s, no mask) measured in the same process, so that ratios,
-not absolute numbers, carry across machines. Weights are random: cost does not depend on values.
+Three parts, each a ratio of two things measured side by side in the same run, so that ratios,
+not absolute numbers, carry across machines:
+- the network (random weights: cost does not depend on values) the published code's way (fp32,
+  every clip padded to 30 s, no mask) against serval's (own length; bf16 on a GPU);
+- every engine on the bundled model: torch fp32 on the CPU, ONNX Runtime, torch bf16 on a GPU when
+  there is one, each against torch on the CPU;
+- cold start: the whole process `serval predict CLIP` against `python -c "import torch"`, run in
+  turn, with each one's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +30,7 @@ import torch
 
 from serval.features import compute_features
 from serval.inference import resolve_device
+from serval.locations import DEFAULT_MODEL
 from serval.model import WHISPER_SIZES, SERConfig, SERModel
 from serval.vocab import SAMPLE_RATE
 
@@ -125,6 +136,99 @@ def model_pair(size: str, device: torch.device, seed: int = 0) -> tuple[SERModel
     return ours, published
 
 
+def time_call(call: Callable[[], object], clips: int, min_seconds: float = 2.0, max_iters: int = 50) -> dict:
+    """Clips per second of `call` (which runs `clips` clips), after one warm-up call; as `time_inference`."""
+    call()
+    iters, start = 0, time.perf_counter()
+    while iters < max_iters and (iters == 0 or time.perf_counter() - start < min_seconds):
+        call()
+        iters += 1
+    elapsed = time.perf_counter() - start
+    return {
+        "clips_per_s": round(clips * iters / elapsed, 2),
+        "ms_per_batch": round(1000 * elapsed / iters, 2),
+        "iters": iters,
+        "seconds": round(elapsed, 6),
+    }
+
+
+def engine_predictors(device: torch.device, model: str | None = None) -> dict:
+    """{engine name: predictor} of one model: torch fp32 on the CPU, ONNX Runtime, torch bf16 on a GPU."""
+    from serval.onnx_engine import load_engine
+
+    engines = {"torch_fp32_cpu": load_engine(model, "torch", device="cpu")}
+    engines["onnxruntime_cpu"] = load_engine(model, "onnx", threads=torch.get_num_threads())
+    if device.type == "cuda":
+        engines["torch_bf16_cuda"] = load_engine(model, "torch", device=str(device))
+    return engines
+
+
+def time_engines(engines: dict, waves: list[np.ndarray], min_seconds: float = 2.0) -> dict:
+    """Each engine's batch and single-clip timing on `waves`, with its ratios to the first (torch on the CPU)."""
+    out = {}
+    for name, predictor in engines.items():
+
+        def run(batch, predictor=predictor):
+            predictor.predict_waveforms(batch, batch_size=len(batch), check_finite=False)
+
+        batch = time_call(lambda: run(waves), len(waves), min_seconds)
+        single = time_call(lambda: run(waves[:1]), 1, min_seconds)
+        out[name] = {"batch": batch, "single_clip_ms": single["ms_per_batch"]}
+    base = next(iter(out.values()))
+    for row in out.values():
+        row["speedup_batch"] = round(row["batch"]["clips_per_s"] / base["batch"]["clips_per_s"], 2)
+        row["speedup_single"] = round(base["single_clip_ms"] / row["single_clip_ms"], 2)
+    return out
+
+
+def _timed_process(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MB, exit code) of one whole process, its output thrown away."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode
+
+
+def cold_start(clip: str | os.PathLike, repeats: int = 3, engine: str = "auto") -> dict:
+    """`serval predict CLIP` (whole process) against `python -c "import torch"`, run in turn `repeats` times.
+
+    The ratio is the median of the pairwise ratios, so that a machine whose speed drifts still gives
+    a fair one; times and peak RSS are medians too.
+    """
+    ours = [sys.executable, "-m", "serval", "predict", os.fspath(clip), "--engine", engine, "--no-progress"]
+    torch_only = [sys.executable, "-c", "import torch"]
+    runs = []
+    for i in range(repeats + 1):  # the first is a warm-up: the graph cache, the page cache
+        a = _timed_process(ours)
+        if a[2] != 0:
+            raise RuntimeError(f"serval predict {clip} failed (exit {a[2]})")
+        if i:
+            runs.append((a, _timed_process(torch_only)))
+    med = statistics.median
+    return {
+        "engine": engine,
+        "repeats": repeats,
+        "serval_predict_s": round(med(a[0] for a, _ in runs), 3),
+        "import_torch_s": round(med(b[0] for _, b in runs), 3),
+        "ratio": round(med(a[0] / b[0] for a, b in runs), 2),
+        "serval_predict_peak_rss_mb": round(med(a[1] for a, _ in runs), 1),
+        "import_torch_peak_rss_mb": round(med(b[1] for _, b in runs), 1),
+    }
+
+
+def _clip(path: str | None, folder: str) -> str:
+    """The cold-start clip: `path`, else 4 s of noise written into `folder`."""
+    if path:
+        return path
+    import soundfile as sf
+
+    target = os.path.join(folder, "clip.wav")
+    noise = np.random.default_rng(0).standard_normal(4 * SAMPLE_RATE).astype(np.float32) * 0.1
+    sf.write(target, noise, SAMPLE_RATE)
+    return target
+
+
 def run_benchmark(
     size: str = "base",
     device: str | None = None,
@@ -133,8 +237,16 @@ def run_benchmark(
     train: bool = False,
     seed: int = 0,
     min_seconds: float = 2.0,
+    engines: bool = True,
+    cold: bool = True,
+    clip: str | None = None,
+    repeats: int = 3,
 ) -> dict:
-    """Published way vs serval's way for each clip length, plus single-clip latency."""
+    """Published way vs serval's way for each clip length, plus single-clip latency.
+
+    `engines`: also every engine on the bundled model (`time_engines`); `cold`: the cold start of
+    `serval predict` on `clip` (default: 4 s of noise) against `import torch`, `repeats` pairs.
+    """
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
     ours, published = model_pair(size, dev, seed)
@@ -167,6 +279,16 @@ def run_benchmark(
         if train:
             row["lora_train_step"] = time_train_step(ours.config, waves, dev)
         report["results"].append(row)
+    if engines and (DEFAULT_MODEL / "config.json").is_file():
+        predictors = engine_predictors(dev)
+        report["engines"] = []
+        for sec in seconds:
+            n = int(sec * SAMPLE_RATE)
+            waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for _ in range(batch_size)]
+            report["engines"].append({"clip_seconds": sec, **time_engines(predictors, waves, min_seconds)})
+    if cold:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["cold_start"] = cold_start(_clip(clip, tmp), repeats)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return report
 
@@ -189,7 +311,27 @@ def format_report(report: dict) -> str:
     train = [r for r in report["results"] if "lora_train_step" in r]
     for r in train:
         lines.append(f"\nLoRA training step, {r['clip_seconds']:g} s clips: {r['lora_train_step']}")
-    lines.append(f"\npeak RSS: {report['peak_rss_mb']} MB")
+    for row in report.get("engines", []):
+        lines += [
+            f"\nengines, bundled model, {row['clip_seconds']:g} s clips (ratios to torch fp32 on the CPU):",
+            "",
+            "| engine | clips/s | speed-up | 1 clip ms | speed-up |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, r in row.items():
+            if name != "clip_seconds":
+                lines.append(
+                    f"| {name} | {r['batch']['clips_per_s']} | {r['speedup_batch']}x | "
+                    f"{r['single_clip_ms']} | {r['speedup_single']}x |"
+                )
+    if "cold_start" in report:
+        c = report["cold_start"]
+        lines.append(
+            f"\ncold start (median of {c['repeats']}, in turn): serval predict one clip {c['serval_predict_s']} s, "
+            f"python -c 'import torch' {c['import_torch_s']} s, ratio {c['ratio']}x; peak RSS "
+            f"{c['serval_predict_peak_rss_mb']} MB against {c['import_torch_peak_rss_mb']} MB"
+        )
+    lines.append(f"\npeak RSS of this process: {report['peak_rss_mb']} MB")
     return "\n".join(lines) + "\n"
 
 
@@ -201,11 +343,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seconds", type=float, nargs="+", default=[4.0, 10.0], help="clip lengths to measure")
     p.add_argument("--train", action="store_true", help="also time a LoRA training step")
+    p.add_argument("--no-engines", action="store_true", help="skip the engines on the bundled model")
+    p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start processes")
+    p.add_argument("--clip", help="the audio file of the cold start (default: 4 s of noise)")
+    p.add_argument("--repeats", type=int, default=3, help="cold-start pairs (default 3)")
     p.add_argument("--json", help="also write the report as JSON here")
 
 
 def run(args: argparse.Namespace) -> int:
-    report = run_benchmark(args.size, args.device, args.batch_size, tuple(args.seconds), train=args.train)
+    report = run_benchmark(
+        args.size,
+        args.device,
+        args.batch_size,
+        tuple(args.seconds),
+        train=args.train,
+        engines=not args.no_engines,
+        cold=not args.no_cold_start,
+        clip=args.clip,
+        repeats=args.repeats,
+    )
     sys.stdout.write(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,12 +1,27 @@
 """`serval bench` measures what it says it measures (no speed is asserted: speed lives in the benchmark)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from serval.bench import format_report, model_pair, run_benchmark, time_inference, time_train_step
+from serval.bench import (
+    cold_start,
+    format_report,
+    model_pair,
+    run_benchmark,
+    time_engines,
+    time_inference,
+    time_train_step,
+)
+from serval.export import export_onnx
 from serval.features import compute_features
+from serval.inference import Predictor
+from serval.onnx_engine import OnnxPredictor
 from serval.vocab import SAMPLE_RATE
+
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "emodb-09-sad.flac")
 
 
 def consistent(timing: dict, clips: int) -> None:
@@ -45,7 +60,9 @@ def test_timing_is_bounded_and_self_consistent():
 
 
 def test_benchmark_report():
-    report = run_benchmark("tiny", "cpu", batch_size=2, seconds=(1.0,), min_seconds=0.0)
+    report = run_benchmark(
+        "tiny", "cpu", batch_size=2, seconds=(1.0,), min_seconds=0.0, engines=False, cold=False
+    )
     assert report["whisper_size"] == "tiny" and report["batch_size"] == 2 and report["serval_dtype"] == "fp32"
     (row,) = report["results"]
     base, fast = row["published_fp32_30s"], row["serval_own_length"]
@@ -71,3 +88,39 @@ def test_lora_train_step_runs():
     ours, _ = model_pair("tiny", torch.device("cpu"))
     waves = [np.zeros(SAMPLE_RATE // 2, np.float32)] * 2
     assert time_train_step(ours.config, waves, torch.device("cpu"), steps=1)["samples_per_s"] > 0
+
+
+def test_engines_are_timed_against_torch(tmp_path):
+    ours, _ = model_pair("tiny", torch.device("cpu"))
+    engines = {
+        "torch_fp32_cpu": Predictor(ours, "cpu"),
+        "onnxruntime_cpu": OnnxPredictor(export_onnx(ours, tmp_path / "g.onnx")),
+    }
+    waves = [np.random.default_rng(1).standard_normal(SAMPLE_RATE).astype(np.float32) * 0.1] * 3
+    report = {"whisper_size": "tiny", "device": "cpu", "torch": "-", "batch_size": 3, "serval_dtype": "fp32"}
+    report |= {
+        "results": [],
+        "peak_rss_mb": 1.0,
+        "engines": [{"clip_seconds": 1.0, **time_engines(engines, waves, 0.0)}],
+    }
+    row = report["engines"][0]
+    assert row["torch_fp32_cpu"]["speedup_batch"] == row["torch_fp32_cpu"]["speedup_single"] == 1.0
+    ort = row["onnxruntime_cpu"]
+    consistent(ort["batch"], clips=3)
+    torch_rate = row["torch_fp32_cpu"]["batch"]["clips_per_s"]
+    assert ort["speedup_batch"] == pytest.approx(ort["batch"]["clips_per_s"] / torch_rate, abs=0.006)
+    assert ort["speedup_single"] == pytest.approx(
+        row["torch_fp32_cpu"]["single_clip_ms"] / ort["single_clip_ms"], abs=0.006
+    )
+    table = format_report(report)
+    assert f"| onnxruntime_cpu | {ort['batch']['clips_per_s']} | {ort['speedup_batch']}x |" in table
+
+
+def test_cold_start_runs_both_processes_in_turn(tmp_path):
+    c = cold_start(EXAMPLE, repeats=1)
+    assert c["repeats"] == 1 and c["serval_predict_s"] > 0 and c["import_torch_s"] > 0
+    assert c["ratio"] == pytest.approx(c["serval_predict_s"] / c["import_torch_s"], abs=0.006)
+    # torch alone maps more than 50 MB: these are the children's real peaks, not this process's
+    assert c["import_torch_peak_rss_mb"] > 50 and c["serval_predict_peak_rss_mb"] > 50
+    with pytest.raises(RuntimeError, match="missing.wav failed"):
+        cold_start(tmp_path / "missing.wav", repeats=1)
