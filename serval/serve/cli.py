@@ -72,6 +72,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_windows,
         help="windows of one timeline or stream (400 / close 1008 beyond)",
     )
+    _batching_arguments(p, d)
+    p.add_argument("--window", type=float, default=d.window, help="default timeline/stream window (s)")
+    p.add_argument("--hop", type=float, default=d.hop, help="default timeline/stream hop (s)")
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=d.graceful_timeout,
+        help="seconds in-flight requests get to finish on shutdown",
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _batching_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
+    """The model queue's options: batch sizes, lanes, waiting and admission limits."""
     p.add_argument(
         "--max-batch", type=int, default=d.max_batch, help="waveforms per model call; 1 disables batching"
     )
@@ -105,15 +119,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_timelines,
         help="timelines being worked on before new ones get 503",
     )
-    p.add_argument("--window", type=float, default=d.window, help="default timeline/stream window (s)")
-    p.add_argument("--hop", type=float, default=d.hop, help="default timeline/stream hop (s)")
-    p.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=d.graceful_timeout,
-        help="seconds in-flight requests get to finish on shutdown",
-    )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
