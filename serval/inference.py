@@ -63,7 +63,12 @@ class Predictor(AudioClassifier):
         model: SERModel | Sequence[SERModel],
         device: str | torch.device | None = None,
         name: str | None = None,
+        *,
+        buckets: bool = False,
+        compile: bool = False,
     ):
+        """`buckets`: run at length-bucketed static shapes; `compile`: and small batches compiled
+        (CUDA graphs on a GPU), paid for in `warmup()` (see `serval.compiled`)."""
         models = [model] if isinstance(model, SERModel) else list(model)
         if not models:
             raise ValueError("a Predictor needs at least one model")
@@ -80,6 +85,23 @@ class Predictor(AudioClassifier):
         self.name = name or self.config.name
         self.classes: tuple[str, ...] = tuple(self.config.classes)
         self.dimensions: tuple[str, ...] = tuple(self.config.dimensions)
+        # an ensemble's score is trained only where every member's is
+        self.trained_dimensions: tuple[str, ...] = tuple(
+            d for d in self.dimensions if all(d in m.config.trained_dimensions for m in self.models)
+        )
+        self.static = None
+        if buckets or compile:
+            self.set_static(compile=compile)
+
+    def set_static(self, compile: bool = False, **options) -> None:
+        """Run at bucketed static shapes from now on; `compile`: small batches compiled (`serval.compiled`)."""
+        from serval.compiled import StaticShapes
+
+        self.static = StaticShapes(self.models, ensemble_forward, self._autocast, compile=compile, **options)
+
+    def warmup(self, **shapes) -> int:
+        """Compile and capture every bucketed shape now (not on a user's first call); shapes run."""
+        return 0 if self.static is None else self.static.warmup(**shapes)
 
     @property
     def model(self) -> SERModel:
@@ -99,8 +121,11 @@ class Predictor(AudioClassifier):
             device=self.device,
             check_finite=check_finite,
         )
-        with self._autocast():
-            probs, scores = ensemble_forward(self.models, feats, lengths.to(self.device))
+        if self.static is not None:
+            probs, scores = self.static(feats, lengths.to(self.device))
+        else:
+            with self._autocast():
+                probs, scores = ensemble_forward(self.models, feats, lengths.to(self.device))
         return probs.cpu().numpy(), scores.cpu().numpy()
 
     def predict_waveforms(

@@ -16,6 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     add_engine_argument(p)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch engine: compile small batches at bucketed shapes (CUDA graphs on a GPU), at start-up",
+    )
     p.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument(
@@ -136,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     try:
         cfg.check()  # the limits and the default grid, before the model loads
-        predictor = load_engine(args.model, args.engine, device=args.device)
+        engine = "torch" if args.compile and args.engine == "auto" else args.engine
+        predictor = load_engine(args.model, engine, device=args.device)
+        if args.compile:  # paid now, before the server listens, never by a request
+            from serval.compiled import compile_predictor
+
+            print(f"serval serve: compiled {compile_predictor(predictor)} shapes", file=sys.stderr)
     except (NoDefaultModelError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"serval serve: {e}", file=sys.stderr)
         return 2
