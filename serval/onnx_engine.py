@@ -45,6 +45,8 @@ class OnnxPredictor(AudioClassifier):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # every batch width is a new shape: a memory plan kept per shape makes RSS grow with the clips
+        options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = threads
         self.graph = Path(graph)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from serval.bench import (
+    _peak_rss_mb,
     cold_start,
     format_report,
     model_pair,
@@ -122,5 +123,7 @@ def test_cold_start_runs_both_processes_in_turn(tmp_path):
     assert c["ratio"] == pytest.approx(c["serval_predict_s"] / c["import_torch_s"], abs=0.006)
     # torch alone maps more than 50 MB: these are the children's real peaks, not this process's
     assert c["import_torch_peak_rss_mb"] > 50 and c["serval_predict_peak_rss_mb"] > 50
+    # this process has torch and more loaded: a child's figure that counted its parent would not be below
+    assert c["import_torch_peak_rss_mb"] < _peak_rss_mb()
     with pytest.raises(RuntimeError, match="missing.wav failed"):
         cold_start(tmp_path / "missing.wav", repeats=1)

@@ -196,3 +196,16 @@ def test_every_model_command_takes_engine(command):
     assert parser.parse_args([command, *extra, "--engine", "torch"]).engine == "torch"
     with pytest.raises(SystemExit):
         parser.parse_args([command, *extra, "--engine", "tensorrt"])
+
+
+def test_cli_predict_imports_no_heavy_package(cache, engine):
+    """`serval predict one.flac` on the default engine: no torch, transformers or server stack imported."""
+    env = {**os.environ, "SERVAL_CACHE": str(cache)}
+    cmd = [sys.executable, "-X", "importtime", "-m", "serval", "predict", EXAMPLES[0], "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "onnxruntime" in imported and json.loads(done.stdout)[0]["label"]
+    assert not imported & {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "matplotlib", "sklearn"}
