@@ -111,10 +111,14 @@ def pooled_predict(
 
 
 class AudioClassifier:
-    """`predict` and `__call__` for a class with `classes`, `dimensions` and `predict_waveforms`."""
+    """`predict` and `__call__` for a class with `classes`, `dimensions` and `predict_waveforms`.
+
+    `trained_dimensions`: the dimensions whose outputs were trained; the others are null in records.
+    """
 
     classes: tuple[str, ...]
     dimensions: tuple[str, ...]
+    trained_dimensions: tuple[str, ...] = ()
 
     def predict(
         self,
@@ -127,7 +131,8 @@ class AudioClassifier:
     ) -> dict | list[dict]:
         """One input -> its record; a list -> one record each (a bad file: an error record, the rest run).
 
-        A record: {"file", "duration", "label", "probabilities", "scores"}, or {"file", "error"}.
+        A record: {"file", "duration", "label", "probabilities", "scores"}, or {"file", "error"};
+        a score is None for a dimension this model was not trained on.
         `sampling_rate`: the rate of array inputs (see the module's note on rates).
         """
         if is_single(inputs):
@@ -181,5 +186,5 @@ class AudioClassifier:
         return out[0] if single else out
 
     def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
-        """A label, its probabilities and the dimensional scores, as plain JSON-ready values."""
-        return label_body(probs, scores, self.classes, self.dimensions, keep)
+        """A label, its probabilities and the dimensional scores (null where untrained), JSON-ready."""
+        return label_body(probs, scores, self.classes, self.dimensions, keep, trained=self.trained_dimensions)

@@ -90,6 +90,7 @@ class Emotion2Vec:
 
     classes = EMOTIONS
     dimensions = DIMENSIONS
+    trained_dimensions: tuple[str, ...] = ()  # no dimensional head: its scores are NaN, records null
 
     def __init__(self, variant: str, device: str | None = None, hub: str = "hf"):
         try:
@@ -180,6 +181,7 @@ class AudioLLM:
 
     classes = EMOTIONS
     dimensions = DIMENSIONS
+    trained_dimensions: tuple[str, ...] = ()  # no dimensional head: its scores are NaN, records null
 
     def __init__(
         self,

@@ -433,7 +433,7 @@ def format_records(records: list[dict], fmt: str) -> str:
                 r.get("duration", ""),
                 r.get("label", ""),
                 *[r.get("probabilities", {}).get(c, "") for c in classes],
-                *[r.get("scores", {}).get(d, "") for d in dims],
+                *[_score_cell(r, d) for d in dims],
                 r.get("error", ""),
             ]
         )
@@ -441,13 +441,22 @@ def format_records(records: list[dict], fmt: str) -> str:
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
         return buf.getvalue()
-    cells = [header] + [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    cells = [header] + [[_table_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n" for row in cells)
 
 
 def _cell(value) -> str | float:
     return "" if value is None else value
+
+
+def _score_cell(record: dict, dim: str) -> float | str | None:
+    # None: the dimension was not trained (csv writes an empty cell, the table "-"); "": no scores at all
+    return record["scores"][dim] if "scores" in record else ""
+
+
+def _table_cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------- Ray

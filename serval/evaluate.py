@@ -37,7 +37,7 @@ from serval.batch import item_file, item_info, load_item, read_rows
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
 from serval.progress import progress_bar
 from serval.report import existing_reports, slug, write_report
-from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4
+from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4, trained_dimensions
 
 PROTOCOLS = {"7class": EMOTIONS, "4class": PRIMARY4}
 SEGMENTATIONS = ("utterance", "2s", "merged")
@@ -268,7 +268,8 @@ def predict_all(
     """Predictions of every system for every distinct span (cached), and the spans that failed to decode.
 
     Returns ([{span: record}] per system, {span: error}). A record holds "probs" (EMOTIONS
-    order), "scores" (DIMENSIONS order, NaN if none) and the system's "detail", if any.
+    order), "scores" (DIMENSIONS order; NaN where the system gave none or its output for the
+    dimension was not trained) and the system's "detail", if any.
     """
     spans = list(dict.fromkeys(u.span for u in units))
     file_ids = {p: _file_id(p) for p in dict.fromkeys(s[0] for s in spans)}
@@ -312,7 +313,8 @@ def predict_all(
     if bar is not None:
         bar.close()
     predictions = []
-    for cache, key in zip(caches, keys):
+    for system, cache, key in zip(systems, caches, keys):
+        trained = trained_dimensions(system)
         table = {}
         for s in spans:
             if s in failures or key[s] is None or key[s] not in cache.records:
@@ -320,7 +322,13 @@ def predict_all(
             r = cache.records[key[s]]
             table[s] = {
                 "probs": _to_serval_order(r["probs"], r["classes"], EMOTIONS, 0.0),
-                "scores": _to_serval_order(r["scores"], r["dimensions"], DIMENSIONS, math.nan),
+                # an untrained output is no prediction: NaN, so it is never scored (its CCC is n/a)
+                "scores": _to_serval_order(
+                    [v if d in trained else None for d, v in zip(r["dimensions"], r["scores"])],
+                    r["dimensions"],
+                    DIMENSIONS,
+                    math.nan,
+                ),
                 "detail": r.get("detail"),
             }
         predictions.append(table)
@@ -494,7 +502,7 @@ def score_dimensions(units: Sequence[Unit], names: Sequence[str], predictions: S
     for name, table in zip(names, predictions):
         pred = np.array([table[u.span]["scores"] for u in dim_items])
         if not np.isfinite(pred).any():
-            continue  # no dimensional head (emotion2vec, LLMs)
+            continue  # no dimensional head (emotion2vec, LLMs), or none of its outputs trained
         out[name] = regression_scores(gold, pred, DIMENSIONS)
     return out
 

@@ -9,7 +9,7 @@ depends on each clip's length, which a graph does badly, while numpy computes th
 per batch and to float32 rounding of torch's; the graph is then the network alone, exact at every
 length and for mixed-length batches (tested to 1e-4 against torch fp32 from 0.1 to 30 s).
 
-The classes, dimensions, name, n_mels and pad_to_30s are written into the graph's metadata, so a
+The classes, dimensions (and which were trained), name, n_mels and pad_to_30s are written into the graph's metadata, so a
 `.onnx` file is self-describing (`serval.onnx_engine.OnnxPredictor`). Exporting needs torch;
 running the graph does not.
 """
@@ -65,6 +65,10 @@ def graph_metadata(models: Sequence[SERModel], name: str | None = None) -> dict[
         "name": name or cfg.name,
         "classes": json.dumps(list(cfg.classes)),
         "dimensions": json.dumps(list(cfg.dimensions)),
+        # trained only where every member's is (a graph without this key: none trained)
+        "trained_dimensions": json.dumps(
+            [d for d in cfg.dimensions if all(d in m.config.trained_dimensions for m in models)]
+        ),
         "n_mels": str(cfg.n_mels),
         "pad_to_30s": json.dumps(bool(cfg.pad_to_30s)),
         "members": str(len(models)),

@@ -28,7 +28,7 @@ from serval.version import __version__
 
 ENGINES = ("auto", "torch", "onnx")
 OPSET = 17  # serval.export.OPSET, repeated so that the cache key needs no torch import (a test checks)
-_KEY_VERSION = "1"  # bump when the exported graph changes for the same weights
+_KEY_VERSION = "2"  # bump when the exported graph changes for the same weights (2: trained_dimensions)
 
 
 class OnnxPredictor(AudioClassifier):
@@ -60,6 +60,8 @@ class OnnxPredictor(AudioClassifier):
             )
         self.classes: tuple[str, ...] = tuple(json.loads(meta["classes"]))
         self.dimensions: tuple[str, ...] = tuple(json.loads(meta["dimensions"]))
+        # a graph exported before serval recorded it says nothing: none trained
+        self.trained_dimensions: tuple[str, ...] = tuple(json.loads(meta.get("trained_dimensions", "[]")))
         self.n_mels = int(meta["n_mels"])
         self.pad_to_30s = bool(json.loads(meta["pad_to_30s"]))
         self.name = name or meta.get("name", self.graph.stem)

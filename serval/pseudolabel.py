@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serval import vocab
 from serval.atomic import atomic_write, atomic_write_text
 from serval.progress import progress_bar
 from serval.vocab import EMOTIONS
@@ -505,7 +506,12 @@ def second_pass(
                     "end": u["end"],
                     "label": names[int(np.argmax(p))],
                     "confidence": round(float(np.max(p)), 6),
-                    "scores": {d: round(float(v), 6) for d, v in zip(model.dimensions, s) if np.isfinite(v)},
+                    # only trained outputs become dimensional labels
+                    "scores": {
+                        d: v
+                        for d, v in vocab.scores(s, model.dimensions, vocab.trained_dimensions(model)).items()
+                        if v is not None
+                    },
                 }
             )
         for src in group:

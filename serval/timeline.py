@@ -125,15 +125,19 @@ def source_name(source) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def result_record(r: WindowResult, classes: Sequence[str], dimensions: Sequence[str]) -> dict:
-    """A window (or turn) as a JSON-ready dict; unscored windows have label None and no outputs."""
+def result_record(
+    r: WindowResult, classes: Sequence[str], dimensions: Sequence[str], trained: Sequence[str]
+) -> dict:
+    """A window (or turn) as a JSON-ready dict; unscored windows have label None and no outputs.
+
+    Scores of dimensions not in `trained` are None."""
     rec: dict = {"start": r.start, "end": r.end}
     if r.speech is not None:
         rec["speech"] = r.speech
     if r.error is not None:
         rec["error"] = r.error
     if r.scored:
-        rec.update(vocab.label_body(r.probs, r.scores, classes, dimensions))
+        rec.update(vocab.label_body(r.probs, r.scores, classes, dimensions, trained=trained))
     else:
         rec["label"] = None
     return rec
@@ -144,6 +148,7 @@ def grid_timeline(
 ) -> dict:
     """Every window of the grid and the merged segments of a file or 16 kHz array, as a JSON-ready dict."""
     classes, dims = predictor.classes, predictor.dimensions
+    trained = vocab.trained_dimensions(predictor)
     results = list(sliding_windows(source, predictor, spec, batch_size, progress=progress))
     segments = merge_windows(results, classes, spec.max_segment)
     return {
@@ -151,10 +156,11 @@ def grid_timeline(
         "model": predictor.name,
         "classes": list(classes),
         "dimensions": list(dims),
+        "trained_dimensions": list(trained),
         "grid": {"window": spec.window, "hop": spec.hop, "min_length": spec.min_length},
         "vad": {"threshold": spec.vad_threshold, "min_speech": spec.min_speech} if spec.vad else None,
         "max_segment": spec.max_segment,
-        "windows": [result_record(r, classes, dims) for r in results],
+        "windows": [result_record(r, classes, dims, trained) for r in results],
         "segments": [
             {
                 "start": s.start,
@@ -162,7 +168,7 @@ def grid_timeline(
                 "label": s.label,
                 "windows": s.windows,
                 "probabilities": vocab.probabilities(s.probs, classes),
-                "scores": vocab.scores(s.scores, dims),
+                "scores": vocab.scores(s.scores, dims, trained),
             }
             for s in segments
         ],
@@ -182,10 +188,11 @@ def turns_timeline(
     Turns running past `duration` are clipped to it; turns starting after it get an error record.
     """
     classes, dims = predictor.classes, predictor.dimensions
+    trained = vocab.trained_dimensions(predictor)
     spans = [(t.start, t.end if duration is None else min(t.end, duration)) for t in turns]
     records = []
     for turn, r in zip(turns, score_spans(source, spans, predictor, max_window, batch_size)):
-        rec = {"speaker": turn.speaker, **result_record(r, classes, dims), "pieces": r.pieces}
+        rec = {"speaker": turn.speaker, **result_record(r, classes, dims, trained), "pieces": r.pieces}
         if duration is not None and turn.start >= duration:
             rec["error"] = f"turn starts at {turn.start:g} s, after the end of the audio ({duration:.3f} s)"
         elif r.end < turn.end:
@@ -196,14 +203,18 @@ def turns_timeline(
         "model": predictor.name,
         "classes": list(classes),
         "dimensions": list(dims),
+        "trained_dimensions": list(trained),
         "max_window": max_window,
         "turns": records,
-        "speakers": speaker_summary(records, classes, dims),
+        "speakers": speaker_summary(records, classes, dims, trained),
     }
 
 
-def speaker_summary(records: Sequence[dict], classes: Sequence[str], dimensions: Sequence[str]) -> dict:
-    """Per speaker: turns, seconds, duration-weighted mean probabilities and scores, seconds per label."""
+def speaker_summary(
+    records: Sequence[dict], classes: Sequence[str], dimensions: Sequence[str], trained: Sequence[str]
+) -> dict:
+    """Per speaker: turns, seconds, duration-weighted mean probabilities and scores (None where not
+    in `trained`), seconds per label."""
     out: dict[str, dict] = {}
     for spk in dict.fromkeys(r["speaker"] for r in records):
         mine = [r for r in records if r["speaker"] == spk and "probabilities" in r]
@@ -216,11 +227,14 @@ def speaker_summary(records: Sequence[dict], classes: Sequence[str], dimensions:
         if mine:
             w = np.array([r["end"] - r["start"] for r in mine])[:, None]
             probs = (np.array([[r["probabilities"][c] for c in classes] for r in mine]) * w).sum(0) / w.sum()
-            scores = (np.array([[r["scores"][d] for d in dimensions] for r in mine]) * w).sum(0) / w.sum()
+            values = [
+                [np.nan if r["scores"][d] is None else r["scores"][d] for d in dimensions] for r in mine
+            ]
+            scores = (np.array(values, np.float64) * w).sum(0) / w.sum()
             seconds = dict.fromkeys(classes, 0.0)
             for r in mine:
                 seconds[r["label"]] += r["end"] - r["start"]
-            summary.update(vocab.label_body(probs, scores, classes, dimensions))
+            summary.update(vocab.label_body(probs, scores, classes, dimensions, trained=trained))
             summary["label_seconds"] = {c: round(s, 3) for c, s in seconds.items() if s > 0}
         out[spk] = summary
     return out
@@ -256,20 +270,28 @@ def speakers_csv(speakers: dict, classes: Sequence[str], dimensions: Sequence[st
 
 
 def plot(result: dict, path: str | os.PathLike) -> None:
-    """PNG of the class probabilities and the dimensional scores over time (gaps where nothing was scored)."""
+    """PNG of the class probabilities and the trained dimensional scores over time (gaps where nothing
+    was scored); a model with no trained dimension gets the probabilities alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes, dims = result["classes"], result["dimensions"]
+    classes = result["classes"]
+    dims = [d for d in result["dimensions"] if d in result.get("trained_dimensions", ())]
     items = result.get("windows", result.get("turns", []))
     t = np.array([(r["start"] + r["end"]) / 2 for r in items])
     probs = np.array(
         [[r["probabilities"][c] if "probabilities" in r else np.nan for c in classes] for r in items]
     )
-    scores = np.array([[r["scores"][d] if "scores" in r else np.nan for d in dims] for r in items])
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True, height_ratios=[2, 1])
+    scores = np.array(
+        [[np.nan if r.get("scores", {}).get(d) is None else r["scores"][d] for d in dims] for r in items]
+    )
+    if dims:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True, height_ratios=[2, 1])
+    else:  # no trained dimension: nothing honest to draw below the probabilities
+        fig, ax1 = plt.subplots(1, 1, figsize=(12, 4))
+        ax2 = None
     colors = plt.get_cmap("tab10").colors
     marker = "o" if "turns" in result else "."  # a marker keeps isolated speech windows visible
     for k, c in enumerate(classes):
@@ -283,12 +305,13 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ax1.set_ylim(0, 1.06)
     ax1.set_ylabel("probability")
     ax1.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    for k, d in enumerate(dims):
-        ax2.plot(t, scores[:, k] if len(items) else [], label=d, marker=marker, ms=3)
-    ax2.set_ylim(0, 1)
-    ax2.set_ylabel("score")
-    ax2.set_xlabel("time (s)")
-    ax2.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if ax2 is not None:
+        for k, d in enumerate(dims):
+            ax2.plot(t, scores[:, k] if len(items) else [], label=d, marker=marker, ms=3)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("score")
+        ax2.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    (ax2 or ax1).set_xlabel("time (s)")
     ax1.set_title(Path(result["file"]).name if result.get("file") else "timeline")
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")

@@ -6,6 +6,7 @@ use it without pulling in the model. Each of these words is defined here and now
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +23,8 @@ SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".m4a", ".mp4", ".sph")
 # Decimal places of every probability and score in a record.
 DIGITS = 6
+# What a record's null score means (record schemas and docs say it in these words).
+UNTRAINED = "null: this model's output for the dimension was not trained"
 
 
 class UnknownClassesError(ValueError):
@@ -47,20 +50,39 @@ def probabilities(probs, classes: Sequence[str], keep: Sequence[int] | None = No
     return {classes[k]: round(float(v), DIGITS) for k, v in zip(keep, p)}
 
 
-def scores(values, dimensions: Sequence[str]) -> dict[str, float]:
-    """{dimension: score}, rounded."""
-    return {d: round(float(v), DIGITS) for d, v in zip(dimensions, values)}
+def trained_dimensions(system) -> tuple[str, ...]:
+    """The dimensions whose outputs `system` was trained on; a system that does not say has none."""
+    return tuple(getattr(system, "trained_dimensions", ()))
+
+
+def scores(values, dimensions: Sequence[str], trained: Sequence[str]) -> dict[str, float | None]:
+    """{dimension: score}, rounded; None (JSON null) for a dimension not in `trained` or a non-finite value.
+
+    Every dimension keeps its key, so a record has the same shape whatever the model was trained on.
+    """
+    out: dict[str, float | None] = {}
+    for d, v in zip(dimensions, values):
+        v = float(v)
+        out[d] = round(v, DIGITS) if d in trained and math.isfinite(v) else None
+    return out
 
 
 def label_body(
-    probs, values, classes: Sequence[str], dimensions: Sequence[str], keep: Sequence[int] | None = None
+    probs,
+    values,
+    classes: Sequence[str],
+    dimensions: Sequence[str],
+    keep: Sequence[int] | None = None,
+    *,
+    trained: Sequence[str],
 ) -> dict:
-    """The body every result shares: the top label, its probabilities and the dimensional scores."""
+    """The body every result shares: the top label, its probabilities and the dimensional scores
+    (null for a dimension not in `trained`)."""
     keep = list(range(len(classes))) if keep is None else list(keep)
     # The label comes from the unrounded values, so rounding can never create a tie.
     top = keep[int(np.argmax(np.asarray(probs, np.float64)[keep]))]
     return {
         "label": classes[top],
         "probabilities": probabilities(probs, classes, keep),
-        "scores": scores(values, dimensions),
+        "scores": scores(values, dimensions, trained),
     }

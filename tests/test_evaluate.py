@@ -332,7 +332,9 @@ def two_models(tmp_path_factory):
     dirs = []
     for seed, name in ((0, "model_a"), (1, "model_b")):
         torch.manual_seed(seed)
-        dirs.append(save_model(SERModel(SERConfig.tiny(name=name)), root / name))
+        # model_a marks its dimensions trained, model_b (a model that never trained them) does not
+        trained = ("arousal", "valence", "dominance") if name == "model_a" else ()
+        dirs.append(save_model(SERModel(SERConfig.tiny(name=name, trained_dimensions=trained)), root / name))
     return dirs
 
 
@@ -410,7 +412,7 @@ def test_eval_command_two_models(tmp_path, two_models, ravdess_clips, ased_clips
             # both models scored on the same items
             assert by_model["model_a"]["overall"]["n"] == by_model["model_b"]["overall"]["n"]
     assert report["results"]["utterance"]["7class"]["model_a"]["overall"]["n"] == len(rows) - 1
-    assert set(report["dimensional"]["utterance"]) == {"model_a", "model_b"}
+    assert set(report["dimensional"]["utterance"]) == {"model_a"}  # untrained outputs are not scored
     assert report["dimensional"]["utterance"]["model_a"]["arousal"]["n"] == 5
 
     # the report is never overwritten without --overwrite; the cache makes the re-run free

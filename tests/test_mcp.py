@@ -56,7 +56,8 @@ async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]], cwd
 def run(tmp_path_factory, ravdess_clips, emodb_clips):
     torch.manual_seed(1)
     tmp = tmp_path_factory.mktemp("mcp")
-    model_dir = save_model(SERModel(SERConfig.tiny()), tmp / "tiny")
+    # every dimension marked trained, so records carry scores to compare (nulls: test_honest_outputs)
+    model_dir = save_model(SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), tmp / "tiny")
     predictor = load(model_dir, device="cpu")
     clip, other = ravdess_clips[4], emodb_clips[1]
     talk = tmp / "audio" / "conversation.wav"
@@ -152,8 +153,13 @@ def test_tools_are_listed_with_schemas(run):
     ]
     for k in ("probabilities", "scores"):
         assert out["properties"][k]["type"] == "object"
-        assert out["properties"][k]["additionalProperties"] == {"type": "number"}
+    assert out["properties"]["probabilities"]["additionalProperties"] == {"type": "number"}
+    # a score is null where the model's output for the dimension was not trained, and it says so
+    assert out["properties"]["scores"]["additionalProperties"] == {
+        "anyOf": [{"type": "number"}, {"type": "null"}]
+    }
     assert all(d in out["properties"]["scores"]["description"] for d in DIMENSIONS)
+    assert "not trained" in out["properties"]["scores"]["description"]
     description = recognize.description
     assert "emotion" in description.lower()
     assert description.startswith("Recognise the emotion in one speech clip")

@@ -228,7 +228,9 @@ def test_cli_run_reasons_failures_and_second_pass(tmp_path, teachers_dir, capsys
     model = Predictor(load_model(t1), "cpu")
     probs, scores = model.predict_waveforms([load_audio(r.path, r.start, r.end) for r in rows])
     for r, p, s in zip(relabelled, probs, scores):
-        assert r.label == EMOTIONS[int(np.argmax(p))] and r.arousal == pytest.approx(float(s[0]), abs=1e-5)
+        assert r.label == EMOTIONS[int(np.argmax(p))] and np.isfinite(s[0])
+        # the tiny teacher never trained its dimensions: its scores become no dimensional labels
+        assert model.trained_dimensions == () and (r.arousal, r.valence, r.dominance) == (None, None, None)
         assert r.extra["relabel_model"] == t1 and r.extra["first_pass_label"] in EMOTIONS
 
 

@@ -39,6 +39,7 @@ from serval.serve.app import create_app  # noqa: E402
 from serval.serve.batching import MicroBatcher  # noqa: E402
 from serval.serve.config import ServerConfig  # noqa: E402
 from serval.timeline import grid_timeline  # noqa: E402
+from serval.vocab import DIMENSIONS  # noqa: E402
 from serval.windows import WindowSpec, window_grid  # noqa: E402
 
 TOL = 5e-6  # records are rounded to 6 decimals; different clips differ by far more (checked below)
@@ -98,7 +99,10 @@ def wait_healthy(base: str, proc: subprocess.Popen | None, log: Path | None, tim
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return save_model(SERModel(SERConfig.tiny()), tmp_path_factory.mktemp("model") / "tiny")
+    # every dimension marked trained, so records carry scores to compare (nulls: test_honest_outputs)
+    return save_model(
+        SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), tmp_path_factory.mktemp("model") / "tiny"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +153,7 @@ class GatedPredictor:
         self.predictor = predictor
         self.classes, self.dimensions, self.name = predictor.classes, predictor.dimensions, predictor.name
         self.config = predictor.config
+        self.trained_dimensions = predictor.trained_dimensions
         self.gate = threading.Event()
         self.gate.set()
         self.inside = threading.Event()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serval import vocab
+
 
 class QueueFullError(RuntimeError):
     """The batcher has `max_queue` requests waiting."""
@@ -242,6 +244,7 @@ class BatchedPredictor:
         self.predictor, self.batcher, self.loop, self.lane = predictor, batcher, loop, lane
         self.cancel = cancel or threading.Event()  # set when the client has gone: stop scoring
         self.classes, self.dimensions, self.name = predictor.classes, predictor.dimensions, predictor.name
+        self.trained_dimensions = vocab.trained_dimensions(predictor)
 
     def predict_waveforms(
         self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False

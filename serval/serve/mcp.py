@@ -33,7 +33,8 @@ from serval.serve.records import Timeline
 _DIMS = "/".join(vocab.DIMENSIONS)
 INSTRUCTIONS = (
     f"serval recognises emotion in speech: {len(vocab.EMOTIONS)} classes ({', '.join(vocab.EMOTIONS)}) "
-    f"with probabilities, and {_DIMS} scores in [0, 1]. Use recognize_emotion for one utterance "
+    f"with probabilities, and {_DIMS} scores in [0, 1] (null where this model's output for the "
+    "dimension was not trained). Use recognize_emotion for one utterance "
     "(up to a few minutes) and emotion_timeline for a longer recording (windows over time merged "
     "into segments). Give audio as a file path or as base64 bytes."
 )
@@ -42,14 +43,15 @@ RECOGNIZE_DESCRIPTION = (
     "Give `path` (a local audio file) or `audio_base64` (the file's bytes, base64-encoded; `filename` "
     f"names it in the result). `classes` restricts the answer to a subset, e.g. {json.dumps(vocab.PRIMARY4)}, "
     "with probabilities renormalised over it. Returns the label, the probability of each class and "
-    f"{_DIMS} scores in [0, 1]."
+    f"{_DIMS} scores in [0, 1], each null where this model's output for the dimension was not trained."
 )
 TIMELINE_DESCRIPTION = (
     "Emotion over time in a longer recording: windows of `window` seconds every `hop` seconds, "
     "adjacent windows with the same label merged into segments of at most `max_segment` seconds.\n\n"
     "Give `path` or `audio_base64` as for recognize_emotion. `vad` leaves windows without speech "
     "unscored. Set `include_windows` false to get only the merged segments (shorter answers for "
-    "long recordings). Returns the JSON of `serval timeline`: windows, segments, grid, duration."
+    "long recordings). Returns the JSON of `serval timeline`: windows, segments, grid, duration; "
+    "scores are null for dimensions not in `trained_dimensions`."
 )
 
 
@@ -60,8 +62,9 @@ class EmotionResult(BaseModel):
     duration: float = Field(description="seconds of audio")
     label: str = Field(description="the most probable emotion")
     probabilities: dict[str, float] = Field(description="probability of each emotion class")
-    scores: dict[str, float] = Field(
-        description=f"{', '.join(vocab.DIMENSIONS[:-1])} and {vocab.DIMENSIONS[-1]} in [0, 1]"
+    scores: dict[str, float | None] = Field(
+        description=f"{', '.join(vocab.DIMENSIONS[:-1])} and {vocab.DIMENSIONS[-1]} in [0, 1]; "
+        + vocab.UNTRAINED
     )
 
 
@@ -195,7 +198,9 @@ class EmotionTools:
                 probs, scores = p.predict_waveforms([wave])
         except (AudioError, ToolInputError, vocab.UnknownClassesError) as e:
             raise ToolError(str(e)) from None
-        body = vocab.label_body(probs[0], scores[0], p.classes, p.dimensions, keep)
+        body = vocab.label_body(
+            probs[0], scores[0], p.classes, p.dimensions, keep, trained=vocab.trained_dimensions(p)
+        )
         return EmotionResult(file=name, duration=round(len(wave) / vocab.SAMPLE_RATE, 3), **body)
 
     def emotion_timeline(

@@ -12,9 +12,16 @@ from typing import Annotated, NotRequired
 from pydantic import Field
 from typing_extensions import TypedDict  # pydantic takes typing's TypedDict only from Python 3.12
 
+from serval.vocab import UNTRAINED
+
 Seconds = Annotated[float, Field(description="seconds from the start of the recording")]
 Probabilities = Annotated[dict[str, float], Field(description="probability of each emotion class")]
-Scores = Annotated[dict[str, float], Field(description="each dimensional score in [0, 1]")]
+Scores = Annotated[
+    dict[str, float | None], Field(description=f"each dimensional score in [0, 1]; {UNTRAINED}")
+]
+TrainedDimensions = Annotated[
+    list[str], Field(description="the dimensions whose scores were trained (the others are null)")
+]
 
 
 class TimelineWindow(TypedDict):
@@ -58,6 +65,7 @@ class Timeline(TypedDict):
     model: str
     classes: list[str]
     dimensions: list[str]
+    trained_dimensions: TrainedDimensions
     grid: TimelineGrid
     vad: TimelineVad | None
     max_segment: float

@@ -76,7 +76,14 @@ async def emotion(
     return {
         "file": name,
         "duration": round(len(wave) / vocab.SAMPLE_RATE, 3),
-        **vocab.label_body(probs[0], scores[0], predictor.classes, predictor.dimensions, keep),
+        **vocab.label_body(
+            probs[0],
+            scores[0],
+            predictor.classes,
+            predictor.dimensions,
+            keep,
+            trained=vocab.trained_dimensions(predictor),
+        ),
     }
 
 
@@ -165,6 +172,7 @@ async def model_info(service: Service = Depends(get_service)):
         "name": predictor.name,
         "classes": list(predictor.classes),
         "dimensions": list(predictor.dimensions),
+        "trained_dimensions": list(vocab.trained_dimensions(predictor)),
         "backbone": getattr(config, "backbone", None),
         "version": __version__,
         "limits": {

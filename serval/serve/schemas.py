@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from serval.serve.records import Timeline
+from serval.serve.records import Scores, Timeline, TrainedDimensions
 
 
 class ErrorDetail(BaseModel):
@@ -27,7 +27,7 @@ class EmotionRecord(BaseModel):
     duration: float
     label: str
     probabilities: dict[str, float]
-    scores: dict[str, float]
+    scores: Scores
 
 
 class Health(BaseModel):
@@ -49,6 +49,7 @@ class ModelInfo(BaseModel):
     name: str
     classes: list[str]
     dimensions: list[str]
+    trained_dimensions: TrainedDimensions
     backbone: str | None
     version: str
     limits: dict[str, float]

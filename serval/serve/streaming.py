@@ -65,13 +65,17 @@ class StreamDecoder:
 
 
 def stream_summary(
-    results: Sequence[WindowResult], classes: Sequence[str], dimensions: Sequence[str], max_segment: float
+    results: Sequence[WindowResult],
+    classes: Sequence[str],
+    dimensions: Sequence[str],
+    max_segment: float,
+    trained: Sequence[str],
 ) -> dict:
     """A finished stream: its windows merged into segments (as `serval timeline` merges them) and the
-    duration-weighted emotion of the whole stream."""
+    duration-weighted emotion of the whole stream (scores null for dimensions not in `trained`)."""
     out: dict[str, Any] = {"windows": len(results), "overall": None}
     if any(r.scored for r in results):
-        out["overall"] = vocab.label_body(*pool(results), classes, dimensions)
+        out["overall"] = vocab.label_body(*pool(results), classes, dimensions, trained=trained)
     out["segments"] = [
         {
             "start": s.start,
@@ -79,7 +83,7 @@ def stream_summary(
             "label": s.label,
             "windows": s.windows,
             "probabilities": vocab.probabilities(s.probs, classes),
-            "scores": vocab.scores(s.scores, dimensions),
+            "scores": vocab.scores(s.scores, dimensions, trained),
         }
         for s in merge_windows(results, classes, max_segment)
     ]
@@ -102,6 +106,7 @@ class StreamSession:
     def __init__(self, ws: WebSocket, service: Service):
         self.ws, self.service = ws, service
         self.classes, self.dims = service.predictor.classes, service.predictor.dimensions
+        self.trained = vocab.trained_dimensions(service.predictor)
         self.status = 1000
         self.results: list[WindowResult] = []
         self.windower: StreamingWindower | None = None
@@ -139,7 +144,14 @@ class StreamSession:
             return False
         ready = {"type": "ready", "sample_rate": sample_rate, "encoding": encoding}
         ready |= {"window": spec.window, "hop": spec.hop}
-        await self.send(ready | {"classes": list(self.classes), "dimensions": list(self.dims)})
+        await self.send(
+            ready
+            | {
+                "classes": list(self.classes),
+                "dimensions": list(self.dims),
+                "trained_dimensions": list(self.trained),
+            }
+        )
         return True
 
     def lane(self) -> str:
@@ -157,7 +169,7 @@ class StreamSession:
             r = WindowResult(round(w.start, 3), round(w.end, 3), p, s)
             self.results.append(r)
             self.service.metrics.stream_windows += 1
-            record = result_record(r, self.classes, self.dims)
+            record = result_record(r, self.classes, self.dims, self.trained)
             await self.send({"type": "window", "index": len(self.results) - 1, **record})
 
     async def receive(self) -> bool:
@@ -204,7 +216,7 @@ class StreamSession:
         duration = round(self.windower.total_samples / vocab.SAMPLE_RATE, 3)
         await self.emit(self.windower.flush())
         max_segment = self.service.config.max_segment
-        summary = stream_summary(self.results, self.classes, self.dims, max_segment)
+        summary = stream_summary(self.results, self.classes, self.dims, max_segment, self.trained)
         await self.send({"type": "summary", "duration": duration, **summary})
         await self.ws.close(1000)
 
