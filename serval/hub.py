@@ -29,6 +29,8 @@ def preprocessor_config(sampling_rate: int = 16000) -> dict:
 def model_card(config: dict, license: str | None = None, extra_tags: list[str] | None = None) -> str:
     """README.md for a model directory: Hugging Face metadata (YAML front matter) and a short card."""
     classes, dims = config.get("classes", []), config.get("dimensions", [])
+    trained = [d for d in dims if d in config.get("trained_dimensions", [])]
+    untrained = [d for d in dims if d not in trained]  # null in every record
     tags = ["serval", "audio-classification", "speech-emotion-recognition", *(extra_tags or [])]
     name = config.get("name") or "serval model"
     lines = [
@@ -44,7 +46,8 @@ def model_card(config: dict, license: str | None = None, extra_tags: list[str] |
         f"# {name}",
         "",
         f"Speech emotion recognition: {len(classes)} classes ({', '.join(classes)})"
-        + (f" and {', '.join(dims)} scores in [0, 1]." if dims else "."),
+        + (f" and {', '.join(trained)} scores in [0, 1]." if trained else ".")
+        + (f" Its {', '.join(untrained)} outputs were not trained: null in records." if untrained else ""),
         f"Whisper encoder backbone: `{config.get('backbone') or 'included'}`.",
         "",
         "```python",

@@ -256,3 +256,12 @@ def test_the_bundled_model_reports_only_its_trained_dimensions(ravdess_clips):
     rec = system.predict(str(ravdess_clips[0]))
     assert list(rec["scores"]) == list(DIMENSIONS)
     assert [d for d, v in rec["scores"].items() if v is not None] == list(trained)
+
+
+def test_the_model_card_names_only_trained_scores(models):
+    none = (models[()] / "README.md").read_text()
+    arousal = (models[("arousal",)] / "README.md").read_text()
+    assert "scores in [0, 1]" not in none
+    assert "Its arousal, valence, dominance outputs were not trained: null in records." in none
+    assert ") and arousal scores in [0, 1]. Its valence, dominance outputs were not trained" in arousal
+    assert "not trained" not in (models[DIMENSIONS] / "README.md").read_text()
