@@ -165,6 +165,7 @@ class LinearProbe:
             self.ridges[dim] = ridge.fit(x[have], gold[have, k])
             h.update(ridge[-1].coef_.tobytes())
         self.fingerprint = h.hexdigest()
+        self.trained_dimensions = tuple(self.ridges)  # serval.evaluate scores only trained outputs
         return self
 
     def predict_waveforms(self, waves, batch_size: int = 16, progress: bool = False):

@@ -42,6 +42,7 @@ class CachedHead:
     def __init__(self, model_dir: str | Path, cache_dir: str | Path, name: str | None = None):
         self.model = load_model(model_dir)
         self.classes, self.dimensions = self.model.config.classes, self.model.config.dimensions
+        self.trained_dimensions = tuple(self.model.config.trained_dimensions)  # scored only where trained
         self.trained_dimensions = self.model.config.trained_dimensions  # the others are not scored
         self.name = name or self.model.config.name
         self.cache = EncoderCache(cache_dir, encoder_settings(self.model, "float16"))
