@@ -23,7 +23,7 @@ import numpy as np
 
 from serval.api import AudioClassifier, at_model_rate, pooled_predict
 from serval.features import log_mel
-from serval.locations import DEFAULT_MODEL, cache_dir
+from serval.locations import DEFAULT_MODEL, NoDefaultModelError, cache_dir
 from serval.version import __version__
 
 ENGINES = ("auto", "torch", "onnx")
@@ -179,6 +179,8 @@ def load_engine(
     spec = None if model is None else os.fspath(model)
     is_graph = spec is not None and spec.endswith(".onnx") and Path(spec).is_file()
     wants_gpu = device not in (None, "auto", "cpu") or (device in (None, "auto") and _has_nvidia_gpu())
+    if spec in (None, "default") and not (DEFAULT_MODEL / "config.json").is_file():
+        raise NoDefaultModelError("no default model is installed; pass a model directory (--model DIR)")
     if engine == "auto":
         local = is_graph or model_folders(spec) is not None
         engine = "onnx" if local and not wants_gpu else "torch"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import serval
-from serval import inference
+from serval import inference, onnx_engine
 from serval.audio import load_audio
 from serval.checkpoint import save_model
 from serval.cli import main
@@ -143,6 +143,7 @@ def test_output_file_is_never_overwritten(model_dir, emodb_clips, tmp_path, caps
 
 def test_without_a_model_says_so_in_one_line(monkeypatch, tmp_path, emodb_clips, capsys):
     monkeypatch.setattr(inference, "DEFAULT_MODEL", tmp_path / "none")
+    monkeypatch.setattr(onnx_engine, "DEFAULT_MODEL", tmp_path / "none")  # the default engine's view too
     code = main(["predict", str(emodb_clips[0])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--model" in err and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -153,17 +154,17 @@ def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
 ):
     monkeypatch.setattr(inference, "DEFAULT_MODEL", model_dir)
     waves = [load_audio(emodb_clips[0])]
-    direct = serval.load(model_dir)
+    direct = serval.load(model_dir, engine="torch")  # the torch resolver (the ONNX engine: test_onnx_engine)
     probs, scores = direct.predict_waveforms(waves)
     for spec in (None, "default"):  # both mean the bundled model
-        bundled = serval.load(spec)
+        bundled = serval.load(spec, engine="torch")
         assert bundled.fingerprint == direct.fingerprint
         p, s = bundled.predict_waveforms(waves)
         assert np.array_equal(p, probs) and np.array_equal(s, scores)
     for member in ("a", "b"):
         shutil.copytree(model_dir, tmp_path / "ensemble" / member)
     (tmp_path / "ensemble" / "ensemble.json").write_text(json.dumps({"members": ["a", "b"]}))
-    ensemble = serval.load(tmp_path / "ensemble")
+    ensemble = serval.load(tmp_path / "ensemble", engine="torch")
     assert len(ensemble.models) == 2 and ensemble.name == direct.name
     p, s = ensemble.predict_waveforms(waves)  # two copies of one model average to that model
     assert np.allclose(p, probs, atol=1e-6) and np.allclose(s, scores, atol=1e-6)
