@@ -238,8 +238,7 @@ def _class_names(table, column: str) -> list[str] | None:
 
 
 def _emotion(label, datafile: str, row: int) -> str | None:
-    from serval.pseudolabel import class_name
-    from serval.vocab import EMOTIONS
+    from serval.vocab import EMOTIONS, class_name
 
     if label is None or label == "":
         return None

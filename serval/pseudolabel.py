@@ -36,18 +36,10 @@ import numpy as np
 from serval import vocab
 from serval.atomic import atomic_write, atomic_write_text
 from serval.progress import progress_bar
-from serval.vocab import EMOTIONS
+from serval.vocab import EMOTIONS, class_name
 from serval.windows import WindowSpec, iter_windows
 
 NON_NEUTRAL = EMOTIONS[1:]
-_ALIASES = {
-    "anger": "angry",
-    "happiness": "happy",
-    "sadness": "sad",
-    "fear": "fearful",
-    "disgust": "disgusted",
-    "surprise": "surprised",
-}
 
 
 @dataclass
@@ -72,12 +64,6 @@ class PseudoLabelConfig:
 
 
 # ---------------------------------------------------------------------------- the rules
-
-
-def class_name(name: str) -> str:
-    """A teacher's class name in serval's vocabulary ("生气/angry" -> "angry", "anger" -> "angry")."""
-    name = str(name).rsplit("/", 1)[-1].strip().lower()
-    return _ALIASES.get(name, name)
 
 
 def agree(labels: Sequence[str | None]) -> str:

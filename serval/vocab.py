@@ -27,6 +27,23 @@ DIGITS = 6
 UNTRAINED = "null: this model's output for the dimension was not trained"
 
 
+# Other systems' and datasets' names for the classes.
+_ALIASES = {
+    "anger": "angry",
+    "happiness": "happy",
+    "sadness": "sad",
+    "fear": "fearful",
+    "disgust": "disgusted",
+    "surprise": "surprised",
+}
+
+
+def class_name(name: str) -> str:
+    """A teacher's or dataset's class name in serval's vocabulary ("生气/angry" -> "angry", "anger" -> "angry")."""
+    name = str(name).rsplit("/", 1)[-1].strip().lower()
+    return _ALIASES.get(name, name)
+
+
 class UnknownClassesError(ValueError):
     """A class subset names classes the model does not know."""
 
