@@ -621,7 +621,7 @@ def merge_shards(folder: Path, target: JsonlOutput) -> list[dict]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.onnx_engine import add_engine_argument
+    from serval.onnx_engine import add_engine_arguments
 
     p.add_argument(
         "inputs",
@@ -641,8 +641,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="default: from the -o suffix (.jsonl, .csv, .json), else json",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    add_engine_argument(p)
+    add_engine_arguments(p)
     p.add_argument("--classes", help="comma-separated subset, e.g. neutral,angry,sad,happy (renormalised)")
     p.add_argument(
         "-o",

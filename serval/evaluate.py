@@ -544,7 +544,7 @@ def _json_ready(x):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.onnx_engine import add_engine_argument
+    from serval.onnx_engine import add_engine_arguments
 
     p.add_argument(
         "manifest",
@@ -579,8 +579,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the UAR 95 %% CI (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    add_engine_argument(p)
+    add_engine_arguments(p)
     p.add_argument("--cache-dir", help="prediction cache (default: OUTPUT/cache)")
     p.add_argument(
         "--llm-api-key-env",

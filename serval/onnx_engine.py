@@ -200,8 +200,9 @@ def load_engine(
     return OnnxPredictor(spec if is_graph else cached_graph(spec), threads=threads)
 
 
-def add_engine_argument(p) -> None:
-    """--engine auto|torch|onnx, the same on every command that runs a model."""
+def add_engine_arguments(p) -> None:
+    """--device and --engine auto|torch|onnx, the same on every command that runs a model."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument(
         "--engine",
         choices=ENGINES,

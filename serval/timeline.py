@@ -341,7 +341,7 @@ def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.onnx_engine import add_engine_argument
+    from serval.onnx_engine import add_engine_arguments
 
     p.add_argument("file", metavar="FILE", help="audio file (any length)")
     p.add_argument(
@@ -384,8 +384,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    add_engine_argument(p)
+    add_engine_arguments(p)
     p.add_argument("--no-progress", action="store_true")
 
 

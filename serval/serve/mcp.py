@@ -262,11 +262,10 @@ def build_server(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.onnx_engine import add_engine_argument
+    from serval.onnx_engine import add_engine_arguments
 
     p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    add_engine_argument(p)
+    add_engine_arguments(p)
     p.add_argument(
         "--root",
         action="append",
