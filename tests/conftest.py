@@ -64,3 +64,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random serval model folder (seed 0), every dimension marked trained so records carry scores."""
+    from serval.checkpoint import save_model
+    from serval.model import SERConfig, SERModel
+    from serval.vocab import DIMENSIONS
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), path)
+    return path

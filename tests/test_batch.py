@@ -9,24 +9,11 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 import serval
 from serval import batch
 from serval.audio import AudioError, load_audio
-from serval.checkpoint import save_model
 from serval.cli import main
-from serval.model import SERConfig, SERModel
-from serval.vocab import DIMENSIONS
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    # every dimension marked trained, so records carry scores to compare (nulls: test_honest_outputs)
-    save_model(SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), path)
-    return path
 
 
 @pytest.fixture()

@@ -9,25 +9,14 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import serval
 from serval import inference, onnx_engine
 from serval.audio import load_audio
-from serval.checkpoint import save_model
 from serval.cli import main
-from serval.model import SERConfig, SERModel
+from serval.model import SERConfig
 from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import split_span
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    # every dimension marked trained, so records carry scores to compare (nulls: test_honest_outputs)
-    save_model(SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), path)
-    return path
 
 
 @pytest.fixture()

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from conftest import REPO, clips
 
 httpx = pytest.importorskip("httpx")
@@ -32,14 +31,11 @@ ws_client = pytest.importorskip("websockets.sync.client")
 ConnectionClosed = pytest.importorskip("websockets.exceptions").ConnectionClosed
 
 from serval.audio import load_audio, resample  # noqa: E402
-from serval.checkpoint import save_model  # noqa: E402
 from serval.inference import load  # noqa: E402
-from serval.model import SERConfig, SERModel  # noqa: E402
 from serval.serve.app import create_app  # noqa: E402
 from serval.serve.batching import MicroBatcher  # noqa: E402
 from serval.serve.config import ServerConfig  # noqa: E402
 from serval.timeline import grid_timeline  # noqa: E402
-from serval.vocab import DIMENSIONS  # noqa: E402
 from serval.windows import WindowSpec, window_grid  # noqa: E402
 
 TOL = 5e-6  # records are rounded to 6 decimals; different clips differ by far more (checked below)
@@ -94,15 +90,6 @@ def wait_healthy(base: str, proc: subprocess.Popen | None, log: Path | None, tim
             pass
         time.sleep(0.2)
     raise RuntimeError(f"server did not come up in {timeout} s:\n{log.read_text() if log else ''}")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    # every dimension marked trained, so records carry scores to compare (nulls: test_honest_outputs)
-    return save_model(
-        SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), tmp_path_factory.mktemp("model") / "tiny"
-    )
 
 
 @pytest.fixture(scope="module")
