@@ -111,7 +111,8 @@ def pooled_predict(
 
 
 class AudioClassifier:
-    """`predict` and `__call__` for a class with `classes`, `dimensions` and `predict_waveforms`.
+    """`predict_waveforms`, `predict` and `__call__` for an engine with `classes`, `dimensions` and
+    `_forward(waves, check_finite) -> (probabilities, scores)` over one batch of 16 kHz waves.
 
     `trained_dimensions`: the dimensions whose outputs were trained; the others are null in records.
     """
@@ -119,6 +120,29 @@ class AudioClassifier:
     classes: tuple[str, ...]
     dimensions: tuple[str, ...]
     trained_dimensions: tuple[str, ...] = ()
+
+    def predict_waveforms(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int = 16,
+        progress: bool = False,
+        *,
+        check_finite: bool = True,
+        sampling_rate: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
+
+        `sampling_rate`: the waves' rate, resampled to 16 kHz (None: they are 16 kHz). Waveforms
+        longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
+        weighted by duration. `check_finite=False`: the waves were checked when read.
+        """
+        return pooled_predict(
+            lambda batch: self._forward(batch, check_finite),
+            [at_model_rate(np.asarray(w, dtype=np.float32).reshape(-1), sampling_rate) for w in waves],
+            (len(self.classes), len(self.dimensions)),
+            batch_size,
+            progress,
+        )
 
     def predict(
         self,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serval.api import AudioClassifier, at_model_rate, pooled_predict
+from serval.api import AudioClassifier
 from serval.backbones import fetch_from_hub, is_hub_id
 from serval.baselines import AudioLLM, Emotion2Vec
 from serval.checkpoint import is_serval_dir, load_model
@@ -127,29 +127,6 @@ class Predictor(AudioClassifier):
             with self._autocast():
                 probs, scores = ensemble_forward(self.models, feats, lengths.to(self.device))
         return probs.cpu().numpy(), scores.cpu().numpy()
-
-    def predict_waveforms(
-        self,
-        waves: Sequence[np.ndarray],
-        batch_size: int = 16,
-        progress: bool = False,
-        *,
-        check_finite: bool = True,
-        sampling_rate: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
-
-        `sampling_rate`: the waves' rate, resampled to 16 kHz (None: they are 16 kHz). Waveforms
-        longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
-        weighted by duration. `check_finite=False`: the waves were checked when read.
-        """
-        return pooled_predict(
-            lambda batch: self._forward(batch, check_finite),
-            [at_model_rate(np.asarray(w, dtype=np.float32).reshape(-1), sampling_rate) for w in waves],
-            (len(self.classes), len(self.dimensions)),
-            batch_size,
-            progress,
-        )
 
 
 def load(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serval.api import AudioClassifier, at_model_rate, pooled_predict
+from serval.api import AudioClassifier
 from serval.features import log_mel
 from serval.locations import DEFAULT_MODEL, NoDefaultModelError, cache_dir
 from serval.version import __version__
@@ -75,24 +75,6 @@ class OnnxPredictor(AudioClassifier):
             ["probabilities", "scores"], {k: v for k, v in feeds.items() if k in self._inputs}
         )
         return probs, scores
-
-    def predict_waveforms(
-        self,
-        waves: Sequence[np.ndarray],
-        batch_size: int = 16,
-        progress: bool = False,
-        *,
-        check_finite: bool = True,
-        sampling_rate: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mono waveforms (16 kHz unless `sampling_rate`) -> (probabilities, scores), as `Predictor`'s."""
-        return pooled_predict(
-            lambda batch: self._forward(batch, check_finite),
-            [at_model_rate(np.asarray(w, np.float32).reshape(-1), sampling_rate) for w in waves],
-            (len(self.classes), len(self.dimensions)),
-            batch_size,
-            progress,
-        )
 
 
 # ---------------------------------------------------------------------------- the cached graph
