@@ -106,6 +106,12 @@ def _batching_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
         help="model time a call with timeline windows should take (0: no bound), so a clip waits little",
     )
     p.add_argument(
+        "--timeline-nice",
+        type=int,
+        default=d.timeline_nice,
+        help="how much nicer timeline threads (decoding, VAD) run than the rest, 0..19 (Linux)",
+    )
+    p.add_argument(
         "--max-wait-ms",
         type=float,
         default=d.max_wait_ms,

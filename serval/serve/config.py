@@ -24,7 +24,8 @@ class ServerConfig:
     max_windows: int = 20_000  # windows of one timeline or stream (400 / close 1008 beyond)
     max_batch: int = 16  # waveforms per model call (1 = no micro-batching)
     max_long_batch: int = 16  # timeline waveforms per model call at most
-    long_call_ms: float = 250.0  # model time a call with timeline windows should take, at most one window
+    long_call_ms: float = 100.0  # model time a call with timeline windows should take, at most one window
+    timeline_nice: int = 10  # timeline threads (decoding, VAD) run this much nicer (Linux), so clips get the CPU
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
     max_queue: int = 64  # clips decoded and waiting for the model; more get 503 + Retry-After
     max_timelines: int = 16  # timelines being worked on at once; more get 503 + Retry-After
@@ -75,6 +76,8 @@ class ServerConfig:
         ):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.timeline_nice <= 19:
+            raise ValueError(f"--timeline-nice must be 0..19, got {self.timeline_nice}")
         for name in ("max_wait_ms", "min_upload_rate", "long_call_ms"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0")

@@ -110,8 +110,8 @@ class AudioInput:
     """
 
     def __init__(self, roots: list[str] | None = None, cwd: str | None = None):
-        folders = [cwd or os.getcwd(), *(roots or [])]
-        self.allowed = list(dict.fromkeys(Path(r).expanduser().resolve() for r in folders))
+        self.cwd = Path(cwd or os.getcwd()).expanduser().resolve()  # where relative paths start
+        self.allowed = list(dict.fromkeys([self.cwd, *(Path(r).expanduser().resolve() for r in roots or [])]))
 
     def source(self, path: str | None, audio_base64: str | None, filename: str | None) -> tuple[Any, str]:
         """(what `serval.audio` reads, the name for the record); ToolInputError for a bad choice."""
@@ -127,11 +127,12 @@ class AudioInput:
 
     def open(self, path: str) -> io.BufferedReader:
         """The file at `path`, opened for reading: only a regular file under the allowed folders."""
+        given = self.cwd / Path(path).expanduser()  # an absolute path stays as it is
         try:
-            resolved = Path(path).expanduser().resolve()  # symlinks and ".." followed before the check
+            resolved = given.resolve()  # symlinks and ".." followed before the check
         except (RuntimeError, OSError):  # a symlink loop
             resolved = None
-        lexical = Path(os.path.abspath(Path(path).expanduser()))
+        lexical = Path(os.path.normpath(given))
         if resolved is None and any(lexical.is_relative_to(r) for r in self.allowed):
             raise AudioNotFoundError(path, "symlink loop: the link leads back to itself")
         if resolved is None or not any(resolved.is_relative_to(r) for r in self.allowed):

@@ -16,6 +16,7 @@ before routing), so a 503 costs no upload, no decoding and no thread. What is co
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,20 @@ from serval.serve.metrics import Metrics
 from serval.serve.schemas import SafeJSONResponse
 
 
+def lower_thread_priority(increment: int) -> None:
+    """Make the calling thread `increment` nicer (Linux schedules threads on their own; elsewhere a no-op).
+
+    A timeline decodes and runs VAD over minutes of audio in its thread; at a lower priority that
+    work yields the cores to the model thread and to clips, which keeps short requests fast."""
+    if increment <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError:  # not permitted or not supported: the thread keeps its priority
+        pass
+
+
 class Service:
     """One model served under one `ServerConfig`; `start` and `stop` run on the event loop."""
 
@@ -42,7 +57,12 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         # timelines run in their own threads (their model calls go through the batcher), so the
         # default executor stays free for decoding clips
-        self.timeline_pool = ThreadPoolExecutor(config.max_timelines, thread_name_prefix="serval-timeline")
+        self.timeline_pool = ThreadPoolExecutor(
+            config.max_timelines,
+            thread_name_prefix="serval-timeline",
+            initializer=lower_thread_priority,
+            initargs=(config.timeline_nice,),
+        )
 
     def start(self) -> None:
         cfg = self.config

@@ -5,6 +5,7 @@ and no non-finite number ever serialised (issue 15, items 4, 6 and 8)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -200,3 +201,23 @@ def test_a_stream_pushing_faster_than_real_time_is_long_work():
             lanes.append("|")
         assert healthy(srv.base)
     assert lanes == ["short", "short", "|", "long", "|"], lanes  # (30 s: 14 windows, no end remainder)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priority is a Linux feature")
+def test_timeline_threads_run_below_the_rest():
+    """Timeline work (decoding, VAD) runs nicer than the server's other threads, so it yields the CPU."""
+    from serval.serve.metrics import Metrics
+    from serval.serve.service import Service
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    for increment in (10, 0):
+        service = Service(HeldPredictor(), ServerConfig(timeline_nice=increment), Metrics())
+        try:
+            inside = service.timeline_pool.submit(nice).result(10)
+        finally:
+            service.timeline_pool.shutdown()
+        assert inside == min(19, nice() + increment)
+    with pytest.raises(ValueError, match="timeline-nice"):
+        ServerConfig(timeline_nice=20).check()

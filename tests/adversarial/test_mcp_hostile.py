@@ -10,6 +10,8 @@ import sys
 import pytest
 from hostile import REPO, tiny_model, tone, wav_bytes
 
+from serval import vocab
+
 pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
 
@@ -89,3 +91,28 @@ def test_hostile_grids_are_tool_errors(results):
     assert "window" in text(results["nan_window"])
     after = results["after"]  # the server is still there and right
     assert not after.is_error and len(after.structured_content["windows"]) == 5
+
+
+def test_a_read_that_never_returns_is_a_tool_error(tmp_path, monkeypatch):
+    """A file whose reads block (a stuck network share) fails the call after READ_TIMEOUT, naming it."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from serval.serve import mcp as tool
+
+    stuck = threading.Event()
+    monkeypatch.setattr(tool, "READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(tool, "audio_info", lambda *a, **k: stuck.wait(30))
+    (tmp_path / "share.wav").write_bytes(wav_bytes(tone(1.0)))
+    never_called = SimpleNamespace(classes=vocab.EMOTIONS, dimensions=vocab.DIMENSIONS)
+    tools = tool.EmotionTools(never_called, tool.AudioInput(cwd=str(tmp_path)), 60.0, 3600.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ToolError, match=r"share\.wav: reading took longer than 0\.5 s"):
+            tools.recognize_emotion(path="share.wav")
+        assert time.monotonic() - t0 < 5
+    finally:
+        stuck.set()
