@@ -48,6 +48,10 @@ class SERConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     layer_weighting: str = "last"  # "last" or "weighted" (a learned softmax-weighted sum of all layers)
+    # A skip branch beside the ECAPA network (needs "weighted"): every layer's mean and standard
+    # deviation over time, standardised over the training data, projected to the embedding and added.
+    layer_stats: bool = False
+    layer_stats_dropout: float = 0.5
     # downstream ECAPA-TDNN variant
     channels: int = 512
     embed_dim: int = 256
@@ -387,6 +391,45 @@ class HybridPooling(nn.Module):
         return self.combiner(torch.cat([self.multiscale(x, mask), self.segment(x, mask)], dim=-1))
 
 
+class LayerStatistics(nn.Module):
+    """All encoder layers [B, L+1, T, d] -> each layer's mean and std over valid time, to [B, embed_dim].
+
+    A linear probe on exactly these statistics is a strong floor on frozen Whisper (benchmarks/probes.py);
+    this branch gives the network that path, so the ECAPA network only has to learn what it adds.
+    """
+
+    def __init__(self, cfg: SERConfig):
+        super().__init__()
+        n = (cfg.encoder_layers + 1) * cfg.d_model * 2
+        # no affine: the running statistics standardise each feature over the data, as the probe's scaler does
+        self.standardise = nn.BatchNorm1d(n, affine=False)
+        self.proj = nn.Sequential(
+            nn.Dropout(cfg.layer_stats_dropout),
+            nn.Linear(n, cfg.embed_dim),
+            nn.LayerNorm(cfg.embed_dim),
+            nn.GELU(),
+        )
+
+    def forward(self, layers: Tensor, mask: Tensor | None) -> Tensor:
+        x = layers.float()
+        if mask is None:
+            mean, var = x.mean(2), x.var(2, unbiased=False)
+        else:
+            m = mask[:, None, :, None].to(x.dtype)
+            count = m.sum(2).clamp_min(1.0)
+            mean = (x * m).sum(2) / count
+            var = (((x - mean[:, :, None]) * m) ** 2).sum(2) / count
+        stats = torch.cat([mean.flatten(1), var.clamp_min(1e-6).sqrt().flatten(1)], dim=1)
+        bn = self.standardise
+        if (
+            self.training and stats.shape[0] == 1
+        ):  # batch statistics of one clip do not exist: use the running ones
+            stats = F.batch_norm(stats, bn.running_mean, bn.running_var, training=False, eps=bn.eps)
+        else:
+            stats = bn(stats)
+        return self.proj(stats).to(layers.dtype)
+
+
 class ECAPADownstream(nn.Module):
     """Encoder frames [B, T, d] -> a clip embedding [B, embed_dim]."""
 
@@ -437,6 +480,10 @@ class SERModel(nn.Module):
         elif config.layer_weighting != "last":
             raise ValueError(f"layer_weighting must be 'last' or 'weighted', not {config.layer_weighting!r}")
         self.downstream_model = ECAPADownstream(config)
+        if config.layer_stats:
+            if config.layer_weighting != "weighted":
+                raise ValueError("layer_stats needs layer_weighting 'weighted' (it reads every layer)")
+            self.layer_stats = LayerStatistics(config)
         e = config.embed_dim
         self.dim_layer = nn.Sequential(
             nn.Linear(e, e), RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.dimensions)), nn.Sigmoid()
@@ -460,15 +507,20 @@ class SERModel(nn.Module):
 
     def head(self, hidden: Tensor, token_lengths: Tensor | None = None) -> SEROutput:
         """Encoder output -> logits, scores and embedding (everything after the Whisper encoder)."""
+        mask = None if token_lengths is None else lengths_to_mask(token_lengths, hidden.shape[-2])
+        skip = None
         if hidden.dim() == 4:  # [B, L+1, T, d]: the learned weighted sum of all layers
             # Whisper's inner layers are un-normalised residual streams with outlier channels in the
             # hundreds; a parameter-free layer norm puts every layer on one scale, so the weights pick
             # layers rather than magnitudes (the SUPERB weighted sum does the same).
             hidden = F.layer_norm(hidden, (self.config.d_model,))  # a constant shape exports
+            if self.config.layer_stats:
+                skip = self.layer_stats(hidden, mask)
             w = self.layer_weights.softmax(0).to(hidden.dtype)
             hidden = (hidden * w[None, :, None, None]).sum(1)
-        mask = None if token_lengths is None else lengths_to_mask(token_lengths, hidden.shape[1])
         embedding = self.downstream_model(hidden, mask)
+        if skip is not None:
+            embedding = embedding + skip
         logits = self.emotion_classification_layer(self.emotion_layer(embedding))
         return SEROutput(logits=logits, scores=self.dim_layer(embedding), embedding=embedding)
 

@@ -41,9 +41,12 @@ def tiny_model(seed: int = 0, **overrides) -> SERModel:
     return SERModel(SERConfig.tiny(**overrides)).eval()
 
 
-@pytest.mark.parametrize("weighting", ["last", "weighted"])
-def test_clip_alone_equals_clip_in_batch(weighting):
-    model = tiny_model(layer_weighting=weighting)
+@pytest.mark.parametrize("weighting,stats", [("last", False), ("weighted", False), ("weighted", True)])
+def test_clip_alone_equals_clip_in_batch(weighting, stats):
+    model = tiny_model(layer_weighting=weighting, layer_stats=stats)
+    if stats:  # running statistics that are not the identity, so the standardisation is exercised
+        model.layer_stats.standardise.running_mean.normal_()
+        model.layer_stats.standardise.running_var.uniform_(0.5, 2.0)
     torch.manual_seed(1)
     feats = torch.randn(3, 80, 400)
     lengths = torch.tensor([137, 400, 252])  # odd, full and even lengths
@@ -54,6 +57,18 @@ def test_clip_alone_equals_clip_in_batch(weighting):
             assert torch.allclose(alone.logits[0], batched.logits[i], atol=1e-4)
             assert torch.allclose(alone.scores[0], batched.scores[i], atol=1e-4)
             assert torch.allclose(alone.embedding[0], batched.embedding[i], atol=1e-4)
+
+
+def test_layer_statistics_branch():
+    with pytest.raises(ValueError, match="layer_stats needs layer_weighting 'weighted'"):
+        SERModel(SERConfig.tiny(layer_weighting="last", layer_stats=True))
+    model = tiny_model(layer_weighting="weighted", layer_stats=True).train()
+    feats, lengths = torch.randn(1, 80, 200), torch.tensor([200])
+    model(feats, lengths).logits.sum().backward()  # one clip in training: the running statistics stand in
+    assert model.layer_stats.proj[1].weight.grad.abs().sum() > 0
+    before = model.layer_stats.standardise.running_mean.clone()
+    model(torch.randn(4, 80, 200), torch.tensor([200, 150, 90, 40]))
+    assert not torch.equal(before, model.layer_stats.standardise.running_mean)  # batches update them
 
 
 def test_weighted_sum_chooses_layers_not_magnitudes():
