@@ -42,8 +42,7 @@ class CachedHead:
     def __init__(self, model_dir: str | Path, cache_dir: str | Path, name: str | None = None):
         self.model = load_model(model_dir)
         self.classes, self.dimensions = self.model.config.classes, self.model.config.dimensions
-        self.trained_dimensions = tuple(self.model.config.trained_dimensions)  # scored only where trained
-        self.trained_dimensions = self.model.config.trained_dimensions  # the others are not scored
+        self.trained_dimensions = tuple(self.model.config.trained_dimensions)  # the others are not scored
         self.name = name or self.model.config.name
         self.cache = EncoderCache(cache_dir, encoder_settings(self.model, "float16"))
         digest = hashlib.sha1(b"cached-head")
@@ -80,9 +79,10 @@ def cached_split(manifest: str, split: str, model, cache_dir: str, cfg: TrainCon
     return CachedDataset(examples, keys, cache, cfg, train=False)
 
 
-def scores(model, dataset: CachedDataset, cfg: TrainConfig) -> dict:
-    """{corpus: {"uar", "n", dims...}} plus "pooled" for one model on one cached split."""
-    probs, dims, idx = split_outputs([model], dataset, cfg, torch.device("cpu"), Dist(), 32)
+def scores(models: list, dataset: CachedDataset, cfg: TrainConfig) -> dict:
+    """{corpus: {"uar", "n", dims...}} plus "pooled" for one model (or an ensemble's mean) on one cached split."""
+    model = models[0]
+    probs, dims, idx = split_outputs(models, dataset, cfg, torch.device("cpu"), Dist(), 32)
     exs = [dataset.examples[int(i)] for i in idx]
     classes = list(model.config.classes)
     out: dict = {}
@@ -123,7 +123,10 @@ def table(results: dict[str, dict], split: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "runs", nargs="+", metavar="NAME=RUN_DIR", help="a run folder (its best/) or a model folder"
+        "runs",
+        nargs="+",
+        metavar="NAME=RUN_DIR",
+        help="a run folder (its best/) or a model folder; RUN_A+RUN_B: their ensemble (mean probabilities)",
     )
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--cache-dir", required=True)
@@ -134,11 +137,11 @@ def main() -> None:
     results, dataset = {}, None
     for spec in args.runs:
         name, _, run = spec.partition("=")
-        model = load_model(Path(run) / "best" if (Path(run) / "best").is_dir() else run)
+        models = [load_model(Path(r) / "best" if (Path(r) / "best").is_dir() else r) for r in run.split("+")]
         if dataset is None:  # the encoder (and so every key) is the same for every run
-            dataset = cached_split(args.manifest, args.split, model, args.cache_dir, cfg)
-        cfg.model = model.config
-        results[name] = scores(model, dataset, cfg)
+            dataset = cached_split(args.manifest, args.split, models[0], args.cache_dir, cfg)
+        cfg.model = models[0].config
+        results[name] = scores(models, dataset, cfg)
     text = table(results, args.split)
     print(text)
     if args.output:

@@ -52,6 +52,9 @@ class SERConfig:
     # deviation over time, standardised over the training data, projected to the embedding and added.
     layer_stats: bool = False
     layer_stats_dropout: float = 0.5
+    # In training, the ECAPA network's embedding is dropped for this fraction of clips (the rest scaled
+    # up, as in stochastic depth), so the statistics branch must stand alone; inference is unchanged.
+    ecapa_drop: float = 0.0
     # downstream ECAPA-TDNN variant
     channels: int = 512
     embed_dim: int = 256
@@ -483,6 +486,8 @@ class SERModel(nn.Module):
         if config.layer_stats:
             if config.layer_weighting != "weighted":
                 raise ValueError("layer_stats needs layer_weighting 'weighted' (it reads every layer)")
+            if not 0 <= config.ecapa_drop < 1:
+                raise ValueError(f"ecapa_drop must be in [0, 1), got {config.ecapa_drop}")
             self.layer_stats = LayerStatistics(config)
         e = config.embed_dim
         self.dim_layer = nn.Sequential(
@@ -520,6 +525,10 @@ class SERModel(nn.Module):
             hidden = (hidden * w[None, :, None, None]).sum(1)
         embedding = self.downstream_model(hidden, mask)
         if skip is not None:
+            p = self.config.ecapa_drop
+            if self.training and p > 0:
+                keep = torch.rand(embedding.shape[0], 1, device=embedding.device) >= p
+                embedding = embedding * keep.to(embedding.dtype) / (1 - p)
             embedding = embedding + skip
         logits = self.emotion_classification_layer(self.emotion_layer(embedding))
         return SEROutput(logits=logits, scores=self.dim_layer(embedding), embedding=embedding)

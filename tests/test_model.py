@@ -71,6 +71,28 @@ def test_layer_statistics_branch():
     assert not torch.equal(before, model.layer_stats.standardise.running_mean)  # batches update them
 
 
+def test_ecapa_drop_trains_the_branch_alone_on_dropped_clips_and_leaves_inference_alone():
+    feats, lengths = torch.randn(2, 80, 200), torch.tensor([200, 140])
+    plain, dropping = (
+        tiny_model(layer_weighting="weighted", layer_stats=True),
+        tiny_model(layer_weighting="weighted", layer_stats=True, ecapa_drop=0.5),
+    )
+    with torch.no_grad():
+        assert torch.equal(plain(feats, lengths).logits, dropping(feats, lengths).logits)
+    dropping.train()
+    ecapa_used = []
+    for seed in range(16):
+        torch.manual_seed(seed)
+        dropping.zero_grad()
+        dropping(feats[:1], lengths[:1]).logits.sum().backward()
+        grads = [p.grad for p in dropping.downstream_model.parameters() if p.grad is not None]
+        ecapa_used.append(any(g.abs().sum() > 0 for g in grads))
+        assert dropping.layer_stats.proj[1].weight.grad.abs().sum() > 0  # the branch always learns
+    assert 0 < sum(ecapa_used) < 16  # some clips train the ECAPA network, the dropped ones do not
+    with pytest.raises(ValueError, match="ecapa_drop"):
+        SERModel(SERConfig.tiny(layer_weighting="weighted", layer_stats=True, ecapa_drop=1.0))
+
+
 def test_weighted_sum_chooses_layers_not_magnitudes():
     model = tiny_model(layer_weighting="weighted")
     torch.manual_seed(2)

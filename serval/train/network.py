@@ -26,6 +26,7 @@ def build_model(cfg: TrainConfig) -> SERModel:
         start = load(cfg.init_from, device="cpu").model
         # Training choices come from this config; the architecture comes from the checkpoint.
         keep = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "gradient_checkpointing", "proj_dropout",
+                "layer_stats_dropout", "ecapa_drop",
                 "embed_dropouts")  # fmt: skip
         model_cfg = dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep})
         model = SERModel(model_cfg)
