@@ -215,7 +215,10 @@ async def soak(base: str, port: int, pid: int, args, data: dict) -> dict:
         healthz = (await c.get("/healthz")).status_code
     crashed = [repr(r) for r in results if isinstance(r, BaseException)]
     at2 = [m for t, m in memory if t >= 120]
-    rss |= {"minute_2": at2[0] if at2 else None, "end": rss_kib(pid)}
+    # the load's last sample is minute 10; the burst's 160 uploads come after it and are reported apart
+    rss |= {"minute_2": at2[0] if at2 else None, "end of load": memory[-1][1] if memory else None}
+    rss["after the burst"] = rss_kib(pid)
+    per_minute = {int(t // 60): m for t, m in memory}  # the last sample of each minute
     return {
         "minutes": args.minutes,
         "short_idle_p50_p99_ms": percentiles(idle),
@@ -224,7 +227,8 @@ async def soak(base: str, port: int, pid: int, args, data: dict) -> dict:
         "burst": overload,
         "answers": {k: dict(v) for k, v in s.codes.items()},
         "rss_mib": {k: round(v / 1024, 1) if v else None for k, v in rss.items()},
-        "rss_growth_from_minute_2": round(rss["end"] / at2[0] - 1, 4) if at2 else None,
+        "rss_growth_from_minute_2": round(rss["end of load"] / at2[0] - 1, 4) if at2 else None,
+        "rss_mib_per_minute": [round(per_minute[k] / 1024, 1) for k in sorted(per_minute)],
         "healthz_at_end": healthz,
         "client_errors": crashed,
     }
@@ -248,8 +252,12 @@ def table(r: dict) -> str:
             for code, v in r["burst"]["probe_p50_p99_ms"].items()
         ),
         *((f"{k}: answers", ", ".join(f"{c} x{n}" for c, n in v.items())) for k, v in r["answers"].items()),
-        ("RSS start / minute 2 / end (MiB)", " / ".join(str(v) for v in r["rss_mib"].values())),
-        ("RSS growth minute 2 -> end", r["rss_growth_from_minute_2"]),
+        (
+            "RSS start / minute 2 / end of load / after the burst (MiB)",
+            " / ".join(str(v) for v in r["rss_mib"].values()),
+        ),
+        ("RSS at the end of each minute (MiB)", " ".join(str(v) for v in r["rss_mib_per_minute"])),
+        ("RSS growth minute 2 -> end of load", r["rss_growth_from_minute_2"]),
         ("/healthz at the end", r["healthz_at_end"]),
     ]
     return "\n".join(["| measure | value |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict
 
@@ -136,8 +137,27 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX does); True when set.
+
+    glibc gives threads their own arenas, up to 8 per core, and keeps what each one freed: a server
+    whose timeline threads come and go would otherwise grow its RSS by arenas that sit mostly idle."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-8, arenas))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+
+    limit_malloc_arenas()  # before the model's and the server's threads exist
 
     from serval.locations import NoDefaultModelError
     from serval.onnx_engine import load_engine
