@@ -1,8 +1,9 @@
 """Dev numbers of training runs side by side, per corpus, from the runs' own encoder cache.
 
 For each run folder (`NAME=RUN_DIR`), its `best/` model's head is scored on the cached
-(float16, clean) encoder outputs of one split: UAR per corpus over that corpus's own classes,
-pooled UAR, and CCC per dimension where the corpus carries it. Cheap (no encoder pass), and
+(float16, clean) encoder outputs of one split: UAR per corpus, each clip's prediction the argmax
+over the classes its corpus has in that split (as `serval eval` and benchmarks/model_card.py
+score), pooled UAR over those predictions, and CCC per dimension where the corpus carries it. Cheap (no encoder pass), and
 equal to scoring the audio up to float16 rounding of the encoder outputs; the shipped model's
 figures in MODEL_CARD.md come from benchmarks/model_card.py on the audio itself.
 
@@ -89,12 +90,21 @@ def scores(models: list, dataset: CachedDataset, cfg: TrainConfig) -> dict:
     groups = {"pooled": list(range(len(exs)))}
     for k, ex in enumerate(exs):
         groups.setdefault(ex.corpus, []).append(k)
+    # as serval eval and the model card score: each clip's argmax over the classes its corpus has
+    own = {
+        c: sorted({exs[k].label for k in ks if exs[k].label >= 0})
+        for c, ks in groups.items()
+        if c != "pooled"
+    }
+    guesses = {
+        k: own[ex.corpus][int(probs[k][own[ex.corpus]].argmax())] for k, ex in enumerate(exs) if ex.label >= 0
+    }
     for name, members in groups.items():
         row = {}
         labelled = [k for k in members if exs[k].label >= 0]
         if len({exs[k].label for k in labelled}) > 1:
             gold = [classes[exs[k].label] for k in labelled]
-            guess = [classes[int(probs[k].argmax())] for k in labelled]
+            guess = [classes[guesses[k]] for k in labelled]
             row["uar"], row["n"] = 100 * uar(gold, guess, classes), len(labelled)
         for j, dim in enumerate(model.config.dimensions):
             rated = [k for k in members if exs[k].dims is not None and exs[k].dims[j] is not None]
