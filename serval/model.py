@@ -424,9 +424,8 @@ class LayerStatistics(nn.Module):
             var = (((x - mean[:, :, None]) * m) ** 2).sum(2) / count
         stats = torch.cat([mean.flatten(1), var.clamp_min(1e-6).sqrt().flatten(1)], dim=1)
         bn = self.standardise
-        if (
-            self.training and stats.shape[0] == 1
-        ):  # batch statistics of one clip do not exist: use the running ones
+        # in training, batch statistics of one clip do not exist: the running ones stand in
+        if self.training and stats.shape[0] == 1:
             stats = F.batch_norm(stats, bn.running_mean, bn.running_var, training=False, eps=bn.eps)
         else:
             stats = bn(stats)

@@ -25,9 +25,8 @@ class ServerConfig:
     max_batch: int = 16  # waveforms per model call (1 = no micro-batching)
     max_long_batch: int = 16  # timeline waveforms per model call at most
     long_call_ms: float = 100.0  # model time a call with timeline windows should take, at most one window
-    timeline_nice: int = (
-        10  # timeline threads (decoding, VAD) run this much nicer (Linux), so clips get the CPU
-    )
+    # timeline threads (decoding, VAD) run this much nicer (Linux), so clips get the CPU first
+    timeline_nice: int = 10
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
     max_queue: int = 64  # clips decoded and waiting for the model; more get 503 + Retry-After
     max_timelines: int = 16  # timelines being worked on at once; more get 503 + Retry-After
