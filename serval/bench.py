@@ -44,6 +44,34 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def time_call(
+    call: Callable[[], object],
+    clips: int,
+    min_seconds: float = 2.0,
+    max_iters: int = 50,
+    after_warmup: Callable[[], object] | None = None,
+) -> dict:
+    """Clips per second of `call` (which runs `clips` clips), after one warm-up call (then `after_warmup`).
+
+    Timed calls repeat until `min_seconds` have passed (at least one, at most `max_iters`); the
+    result has the raw timing (`iters`, `seconds`) beside the rates.
+    """
+    call()
+    if after_warmup is not None:
+        after_warmup()
+    iters, start = 0, time.perf_counter()
+    while iters < max_iters and (iters == 0 or time.perf_counter() - start < min_seconds):
+        call()
+        iters += 1
+    elapsed = time.perf_counter() - start
+    return {
+        "clips_per_s": round(clips * iters / elapsed, 2),
+        "ms_per_batch": round(1000 * elapsed / iters, 2),
+        "iters": iters,
+        "seconds": round(elapsed, 6),
+    }
+
+
 def time_inference(
     model: SERModel,
     waves: list[np.ndarray],
@@ -66,26 +94,12 @@ def time_inference(
         )
         frames.append(int(feats.shape[-1]))
         with torch.inference_mode(), autocast:
-            out = model(feats, lengths.to(device))
-        return out.logits.float().softmax(-1)
-
-    step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    iters, start = 0, time.perf_counter()
-    while iters < max_iters and (iters == 0 or time.perf_counter() - start < min_seconds):
-        step()
+            model(feats, lengths.to(device)).logits.float().softmax(-1)
         _sync(device)
-        iters += 1
-    elapsed = time.perf_counter() - start
-    result = {
-        "clips_per_s": round(len(waves) * iters / elapsed, 2),
-        "ms_per_batch": round(1000 * elapsed / iters, 2),
-        "iters": iters,
-        "seconds": round(elapsed, 6),
-        "frames": frames[0],
-    }
+
+    reset = (lambda: torch.cuda.reset_peak_memory_stats(device)) if device.type == "cuda" else None
+    result = time_call(step, len(waves), min_seconds, max_iters, after_warmup=reset)
+    result["frames"] = frames[0]
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return result
@@ -134,22 +148,6 @@ def model_pair(size: str, device: torch.device, seed: int = 0) -> tuple[SERModel
     published = SERModel(SERConfig.for_whisper(size, pad_to_30s=True)).to(device).eval()
     published.load_state_dict(ours.state_dict())
     return ours, published
-
-
-def time_call(call: Callable[[], object], clips: int, min_seconds: float = 2.0, max_iters: int = 50) -> dict:
-    """Clips per second of `call` (which runs `clips` clips), after one warm-up call; as `time_inference`."""
-    call()
-    iters, start = 0, time.perf_counter()
-    while iters < max_iters and (iters == 0 or time.perf_counter() - start < min_seconds):
-        call()
-        iters += 1
-    elapsed = time.perf_counter() - start
-    return {
-        "clips_per_s": round(clips * iters / elapsed, 2),
-        "ms_per_batch": round(1000 * elapsed / iters, 2),
-        "iters": iters,
-        "seconds": round(elapsed, 6),
-    }
 
 
 def engine_predictors(device: torch.device, model: str | None = None) -> dict:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from serval.atomic import atomic_write
 from serval.inference import ensemble_forward
-from serval.model import SERModel
+from serval.model import SERModel, shared_trained_dimensions
 from serval.version import __version__
 
 OPSET = 17
@@ -65,10 +65,8 @@ def graph_metadata(models: Sequence[SERModel], name: str | None = None) -> dict[
         "name": name or cfg.name,
         "classes": json.dumps(list(cfg.classes)),
         "dimensions": json.dumps(list(cfg.dimensions)),
-        # trained only where every member's is (a graph without this key: none trained)
-        "trained_dimensions": json.dumps(
-            [d for d in cfg.dimensions if all(d in m.config.trained_dimensions for m in models)]
-        ),
+        # a graph without this key: none trained
+        "trained_dimensions": json.dumps(list(shared_trained_dimensions(models))),
         "n_mels": str(cfg.n_mels),
         "pad_to_30s": json.dumps(bool(cfg.pad_to_30s)),
         "members": str(len(models)),

@@ -24,7 +24,7 @@ from serval.features import compute_features
 from serval.locations import DEFAULT_MODEL, NoDefaultModelError
 from serval.meralion import NAME as MERALION_NAME
 from serval.meralion import import_meralion_checkpoint
-from serval.model import SERModel
+from serval.model import SERModel, shared_trained_dimensions
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -85,10 +85,7 @@ class Predictor(AudioClassifier):
         self.name = name or self.config.name
         self.classes: tuple[str, ...] = tuple(self.config.classes)
         self.dimensions: tuple[str, ...] = tuple(self.config.dimensions)
-        # an ensemble's score is trained only where every member's is
-        self.trained_dimensions: tuple[str, ...] = tuple(
-            d for d in self.dimensions if all(d in m.config.trained_dimensions for m in self.models)
-        )
+        self.trained_dimensions: tuple[str, ...] = shared_trained_dimensions(self.models)
         self.static = None
         if buckets or compile:
             self.set_static(compile=compile)

@@ -9,6 +9,7 @@ outputs do not depend on the other clips in its batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -598,6 +599,13 @@ class SERModel(nn.Module):
         if missing:
             raise KeyError(f"backbone is missing {len(missing)} tensors: {', '.join(missing[:10])}")
         self.whisper.encoder.load_state_dict(renamed, strict=False)
+
+
+def shared_trained_dimensions(models: Sequence[SERModel]) -> tuple[str, ...]:
+    """The dimensions trained in every one of `models`: an ensemble's score is trained only where all are."""
+    return tuple(
+        d for d in models[0].config.dimensions if all(d in m.config.trained_dimensions for m in models)
+    )
 
 
 def merge_lora(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 
 from serval import vocab
 from serval.atomic import atomic_write, atomic_write_text
-from serval.windows import WindowResult, WindowSpec, merge_windows, score_spans, sliding_windows
+from serval.windows import Segment, WindowResult, WindowSpec, merge_windows, score_spans, sliding_windows
 
 
 @dataclass
@@ -143,6 +143,20 @@ def result_record(
     return rec
 
 
+def segment_record(
+    s: Segment, classes: Sequence[str], dimensions: Sequence[str], trained: Sequence[str]
+) -> dict:
+    """A merged segment as a JSON-ready dict (scores of dimensions not in `trained` are None)."""
+    return {
+        "start": s.start,
+        "end": s.end,
+        "label": s.label,
+        "windows": s.windows,
+        "probabilities": vocab.probabilities(s.probs, classes),
+        "scores": vocab.scores(s.scores, dimensions, trained),
+    }
+
+
 def grid_timeline(
     source, predictor, spec: WindowSpec = WindowSpec(), batch_size: int = 16, progress: bool = False
 ) -> dict:
@@ -161,17 +175,7 @@ def grid_timeline(
         "vad": {"threshold": spec.vad_threshold, "min_speech": spec.min_speech} if spec.vad else None,
         "max_segment": spec.max_segment,
         "windows": [result_record(r, classes, dims, trained) for r in results],
-        "segments": [
-            {
-                "start": s.start,
-                "end": s.end,
-                "label": s.label,
-                "windows": s.windows,
-                "probabilities": vocab.probabilities(s.probs, classes),
-                "scores": vocab.scores(s.scores, dims, trained),
-            }
-            for s in segments
-        ],
+        "segments": [segment_record(s, classes, dims, trained) for s in segments],
     }
 
 

@@ -23,7 +23,7 @@ from serval import vocab
 from serval.serve.batching import QueueFullError
 from serval.serve.schemas import dumps
 from serval.serve.service import Service
-from serval.timeline import result_record
+from serval.timeline import result_record, segment_record
 from serval.windows import StreamingWindower, Window, WindowResult, merge_windows, pool
 
 LIVE_SLACK = 5.0  # seconds of audio a live stream may be ahead of the clock (client-side buffering)
@@ -77,15 +77,7 @@ def stream_summary(
     if any(r.scored for r in results):
         out["overall"] = vocab.label_body(*pool(results), classes, dimensions, trained=trained)
     out["segments"] = [
-        {
-            "start": s.start,
-            "end": s.end,
-            "label": s.label,
-            "windows": s.windows,
-            "probabilities": vocab.probabilities(s.probs, classes),
-            "scores": vocab.scores(s.scores, dimensions, trained),
-        }
-        for s in merge_windows(results, classes, max_segment)
+        segment_record(s, classes, dimensions, trained) for s in merge_windows(results, classes, max_segment)
     ]
     return out
 
