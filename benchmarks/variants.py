@@ -63,7 +63,7 @@ class CachedHead:
             items = [{"index": i, "input": self._hidden(w), "target": torch.zeros(1), "dims": torch.zeros(1),
                       "dims_mask": torch.zeros(1, dtype=torch.bool)} for i, w in enumerate(waves[s : s + batch_size])]  # fmt: skip
             batch = collate(items)
-            out = self.model.head(batch["input"], batch["lengths"])
+            out = self.model.cached_forward(batch["input"], batch["lengths"])
             probs.append(out.logits.float().softmax(-1).numpy())
             scores.append(out.scores.float().numpy())
         return np.concatenate(probs), np.concatenate(scores)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from serval.atomic import atomic_write
+from serval.model import merge_lora_state_dict
 from serval.progress import progress_bar
 
 CACHE_VERSION = 1  # bump when the stored layout changes
@@ -28,9 +29,17 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def backbone_fingerprint(model) -> str:
-    """sha256 over the encoder's tensors (names, shapes, bytes): two encoders share it only if identical."""
+    """sha256 over the encoder's tensors (names, shapes, bytes): two encoders share it only if identical.
+
+    LoRA on every layer is folded in first. LoRA on the top `lora_layers` is left out: `cached_forward`
+    re-runs those layers itself, so the cache holds the frozen encoder's outputs.
+    """
     h = hashlib.sha256()
-    for name, tensor in sorted(model.whisper.encoder.state_dict().items()):
+    cfg, state = model.config, model.whisper.encoder.state_dict()
+    if cfg.lora_r and not cfg.lora_layers:
+        state = merge_lora_state_dict(state, cfg.lora_alpha / cfg.lora_r)
+    state = {n.replace(".base_layer.", "."): t for n, t in state.items() if "lora_" not in n}
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

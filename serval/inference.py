@@ -46,7 +46,7 @@ def ensemble_forward(
     """
     probs, scores = 0.0, 0.0
     for m in models:
-        out = m.head(features, frame_lengths) if cached else m(features, frame_lengths)
+        out = m.cached_forward(features, frame_lengths) if cached else m(features, frame_lengths)
         probs = probs + out.logits.float().softmax(-1)
         scores = scores + out.scores.float()
     return probs / len(models), scores / len(models)

@@ -48,6 +48,9 @@ class SERConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    # LoRA on the top N encoder layers only (0: on every layer, as published). Training on cached
+    # encoder outputs (mode frozen_cached) then re-runs just those N layers from the cached input below.
+    lora_layers: int = 0
     layer_weighting: str = "last"  # "last" or "weighted" (a learned softmax-weighted sum of all layers)
     # A skip branch beside the ECAPA network (needs "weighted"): every layer's mean and standard
     # deviation over time, standardised over the training data, projected to the embedding and added.
@@ -497,6 +500,8 @@ class SERModel(nn.Module):
         self.emotion_classification_layer = nn.Sequential(
             RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes))
         )
+        if not 0 <= config.lora_layers <= config.encoder_layers:
+            raise ValueError(f"lora_layers must be in [0, {config.encoder_layers}], got {config.lora_layers}")
         if config.lora_r > 0:
             self._add_lora()
 
@@ -536,6 +541,33 @@ class SERModel(nn.Module):
     def forward(self, features: Tensor, frame_lengths: Tensor | None = None) -> SEROutput:
         return self.head(*self.encode(features, frame_lengths))
 
+    def top_layers(self) -> range:
+        """The encoder layers `lora_layers` adapts (empty when LoRA is on every layer or off)."""
+        n = self.config.encoder_layers
+        return range(n - self.config.lora_layers, n) if self.config.lora_layers else range(0)
+
+    def cached_forward(self, layers: Tensor, token_lengths: Tensor | None = None) -> SEROutput:
+        """All-layer outputs of the frozen encoder [B, L+1, T, d] (an encoder cache) -> `head`'s outputs.
+
+        With `lora_layers`, those top layers are first re-run, adapters and all, from the cached
+        output of the layer below them, so only they cost compute in training.
+        """
+        top = self.top_layers()
+        if not top or self.config.lora_r == 0:
+            return self.head(layers, token_lengths)
+        if layers.dim() != 4:
+            raise ValueError(
+                "lora_layers on cached outputs needs all layers cached (layer_weighting 'weighted')"
+            )
+        encoder = self.whisper.encoder
+        key_mask = None if token_lengths is None else lengths_to_mask(token_lengths, layers.shape[2])
+        x = layers[:, top.start].float()
+        states = list(layers[:, : top.start + 1].to(x.dtype).unbind(1))
+        for i in top:
+            x = encoder.layers[i](x, key_mask)
+            states.append(x if i < top.stop - 1 else encoder.layer_norm(x))
+        return self.head(torch.stack(states, dim=1), token_lengths)
+
     # -- parameter groups
 
     def backbone_parameters(self) -> list[nn.Parameter]:
@@ -559,11 +591,15 @@ class SERModel(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
 
         cfg = self.config
+        targets: list[str] | str = list(cfg.lora_targets)
+        if cfg.lora_layers:  # peft matches a string in full against each module name
+            top = "|".join(str(i) for i in self.top_layers())
+            targets = rf"layers\.({top})\..*\.({'|'.join(cfg.lora_targets)})"
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
+            target_modules=targets,
             bias="none",
         )
         inject_adapter_in_model(lora, self.whisper.encoder)

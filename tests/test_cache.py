@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 from pathlib import Path
 
@@ -84,22 +85,25 @@ def _manifest(path: Path, files: list[Path], spans: dict[int, tuple[float, float
     return path
 
 
+def _train_cached(caplog, tmp_path: Path, name: str, manifest: Path, *extra: str) -> tuple[Path, str]:
+    """A tiny frozen_cached run on `tmp_path / "cache"`: (its best model, its "encoder cache" log line)."""
+    cfg = load_config(None, [
+        "model.d_model=64", "model.encoder_layers=2", "model.encoder_attention_heads=2",
+        "model.encoder_ffn_dim=128", "model.channels=32", "model.embed_dim=32", "mode=frozen_cached",
+        "progress=false", "tensorboard=false", f"out_dir={tmp_path / name}", f"data.train={manifest}",
+        "data.train_split=train", f"data.dev={manifest}", "data.dev_split=dev", "optim.batch_size=2",
+        "optim.epochs=2", f"cache.dir={tmp_path / 'cache'}", "data.max_seconds=2.5", *extra,
+    ])  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="serval.train"):
+        best = train(cfg)
+    return best, next(r.getMessage() for r in caplog.records if "encoder cache" in r.getMessage())
+
+
 def test_frozen_cached_training_encodes_once_and_rekeys_a_changed_span(tmp_path, caplog):
     files = [p for p in clips("ravdess", "Actor_03/*.flac") if p.stem.split("-")[2] != "02"][::6][:8]
     cache_dir = tmp_path / "cache"
-
-    def run(name: str, manifest: Path, *extra: str):
-        cfg = load_config(None, [
-            "model.d_model=64", "model.encoder_layers=2", "model.encoder_attention_heads=2",
-            "model.encoder_ffn_dim=128", "model.channels=32", "model.embed_dim=32", "mode=frozen_cached",
-            "progress=false", "tensorboard=false", f"out_dir={tmp_path / name}", f"data.train={manifest}",
-            "data.train_split=train", f"data.dev={manifest}", "data.dev_split=dev", "optim.batch_size=2",
-            "optim.epochs=2", f"cache.dir={cache_dir}", "data.max_seconds=2.5", *extra,
-        ])  # fmt: skip
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="serval.train"):
-            best = train(cfg)
-        return best, next(r.getMessage() for r in caplog.records if "encoder cache" in r.getMessage())
+    run = functools.partial(_train_cached, caplog, tmp_path)
 
     entries = lambda: sorted(p.name for p in cache_dir.rglob("*.safetensors"))  # noqa: E731
     manifest = _manifest(tmp_path / "m.csv", files)
@@ -120,4 +124,29 @@ def test_frozen_cached_training_encodes_once_and_rekeys_a_changed_span(tmp_path,
 
     records = serval.load(best).predict([str(files[0])])
     assert set(records[0]["probabilities"]) == set(SERConfig().classes)
+    assert np.isclose(sum(records[0]["probabilities"].values()), 1.0, atol=1e-4)
+
+
+def test_lora_on_the_top_layer_trains_on_the_frozen_encoders_cache(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    import serval
+    from serval.checkpoint import load_model
+
+    files = [p for p in clips("ravdess", "Actor_03/*.flac") if p.stem.split("-")[2] != "02"][::6][:8]
+    manifest = _manifest(tmp_path / "m.csv", files)
+    weighted = ("model.layer_weighting=weighted", "model.layer_stats=true", "optim.epochs=1")
+    _, message = _train_cached(caplog, tmp_path, "plain", manifest, *weighted)
+    assert "8 encoded now, 0 reused" in message
+    lora = ("model.lora_r=4", "model.lora_layers=1", "optim.lr_lora=1e-2")
+    best, message = _train_cached(caplog, tmp_path, "lora", manifest, *weighted, *lora)
+    assert "0 encoded now, 8 reused" in message  # the adapters sit above the cached layers
+    out = tmp_path / "lora"
+    trained = load_file(str(out / (out / "last").read_text().strip() / "model.safetensors"))
+    adapters = {k: v for k, v in trained.items() if "lora_" in k}
+    assert adapters and all(".layers.1." in k for k in adapters)
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # B starts at zero
+    # the audio path runs the whole encoder, the saved adapters on its top layer
+    assert torch.equal(load_model(best).state_dict()[next(iter(adapters))], next(iter(adapters.values())))
+    records = serval.load(best).predict([str(files[0])])
     assert np.isclose(sum(records[0]["probabilities"].values()), 1.0, atol=1e-4)

@@ -180,6 +180,46 @@ def test_lora_wraps_q_k_v_only_and_merges_into_published_names():
     assert set(model.merged_state_dict()) == set(plain.state_dict())
 
 
+def test_lora_on_top_layers_re_runs_them_from_a_frozen_encoder_cache():
+    from serval.cache import backbone_fingerprint
+
+    kw = dict(encoder_layers=3, layer_weighting="weighted", layer_stats=True)
+    model = tiny_model(lora_r=4, lora_layers=1, **kw)
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * 3 and all(".layers.2." in n for n in lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    frozen = SERModel(SERConfig.tiny(**kw)).eval()  # the encoder the cache was made with
+    frozen.load_state_dict(
+        {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    )
+    feats, lengths = torch.randn(2, 80, 60), torch.tensor([60, 41])
+    with torch.no_grad():
+        cache, tokens = frozen.encode(feats, lengths)
+        assert torch.allclose(
+            model.cached_forward(cache.half(), tokens).logits, model(feats, lengths).logits, atol=2e-2
+        )
+        assert torch.allclose(
+            model.cached_forward(cache, tokens).logits, model(feats, lengths).logits, atol=1e-5
+        )
+        assert not torch.allclose(
+            frozen.cached_forward(cache, tokens).logits, model(feats, lengths).logits, atol=1e-3
+        )
+    # the cache key is the frozen encoder's; adapters on every layer change what is cached, so they count
+    assert backbone_fingerprint(model) == backbone_fingerprint(frozen)
+    everywhere = tiny_model(lora_r=4, **kw)
+    everywhere.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for n, p in everywhere.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    assert backbone_fingerprint(everywhere) != backbone_fingerprint(frozen)
+    with pytest.raises(ValueError, match="lora_layers must be in"):
+        SERModel(SERConfig.tiny(lora_r=4, lora_layers=3))
+
+
 def test_unknown_config_key_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown config keys: bogus"):
         SERConfig.from_dict({"bogus": 1})

@@ -151,8 +151,14 @@ class TrainConfig:
             ),
             (0.0 < self.data.max_seconds <= 30.0, "data.max_seconds must be in (0, 30]: one encoder pass"),
             (
-                not (self.mode == "frozen_cached" and self.model.lora_r > 0),
-                "mode frozen_cached freezes the whole encoder: set model.lora_r to 0",
+                not (self.mode == "frozen_cached" and self.model.lora_r > 0 and not self.model.lora_layers),
+                "mode frozen_cached caches the encoder's outputs: LoRA there needs model.lora_layers "
+                "(the top layers it re-runs), or set model.lora_r to 0",
+            ),
+            (
+                not (self.mode == "frozen_cached" and self.model.lora_layers and self.model.lora_r > 0)
+                or self.model.layer_weighting == "weighted",
+                "model.lora_layers on cached outputs needs model.layer_weighting 'weighted' (every layer cached)",
             ),
             (
                 isinstance(self.loss.class_weights, list)

@@ -25,7 +25,7 @@ def build_model(cfg: TrainConfig) -> SERModel:
 
         start = load(cfg.init_from, device="cpu").model
         # Training choices come from this config; the architecture comes from the checkpoint.
-        keep = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "gradient_checkpointing", "proj_dropout",
+        keep = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "gradient_checkpointing", "proj_dropout",
                 "layer_stats_dropout", "ecapa_drop",
                 "embed_dropouts")  # fmt: skip
         model_cfg = dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep})
@@ -71,7 +71,7 @@ class Forward(nn.Module):
         self.model, self.cached = model, cached
 
     def forward(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        out = self.model.head(x, lengths) if self.cached else self.model(x, lengths)
+        out = self.model.cached_forward(x, lengths) if self.cached else self.model(x, lengths)
         return out.logits, out.scores
 
 
