@@ -329,7 +329,7 @@ def test_mixup_mixes_inputs_targets_and_dims():
     assert torch.allclose(out["targets"].sum(1), torch.ones(3))
 
 
-def test_average_models_merges_lora_before_averaging():
+def test_average_models_averages_lora_updates_exactly_in_one_adapter_of_rank_k_r():
     from serval.model import SERConfig, SERModel
 
     models = []
@@ -339,10 +339,16 @@ def test_average_models_merges_lora_before_averaging():
         for p in m.lora_parameters():  # peft starts B at zero; make the adapters matter
             torch.nn.init.normal_(p, std=0.1)
         models.append(m.eval())
+    models[1].load_state_dict(
+        {k: v for k, v in models[0].state_dict().items() if "lora_" not in k and "whisper." in k},
+        strict=False,
+    )
     avg = average_models(models)
-    assert avg.config.lora_r == 0 and avg.config.backbone is None
+    assert (avg.config.lora_r, avg.config.lora_alpha) == (4, 32) and avg.config.backbone == models[
+        0
+    ].config.backbone
     merged = [m.merged_state_dict() for m in models]
-    for k, v in avg.state_dict().items():
+    for k, v in avg.merged_state_dict().items():
         assert torch.allclose(v, (merged[0][k] + merged[1][k]) / 2, atol=1e-6), k
 
 

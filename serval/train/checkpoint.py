@@ -47,16 +47,27 @@ def load_checkpoint(model: SERModel, directory: Path) -> SERModel:
 
 
 def average_models(models: list[SERModel]) -> SERModel:
-    """One model whose tensors are the means of `models`' (LoRA merged first, so the mean is exact)."""
-    states = [m.merged_state_dict() for m in models]
+    """One model whose tensors are the means of `models'` (one run's checkpoints, so one layout).
+
+    LoRA adapters are not averaged factor by factor (the mean of products is not the product of
+    means): the k adapters of a weight become one of rank k*r, A stacked and B stacked and divided
+    by k, whose product is exactly the mean of the k updates. The backbone stays referenced.
+    """
+    k, cfg = len(models), models[0].config
+    states = [m.state_dict() for m in models]
     mean = {}
-    for k, first in states[0].items():
-        same = all(torch.equal(first, s[k]) for s in states[1:])  # frozen tensors stay bit-exact
-        mean[k] = first if same else (sum(s[k].float() for s in states) / len(states)).to(first.dtype)
-    lora = models[0].config.lora_r > 0
-    config = dataclasses.replace(models[0].config, lora_r=0)
-    if lora:  # the merged encoder differs from the backbone, so it is saved whole
-        config.backbone = None
+    for name, first in states[0].items():
+        if ".lora_A." in name:
+            mean[name] = torch.cat([s[name] for s in states], dim=0)
+        elif ".lora_B." in name:
+            mean[name] = torch.cat([s[name] for s in states], dim=1) / k
+        elif all(torch.equal(first, s[name]) for s in states[1:]):  # frozen tensors stay bit-exact
+            mean[name] = first
+        else:
+            mean[name] = (sum(s[name].float() for s in states) / k).to(first.dtype)
+    config = (
+        dataclasses.replace(cfg, lora_r=cfg.lora_r * k, lora_alpha=cfg.lora_alpha * k) if cfg.lora_r else cfg
+    )
     model = SERModel(config).to(next(iter(mean.values())).device)
     model.load_state_dict(mean)
     return model.eval()
