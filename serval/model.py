@@ -9,6 +9,7 @@ outputs do not depend on the other clips in its batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -59,6 +60,9 @@ class SERConfig:
     # In training, the ECAPA network's embedding is dropped for this fraction of clips (the rest scaled
     # up, as in stochastic depth), so the statistics branch must stand alone; inference is unchanged.
     ecapa_drop: float = 0.0
+    # A linear classifier on the same statistics (needs "weighted"), fitted once after training
+    # (serval.train.linear_head); the class probabilities are the mean of its and the network's.
+    linear_head: bool = False
     # downstream ECAPA-TDNN variant
     channels: int = 512
     embed_dim: int = 256
@@ -398,8 +402,21 @@ class HybridPooling(nn.Module):
         return self.combiner(torch.cat([self.multiscale(x, mask), self.segment(x, mask)], dim=-1))
 
 
+def layer_statistics(layers: Tensor, mask: Tensor | None) -> Tensor:
+    """All layers [B, L+1, T, d] -> each layer's mean and std over valid time, [B, (L+1) * d * 2] (float32)."""
+    x = layers.float()
+    if mask is None:
+        mean, var = x.mean(2), x.var(2, unbiased=False)
+    else:
+        m = mask[:, None, :, None].to(x.dtype)
+        count = m.sum(2).clamp_min(1.0)
+        mean = (x * m).sum(2) / count
+        var = (((x - mean[:, :, None]) * m) ** 2).sum(2) / count
+    return torch.cat([mean.flatten(1), var.clamp_min(1e-6).sqrt().flatten(1)], dim=1)
+
+
 class LayerStatistics(nn.Module):
-    """All encoder layers [B, L+1, T, d] -> each layer's mean and std over valid time, to [B, embed_dim].
+    """`layer_statistics` [B, n], standardised and projected to [B, embed_dim].
 
     A linear probe on exactly these statistics is a strong floor on frozen Whisper (benchmarks/probes.py);
     this branch gives the network that path, so the ECAPA network only has to learn what it adds.
@@ -417,23 +434,29 @@ class LayerStatistics(nn.Module):
             nn.GELU(),
         )
 
-    def forward(self, layers: Tensor, mask: Tensor | None) -> Tensor:
-        x = layers.float()
-        if mask is None:
-            mean, var = x.mean(2), x.var(2, unbiased=False)
-        else:
-            m = mask[:, None, :, None].to(x.dtype)
-            count = m.sum(2).clamp_min(1.0)
-            mean = (x * m).sum(2) / count
-            var = (((x - mean[:, :, None]) * m) ** 2).sum(2) / count
-        stats = torch.cat([mean.flatten(1), var.clamp_min(1e-6).sqrt().flatten(1)], dim=1)
+    def forward(self, stats: Tensor) -> Tensor:
         bn = self.standardise
         # in training, batch statistics of one clip do not exist: the running ones stand in
         if self.training and stats.shape[0] == 1:
             stats = F.batch_norm(stats, bn.running_mean, bn.running_var, training=False, eps=bn.eps)
         else:
             stats = bn(stats)
-        return self.proj(stats).to(layers.dtype)
+        return self.proj(stats)
+
+
+class LinearHead(nn.Module):
+    """Class logits linear in `layer_statistics`: a logistic regression fitted after training
+    (serval.train.linear_head), its feature scaling folded into the weights. Buffers, not
+    parameters: no optimiser moves it, and it takes no random draw at construction."""
+
+    def __init__(self, cfg: SERConfig):
+        super().__init__()
+        n = (cfg.encoder_layers + 1) * cfg.d_model * 2
+        self.register_buffer("weight", torch.zeros(len(cfg.classes), n))
+        self.register_buffer("bias", torch.zeros(len(cfg.classes)))
+
+    def forward(self, stats: Tensor) -> Tensor:
+        return F.linear(stats, self.weight, self.bias)
 
 
 class ECAPADownstream(nn.Module):
@@ -492,6 +515,10 @@ class SERModel(nn.Module):
             if not 0 <= config.ecapa_drop < 1:
                 raise ValueError(f"ecapa_drop must be in [0, 1), got {config.ecapa_drop}")
             self.layer_stats = LayerStatistics(config)
+        if config.linear_head:
+            if config.layer_weighting != "weighted":
+                raise ValueError("linear_head needs layer_weighting 'weighted' (it reads every layer)")
+            self.linear_head = LinearHead(config)
         e = config.embed_dim
         self.dim_layer = nn.Sequential(
             nn.Linear(e, e), RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.dimensions)), nn.Sigmoid()
@@ -518,14 +545,16 @@ class SERModel(nn.Module):
     def head(self, hidden: Tensor, token_lengths: Tensor | None = None) -> SEROutput:
         """Encoder output -> logits, scores and embedding (everything after the Whisper encoder)."""
         mask = None if token_lengths is None else lengths_to_mask(token_lengths, hidden.shape[-2])
-        skip = None
+        skip = linear = None
         if hidden.dim() == 4:  # [B, L+1, T, d]: the learned weighted sum of all layers
             # Whisper's inner layers are un-normalised residual streams with outlier channels in the
             # hundreds; a parameter-free layer norm puts every layer on one scale, so the weights pick
             # layers rather than magnitudes (the SUPERB weighted sum does the same).
             hidden = F.layer_norm(hidden, (self.config.d_model,))  # a constant shape exports
-            if self.config.layer_stats:
-                skip = self.layer_stats(hidden, mask)
+            if self.config.layer_stats or self.config.linear_head:
+                stats = layer_statistics(hidden, mask)
+                skip = self.layer_stats(stats).to(hidden.dtype) if self.config.layer_stats else None
+                linear = self.linear_head(stats) if self.config.linear_head else None
             w = self.layer_weights.softmax(0).to(hidden.dtype)
             hidden = (hidden * w[None, :, None, None]).sum(1)
         embedding = self.downstream_model(hidden, mask)
@@ -536,6 +565,9 @@ class SERModel(nn.Module):
                 embedding = embedding * keep.to(embedding.dtype) / (1 - p)
             embedding = embedding + skip
         logits = self.emotion_classification_layer(self.emotion_layer(embedding))
+        if linear is not None:  # the log of the two heads' mean probability: softmax gives that mean
+            both = torch.stack([logits.float().log_softmax(-1), linear.log_softmax(-1)])
+            logits = (torch.logsumexp(both, dim=0) - math.log(2)).to(logits.dtype)
         return SEROutput(logits=logits, scores=self.dim_layer(embedding), embedding=embedding)
 
     def forward(self, features: Tensor, frame_lengths: Tensor | None = None) -> SEROutput:
@@ -547,14 +579,15 @@ class SERModel(nn.Module):
         return range(n - self.config.lora_layers, n) if self.config.lora_layers else range(0)
 
     def cached_forward(self, layers: Tensor, token_lengths: Tensor | None = None) -> SEROutput:
-        """All-layer outputs of the frozen encoder [B, L+1, T, d] (an encoder cache) -> `head`'s outputs.
+        """All-layer outputs of the frozen encoder [B, L+1, T, d] (an encoder cache) -> `head`'s outputs."""
+        return self.head(self.refresh_top(layers, token_lengths), token_lengths)
 
-        With `lora_layers`, those top layers are first re-run, adapters and all, from the cached
-        output of the layer below them, so only they cost compute in training.
-        """
+    def refresh_top(self, layers: Tensor, token_lengths: Tensor | None = None) -> Tensor:
+        """Cached frozen-encoder outputs with the `lora_layers` top layers re-run, adapters and all,
+        from the cached output of the layer below them (so in training only they cost compute)."""
         top = self.top_layers()
         if not top or self.config.lora_r == 0:
-            return self.head(layers, token_lengths)
+            return layers
         if layers.dim() != 4:
             raise ValueError(
                 "lora_layers on cached outputs needs all layers cached (layer_weighting 'weighted')"
@@ -566,7 +599,12 @@ class SERModel(nn.Module):
         for i in top:
             x = encoder.layers[i](x, key_mask)
             states.append(x if i < top.stop - 1 else encoder.layer_norm(x))
-        return self.head(torch.stack(states, dim=1), token_lengths)
+        return torch.stack(states, dim=1)
+
+    def clip_statistics(self, layers: Tensor, token_lengths: Tensor | None = None) -> Tensor:
+        """What the statistics branch and the linear head read: all layers [B, L+1, T, d] -> [B, n]."""
+        mask = None if token_lengths is None else lengths_to_mask(token_lengths, layers.shape[-2])
+        return layer_statistics(F.layer_norm(layers, (self.config.d_model,)), mask)
 
     # -- parameter groups
 

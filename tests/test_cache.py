@@ -150,3 +150,36 @@ def test_lora_on_the_top_layer_trains_on_the_frozen_encoders_cache(tmp_path, cap
     assert torch.equal(load_model(best).state_dict()[next(iter(adapters))], next(iter(adapters.values())))
     records = serval.load(best).predict([str(files[0])])
     assert np.isclose(sum(records[0]["probabilities"].values()), 1.0, atol=1e-4)
+
+
+def test_the_linear_head_is_fitted_on_whole_training_clips_after_training(tmp_path, caplog):
+    import serval
+    from serval.checkpoint import load_model
+    from serval.train.linear_head import ABSENT_BIAS
+
+    files = [p for p in clips("ravdess", "Actor_05/*.flac") if p.stem.split("-")[2] in ("01", "05", "06")][
+        ::3
+    ][:8]
+    manifest = _manifest(tmp_path / "m.csv", files)
+    best, _ = _train_cached(
+        caplog, tmp_path, "run", manifest, "model.layer_weighting=weighted", "select.linear_head=true",
+        "augment.crop_seconds=0.5", "model.lora_r=4", "model.lora_layers=1",
+    )  # fmt: skip
+    model = load_model(best)
+    assert model.config.linear_head and not model.config.layer_stats
+    train = [f for i, f in enumerate(files) if i % 4 != 3]  # as _manifest splits them
+    labels = [SERConfig().classes.index(RAVDESS_CODES[f.stem.split("-")[2]]) for f in train]
+    absent = [c for c in range(7) if c not in labels]
+    assert (
+        model.linear_head.bias[absent].eq(ABSENT_BIAS).all()
+        and model.linear_head.weight[labels].abs().sum() > 0
+    )
+    # fitted on the whole clips (up to data.max_seconds, not the 0.5 s training crops): the head alone separates them
+    feats, frames = compute_features([load_audio(str(f))[:40000] for f in train], n_mels=80)
+    with torch.no_grad():
+        stats = model.clip_statistics(*model.encode(feats, frames))
+        guess = model.linear_head(stats).argmax(-1).tolist()
+    assert guess == labels
+    assert "linear head fitted on 6 training clips" in caplog.text
+    records = serval.load(best).predict([str(files[3])])
+    assert np.isclose(sum(records[0]["probabilities"].values()), 1.0, atol=1e-4)

@@ -93,6 +93,26 @@ def test_ecapa_drop_trains_the_branch_alone_on_dropped_clips_and_leaves_inferenc
         SERModel(SERConfig.tiny(layer_weighting="weighted", layer_stats=True, ecapa_drop=1.0))
 
 
+def test_linear_head_mixes_its_probabilities_with_the_networks_and_takes_no_random_draw():
+    with pytest.raises(ValueError, match="linear_head needs layer_weighting 'weighted'"):
+        SERModel(SERConfig.tiny(linear_head=True))
+    plain = tiny_model(layer_weighting="weighted", layer_stats=True)
+    mixed = tiny_model(layer_weighting="weighted", layer_stats=True, linear_head=True)
+    assert set(mixed.state_dict()) - set(plain.state_dict()) == {"linear_head.weight", "linear_head.bias"}
+    assert all(torch.equal(v, mixed.state_dict()[k]) for k, v in plain.state_dict().items())  # same init
+    torch.manual_seed(1)
+    mixed.linear_head.weight.normal_(std=0.05)
+    mixed.linear_head.bias.normal_()
+    feats, lengths = torch.randn(3, 80, 120), torch.tensor([120, 80, 50])
+    with torch.no_grad():
+        net = plain(feats, lengths).logits.softmax(-1)
+        stats = mixed.clip_statistics(*mixed.encode(feats, lengths))
+        linear = (stats @ mixed.linear_head.weight.T + mixed.linear_head.bias).softmax(-1)
+        out = mixed(feats, lengths)
+    assert torch.allclose(out.logits.softmax(-1), (net + linear) / 2, atol=1e-6)
+    assert torch.equal(out.scores, plain(feats, lengths).scores)  # the scores stay the network's
+
+
 def test_weighted_sum_chooses_layers_not_magnitudes():
     model = tiny_model(layer_weighting="weighted")
     torch.manual_seed(2)

@@ -78,6 +78,9 @@ class SelectConfig:
     keep_best: int = 4
     average: str = "auto"  # predictions | weights | auto (whichever scores the higher dev UAR)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: at epoch ends only)
+    # then fit a linear classifier on the training clips' layer statistics and average its class
+    # probabilities with the network's (model.linear_head; serval.train.linear_head)
+    linear_head: bool = False
 
 
 @dataclass
@@ -132,6 +135,10 @@ class TrainConfig:
                 "select.average must be auto, predictions or weights",
             ),
             (self.select.keep_best >= 1, "select.keep_best must be at least 1"),
+            (
+                not self.select.linear_head or self.model.layer_weighting == "weighted",
+                "select.linear_head needs model.layer_weighting 'weighted' (it reads every layer)",
+            ),
             (self.select.metric in ("ce", "uar"), "select.metric must be ce or uar"),
             (self.augment.snr_db[0] <= self.augment.snr_db[1], "augment.snr_db must be (low, high)"),
             (

@@ -29,8 +29,10 @@ def build_model(cfg: TrainConfig) -> SERModel:
                 "layer_stats_dropout", "ecapa_drop",
                 "embed_dropouts")  # fmt: skip
         model_cfg = dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep})
+        # a fitted linear head is not trained on; select.linear_head fits a new one at the end
+        model_cfg.linear_head = False
         model = SERModel(model_cfg)
-        merged = start.merged_state_dict()
+        merged = {k: v for k, v in start.merged_state_dict().items() if not k.startswith("linear_head.")}
         prefix = "whisper.encoder."
         model.load_backbone_state({k[len(prefix) :]: v for k, v in merged.items() if k.startswith(prefix)})
         rest = {k: v for k, v in merged.items() if not k.startswith("whisper.")}

@@ -25,6 +25,7 @@ from serval.train.checkpoint import (
 from serval.train.config import SelectConfig, TrainConfig
 from serval.train.ddp import Dist
 from serval.train.folder import Run, RunState, temp_dir
+from serval.train.linear_head import fit_linear_head
 from serval.train.scoring import evaluate_split
 
 log = logging.getLogger("serval.train")
@@ -89,6 +90,8 @@ def finish(
         final_models = ensemble
     else:
         final_models = [averaged if choice == "weights" else ensemble[0]]
+    if cfg.select.linear_head:
+        final_models = [fit_linear_head(m, datasets["train"], cfg, device, batch_size) for m in final_models]
     best = _write_best(run, cfg, choice, members, final_models)
 
     if "test" in datasets:
@@ -108,10 +111,12 @@ def _write_best(run: Run, cfg: TrainConfig, choice: str, members: list[Path], fi
     tmp = temp_dir(run.out, ".tmp-best-")
     if choice == "predictions":
         names = []
-        for i, m in enumerate(members):
-            shutil.copytree(
-                m, tmp / f"member-{i}", ignore=shutil.ignore_patterns(*TRAINER_FILES, OLD_TRAINER_STATE)
-            )
+        for i, (m, model) in enumerate(zip(members, final_models)):
+            if cfg.select.linear_head:  # the checkpoints lack the head fitted since
+                save_model(model, tmp / f"member-{i}")
+            else:
+                ignore = shutil.ignore_patterns(*TRAINER_FILES, OLD_TRAINER_STATE)
+                shutil.copytree(m, tmp / f"member-{i}", ignore=ignore)
             names.append(f"member-{i}")
         ensemble = {
             "format": "serval-ensemble",

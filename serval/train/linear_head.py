@@ -1,0 +1,84 @@
+"""The linear head (`SERConfig.linear_head`), fitted once after the network is trained.
+
+A logistic regression on each training clip's layer statistics (`SERModel.clip_statistics`: every
+layer, layer-normed, its mean and std over the whole clip), as benchmarks/probes.py fits its probe:
+standardised features, balanced class weights, L2 with C = 1. Its scaling is folded into the
+weights, so the model carries one linear map, and the model's class probabilities become the mean
+of the network's and this head's. The network's training is not changed by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from serval.model import LinearHead, SERModel
+from serval.train.config import TrainConfig
+from serval.train.data import CachedDataset, ClipDataset, collate
+from serval.train.network import model_inputs
+
+log = logging.getLogger("serval.train")
+ABSENT_BIAS = -1e4  # a class no training clip has: the linear head gives it no probability
+
+
+def clean(dataset) -> CachedDataset | ClipDataset:
+    """The same clips whole, unaugmented: what the head is fitted on and what inference sees."""
+    if isinstance(dataset, CachedDataset):
+        return CachedDataset(dataset.examples, dataset.keys, dataset.cache, dataset.cfg, train=False)
+    return ClipDataset(dataset.examples, dataset.cfg, train=False)
+
+
+@torch.no_grad()
+def statistics(
+    model: SERModel, dataset, device: torch.device, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(layer statistics [N, n], class index [N]) of the labelled clips of `dataset`, in its order."""
+    cached = isinstance(dataset, CachedDataset)
+    labelled = [i for i, ex in enumerate(dataset.examples) if ex.label >= 0]
+    model.eval()
+    out = []
+    for s in range(0, len(labelled), batch_size):
+        batch = collate([dataset[i] for i in labelled[s : s + batch_size]])
+        x, n = model_inputs(batch, model, cached, device)
+        layers, lengths = (model.refresh_top(x, n), n) if cached else model.encode(x, n)
+        out.append(model.clip_statistics(layers, lengths).cpu().numpy())
+    labels = np.array([dataset.examples[i].label for i in labelled])
+    return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), labels
+
+
+def fit_linear_head(
+    model: SERModel, dataset, cfg: TrainConfig, device: torch.device, batch_size: int
+) -> SERModel:
+    """`model` with a fitted linear head beside its network (in place), from the clips of `dataset`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if model.config.layer_weighting != "weighted":
+        raise ValueError("select.linear_head needs model.layer_weighting 'weighted' (it reads every layer)")
+    x, y = statistics(model, clean(dataset), device, batch_size)
+    if len(set(y.tolist())) < 2:
+        raise ValueError(
+            f"select.linear_head: the training clips have {len(set(y.tolist()))} class(es), need 2"
+        )
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(max_iter=3000, class_weight="balanced", random_state=cfg.seed)
+    clf.fit(scaler.transform(x), y)
+    coef = clf.coef_ if len(clf.classes_) > 2 else np.concatenate([-clf.coef_, clf.coef_]) / 2
+    bias = clf.intercept_ if len(clf.classes_) > 2 else np.concatenate([-clf.intercept_, clf.intercept_]) / 2
+    weight = np.zeros((len(model.config.classes), x.shape[1]))
+    full_bias = np.full(len(model.config.classes), ABSENT_BIAS)
+    folded = coef / scaler.scale_  # W (x - mu) / sigma + b  ==  (W / sigma) x + (b - (W / sigma) mu)
+    weight[clf.classes_] = folded
+    full_bias[clf.classes_] = bias - folded @ scaler.mean_
+    model.config = dataclasses.replace(model.config, linear_head=True)
+    model.linear_head = LinearHead(model.config).to(device)
+    model.linear_head.weight.copy_(torch.from_numpy(weight))
+    model.linear_head.bias.copy_(torch.from_numpy(full_bias))
+    log.info(
+        "linear head fitted on %d training clips (%d classes, train accuracy %.3f)",
+        len(y), len(clf.classes_), clf.score(scaler.transform(x), y),
+    )  # fmt: skip
+    return model.eval()
