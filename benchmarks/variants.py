@@ -81,7 +81,8 @@ def cached_split(manifest: str, split: str, model, cache_dir: str, cfg: TrainCon
 
 
 def scores(models: list, dataset: CachedDataset, cfg: TrainConfig) -> dict:
-    """{corpus: {"uar", "n", dims...}} plus "pooled" for one model (or an ensemble's mean) on one cached split."""
+    """{corpus: {"uar", "n", dims..., "recall": {class: clips right / clips}}} plus "pooled" for one
+    model (or an ensemble's mean) on one cached split."""
     model = models[0]
     probs, dims, idx = split_outputs(models, dataset, cfg, torch.device("cpu"), Dist(), 32)
     exs = [dataset.examples[int(i)] for i in idx]
@@ -106,6 +107,11 @@ def scores(models: list, dataset: CachedDataset, cfg: TrainConfig) -> dict:
             gold = [classes[exs[k].label] for k in labelled]
             guess = [classes[guesses[k]] for k in labelled]
             row["uar"], row["n"] = 100 * uar(gold, guess, classes), len(labelled)
+            row["recall"] = {
+                c: f"{sum(g == h == c for g, h in zip(gold, guess))}/{gold.count(c)}"
+                for c in classes
+                if c in gold
+            }
         for j, dim in enumerate(model.config.dimensions):
             rated = [k for k in members if exs[k].dims is not None and exs[k].dims[j] is not None]
             if name != "pooled" and len(rated) >= 2:
@@ -118,7 +124,7 @@ def table(results: dict[str, dict], split: str) -> str:
     """Markdown: one row per run; UAR per corpus, pooled, then the CCC columns."""
     corpora = sorted({c for r in results.values() for c in r if c != "pooled" and "uar" in r[c]})
     dim_cols = sorted(
-        {(c, d) for r in results.values() for c, v in r.items() for d in v if d not in ("uar", "n")}
+        {(c, d) for r in results.values() for c, v in r.items() for d in v if d not in ("uar", "n", "recall")}
     )
     head = [f"{c} UAR" for c in corpora] + ["pooled UAR"] + [f"{c} {d} CCC" for c, d in dim_cols]
     lines = [f"| run ({split}) | " + " | ".join(head) + " |", "| --- " * (len(head) + 1) + "|"]
@@ -127,6 +133,20 @@ def table(results: dict[str, dict], split: str) -> str:
         cells.append(f"{r['pooled']['uar']:.1f}")
         cells += [f"{r[c][d]:.3f}" if d in r.get(c, {}) else "" for c, d in dim_cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def recall_table(results: dict[str, dict], corpus: str, split: str) -> str:
+    """Markdown: one row per run, the clips of each class of `corpus` it got right."""
+    classes = list(next(iter(results.values()))[corpus]["recall"])
+    lines = [
+        f"| run ({split}, {corpus}) | " + " | ".join(classes) + " |",
+        "| --- " * (len(classes) + 1) + "|",
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(r[corpus]["recall"][c] for c in classes) + " |"
+        for name, r in results.items()
+    ]
     return "\n".join(lines)
 
 
@@ -141,6 +161,9 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--cache-dir", required=True)
     ap.add_argument("--split", default="dev")
+    ap.add_argument(
+        "--recall", default=None, metavar="CORPUS", help="also a table of CORPUS's clips right per class"
+    )
     ap.add_argument("-o", "--output", default=None, help="also write the table (and .json) here")
     args = ap.parse_args()
     cfg = TrainConfig(progress=False)
@@ -153,6 +176,8 @@ def main() -> None:
         cfg.model = models[0].config
         results[name] = scores(models, dataset, cfg)
     text = table(results, args.split)
+    if args.recall:
+        text += "\n\n" + recall_table(results, args.recall, args.split)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
