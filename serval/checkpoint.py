@@ -8,6 +8,7 @@ LoRA), in which case loading rebuilds the encoder from `config.backbone`. The ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import Tensor
 from serval.atomic import atomic_write
 from serval.backbones import load_whisper_encoder
 from serval.hub import ARCHITECTURE, HF_CONFIG_KEYS, MODEL_TYPE, write_hf_files
-from serval.model import SERConfig, SERModel
+from serval.model import SERConfig, SERModel, merge_lora
 from serval.version import __version__
 
 FORMAT = "serval"  # the "format" key of a serval config.json; a checkpoint without it is foreign
@@ -69,8 +70,13 @@ def is_serval_dir(path: str | os.PathLike) -> bool:
     return config_file.is_file() and json.loads(config_file.read_text()).get("format") == FORMAT
 
 
-def load_model(directory: str | os.PathLike, **overrides) -> SERModel:
-    """A model saved by `save_model` (`overrides` set config fields), in eval mode."""
+def load_model(directory: str | os.PathLike, fold_lora: bool = False, **overrides) -> SERModel:
+    """A model saved by `save_model` (`overrides` set config fields), in eval mode.
+
+    `fold_lora`: LoRA adapters folded into their weights, giving the published layout without peft
+    (what inference runs). The encoder then differs from `config.backbone`, so the config names
+    none: saved again, the model keeps its encoder whole.
+    """
     path = Path(directory)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -86,11 +92,32 @@ def load_model(directory: str | os.PathLike, **overrides) -> SERModel:
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors")
     state = load_file(str(weights))
+    scaling = config.lora_alpha / config.lora_r if config.lora_r else 1.0
+    if fold_lora and config.lora_r:
+        config = dataclasses.replace(config, lora_r=0, lora_layers=0)
     has_backbone = any(k.startswith("whisper.") and "lora_" not in k for k in state)
     model = SERModel(config) if has_backbone else model_from_backbone(config)
+    if fold_lora and any("lora_" in k for k in state):
+        state = _fold_adapters(state, model.state_dict(), scaling)
+        model.config.backbone = None
     _check_names(state, model.state_dict(), has_backbone, weights)
     model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+def _fold_adapters(state: dict[str, Tensor], own: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """`state` with each adapter pair (`<m>.lora_A.*`, `<m>.lora_B.*`) folded into `<m>.weight`,
+    the base weight taken from `state` or, for a backbone not saved, from `own`."""
+    out = {k: v for k, v in state.items() if "lora_" not in k}
+    for name, a in state.items():
+        if ".lora_A." not in name:
+            continue
+        prefix, adapter = name.split(".lora_A.")
+        b = state[f"{prefix}.lora_B.{adapter}"]
+        base = f"{prefix.removesuffix('.base_layer')}.weight"
+        weight = state.get(f"{prefix}.base_layer.weight", state.get(base, own[base]))
+        out[base] = merge_lora(weight, a, b, scaling)
+    return {k.replace(".base_layer.", "."): v for k, v in out.items()}
 
 
 def _is_backbone(name: str) -> bool:

@@ -175,7 +175,7 @@ def _network(path: Path) -> SERModel:
     """The model in a folder: a serval model directory, or a MERaLiON-SER checkpoint (its config.json is foreign)."""
     if (path / "config.json").is_file() and not is_serval_dir(path):
         return import_meralion_checkpoint(path)
-    return load_model(path)
+    return load_model(path, fold_lora=True)  # the published layout: no adapters at inference
 
 
 def _meralion(spec: str, device: str | None) -> Predictor:

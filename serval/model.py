@@ -445,18 +445,21 @@ class LayerStatistics(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """Class logits linear in `layer_statistics`: a logistic regression fitted after training
-    (serval.train.linear_head), its feature scaling folded into the weights. Buffers, not
-    parameters: no optimiser moves it, and it takes no random draw at construction."""
+    """Class logits linear in `layer_statistics`, standardised first: a logistic regression fitted
+    after training (serval.train.linear_head). Buffers, not parameters: no optimiser moves it, and
+    it takes no random draw at construction. The scaling is kept apart rather than folded into the
+    weights, where float32 cancellation would cost digits."""
 
     def __init__(self, cfg: SERConfig):
         super().__init__()
         n = (cfg.encoder_layers + 1) * cfg.d_model * 2
+        self.register_buffer("center", torch.zeros(n))
+        self.register_buffer("inv_scale", torch.ones(n))
         self.register_buffer("weight", torch.zeros(len(cfg.classes), n))
         self.register_buffer("bias", torch.zeros(len(cfg.classes)))
 
     def forward(self, stats: Tensor) -> Tensor:
-        return F.linear(stats, self.weight, self.bias)
+        return F.linear((stats - self.center) * self.inv_scale, self.weight, self.bias)
 
 
 class ECAPADownstream(nn.Module):

@@ -49,6 +49,24 @@ def test_shipped_model_is_what_its_recipe_builds():
     assert shipped["linear_head"] == full["select"]["linear_head"]
 
 
+def test_inference_folds_the_shipped_adapters_into_the_published_layout():
+    import torch
+
+    from serval.checkpoint import load_model
+    from serval.features import compute_features
+
+    adapted, folded = load_model(DEFAULT_MODEL), load_model(DEFAULT_MODEL, fold_lora=True)
+    assert adapted.config.lora_r > 0 and any("lora_" in k for k in adapted.state_dict())
+    assert folded.config.lora_r == 0 and folded.config.backbone is None  # saved again, it keeps its encoder
+    assert not any("lora_" in k for k in folded.state_dict())
+    waves = [sf.read(str(c), dtype="float32")[0] for c in sorted(EXAMPLES.glob("*.flac"))[:3]]
+    feats, frames = compute_features(waves, n_mels=80)
+    with torch.no_grad():
+        a, b = adapted(feats, frames), folded(feats, frames)
+    assert torch.allclose(a.logits.softmax(-1), b.logits.softmax(-1), atol=1e-5)
+    assert torch.allclose(a.scores, b.scores, atol=1e-5)
+
+
 def test_default_model_labels_the_bundled_examples(default):
     clips = sorted(EXAMPLES.glob("*.flac"))
     assert len(clips) == 7

@@ -37,6 +37,7 @@ from serval.audio import load_audio
 predictor = serval.load({str(DEFAULT_MODEL)!r}, device="cpu")
 records = predictor.predict({paths!r})
 assert "transformers" not in sys.modules, "serval's inference path imported transformers"
+assert "peft" not in sys.modules, "serval's inference path imported peft (adapters are folded at load)"
 import transformers
 pipe = transformers.pipeline("audio-classification", model={str(DEFAULT_MODEL)!r}, device="cpu")
 waves = [load_audio(p) for p in {paths!r}]

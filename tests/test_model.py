@@ -98,16 +98,18 @@ def test_linear_head_mixes_its_probabilities_with_the_networks_and_takes_no_rand
         SERModel(SERConfig.tiny(linear_head=True))
     plain = tiny_model(layer_weighting="weighted", layer_stats=True)
     mixed = tiny_model(layer_weighting="weighted", layer_stats=True, linear_head=True)
-    assert set(mixed.state_dict()) - set(plain.state_dict()) == {"linear_head.weight", "linear_head.bias"}
+    added = {f"linear_head.{n}" for n in ("center", "inv_scale", "weight", "bias")}
+    assert set(mixed.state_dict()) - set(plain.state_dict()) == added
     assert all(torch.equal(v, mixed.state_dict()[k]) for k, v in plain.state_dict().items())  # same init
     torch.manual_seed(1)
-    mixed.linear_head.weight.normal_(std=0.05)
-    mixed.linear_head.bias.normal_()
+    for buffer in mixed.linear_head.buffers():
+        buffer.normal_(std=0.05)
     feats, lengths = torch.randn(3, 80, 120), torch.tensor([120, 80, 50])
     with torch.no_grad():
         net = plain(feats, lengths).logits.softmax(-1)
         stats = mixed.clip_statistics(*mixed.encode(feats, lengths))
-        linear = (stats @ mixed.linear_head.weight.T + mixed.linear_head.bias).softmax(-1)
+        head = mixed.linear_head
+        linear = (((stats - head.center) * head.inv_scale) @ head.weight.T + head.bias).softmax(-1)
         out = mixed(feats, lengths)
     assert torch.allclose(out.logits.softmax(-1), (net + linear) / 2, atol=1e-6)
     assert torch.equal(out.scores, plain(feats, lengths).scores)  # the scores stay the network's

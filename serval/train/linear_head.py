@@ -2,9 +2,9 @@
 
 A logistic regression on each training clip's layer statistics (`SERModel.clip_statistics`: every
 layer, layer-normed, its mean and std over the whole clip), as benchmarks/probes.py fits its probe:
-standardised features, balanced class weights, L2 with C = 1. Its scaling is folded into the
-weights, so the model carries one linear map, and the model's class probabilities become the mean
-of the network's and this head's. The network's training is not changed by it.
+standardised features, balanced class weights, L2 with C = 1. The model carries the scaler and
+the weights (`model.LinearHead`), and its class probabilities become the mean of the network's and
+this head's. The network's training is not changed by it.
 """
 
 from __future__ import annotations
@@ -70,13 +70,16 @@ def fit_linear_head(
     bias = clf.intercept_ if len(clf.classes_) > 2 else np.concatenate([-clf.intercept_, clf.intercept_]) / 2
     weight = np.zeros((len(model.config.classes), x.shape[1]))
     full_bias = np.full(len(model.config.classes), ABSENT_BIAS)
-    folded = coef / scaler.scale_  # W (x - mu) / sigma + b  ==  (W / sigma) x + (b - (W / sigma) mu)
-    weight[clf.classes_] = folded
-    full_bias[clf.classes_] = bias - folded @ scaler.mean_
+    weight[clf.classes_], full_bias[clf.classes_] = coef, bias
     model.config = dataclasses.replace(model.config, linear_head=True)
-    model.linear_head = LinearHead(model.config).to(device)
-    model.linear_head.weight.copy_(torch.from_numpy(weight))
-    model.linear_head.bias.copy_(torch.from_numpy(full_bias))
+    head = model.linear_head = LinearHead(model.config).to(device)
+    for name, value in (
+        ("center", scaler.mean_),
+        ("inv_scale", 1 / scaler.scale_),
+        ("weight", weight),
+        ("bias", full_bias),
+    ):
+        getattr(head, name).copy_(torch.from_numpy(np.asarray(value)))
     log.info(
         "linear head fitted on %d training clips (%d classes, train accuracy %.3f)",
         len(y), len(clf.classes_), clf.score(scaler.transform(x), y),
