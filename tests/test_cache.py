@@ -167,15 +167,15 @@ def test_the_linear_head_is_fitted_on_whole_training_clips_after_training(tmp_pa
     )  # fmt: skip
     model = load_model(best)
     assert model.config.linear_head and not model.config.layer_stats
-    train = [f for i, f in enumerate(files) if i % 4 != 3]  # as _manifest splits them
-    labels = [SERConfig().classes.index(RAVDESS_CODES[f.stem.split("-")[2]]) for f in train]
+    train_files = [f for i, f in enumerate(files) if i % 4 != 3]  # as _manifest splits them
+    labels = [SERConfig().classes.index(RAVDESS_CODES[f.stem.split("-")[2]]) for f in train_files]
     absent = [c for c in range(7) if c not in labels]
     assert (
         model.linear_head.bias[absent].eq(ABSENT_BIAS).all()
         and model.linear_head.weight[labels].abs().sum() > 0
     )
     # fitted on the whole clips (up to data.max_seconds, not the 0.5 s training crops): the head alone separates them
-    feats, frames = compute_features([load_audio(str(f))[:40000] for f in train], n_mels=80)
+    feats, frames = compute_features([load_audio(str(f))[:40000] for f in train_files], n_mels=80)
     with torch.no_grad():
         stats = model.clip_statistics(*model.encode(feats, frames))
         guess = model.linear_head(stats).argmax(-1).tolist()
