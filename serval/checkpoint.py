@@ -19,7 +19,7 @@ from torch import Tensor
 from serval.atomic import atomic_write
 from serval.backbones import load_whisper_encoder
 from serval.hub import ARCHITECTURE, HF_CONFIG_KEYS, MODEL_TYPE, write_hf_files
-from serval.model import SERConfig, SERModel, merge_lora
+from serval.model import SERConfig, SERModel, merge_lora_state_dict
 from serval.version import __version__
 
 FORMAT = "serval"  # the "format" key of a serval config.json; a checkpoint without it is foreign
@@ -98,26 +98,11 @@ def load_model(directory: str | os.PathLike, fold_lora: bool = False, **override
     has_backbone = any(k.startswith("whisper.") and "lora_" not in k for k in state)
     model = SERModel(config) if has_backbone else model_from_backbone(config)
     if fold_lora and any("lora_" in k for k in state):
-        state = _fold_adapters(state, model.state_dict(), scaling)
+        state = merge_lora_state_dict(state, scaling, base=model.state_dict())
         model.config.backbone = None
     _check_names(state, model.state_dict(), has_backbone, weights)
     model.load_state_dict(state, strict=False)
     return model.eval()
-
-
-def _fold_adapters(state: dict[str, Tensor], own: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
-    """`state` with each adapter pair (`<m>.lora_A.*`, `<m>.lora_B.*`) folded into `<m>.weight`,
-    the base weight taken from `state` or, for a backbone not saved, from `own`."""
-    out = {k: v for k, v in state.items() if "lora_" not in k}
-    for name, a in state.items():
-        if ".lora_A." not in name:
-            continue
-        prefix, adapter = name.split(".lora_A.")
-        b = state[f"{prefix}.lora_B.{adapter}"]
-        base = f"{prefix.removesuffix('.base_layer')}.weight"
-        weight = state.get(f"{prefix}.base_layer.weight", state.get(base, own[base]))
-        out[base] = merge_lora(weight, a, b, scaling)
-    return {k.replace(".base_layer.", "."): v for k, v in out.items()}
 
 
 def _is_backbone(name: str) -> bool:

@@ -258,18 +258,24 @@ class WhisperEncoder(nn.Module):
         token_lengths = None if frame_lengths is None else (frame_lengths + 1) // 2
         key_mask = None if token_lengths is None else lengths_to_mask(token_lengths, t)
         states = [x] if all_layers else None
-        for i, layer in enumerate(self.layers):
+        x = self.run_layers(x, key_mask, 0, states)
+        return (torch.stack(states, dim=1) if all_layers else x), token_lengths
+
+    def run_layers(self, x: Tensor, key_mask: Tensor | None, start: int, states: list | None) -> Tensor:
+        """Layers `start`… on `x`, then the final layer norm; each layer's output (the last one
+        normed) is appended to `states` when it is a list."""
+        for i in range(start, len(self.layers)):
+            layer = self.layers[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, key_mask, use_reentrant=False)
             else:
                 x = layer(x, key_mask)
-            if all_layers and i < len(self.layers) - 1:
+            if states is not None and i < len(self.layers) - 1:
                 states.append(x)
         x = self.layer_norm(x)
-        if all_layers:
+        if states is not None:
             states.append(x)
-            x = torch.stack(states, dim=1)
-        return x, token_lengths
+        return x
 
 
 class _Whisper(nn.Module):
@@ -595,13 +601,10 @@ class SERModel(nn.Module):
             raise ValueError(
                 "lora_layers on cached outputs needs all layers cached (layer_weighting 'weighted')"
             )
-        encoder = self.whisper.encoder
         key_mask = None if token_lengths is None else lengths_to_mask(token_lengths, layers.shape[2])
         x = layers[:, top.start].float()
         states = list(layers[:, : top.start + 1].to(x.dtype).unbind(1))
-        for i in top:
-            x = encoder.layers[i](x, key_mask)
-            states.append(x if i < top.stop - 1 else encoder.layer_norm(x))
+        self.whisper.encoder.run_layers(x, key_mask, top.start, states)
         return torch.stack(states, dim=1)
 
     def clip_statistics(self, layers: Tensor, token_lengths: Tensor | None = None) -> Tensor:
@@ -690,19 +693,20 @@ def merge_lora(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -
     return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
 
 
-def merge_lora_state_dict(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
-    """Fold peft LoRA factors into their base weights (`merge_lora`); drop adapter names."""
-    merged = {}
-    for name, tensor in state.items():
-        if "lora_" in name:
+def merge_lora_state_dict(
+    state: dict[str, Tensor], scaling: float, base: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Fold peft LoRA factors into their base weights (`merge_lora`); drop adapter names. A base
+    weight that `state` lacks (a model saved without its backbone) comes from `base` (plain names)."""
+    merged = {name.replace(".base_layer.", "."): t for name, t in state.items() if "lora_" not in name}
+    for name, a in state.items():
+        if ".lora_A." not in name or not name.endswith(".weight"):
             continue
-        if ".base_layer." in name and name.endswith(".weight"):
-            prefix = name[: -len(".base_layer.weight")]
-            a = _lora_factor(state, prefix, "A")
-            b = _lora_factor(state, prefix, "B")
-            if a is not None and b is not None:
-                tensor = merge_lora(tensor, a, b, scaling)
-        merged[name.replace(".base_layer.", ".")] = tensor
+        prefix = name.split(".lora_A.")[0]
+        key = f"{prefix}.weight"
+        b, weight = _lora_factor(state, prefix, "B"), merged.get(key, (base or {}).get(key))
+        if b is not None and weight is not None:
+            merged[key] = merge_lora(weight, a, b, scaling)
     return merged
 
 
