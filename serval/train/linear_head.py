@@ -35,18 +35,20 @@ def clean(dataset) -> CachedDataset | ClipDataset:
 def statistics(
     model: SERModel, dataset, device: torch.device, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(layer statistics [N, n], class index [N]) of the labelled clips of `dataset`, in its order."""
+    """(layer statistics [N, n], class index [N]) of the labelled clips of `dataset` that load, in its order."""
     cached = isinstance(dataset, CachedDataset)
     labelled = [i for i, ex in enumerate(dataset.examples) if ex.label >= 0]
     model.eval()
-    out = []
+    out, labels = [], []
     for s in range(0, len(labelled), batch_size):
         batch = collate([dataset[i] for i in labelled[s : s + batch_size]])
+        if batch is None:  # every clip of the batch failed to load (named in the log)
+            continue
         x, n = model_inputs(batch, model, cached, device)
         layers, lengths = (model.refresh_top(x, n), n) if cached else model.encode(x, n)
         out.append(model.clip_statistics(layers, lengths).cpu().numpy())
-    labels = np.array([dataset.examples[i].label for i in labelled])
-    return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), labels
+        labels += [dataset.examples[int(i)].label for i in batch["index"]]  # the clips that loaded
+    return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), np.array(labels)
 
 
 def fit_linear_head(
