@@ -408,6 +408,11 @@ class HybridPooling(nn.Module):
         return self.combiner(torch.cat([self.multiscale(x, mask), self.segment(x, mask)], dim=-1))
 
 
+def statistics_size(cfg: SERConfig) -> int:
+    """How many numbers `layer_statistics` gives per clip: a mean and a std per layer and channel."""
+    return (cfg.encoder_layers + 1) * cfg.d_model * 2
+
+
 def layer_statistics(layers: Tensor, mask: Tensor | None) -> Tensor:
     """All layers [B, L+1, T, d] -> each layer's mean and std over valid time, [B, (L+1) * d * 2] (float32)."""
     x = layers.float()
@@ -430,7 +435,7 @@ class LayerStatistics(nn.Module):
 
     def __init__(self, cfg: SERConfig):
         super().__init__()
-        n = (cfg.encoder_layers + 1) * cfg.d_model * 2
+        n = statistics_size(cfg)
         # no affine: the running statistics standardise each feature over the data, as the probe's scaler does
         self.standardise = nn.BatchNorm1d(n, affine=False)
         self.proj = nn.Sequential(
@@ -458,7 +463,7 @@ class LinearHead(nn.Module):
 
     def __init__(self, cfg: SERConfig):
         super().__init__()
-        n = (cfg.encoder_layers + 1) * cfg.d_model * 2
+        n = statistics_size(cfg)
         self.register_buffer("center", torch.zeros(n))
         self.register_buffer("inv_scale", torch.ones(n))
         self.register_buffer("weight", torch.zeros(len(cfg.classes), n))
