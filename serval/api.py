@@ -13,15 +13,25 @@ array given without one is taken to be 16 kHz, the only case where a rate is ass
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio, resample
+from serval.audio import AudioError, EmptyAudioError, check_finite
+from serval.longform import (
+    CALL_BUDGET,
+    WINDOW_BATCHES,
+    LongAudio,
+    at_rate,
+    count_pieces,
+    note_once,
+    pooled_predict,
+    pooling_note,
+    read_audio,
+)
 from serval.progress import progress_bar
 from serval.vocab import SAMPLE_RATE, class_subset, label_body
-from serval.windows import MAX_WINDOW, split_span
 
 # a path, a mono array (numpy or torch), or {"array" or "raw": samples, "sampling_rate": Hz, "path": name}
 Audio = str | os.PathLike | np.ndarray | dict
@@ -41,13 +51,14 @@ def check_array(array: Any, name: str = "<array>") -> np.ndarray:
     return wave
 
 
-def at_model_rate(wave: np.ndarray, sampling_rate: int | None) -> np.ndarray:
-    """`wave` resampled from `sampling_rate` to 16 kHz (None: it is 16 kHz already)."""
+def at_model_rate(wave: np.ndarray, sampling_rate: int | None) -> np.ndarray | LongAudio:
+    """`wave` resampled from `sampling_rate` to 16 kHz (None: it is 16 kHz already); beyond one 30 s
+    piece, a LongAudio resampled piece by piece as it is scored, so only a piece is added to memory."""
     if sampling_rate is None or int(sampling_rate) == SAMPLE_RATE:
         return wave
     if not 1000 <= int(sampling_rate) <= 384_000:
         raise ValueError(f"sampling_rate must be between 1000 and 384000 Hz, got {sampling_rate}")
-    return resample(wave, int(sampling_rate))
+    return at_rate(wave, int(sampling_rate))
 
 
 def input_name(item: Audio) -> str | None:
@@ -57,13 +68,15 @@ def input_name(item: Audio) -> str | None:
     return item.get("path") if isinstance(item, dict) else None
 
 
-def read_input(item: Audio, sampling_rate: int | None = None) -> tuple[str | None, np.ndarray]:
+def read_input(item: Audio, sampling_rate: int | None = None) -> tuple[str | None, np.ndarray | LongAudio]:
     """(name, 16 kHz mono samples) of one input; AudioError naming it when it cannot be used.
+
+    A file longer than one 30 s piece is a LongAudio: read piece by piece when it is scored.
 
     `sampling_rate` is the rate of an array; a file's own rate, or a dict's "sampling_rate", wins.
     """
     if isinstance(item, str | os.PathLike):
-        return str(item), load_audio(item)
+        return str(item), read_audio(item)
     name, rate = None, sampling_rate
     if isinstance(item, dict):
         name, rate = item.get("path"), item.get("sampling_rate", sampling_rate)
@@ -71,43 +84,10 @@ def read_input(item: Audio, sampling_rate: int | None = None) -> tuple[str | Non
         if item is None:
             if name is None:
                 raise ValueError("an input dict needs 'array' (or 'raw') and 'sampling_rate', or 'path'")
-            return str(name), load_audio(name)
+            return str(name), read_audio(name)
     if hasattr(item, "detach"):  # a torch tensor, without importing torch here
         item = item.detach().cpu().numpy()
     return name, at_model_rate(check_array(item, name or "<array>"), rate)
-
-
-def pooled_predict(
-    forward: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
-    waves: Sequence[np.ndarray],
-    widths: tuple[int, int],
-    batch_size: int = 16,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`forward` over length-sorted batches of <= 30 s pieces; each input's outputs pooled by duration.
-
-    The one batching rule of every engine's `predict_waveforms`: waveforms (16 kHz) longer than 30 s
-    are cut into equal pieces of at most 30 s whose outputs are averaged, weighted by their length.
-    """
-    pieces: list[tuple[int, np.ndarray]] = []  # (input index, piece)
-    for i, w in enumerate(waves):
-        w = np.asarray(w, dtype=np.float32).reshape(-1)
-        spans = split_span(0.0, len(w) / SAMPLE_RATE, MAX_WINDOW)
-        pieces.extend((i, w[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]) for a, b in spans)
-    order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][1]))
-    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    probs = np.zeros((len(waves), widths[0]), np.float64)
-    scores = np.zeros((len(waves), widths[1]), np.float64)
-    weight = np.zeros(len(waves), np.float64)
-    for batch in progress_bar(batches, progress, unit=" clips batch"):
-        p, s = forward([pieces[j][1] for j in batch])
-        for row, j in enumerate(batch):
-            i, w = pieces[j][0], len(pieces[j][1])
-            probs[i] += w * p[row]
-            scores[i] += w * s[row]
-            weight[i] += w
-    weight = np.maximum(weight, 1)[:, None]
-    return (probs / weight).astype(np.float32), (scores / weight).astype(np.float32)
 
 
 class AudioClassifier:
@@ -120,10 +100,12 @@ class AudioClassifier:
     classes: tuple[str, ...]
     dimensions: tuple[str, ...]
     trained_dimensions: tuple[str, ...] = ()
+    # the most work one model call holds (serval.longform.work); None: `batch_size` alone bounds a call
+    call_budget: float | None = CALL_BUDGET
 
     def predict_waveforms(
         self,
-        waves: Sequence[np.ndarray],
+        waves: Sequence[np.ndarray | LongAudio],
         batch_size: int = 16,
         progress: bool = False,
         *,
@@ -134,14 +116,20 @@ class AudioClassifier:
 
         `sampling_rate`: the waves' rate, resampled to 16 kHz (None: they are 16 kHz). Waveforms
         longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
-        weighted by duration. `check_finite=False`: the waves were checked when read.
+        weighted by duration (`serval.longform`). `check_finite=False`: the waves were checked when read.
         """
         return pooled_predict(
             lambda batch: self._forward(batch, check_finite),
-            [at_model_rate(np.asarray(w, dtype=np.float32).reshape(-1), sampling_rate) for w in waves],
+            [
+                w
+                if isinstance(w, LongAudio)
+                else at_model_rate(np.asarray(w, np.float32).reshape(-1), sampling_rate)
+                for w in waves
+            ],
             (len(self.classes), len(self.dimensions)),
             batch_size,
             progress,
+            self.call_budget,
         )
 
     def predict(
@@ -155,32 +143,52 @@ class AudioClassifier:
     ) -> dict | list[dict]:
         """One input -> its record; a list -> one record each (a bad file: an error record, the rest run).
 
-        A record: {"file", "duration", "label", "probabilities", "scores"}, or {"file", "error"};
-        a score is None for a dimension this model was not trained on.
+        A record: {"file", "duration", "pieces", "label", "probabilities", "scores"}, or {"file", "error"};
+        `pieces` is how many <= 30 s pieces it pools (1 within the window); a score is None for a
+        dimension this model was not trained on.
         `sampling_rate`: the rate of array inputs (see the module's note on rates).
         """
         if is_single(inputs):
             return self.predict([inputs], batch_size, classes, progress, sampling_rate=sampling_rate)[0]
         keep = class_subset(classes, self.classes)
         records: list[dict] = []
-        waves, slots = [], []
+        window: list[tuple[int, np.ndarray | LongAudio]] = []  # (record, samples), scored a window at a time
+        bar = progress_bar(enabled=progress, unit=" input", desc="predict")
         for item in inputs:
             try:
                 name, wave = read_input(item, sampling_rate)
             except AudioError as e:
                 records.append({"file": input_name(item), "error": str(e)})
                 continue
-            records.append({"file": name, "duration": round(len(wave) / SAMPLE_RATE, 3)})
-            waves.append(wave)
-            slots.append(len(records) - 1)
-        if waves:
-            # every wave was checked finite as it was read, naming its file: not again
-            probs, scores = self.predict_waveforms(
-                waves, batch_size=batch_size, progress=progress, check_finite=False
-            )
-            for slot, p, s in zip(slots, probs, scores):
-                records[slot].update(self.record(p, s, keep))
+            pieces = count_pieces(len(wave))
+            records.append({"file": name, "duration": round(len(wave) / SAMPLE_RATE, 3), "pieces": pieces})
+            if pieces > 1:
+                note_once(pooling_note(name, len(wave) / SAMPLE_RATE, pieces))
+            window.append((len(records) - 1, wave))
+            if len(window) >= batch_size * WINDOW_BATCHES:  # memory does not grow with the number of inputs
+                self._score_window(records, window, keep, batch_size, bar)
+                window = []
+        self._score_window(records, window, keep, batch_size, bar)
+        if bar is not None:
+            bar.close()
         return records
+
+    def _score_window(self, records: list[dict], window: list, keep, batch_size: int, bar) -> None:
+        # clips are batched together; a long file is read and scored on its own, piece by piece
+        jobs = [[(k, w) for k, w in window if not isinstance(w, LongAudio)]]
+        jobs += [[(k, w)] for k, w in window if isinstance(w, LongAudio)]
+        for job in filter(None, jobs):
+            try:  # every wave was checked finite as it was read, naming its file: not again
+                probs, scores = self.predict_waveforms(
+                    [w for _, w in job], batch_size=batch_size, check_finite=False
+                )
+            except AudioError as e:  # a long file read piece by piece can break part-way through
+                records[job[0][0]] = {"file": records[job[0][0]]["file"], "error": str(e)}
+                continue
+            for (k, _), p, s in zip(job, probs, scores):
+                records[k].update(self.record(p, s, keep))
+            if bar is not None:
+                bar.update(len(job))
 
     def __call__(
         self,

@@ -103,6 +103,14 @@ def audio_info(source: AudioSource, *, name: str | None = None) -> AudioInfo:
         return AudioInfo(f.frames / f.samplerate, f.samplerate, f.channels, f.frames)
 
 
+def span_samples(
+    source: AudioSource, start: float | None = None, end: float | None = None, *, name: str | None = None
+) -> int:
+    """How many 16 kHz samples `load_audio(source, start, end)` gives, from the header alone."""
+    with _open(source, name) as (f, label):
+        return _Span.plan(f, label, start, end).out_len
+
+
 def load_audio(
     source: AudioSource,
     start: float | None = None,

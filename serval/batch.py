@@ -27,6 +27,7 @@ import numpy as np
 
 from serval.atomic import atomic_write_text
 from serval.audio import AudioError, audio_info, load_audio
+from serval.longform import WINDOW_BATCHES, LongAudio, count_pieces, pooling_note, read_audio
 from serval.progress import progress_bar
 from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE, class_subset
 
@@ -37,7 +38,6 @@ from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE, class_subset
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
-WINDOW_BATCHES = 4  # a window of this many batches is decoded ahead, sorted by length and batched
 ROW_SEP = "#"  # DATAFILE#ROW names a dataset row
 
 
@@ -204,6 +204,12 @@ def load_item(file: str, start: float | None = None, end: float | None = None) -
     return load_audio(source, start, end, name=name)
 
 
+def read_item(item: Item) -> np.ndarray | LongAudio:
+    """An item's samples; audio longer than one 30 s piece is a LongAudio, read piece by piece when scored."""
+    source, name = audio_source(item.file)
+    return read_audio(source, item.start, item.end, name=name)
+
+
 def read_rows(path: str | os.PathLike, label_column: str = "label") -> list:
     """Manifest rows (`serval.manifest.ManifestRow`) of a manifest, or of a dataset's rows for `serval eval`.
 
@@ -251,8 +257,10 @@ def _emotion(label, datafile: str, row: int) -> str | None:
 # ---------------------------------------------------------------------------- the pipeline
 
 
-def decoded(items: Iterable[Item], depth: int) -> Iterator[tuple[Item, np.ndarray | AudioError]]:
-    """(item, wave or its AudioError), decoded in a background thread at most `depth` ahead."""
+def decoded(items: Iterable[Item], depth: int) -> Iterator[tuple[Item, np.ndarray | LongAudio | AudioError]]:
+    """(item, wave or its AudioError), decoded in a background thread at most `depth` ahead.
+
+    Audio longer than one 30 s piece is not decoded here: it comes as a LongAudio (see `read_item`)."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
     end = object()
@@ -261,7 +269,7 @@ def decoded(items: Iterable[Item], depth: int) -> Iterator[tuple[Item, np.ndarra
         try:
             for item in items:
                 try:
-                    result = load_item(item.file, item.start, item.end)
+                    result = read_item(item)
                 except AudioError as e:
                     result = e
                 while not stop.is_set():
@@ -337,20 +345,25 @@ _LIBC = None
 
 def _predict_window(predictor, pending: list, batch_size: int, keep) -> list[dict]:
     records = [_head(item, wave) for item, wave in pending]
-    ok = [i for i, (_, w) in enumerate(pending) if not isinstance(w, AudioError)]
+    ok = [i for i, (_, w) in enumerate(pending) if isinstance(w, np.ndarray)]
     ok.sort(key=lambda i: len(pending[i][1]))
-    for at in range(0, len(ok), batch_size):
-        batch = ok[at : at + batch_size]
-        # every wave was checked finite as it was read, naming its file: not again
-        probs, scores = predictor.predict_waveforms(
-            [pending[i][1] for i in batch], batch_size=batch_size, check_finite=False
-        )
+    # clips in batches sorted by length; a long file on its own, read and scored piece by piece
+    jobs = [ok[at : at + batch_size] for at in range(0, len(ok), batch_size)]
+    jobs += [[i] for i, (_, w) in enumerate(pending) if isinstance(w, LongAudio)]
+    for batch in jobs:
+        try:  # every wave was checked finite as it was read, naming its file: not again
+            probs, scores = predictor.predict_waveforms(
+                [pending[i][1] for i in batch], batch_size=batch_size, check_finite=False
+            )
+        except AudioError as e:  # a long file that breaks part-way through
+            records[batch[0]] = _head(pending[batch[0]][0], e)
+            continue
         for i, p, s in zip(batch, probs, scores):
             records[i].update(predictor.record(p, s, keep))
     return records
 
 
-def _head(item: Item, wave: np.ndarray | AudioError) -> dict:
+def _head(item: Item, wave: np.ndarray | LongAudio | AudioError) -> dict:
     head: dict = {"file": item.file}
     if item.start is not None or item.end is not None:
         head.update(start=item.start, end=item.end)
@@ -358,6 +371,7 @@ def _head(item: Item, wave: np.ndarray | AudioError) -> dict:
         head["error"] = str(wave)
     else:
         head["duration"] = round(len(wave) / SAMPLE_RATE, 3)
+        head["pieces"] = count_pieces(len(wave))
     return head
 
 
@@ -738,9 +752,16 @@ def _run_local(args: argparse.Namespace, items: list[Item], fmt: str, classes) -
     predictor = _load(args)
     show = not args.no_progress and len(items) > args.batch_size
     bar = progress_bar(total=len(items), enabled=show, unit=" clip", desc="predict")
-    kept, failed = [], []
+    kept, failed, noted = [], [], False
     for records in predict_items(predictor, items, args.batch_size, classes):
         failed += [r for r in records if "error" in r]
+        pooled = next((r for r in records if r.get("pieces", 1) > 1), None)
+        if pooled and not noted:  # once per run, not once per long file
+            print(
+                f"serval predict: {pooling_note(pooled['file'], pooled['duration'], pooled['pieces'])}",
+                file=sys.stderr,
+            )
+            noted = True
         if out is not None:
             out.write(records)
         elif stream:

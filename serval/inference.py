@@ -87,6 +87,8 @@ class Predictor(AudioClassifier):
         self.dimensions: tuple[str, ...] = tuple(self.config.dimensions)
         self.trained_dimensions: tuple[str, ...] = shared_trained_dimensions(self.models)
         self.static = None
+        if self.device.type != "cpu":  # a GPU's own memory holds full batches of 30 s pieces
+            self.call_budget = None
         if buckets or compile:
             self.set_static(compile=compile)
 

@@ -207,7 +207,8 @@ def test_emotion_is_the_predict_record(served, predictor, ravdess_clips, emodb_c
             r = c.post("/v1/emotion", files={"file": (p.name, p.read_bytes(), "audio/flac")})
             assert r.status_code == 200, r.text
             rec = r.json()
-            assert set(rec) == {"file", "duration", "label", "probabilities", "scores"}
+            assert set(rec) == {"file", "duration", "pieces", "label", "probabilities", "scores"}
+            assert rec["pieces"] == want["pieces"] == 1
             assert rec["file"] == p.name and rec["duration"] == want["duration"]
             np.testing.assert_allclose(
                 probs_of(rec, predictor.classes), probs_of(want, predictor.classes), atol=TOL

@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from serval.serve.config import ServerConfig
+from serval.serve.config import BUDGETED, ServerConfig, format_size, parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument(
-        "--max-upload-mb", type=float, default=d.max_upload_mb, help="largest request body (413 beyond)"
+        "--max-upload-mb",
+        type=float,
+        default=None,
+        help=f"largest request body (413 beyond; default {d.max_upload_mb:g}, or from --memory-budget)",
     )
     p.add_argument(
         "--upload-timeout",
@@ -41,20 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-receiving",
         type=int,
-        default=d.max_receiving,
-        help="uploads being received at once; more get 503",
+        default=None,
+        help=f"uploads being received at once; more get 503 (default {d.max_receiving}, or fewer from --memory-budget)",
     )
     p.add_argument(
         "--max-clip-seconds",
         type=float,
-        default=d.max_clip_seconds,
-        help="longest audio for /v1/emotion (413 beyond)",
+        default=None,
+        help=f"longest audio for /v1/emotion (413 beyond; default {d.max_clip_seconds:g}, or from --memory-budget)",
     )
     p.add_argument(
         "--max-timeline-seconds",
         type=float,
-        default=d.max_timeline_seconds,
-        help="longest audio for /v1/timeline (413 beyond)",
+        default=None,
+        help=f"longest audio for /v1/timeline (413 beyond; default {d.max_timeline_seconds:g}, or from --memory-budget)",
     )
     p.add_argument(
         "--max-stream-seconds", type=float, default=d.max_stream_seconds, help="longest WebSocket stream"
@@ -78,6 +81,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="windows of one timeline or stream (400 / close 1008 beyond)",
     )
     _batching_arguments(p, d)
+    p.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="memory one request may hold, e.g. 2G: sets the limits above not given by hand (upload, "
+        "durations) and how many requests are worked on at once (docs/serving.md, Memory)",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=int,
+        help="requests holding audio at once (received, queued, worked on); more get 503 "
+        "(default: none, or from --memory-budget)",
+    )
     p.add_argument("--window", type=float, default=d.window, help="default timeline/stream window (s)")
     p.add_argument("--hop", type=float, default=d.hop, help="default timeline/stream hop (s)")
     p.add_argument(
@@ -121,20 +137,28 @@ def _batching_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     p.add_argument(
         "--max-queue",
         type=int,
-        default=d.max_queue,
-        help="clips decoded and waiting for the model before new ones get 503",
+        default=None,
+        help=f"clips decoded and waiting for the model before new ones get 503 (default {d.max_queue}, or fewer "
+        "from --memory-budget)",
     )
     p.add_argument(
         "--max-timelines",
         type=int,
-        default=d.max_timelines,
-        help="timelines being worked on before new ones get 503",
+        default=None,
+        help=f"timelines being worked on before new ones get 503 (default {d.max_timelines}, or fewer from "
+        "--memory-budget)",
     )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The options as a ServerConfig; an option left out (None) keeps the config's default."""
     names = set(asdict(ServerConfig()))
-    return ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return ServerConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def given_limits(args: argparse.Namespace) -> set[str]:
+    """The limits a memory budget would set that were given by hand, which it leaves alone."""
+    return {k for k in (*BUDGETED, "max_requests") if getattr(args, k, None) is not None}
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
@@ -168,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.check()  # the limits and the default grid, before the model loads
         engine = "torch" if args.compile and args.engine == "auto" else args.engine
         predictor = load_engine(args.model, engine, device=args.device)
+        if cfg.memory_budget is not None:  # measured with the model loaded: what is left is for requests
+            cfg = cfg.budgeted(given_limits(args))
+            print(f"serval serve: {budget_summary(cfg)}", file=sys.stderr)
         if args.compile:  # paid now, before the server listens, never by a request
             from serval.compiled import compile_predictor
 
@@ -186,3 +213,12 @@ def run(args: argparse.Namespace) -> int:
     )
     server.run()  # returns after SIGINT/SIGTERM once in-flight requests are done
     return 0 if server.started else 1
+
+
+def budget_summary(cfg: ServerConfig) -> str:
+    """The limits a memory budget gave, in one line."""
+    return (
+        f"memory budget {format_size(cfg.memory_budget)} per request: uploads up to {cfg.max_upload_mb:.0f} MiB, "
+        f"/v1/emotion up to {cfg.max_clip_seconds:g} s, /v1/timeline up to {cfg.max_timeline_seconds:g} s, "
+        f"{cfg.max_requests} requests at once"
+    )

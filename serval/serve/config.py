@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 
 from serval.windows import WindowSpec
+
+# What one request holds, counted when its limits come from `memory_budget` (docs/serving.md, "Memory"):
+UPLOAD_BYTES_PER_SECOND = 192_000  # its upload, as 16-bit PCM at 48 kHz stereo (compressed audio holds less)
+REQUEST_BYTES = 64 * 2**20  # what does not grow with its audio: a piece or chunk being decoded, its results
+WINDOW_BYTES = 2048  # a timeline window's result, and its JSON
+# one model call at a time, at most one 30 s piece of work (serval.longform): 330 MB on whisper-base
+MODEL_CALL_BYTES = 512 * 2**20
+BUDGETED = (
+    "max_upload_mb",
+    "max_clip_seconds",
+    "max_timeline_seconds",
+    "max_receiving",
+    "max_queue",
+    "max_timelines",
+)
 
 
 @dataclass
@@ -38,10 +56,42 @@ class ServerConfig:
     min_length: float = 0.5  # shortest final window of a timeline or stream
     max_segment: float = 15.0  # longest merged segment
     graceful_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
+    memory_budget: int | None = None  # bytes one request may hold; sets the `BUDGETED` limits (`budgeted`)
+    max_requests: int | None = None  # requests holding audio at once (received, queued, worked on)
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def limit_note(self) -> str:
+        """What a 413 adds about where the limit comes from: the memory budget, when one is set."""
+        if self.memory_budget is None:
+            return ""
+        return f" (the memory budget of {format_size(self.memory_budget)} per request)"
+
+    def budgeted(self, given: Collection[str] = (), available: int | None = None) -> ServerConfig:
+        """The limits `memory_budget` sets, except those in `given` (set by hand); `available`: the
+        memory free for requests' work (default: the system's available memory now)."""
+        if self.memory_budget is None:
+            return self
+        self.check()
+        room = self.memory_budget - REQUEST_BYTES
+        upload = room // 2  # the body, and while it is read, its chunks joined into one
+        available = memory_available() if available is None else available
+        n = max(1, (available - MODEL_CALL_BYTES) // self.memory_budget)
+        limits = {
+            "max_upload_mb": upload / 2**20,
+            "max_clip_seconds": math.floor(upload / UPLOAD_BYTES_PER_SECOND),
+            "max_timeline_seconds": math.floor(
+                room / (2 * UPLOAD_BYTES_PER_SECOND + WINDOW_BYTES / self.hop)
+            ),
+            "max_requests": n,
+            "max_receiving": min(self.max_receiving, n),
+            "max_queue": min(self.max_queue, n),
+            "max_timelines": min(self.max_timelines, n),
+        }
+        return replace(self, **{k: v for k, v in limits.items() if k not in given})
 
     def window_spec(
         self,
@@ -77,6 +127,10 @@ class ServerConfig:
         ):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_requests is not None and not self.max_requests >= 1:
+            raise ValueError(f"--max-requests must be >= 1, got {self.max_requests}")
+        if self.memory_budget is not None and not self.memory_budget > REQUEST_BYTES:
+            raise ValueError(f"--memory-budget must be more than {format_size(REQUEST_BYTES)}")
         if not 0 <= self.timeline_nice <= 19:
             raise ValueError(f"--timeline-nice must be 0..19, got {self.timeline_nice}")
         for name in ("max_wait_ms", "min_upload_rate", "long_call_ms"):
@@ -85,3 +139,29 @@ class ServerConfig:
         for name in ("upload_timeout", "stream_idle_seconds", "max_upload_mb"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0")
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """ "2G", "512M", "1.5GiB", "300000000" -> bytes (binary units, as `free -h` shows them)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"a size is a positive number with an optional K, M, G or T (e.g. 2G), not {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_size(size: float) -> str:
+    """Bytes as the largest binary unit that keeps a number >= 1: 2147483648 -> "2G"."""
+    unit = next(u for u in ("T", "G", "M", "K", "") if size >= _UNITS[u] or u == "")
+    return f"{size / _UNITS[unit]:.3g}{unit}"
+
+
+def memory_available() -> int:
+    """Bytes of memory the system can give now (Linux's MemAvailable; elsewhere, the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -27,7 +27,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from serval import vocab
-from serval.audio import AudioError, AudioNotFoundError, audio_info, load_audio
+from serval.audio import AudioError, AudioNotFoundError, audio_info
+from serval.longform import count_pieces, read_audio
 from serval.serve.records import Timeline
 
 _DIMS = "/".join(vocab.DIMENSIONS)
@@ -60,6 +61,7 @@ class EmotionResult(BaseModel):
 
     file: str = Field(description="the path, or the name given for base64 audio")
     duration: float = Field(description="seconds of audio")
+    pieces: int = Field(description="<= 30 s pieces whose outputs the record pools (1 within the window)")
     label: str = Field(description="the most probable emotion")
     probabilities: dict[str, float] = Field(description="probability of each emotion class")
     scores: dict[str, float | None] = Field(
@@ -194,7 +196,8 @@ class EmotionTools:
             self.audio.duration(
                 source, name, self.max_clip_seconds, "; use emotion_timeline for long recordings"
             )
-            wave = within(READ_TIMEOUT, name, load_audio, rewound(source), name=name)
+            # beyond one 30 s piece, a LongAudio: decoded piece by piece as it is scored
+            wave = within(READ_TIMEOUT, name, read_audio, rewound(source), name=name)
             with self.lock:
                 probs, scores = p.predict_waveforms([wave])
         except (AudioError, ToolInputError, vocab.UnknownClassesError) as e:
@@ -202,7 +205,8 @@ class EmotionTools:
         body = vocab.label_body(
             probs[0], scores[0], p.classes, p.dimensions, keep, trained=vocab.trained_dimensions(p)
         )
-        return EmotionResult(file=name, duration=round(len(wave) / vocab.SAMPLE_RATE, 3), **body)
+        duration = round(len(wave) / vocab.SAMPLE_RATE, 3)
+        return EmotionResult(file=name, duration=duration, pieces=count_pieces(len(wave)), **body)
 
     def emotion_timeline(
         self,

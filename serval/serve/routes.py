@@ -11,12 +11,15 @@ import asyncio
 import functools
 import io
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from serval import __version__, vocab
 from serval.audio import AudioError
+from serval.longform import LongAudio, count_pieces
 from serval.serve.batching import ClientGoneError, QueueFullError
 from serval.serve.errors import ApiError, audio_error
 from serval.serve.schemas import (
@@ -29,11 +32,12 @@ from serval.serve.schemas import (
 )
 from serval.serve.service import Service
 from serval.serve.streaming import stream_session
-from serval.serve.uploads import check_audio, decode, read_upload
+from serval.serve.uploads import check_audio, read_upload
 from serval.timeline import grid_timeline
 from serval.windows import WindowSpec
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 async def get_service(request: Request) -> Service:
@@ -68,14 +72,19 @@ async def emotion(
     keep = class_subset(classes, predictor.classes)
     with service.receiving_body():  # admitted by the `shed` middleware before this ran
         data, name = await read_upload(
-            request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate
+            request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate, cfg.limit_note
         )
     with service.decoding_body():
-        wave = await decode(data, name, cfg.max_clip_seconds)
-    probs, scores = await service.score([wave])  # no await between: the clip goes straight in the queue
+        wave = await service.clip(data, name)  # a LongAudio beyond one 30 s piece, decoded as it is scored
+    if isinstance(wave, LongAudio):
+        with service.timeline():
+            probs, scores = await _in_worker(request, service, functools.partial(service.score_long, wave))
+    else:
+        probs, scores = await service.score([wave])  # no await between: the clip goes straight in the queue
     return {
         "file": name,
         "duration": round(len(wave) / vocab.SAMPLE_RATE, 3),
+        "pieces": count_pieces(len(wave)),
         **vocab.label_body(
             probs[0],
             scores[0],
@@ -118,10 +127,10 @@ async def timeline(
         raise ApiError(400, "invalid_request", str(e)) from None
     with service.receiving_body():
         data, name = await read_upload(
-            request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate
+            request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate, cfg.limit_note
         )
     with service.timeline():
-        duration = await check_audio(data, name, cfg.max_timeline_seconds, spec.min_length)
+        duration = await check_audio(data, name, cfg.max_timeline_seconds, spec.min_length, cfg.limit_note)
         try:
             spec.check_count(duration)
         except ValueError as e:
@@ -135,19 +144,23 @@ async def _grid_timeline(
 ) -> dict:
     audio = io.BytesIO(data)
     audio.name = name  # decoded chunk by chunk, so a long recording never sits in memory as samples
+
+    def work(gone: threading.Event) -> dict:  # its model calls go through the batcher, a batch at a time
+        return grid_timeline(audio, service.threaded(gone), spec, batch_size=service.config.max_batch)
+
+    return await _in_worker(request, service, work)
+
+
+async def _in_worker(request: Request, service: Service, work: Callable[[threading.Event], T]) -> T:
+    """`work(gone)` in a timeline thread; `gone` is set when the client disconnects, which stops it."""
     gone = threading.Event()  # set when the client disconnects: its remaining windows are dropped
     watch = asyncio.create_task(_until_disconnected(request, gone))
     loop = asyncio.get_running_loop()
-    try:  # in a thread whose model calls go through the batcher, a batch of windows at a time
-        return await loop.run_in_executor(
-            service.timeline_pool,
-            functools.partial(
-                grid_timeline, audio, service.threaded(gone), spec, batch_size=service.config.max_batch
-            ),
-        )
+    try:
+        return await loop.run_in_executor(service.timeline_pool, work, gone)
     except ClientGoneError:
         raise ApiError(
-            499, "client_closed_request", "the client went away; the timeline was stopped"
+            499, "client_closed_request", "the client went away; its request was stopped"
         ) from None
     except QueueFullError:
         raise service.busy() from None
@@ -180,6 +193,11 @@ async def model_info(service: Service = Depends(get_service)):
             "max_clip_seconds": cfg.max_clip_seconds,
             "max_timeline_seconds": cfg.max_timeline_seconds,
             "max_stream_seconds": cfg.max_stream_seconds,
+            **(
+                {"memory_budget": cfg.memory_budget, "max_requests": cfg.max_requests}
+                if cfg.memory_budget
+                else {}
+            ),
         },
         "batching": {"max_batch": cfg.max_batch, "max_wait_ms": cfg.max_wait_ms, "max_queue": cfg.max_queue},
     }

@@ -25,6 +25,7 @@ class ErrorBody(BaseModel):
 class EmotionRecord(BaseModel):
     file: str
     duration: float
+    pieces: int = Field(description="<= 30 s pieces whose outputs the record pools (1 within the window)")
     label: str
     probabilities: dict[str, float]
     scores: Scores

@@ -9,8 +9,9 @@ before routing), so a 503 costs no upload, no decoding and no thread. What is co
   answered 408 once it stalls (`uploads.read_limited`).
 - `waiting`: clips (`/v1/emotion`) whose body has arrived, being decoded or queued for the model
   (short-lane requests in the batcher, stream windows included); bounded by `max_queue`.
-- `timelines`: timelines being worked on; bounded by `max_timelines`. An admitted request is never
-  refused later for lack of room.
+- `timelines`: timelines (and clips longer than one 30 s piece) being worked on; bounded by
+  `max_timelines`. An admitted request is never refused later for lack of room.
+- with a memory budget, `max_requests` bounds the three together (`ServerConfig.budgeted`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from serval.audio import AudioError
+from serval.longform import CALL_BUDGET, LongAudio, count_pieces, pooled_predict, read_audio
 from serval.serve.batching import BatchedPredictor, MicroBatcher, QueueFullError
 from serval.serve.config import ServerConfig
-from serval.serve.errors import ApiError, busy
+from serval.serve.errors import ApiError, audio_error, busy
 from serval.serve.metrics import Metrics
 from serval.serve.schemas import SafeJSONResponse
+from serval.serve.uploads import check_audio, decode
+from serval.vocab import SAMPLE_RATE
 
 
 def lower_thread_priority(increment: int) -> None:
@@ -116,6 +121,8 @@ class Service:
             full = self.timelines >= cfg.max_timelines
         else:
             return None
+        holding = self.receiving + self.waiting + self.timelines
+        full = full or (cfg.max_requests is not None and holding >= cfg.max_requests)
         return self.busy() if full or self.receiving >= cfg.max_receiving else None
 
     def short_queue_full(self) -> bool:
@@ -147,6 +154,25 @@ class Service:
             return await self.batcher.submit(waves)
         except QueueFullError:
             raise self.busy() from None
+
+    async def clip(self, data: bytes, name: str) -> np.ndarray | LongAudio:
+        """An upload for /v1/emotion, checked from its header (413 beyond `max_clip_seconds`): its samples,
+        or, beyond one 30 s piece, a LongAudio over its bytes, decoded piece by piece as it is scored."""
+        limit = self.config.max_clip_seconds
+        duration = await check_audio(data, name, limit, note=self.config.limit_note)
+        if count_pieces(round(duration * SAMPLE_RATE)) == 1:
+            return await decode(data, name, limit)
+        try:
+            return await asyncio.to_thread(read_audio, data, name=name)
+        except AudioError as e:
+            raise audio_error(e) from None
+
+    def score_long(self, audio: LongAudio, gone: threading.Event) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [1, C], scores [1, D]) of a long clip, run in a worker thread: its pieces go
+        to the model a bounded batch at a time on the long lane, so clips are served in between."""
+        widths = (len(self.predictor.classes), len(self.predictor.dimensions))
+        forward = self.threaded(gone).predict_waveforms
+        return pooled_predict(forward, [audio], widths, self.config.max_long_batch, budget=CALL_BUDGET)
 
 
 class ShedLoad:

@@ -20,11 +20,17 @@ ACCEPTED_TYPES = ("audio/", "application/octet-stream", "application/ogg", "mult
 
 
 async def read_upload(
-    request: Request, filename: str | None, limit: int, timeout: float = 10.0, min_rate: float = 0.0
+    request: Request,
+    filename: str | None,
+    limit: int,
+    timeout: float = 10.0,
+    min_rate: float = 0.0,
+    note: str = "",
 ) -> tuple[bytes, str]:
     """The uploaded audio's bytes and its name: a raw audio body or the 'file' of a multipart form.
 
-    A body over `limit` bytes is a 413; one that stalls (see `read_limited`) a 408.
+    A body over `limit` bytes is a 413 (its message ends with `note`); one that stalls (see
+    `read_limited`) a 408.
     """
     mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not mime or not any(mime == t or (t.endswith("/") and mime.startswith(t)) for t in ACCEPTED_TYPES):
@@ -34,7 +40,7 @@ async def read_upload(
             f"content type {mime or '(none)'!r} is not audio; send the file's bytes as audio/* or "
             "application/octet-stream, or as the 'file' field of multipart/form-data",
         )
-    body = await read_limited(request, limit, timeout, min_rate)
+    body = await read_limited(request, limit, timeout, min_rate, note)
     if mime != "multipart/form-data":
         return body, filename or "upload"
     data, name = await _multipart_file(request, body)
@@ -67,7 +73,9 @@ async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | N
     return data, upload.filename
 
 
-async def read_limited(request: Request, limit: int, timeout: float = 10.0, min_rate: float = 0.0) -> bytes:
+async def read_limited(
+    request: Request, limit: int, timeout: float = 10.0, min_rate: float = 0.0, note: str = ""
+) -> bytes:
     """The request body, or 413 once it passes `limit` bytes (the rest is drained, not stored).
 
     408 when no bytes come for `timeout` seconds, or when after the first `timeout` seconds the body
@@ -76,7 +84,7 @@ async def read_limited(request: Request, limit: int, timeout: float = 10.0, min_
     """
     declared = request.headers.get("content-length", "")
     too_big = ApiError(
-        413, "upload_too_large", f"the upload is larger than the server's limit of {limit} bytes"
+        413, "upload_too_large", f"the upload is larger than the server's limit of {limit} bytes{note}"
     )
     if declared.isdigit() and int(declared) > limit:
         await _drain(request, limit, timeout)
@@ -123,8 +131,11 @@ async def _drain(request: Request, limit: int, timeout: float) -> None:
         pass
 
 
-async def check_audio(data: bytes, name: str, max_seconds: float, min_seconds: float = 0.0) -> float:
-    """The audio's duration from its header; 413 when longer than `max_seconds`, 422 when not audio."""
+async def check_audio(
+    data: bytes, name: str, max_seconds: float, min_seconds: float = 0.0, note: str = ""
+) -> float:
+    """The audio's duration from its header; 413 when longer than `max_seconds` (the message ends
+    with `note`), 422 when not audio."""
     try:
         info = await asyncio.to_thread(audio_info, data, name=name)
     except AudioError as e:
@@ -133,7 +144,7 @@ async def check_audio(data: bytes, name: str, max_seconds: float, min_seconds: f
         raise ApiError(
             413,
             "audio_too_long",
-            f"{name}: {info.duration:.1f} s of audio; this endpoint takes at most {max_seconds:g} s",
+            f"{name}: {info.duration:.1f} s of audio; this endpoint takes at most {max_seconds:g} s{note}",
         )
     if info.duration < min_seconds:
         raise ApiError(
