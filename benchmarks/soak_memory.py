@@ -167,7 +167,8 @@ async def mcp_calls(paths: list[Path]) -> float:
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
     args = ["-m", "serval", "mcp", "--max-clip-seconds", "3000", "--root", "/"]
-    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), args=args)
+    # the whole environment, so that the server runs this checkout's serval (PYTHONPATH) as the others do
+    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), args=args, env=dict(os.environ))
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         for p in paths:

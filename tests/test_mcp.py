@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import sys
 
@@ -44,7 +45,10 @@ async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]], cwd
     """Start `serval mcp ARGS` in `cwd` over stdio, initialise, list its tools and make `calls`."""
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
-    params = StdioServerParameters(command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args])
+    # the whole environment: the server runs the serval under test (PYTHONPATH), not another install
+    params = StdioServerParameters(
+        command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args], env=dict(os.environ)
+    )
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         init = await session.initialize()
         tools = {t.name: t for t in (await session.list_tools()).tools}
@@ -68,6 +72,12 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
         16000,
         subtype="FLOAT",
     )
+    meeting = tmp / "audio" / "meeting.flac"  # 65 s: longer than the model's window, read in pieces
+    sf.write(
+        meeting,
+        np.concatenate([load_audio(p) for p in clips("ravdess", "Actor_06/*.flac", n=20)])[: 65 * 16000],
+        16000,
+    )
     broken = tmp / "audio" / "broken.flac"
     broken.write_bytes(clip.read_bytes()[:2500])
     wav22k = io.BytesIO()  # 22.05 kHz 16-bit WAV bytes: decoded and resampled like a file
@@ -84,6 +94,8 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
             },
         ),
         "resampled": ("recognize_emotion", {"audio_base64": b64(wav22k.getvalue())}),
+        "long": ("recognize_emotion", {"path": str(meeting)}),
+        "long_base64": ("recognize_emotion", {"audio_base64": b64(meeting.read_bytes())}),
         "timeline": ("emotion_timeline", {"path": str(talk), "window": 3, "hop": 1.5, "max_segment": 6}),
         "segments": ("emotion_timeline", {"audio_base64": b64(talk.read_bytes()), "include_windows": False}),
         "broken": ("recognize_emotion", {"path": str(broken)}),
@@ -100,7 +112,14 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
     (tmp / "start").mkdir()
     init, tools, results = anyio.run(session_calls, args, calls, tmp / "start")
     return dict(
-        predictor=predictor, clip=clip, other=other, talk=talk, init=init, tools=tools, results=results
+        predictor=predictor,
+        clip=clip,
+        other=other,
+        talk=talk,
+        meeting=meeting,
+        init=init,
+        tools=tools,
+        results=results,
     )
 
 
@@ -141,11 +160,13 @@ def test_tools_are_listed_with_schemas(run):
         == {
             "file",
             "duration",
+            "pieces",
             "label",
             "probabilities",
             "scores",
         }
     )
+    assert out["properties"]["pieces"]["type"] == "integer"
     assert [out["properties"][k]["type"] for k in ("file", "duration", "label")] == [
         "string",
         "number",
@@ -214,6 +235,18 @@ def test_recognize_emotion_is_the_predict_record(run):
     assert rec["duration"] == pytest.approx(want["duration"], abs=2e-3)
     # resampled there and back the clip is not bit-identical, but the model hears nearly the same
     np.testing.assert_allclose(probs(rec, predictor.classes), probs(want, predictor.classes), atol=1e-3)
+
+
+def test_a_long_recording_is_pooled_over_its_pieces(run):
+    predictor, res = run["predictor"], run["results"]
+    want = predictor.predict(str(run["meeting"]))
+    assert want["pieces"] == 3
+    for key in ("long", "long_base64"):
+        rec = res[key].structured_content
+        assert not res[key].is_error and rec["pieces"] == 3 and rec["duration"] == 65.0
+        assert rec["label"] == want["label"]
+        np.testing.assert_allclose(probs(rec, predictor.classes), probs(want, predictor.classes), atol=TOL)
+    assert res["path"].structured_content["pieces"] == 1
 
 
 def test_emotion_timeline_is_the_timeline_json(run):
