@@ -125,7 +125,8 @@ def _rewound(source):
 
 
 def long_array(wave: np.ndarray, rate: int, name: str | None = None) -> LongAudio:
-    """An array at `rate` Hz as LongAudio: resampled to 16 kHz a block at a time (the same samples as whole)."""
+    """An array at `rate` Hz as LongAudio, resampled to 16 kHz a block at a time (the samples of a whole
+    resampling)."""
     import soxr
 
     def blocks() -> Iterator[np.ndarray]:

@@ -237,7 +237,8 @@ def test_cli_predict_on_a_10_minute_file_stays_under_1_gb(tmp_path):
     path = tmp_path / "ten-minutes.flac"
     sf.write(path, joined(600, "ravdess"), SR)
     wrapper = (
-        "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "import resource, subprocess, sys; "
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
         "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(done.stdout)"
     )
     cmd = [sys.executable, "-m", "serval", "predict", str(path), "--format", "json", "--no-progress"]

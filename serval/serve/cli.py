@@ -45,19 +45,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-receiving",
         type=int,
         default=None,
-        help=f"uploads being received at once; more get 503 (default {d.max_receiving}, or fewer from --memory-budget)",
+        help=f"uploads being received at once; more get 503 (default {d.max_receiving}, or fewer from "
+        "--memory-budget)",
     )
+    _audio_limit_arguments(p, d)
+    _batching_arguments(p, d)
+    p.add_argument("--window", type=float, default=d.window, help="default timeline/stream window (s)")
+    p.add_argument("--hop", type=float, default=d.hop, help="default timeline/stream hop (s)")
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=d.graceful_timeout,
+        help="seconds in-flight requests get to finish on shutdown",
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _audio_limit_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
+    """How much audio one request or stream may bring, and the memory budget that can set it."""
     p.add_argument(
         "--max-clip-seconds",
         type=float,
         default=None,
-        help=f"longest audio for /v1/emotion (413 beyond; default {d.max_clip_seconds:g}, or from --memory-budget)",
+        help=f"longest audio for /v1/emotion (413 beyond; default {d.max_clip_seconds:g}, or from "
+        "--memory-budget)",
     )
     p.add_argument(
         "--max-timeline-seconds",
         type=float,
         default=None,
-        help=f"longest audio for /v1/timeline (413 beyond; default {d.max_timeline_seconds:g}, or from --memory-budget)",
+        help=f"longest audio for /v1/timeline (413 beyond; default {d.max_timeline_seconds:g}, or from "
+        "--memory-budget)",
     )
     p.add_argument(
         "--max-stream-seconds", type=float, default=d.max_stream_seconds, help="longest WebSocket stream"
@@ -80,13 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.max_windows,
         help="windows of one timeline or stream (400 / close 1008 beyond)",
     )
-    _batching_arguments(p, d)
     p.add_argument(
         "--memory-budget",
         type=parse_size,
         metavar="SIZE",
-        help="memory one request may hold, e.g. 2G: sets the limits above not given by hand (upload, "
-        "durations) and how many requests are worked on at once (docs/serving.md, Memory)",
+        help="memory one request may hold, e.g. 2G: sets the upload, duration and concurrency limits not "
+        "given by hand (docs/serving.md, Memory)",
     )
     p.add_argument(
         "--max-requests",
@@ -94,15 +111,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="requests holding audio at once (received, queued, worked on); more get 503 "
         "(default: none, or from --memory-budget)",
     )
-    p.add_argument("--window", type=float, default=d.window, help="default timeline/stream window (s)")
-    p.add_argument("--hop", type=float, default=d.hop, help="default timeline/stream hop (s)")
-    p.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=d.graceful_timeout,
-        help="seconds in-flight requests get to finish on shutdown",
-    )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def _batching_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
@@ -138,8 +146,8 @@ def _batching_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
         "--max-queue",
         type=int,
         default=None,
-        help=f"clips decoded and waiting for the model before new ones get 503 (default {d.max_queue}, or fewer "
-        "from --memory-budget)",
+        help=f"clips decoded and waiting for the model before new ones get 503 (default {d.max_queue}, "
+        "or fewer from --memory-budget)",
     )
     p.add_argument(
         "--max-timelines",
@@ -218,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
 def budget_summary(cfg: ServerConfig) -> str:
     """The limits a memory budget gave, in one line."""
     return (
-        f"memory budget {format_size(cfg.memory_budget)} per request: uploads up to {cfg.max_upload_mb:.0f} MiB, "
+        f"memory budget {format_size(cfg.memory_budget)} per request: uploads up to "
+        f"{cfg.max_upload_mb:.0f} MiB, "
         f"/v1/emotion up to {cfg.max_clip_seconds:g} s, /v1/timeline up to {cfg.max_timeline_seconds:g} s, "
         f"{cfg.max_requests} requests at once"
     )
