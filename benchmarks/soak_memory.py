@@ -43,6 +43,7 @@ API = (
     "records = model.predict(paths if len(paths) > 1 else paths[0])"
 )
 FLAC = {"content-type": "audio/flac"}
+STREAM_AHEAD = 10.0  # seconds of audio a stream client sends beyond the server's last answer
 
 
 def recording(seconds: int, folder: Path) -> Path:
@@ -116,19 +117,31 @@ async def stream_all(base: str, waves: list[np.ndarray], concurrency: int) -> li
 
     async def one(wave: np.ndarray) -> int:
         pcm = (np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
-        async with connect(base.replace("http", "ws") + "/v1/stream", max_size=None) as ws:
+        url = base.replace("http", "ws") + "/v1/stream"
+        answered, progress = [0.0], asyncio.Event()  # the end (s) of the last window answered
+        async with connect(url, max_size=None) as ws:
             assert json.loads(await ws.recv())["type"] == "ready"
 
             async def send() -> None:
+                # at most STREAM_AHEAD s past the last answer, so that pings are not stuck behind audio
                 for i in range(0, len(pcm), 16000):
+                    while i / 32000 - answered[0] > STREAM_AHEAD:
+                        progress.clear()
+                        await progress.wait()
                     await ws.send(pcm[i : i + 16000])
                 await ws.send('{"type": "end"}')
 
             sender, windows = asyncio.create_task(send()), 0
-            async for message in ws:
-                kind = json.loads(message)["type"]
-                windows += kind == "window"
-                if kind in ("summary", "error"):
+            async for text in ws:
+                message = json.loads(text)
+                if message["type"] == "window":
+                    windows += 1
+                    answered[0] = message["end"]
+                    progress.set()
+                if message["type"] == "error":
+                    sender.cancel()
+                    return -1
+                if message["type"] == "summary":
                     break
             await sender
             return windows
