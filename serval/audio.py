@@ -235,6 +235,18 @@ class _Span:
 _MAGIC = {b"fLaC": "FLAC", b"RIFF": "WAV", b"RF64": "WAV", b"OggS": "OGG", b"ID3": "MP3", b"FORM": "AIFF"}
 
 
+def sniff_format(head: bytes) -> str | None:
+    """The audio format a file's first bytes announce ("WAV", "FLAC", "OGG", "MP3", "AIFF"), or None.
+
+    MP3 without an ID3 tag starts with an MPEG audio frame: 11 sync bits, then a version and a layer
+    that are not the reserved values."""
+    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        if (head[1] >> 3) & 3 != 1 and (head[1] >> 1) & 3 != 0:
+            kind = "MP3"
+    return kind
+
+
 def _label(source: AudioSource, name: str | None) -> str:
     if name is not None:
         return str(name)
@@ -294,9 +306,7 @@ def _open(source: AudioSource, name: str | None) -> Iterator[tuple[sf.SoundFile,
         target = fh
     if size == 0:
         raise EmptyAudioError(label, "empty file (0 bytes)")
-    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
-    if kind is None and (head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xfa")):
-        kind = "MP3"
+    kind = sniff_format(head)
     try:
         f = sf.SoundFile(target)
     except (sf.LibsndfileError, RuntimeError) as e:

@@ -12,6 +12,7 @@ import functools
 import io
 import threading
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -31,7 +32,7 @@ from serval.serve.service import Service
 from serval.serve.streaming import stream_session
 from serval.serve.uploads import check_audio, decode, read_upload
 from serval.timeline import grid_timeline
-from serval.windows import WindowSpec
+from serval.windows import WindowResult, WindowSpec, pool
 
 router = APIRouter()
 
@@ -127,7 +128,27 @@ async def timeline(
         except ValueError as e:
             raise ApiError(400, "too_many_windows", f"{name}: {e}") from None
         result = await _grid_timeline(request, service, data, name, spec)
-    return {**result, "file": name, "duration": round(duration, 3)}
+    overall = pooled(result["windows"], service.predictor)
+    return {**result, "file": name, "duration": round(duration, 3), "overall": overall}
+
+
+def pooled(windows: list[dict], predictor) -> dict | None:
+    """The whole recording's label, probabilities and scores: its scored windows pooled by duration, as a
+    stream's summary pools them; None when no window was scored."""
+    classes, dims = predictor.classes, predictor.dimensions
+    scored = [
+        WindowResult(
+            w["start"],
+            w["end"],
+            np.array([w["probabilities"][c] for c in classes], np.float32),
+            np.array([np.nan if w["scores"][d] is None else w["scores"][d] for d in dims], np.float32),
+        )
+        for w in windows
+        if w.get("probabilities")
+    ]
+    if not scored:
+        return None
+    return vocab.label_body(*pool(scored), classes, dims, trained=vocab.trained_dimensions(predictor))
 
 
 async def _grid_timeline(
@@ -185,8 +206,10 @@ async def model_info(service: Service = Depends(get_service)):
     }
 
 
+@router.get("/health", responses=HEALTH_RESPONSES, summary="Liveness (the same as /healthz)")
 @router.get("/healthz", responses=HEALTH_RESPONSES, summary="Liveness")
 async def healthz(service: Service = Depends(get_service)):
+    """ok (200) while the model queue runs; unavailable (503) once it has stopped."""
     alive = service.running
     body = {"status": "ok" if alive else "unavailable", "queue": service.depth if alive else 0}
     return JSONResponse(body, status_code=200 if alive else 503)

@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
-from serval.serve.records import Scores, Timeline, TrainedDimensions
+from serval.serve.records import Probabilities, Scores, Timeline, TrainedDimensions
 
 
 class ErrorDetail(BaseModel):
@@ -37,8 +38,22 @@ class Health(BaseModel):
     queue: int = Field(description="clips waiting for the model")
 
 
-# `POST /v1/timeline` answers the timeline JSON, typed in serval.serve.records (shared with the MCP tool)
-TIMELINE_RESPONSE = {200: {"model": Timeline, "description": "the JSON of `serval timeline`"}}
+class Overall(TypedDict):
+    label: str
+    probabilities: Probabilities
+    scores: Scores
+
+
+class ServedTimeline(Timeline):
+    """The timeline JSON (typed in serval.serve.records, shared with the MCP tool) and the whole upload's
+    emotion: its scored windows pooled by duration (null when none was scored)."""
+
+    overall: Overall | None
+
+
+TIMELINE_RESPONSE = {
+    200: {"model": ServedTimeline, "description": "the JSON of `serval timeline`, and `overall`"}
+}
 HEALTH_RESPONSES = {
     200: {"model": Health, "description": "serving"},
     503: {"model": Health, "description": "the model queue has stopped"},
