@@ -50,18 +50,19 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dev-speakers", nargs="+", metavar="SPEAKER", help="these speakers form the dev set")
     p.add_argument("--test-speakers", nargs="+", metavar="SPEAKER", help="these speakers form the test set")
-    p.add_argument("--dev-fraction", type=float, default=0.1, help="share of speakers for dev (default 0.1)")
-    p.add_argument(
-        "--test-fraction", type=float, default=0.1, help="share of speakers for test (default 0.1)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the speaker split (default 0)")
-    p.add_argument(
-        "--min-dev-speakers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="dev gets at least N speakers where the corpus can spare them (default 0: the fraction alone)",
-    )
+    for flag, kind, default, metavar, help_text in (  # the speaker split's numbers
+        ("--dev-fraction", float, 0.1, None, "share of speakers for dev (default 0.1)"),
+        ("--test-fraction", float, 0.1, None, "share of speakers for test (default 0.1)"),
+        ("--seed", int, 0, None, "seed of the speaker split (default 0)"),
+        (
+            "--min-dev-speakers",
+            int,
+            0,
+            "N",
+            "dev gets at least N speakers where the corpus can spare them (default 0: the fraction alone)",
+        ),
+    ):
+        p.add_argument(flag, type=kind, default=default, metavar=metavar, help=help_text)
     for name, (choices, default) in OPTIONS.items():
         applies = ", ".join(c for c, r in RULES.items() if name in r.get("options", ()))
         p.add_argument(

@@ -120,6 +120,7 @@ class Collector:
                 self.add(path, record)
 
     def drop(self, path: Path | str, reason: str, original: str = "") -> None:
+        """List a clip as left out, with the reason and the corpus's label for it."""
         self.dropped.append(Dropped(str(path), reason, original))
 
     def add(self, path: Path, record: Record) -> None:
