@@ -132,9 +132,12 @@ def cached_graph(model: str | os.PathLike | None = None) -> Path:
     if not path.is_file():
         from serval.export import export_onnx
         from serval.inference import load
+        from serval.progress import once_notice
 
-        system = load("default" if model is None else model, device="cpu")
-        export_onnx(system.models, path, name=system.name)
+        what = "the default model" if model in (None, "default") else os.fspath(model)
+        with once_notice(f"preparing {what} for ONNX Runtime, once (cached in {path.parent})"):
+            system = load("default" if model is None else model, device="cpu")
+            export_onnx(system.models, path, name=system.name)
     return path
 
 
