@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from serval.serve.records import Scores, Timeline, TrainedDimensions
+from serval.vad import LABEL_TEXT, NO_SPEECH_TEXT, SPEECH_FRACTION_TEXT
 
 
 class ErrorDetail(BaseModel):
@@ -23,11 +24,15 @@ class ErrorBody(BaseModel):
 
 
 class EmotionRecord(BaseModel):
+    """`POST /v1/emotion`: the record of `serval predict` for one clip."""
+
     file: str
-    duration: float
-    label: str
-    probabilities: dict[str, float]
+    duration: float = Field(description="seconds of audio")
+    label: str | None = Field(description=LABEL_TEXT)
+    probabilities: dict[str, float] = Field(description="probability of each emotion class")
     scores: Scores
+    speech_fraction: float = Field(description=SPEECH_FRACTION_TEXT)
+    no_speech: bool = Field(description=NO_SPEECH_TEXT)
 
 
 class Health(BaseModel):
