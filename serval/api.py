@@ -1,13 +1,21 @@
 """The calls every serval predictor shares, built on its `predict_waveforms` (torch or ONNX alike).
 
 - `predict(x)`: one record for one input (a path, an array, or a datasets-style dict), a list of
-  records for a list; a bad file gives an error record and the rest still run.
+  records for a list; in a list a bad input gives an error record and the rest still run, while
+  one input that cannot be read raises its `AudioError`, as `predictor(x)` does.
 - `predictor(x, top_k=None)`: `[{"label", "score"}]` best first, the shape of transformers'
   audio-classification pipeline (a list of such lists for a list).
+
+Arrays are taken as users hold them (`serval.audio.load_array`): float or integer PCM (int16,
+int32, uint8, scaled by their dtype), mono `(n,)` or `(n, channels)` / `(channels, n)` with up
+to 8 channels, averaged as a file's are. A 2-D array is one clip; several clips are a list.
 
 Sample rates: a file is read at its own rate (from its header) and resampled to 16 kHz. An array
 carries no rate: pass `sampling_rate=` (or a dict with "sampling_rate") and it is resampled; an
 array given without one is taken to be 16 kHz, the only case where a rate is assumed.
+
+Speech: a record carries `speech_fraction` and `no_speech` (`serval.vad`); a clip without speech
+gets `label: null` (its probabilities and scores are still there) unless `label_no_speech=True`.
 """
 
 from __future__ import annotations
@@ -18,36 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from serval.audio import AudioError, EmptyAudioError, check_finite, load_audio, resample
+from serval.audio import AudioError, array_to_mono, at_model_rate, load_array, load_audio
 from serval.progress import progress_bar
+from serval.vad import speech_fields, speech_fraction
 from serval.vocab import SAMPLE_RATE, class_subset, label_body
 from serval.windows import MAX_WINDOW, split_span
 
-# a path, a mono array (numpy or torch), or {"array" or "raw": samples, "sampling_rate": Hz, "path": name}
+# a path, an array (numpy or torch), or {"array" or "raw": samples, "sampling_rate": Hz, "path": name}
 Audio = str | os.PathLike | np.ndarray | dict
 
 
 def is_single(inputs: Any) -> bool:
-    """True for one input (a path, a 1-D array, a dict), False for a list or batch of them."""
-    return isinstance(inputs, str | os.PathLike | dict) or getattr(inputs, "ndim", None) == 1
-
-
-def check_array(array: Any, name: str = "<array>") -> np.ndarray:
-    """Samples as float32 [N]; EmptyAudioError or NonFiniteAudioError naming `name`."""
-    wave = np.asarray(array, dtype=np.float32).reshape(-1)
-    if wave.size == 0:
-        raise EmptyAudioError(name, "no samples")
-    check_finite(wave, name)
-    return wave
-
-
-def at_model_rate(wave: np.ndarray, sampling_rate: int | None) -> np.ndarray:
-    """`wave` resampled from `sampling_rate` to 16 kHz (None: it is 16 kHz already)."""
-    if sampling_rate is None or int(sampling_rate) == SAMPLE_RATE:
-        return wave
-    if not 1000 <= int(sampling_rate) <= 384_000:
-        raise ValueError(f"sampling_rate must be between 1000 and 384000 Hz, got {sampling_rate}")
-    return resample(wave, int(sampling_rate))
+    """True for one input (a path, an array of any shape, a dict), False for a list or other iterable."""
+    return isinstance(inputs, str | os.PathLike | dict) or hasattr(inputs, "ndim")
 
 
 def input_name(item: Audio) -> str | None:
@@ -72,9 +63,7 @@ def read_input(item: Audio, sampling_rate: int | None = None) -> tuple[str | Non
             if name is None:
                 raise ValueError("an input dict needs 'array' (or 'raw') and 'sampling_rate', or 'path'")
             return str(name), load_audio(name)
-    if hasattr(item, "detach"):  # a torch tensor, without importing torch here
-        item = item.detach().cpu().numpy()
-    return name, at_model_rate(check_array(item, name or "<array>"), rate)
+    return name, load_array(item, rate, name=name or "<array>")
 
 
 def pooled_predict(
@@ -130,15 +119,16 @@ class AudioClassifier:
         check_finite: bool = True,
         sampling_rate: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
+        """Waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
 
-        `sampling_rate`: the waves' rate, resampled to 16 kHz (None: they are 16 kHz). Waveforms
-        longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
-        weighted by duration. `check_finite=False`: the waves were checked when read.
+        Each wave is an array as `predict` takes it (mono or up to 8 channels, float or integer PCM);
+        `sampling_rate`: their rate, resampled to 16 kHz (None: they are 16 kHz). Waveforms longer
+        than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged, weighted by
+        duration. `check_finite=False`: the waves were checked when read.
         """
         return pooled_predict(
             lambda batch: self._forward(batch, check_finite),
-            [at_model_rate(np.asarray(w, dtype=np.float32).reshape(-1), sampling_rate) for w in waves],
+            [at_model_rate(array_to_mono(w, f"<wave {i}>"), sampling_rate) for i, w in enumerate(waves)],
             (len(self.classes), len(self.dimensions)),
             batch_size,
             progress,
@@ -152,22 +142,26 @@ class AudioClassifier:
         progress: bool = False,
         *,
         sampling_rate: int | None = None,
+        label_no_speech: bool = False,
     ) -> dict | list[dict]:
-        """One input -> its record; a list -> one record each (a bad file: an error record, the rest run).
+        """One input -> its record (an input that cannot be read raises its AudioError, as `__call__`
+        does); a list -> one record each, a bad input giving {"file", "error"} while the rest run.
 
-        A record: {"file", "duration", "label", "probabilities", "scores"}, or {"file", "error"};
-        a score is None for a dimension this model was not trained on.
-        `sampling_rate`: the rate of array inputs (see the module's note on rates).
+        A record: {"file", "duration", "label", "probabilities", "scores", "speech_fraction",
+        "no_speech"}; a score is None for a dimension this model was not trained on, and the label is
+        None for a clip without speech unless `label_no_speech`. `sampling_rate`: the rate of array
+        inputs (see the module's note on rates).
         """
-        if is_single(inputs):
-            return self.predict([inputs], batch_size, classes, progress, sampling_rate=sampling_rate)[0]
+        single = is_single(inputs)
         keep = class_subset(classes, self.classes)
         records: list[dict] = []
         waves, slots = [], []
-        for item in inputs:
+        for item in [inputs] if single else inputs:
             try:
                 name, wave = read_input(item, sampling_rate)
             except AudioError as e:
+                if single:
+                    raise
                 records.append({"file": input_name(item), "error": str(e)})
                 continue
             records.append({"file": name, "duration": round(len(wave) / SAMPLE_RATE, 3)})
@@ -178,9 +172,10 @@ class AudioClassifier:
             probs, scores = self.predict_waveforms(
                 waves, batch_size=batch_size, progress=progress, check_finite=False
             )
-            for slot, p, s in zip(slots, probs, scores):
-                records[slot].update(self.record(p, s, keep))
-        return records
+            for slot, wave, p, s in zip(slots, waves, probs, scores):
+                speech = speech_fields(speech_fraction(wave))
+                records[slot].update(self.record(p, s, keep, speech=speech, label_no_speech=label_no_speech))
+        return records[0] if single else records
 
     def __call__(
         self,
@@ -193,7 +188,9 @@ class AudioClassifier:
     ) -> list[dict] | list[list[dict]]:
         """[{"label", "score"}] best first (`top_k` of them; None: every class), as transformers' pipeline.
 
-        A list of inputs gives a list of such lists. An input that cannot be read raises its AudioError.
+        A list of inputs gives a list of such lists. An input that cannot be read raises its AudioError
+        (for one input as `predict` does). The classes are ranked whether or not the clip holds speech;
+        `predict` says that (`no_speech`).
         """
         single = is_single(inputs)
         waves = [read_input(x, sampling_rate)[1] for x in ([inputs] if single else inputs)]
@@ -209,6 +206,24 @@ class AudioClassifier:
                 out.append([{"label": c, "score": ranked[c]} for c in order[:top_k]])
         return out[0] if single else out
 
-    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
-        """A label, its probabilities and the dimensional scores (null where untrained), JSON-ready."""
-        return label_body(probs, scores, self.classes, self.dimensions, keep, trained=self.trained_dimensions)
+    def record(
+        self,
+        probs: np.ndarray,
+        scores: np.ndarray,
+        keep: Sequence[int] | None = None,
+        *,
+        speech: dict | None = None,
+        label_no_speech: bool = False,
+    ) -> dict:
+        """A label, its probabilities and the dimensional scores (null where untrained), JSON-ready;
+        with `speech` (`serval.vad.speech_fields`) its fields too, and no label without speech."""
+        return label_body(
+            probs,
+            scores,
+            self.classes,
+            self.dimensions,
+            keep,
+            trained=self.trained_dimensions,
+            speech=speech,
+            label_no_speech=label_no_speech,
+        )

@@ -98,7 +98,16 @@ def test_main_job_prints_a_json_record_per_example(capsys):
     right = int(re.search(r"labels (\d) of the 7 right", (EXAMPLES / "README.md").read_text()).group(1))
     assert sorted(gold) == sorted(c.stem for c in clips) and len(wrong) == 7 - right
     for clip, r in zip(clips, records):
-        assert set(r) == {"file", "duration", "label", "probabilities", "scores"}
+        assert list(r) == [
+            "file",
+            "duration",
+            "label",
+            "probabilities",
+            "scores",
+            "speech_fraction",
+            "no_speech",
+        ]
+        assert r["no_speech"] is False and 0.3 < r["speech_fraction"] <= 1  # every example is speech
         probs = r["probabilities"]
         assert list(probs) == list(EMOTIONS) and all(0 <= p <= 1 for p in probs.values())
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)

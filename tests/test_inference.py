@@ -97,7 +97,7 @@ def test_csv_and_table_formats(model_dir, clip_dir, capsys):
     main([*args, "csv"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 6 and rows[0]["label"] in SERConfig().classes
-    columns = ["file", "duration", "label", *EMOTIONS, *DIMENSIONS, "error"]
+    columns = ["file", "duration", "label", *EMOTIONS, *DIMENSIONS, "speech_fraction", "no_speech", "error"]
     assert list(rows[0]) == columns
     for row, r in zip(rows, records, strict=True):  # every value, read back, is the JSON record's
         assert row["file"] == r["file"] and row["error"] == r.get("error", "")
@@ -107,6 +107,7 @@ def test_csv_and_table_formats(model_dir, clip_dir, capsys):
         assert float(row["duration"]) == r["duration"] and row["label"] == r["label"]
         assert {c: float(row[c]) for c in EMOTIONS} == r["probabilities"]
         assert {d: float(row[d]) for d in DIMENSIONS} == r["scores"]
+        assert float(row["speech_fraction"]) == r["speech_fraction"] and row["no_speech"] == "false"
 
     main([*args, "table"])
     header, *lines = capsys.readouterr().out.splitlines()
@@ -118,8 +119,52 @@ def test_csv_and_table_formats(model_dir, clip_dir, capsys):
         if "error" in r:
             assert cells[1:-1] == [""] * (len(columns) - 2)
             continue
-        values = [r["duration"], *r["probabilities"].values(), *r["scores"].values()]
-        assert cells[1:2] + cells[3:-1] == [f"{v:.3f}" for v in values] and cells[2] == r["label"]
+        values = [r["duration"], *r["probabilities"].values(), *r["scores"].values(), r["speech_fraction"]]
+        assert cells[1:2] + cells[3:-2] == [f"{v:.3f}" for v in values] and cells[2] == r["label"]
+        assert cells[-2] == "false"
+
+
+def test_every_format_says_no_speech(model_dir, tmp_path, ravdess_clips, capsys):
+    """A silent file and a tone: label null (empty cell, "-"), no_speech true; --label-no-speech labels."""
+    import soundfile as sf
+
+    t = np.arange(48000) / 16000
+    sf.write(tmp_path / "a-silence.wav", np.zeros(48000, np.float32), 16000)
+    sf.write(tmp_path / "b-tone.flac", 0.5 * np.sin(2 * np.pi * 440 * t), 16000)
+    shutil.copy(ravdess_clips[0], tmp_path / "c-speech.flac")
+    args = ["predict", str(tmp_path), "--model", str(model_dir), "--format"]
+    assert main([*args, "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["label"] is None, r["no_speech"]) for r in records] == [
+        (True, True),
+        (True, True),
+        (False, False),
+    ]
+    assert records[0]["speech_fraction"] == 0.0 and records[2]["speech_fraction"] > 0.3
+    assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4) for r in records)
+    main([*args, "jsonl"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["file"], r["label"], r["no_speech"]) for r in lines] == [
+        (r["file"], r["label"], r["no_speech"]) for r in records
+    ]
+    main([*args, "csv"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["label"], r["no_speech"]) for r in rows] == [
+        ("", "true"),
+        ("", "true"),
+        (records[2]["label"], "false"),
+    ]
+    main([*args, "table"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[2] for line in lines] == ["-", "-", records[2]["label"]]
+    assert [line.split()[-1] for line in lines] == ["true", "true", "false"]
+    main([*args, "json", "--label-no-speech"])
+    labelled = json.loads(capsys.readouterr().out)
+    for r, plain in zip(labelled, records):
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+        assert (r["file"], r["no_speech"]) == (plain["file"], plain["no_speech"])
+        assert r["speech_fraction"] == pytest.approx(plain["speech_fraction"], abs=1e-3)
+        assert r["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-4)
 
 
 def test_output_file_is_never_overwritten(model_dir, emodb_clips, tmp_path, capsys):

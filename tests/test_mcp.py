@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import sys
 
@@ -44,7 +45,10 @@ async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]], cwd
     """Start `serval mcp ARGS` in `cwd` over stdio, initialise, list its tools and make `calls`."""
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
-    params = StdioServerParameters(command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args])
+    # this process's environment (the SDK passes only a few variables): PYTHONPATH picks the serval under test
+    params = StdioServerParameters(
+        command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args], env=dict(os.environ)
+    )
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         init = await session.initialize()
         tools = {t.name: t for t in (await session.list_tools()).tools}
@@ -73,6 +77,8 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
     wav22k = io.BytesIO()  # 22.05 kHz 16-bit WAV bytes: decoded and resampled like a file
     sf.write(wav22k, soxr.resample(load_audio(clip), 16000, 22050), 22050, format="WAV", subtype="PCM_16")
     outside = REPO / "pyproject.toml"  # readable, but neither under a --root nor where the tool starts
+    silence = io.BytesIO()
+    sf.write(silence, np.zeros(32000, np.float32), 16000, format="WAV", subtype="PCM_16")
     calls = {
         "path": ("recognize_emotion", {"path": str(clip)}),
         "base64": (
@@ -84,6 +90,7 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
             },
         ),
         "resampled": ("recognize_emotion", {"audio_base64": b64(wav22k.getvalue())}),
+        "silence": ("recognize_emotion", {"audio_base64": b64(silence.getvalue()), "filename": "quiet.wav"}),
         "timeline": ("emotion_timeline", {"path": str(talk), "window": 3, "hop": 1.5, "max_segment": 6}),
         "segments": ("emotion_timeline", {"audio_base64": b64(talk.read_bytes()), "include_windows": False}),
         "broken": ("recognize_emotion", {"path": str(broken)}),
@@ -100,7 +107,14 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
     (tmp / "start").mkdir()
     init, tools, results = anyio.run(session_calls, args, calls, tmp / "start")
     return dict(
-        predictor=predictor, clip=clip, other=other, talk=talk, init=init, tools=tools, results=results
+        predictor=predictor,
+        clip=clip,
+        other=other,
+        talk=talk,
+        init=init,
+        tools=tools,
+        results=results,
+        silence=silence.getvalue(),
     )
 
 
@@ -144,13 +158,20 @@ def test_tools_are_listed_with_schemas(run):
             "label",
             "probabilities",
             "scores",
+            "speech_fraction",
+            "no_speech",
         }
     )
-    assert [out["properties"][k]["type"] for k in ("file", "duration", "label")] == [
+    assert [out["properties"][k]["type"] for k in ("file", "duration", "speech_fraction", "no_speech")] == [
         "string",
         "number",
-        "string",
+        "number",
+        "boolean",
     ]
+    # no label for a clip without speech, and the schema says so
+    assert _types(out["properties"]["label"]) == {"string": None, "null": None}
+    assert "null when no_speech" in out["properties"]["label"]["description"]
+    assert "Silero VAD" in out["properties"]["speech_fraction"]["description"]
     for k in ("probabilities", "scores"):
         assert out["properties"][k]["type"] == "object"
     assert out["properties"]["probabilities"]["additionalProperties"] == {"type": "number"}
@@ -184,6 +205,23 @@ def test_tools_are_listed_with_schemas(run):
     assert defaults == {"window": 4.0, "hop": 2.0, "max_segment": 15.0, "vad": False, "include_windows": True}
     assert timeline.description.startswith("Emotion over time in a longer recording")
     assert "`serval timeline`" in timeline.description and "recognize_emotion" in timeline.description
+
+
+def test_recognize_emotion_says_no_speech(run, tmp_path):
+    from serval.serve.mcp import AudioInput, EmotionTools
+
+    rec = run["results"]["silence"].structured_content
+    assert not run["results"]["silence"].is_error and rec["file"] == "quiet.wav"
+    assert rec["label"] is None and rec["no_speech"] is True and rec["speech_fraction"] == 0.0
+    assert sum(rec["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    speech = run["results"]["path"].structured_content
+    assert speech["no_speech"] is False and speech["speech_fraction"] > 0.3 and speech["label"] in EMOTIONS
+    # `serval mcp --label-no-speech`: the tool labels it anyway
+    tools = EmotionTools(run["predictor"], AudioInput(cwd=str(tmp_path)), 600, 3600, label_no_speech=True)
+    labelled = tools.recognize_emotion(audio_base64=b64(run["silence"]))
+    assert labelled.no_speech is True and labelled.label == max(
+        labelled.probabilities, key=labelled.probabilities.get
+    )
 
 
 def test_recognize_emotion_is_the_predict_record(run):

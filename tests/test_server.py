@@ -210,8 +210,18 @@ def test_emotion_is_the_predict_record(served, predictor, ravdess_clips, emodb_c
             r = c.post("/v1/emotion", files={"file": (p.name, p.read_bytes(), "audio/flac")})
             assert r.status_code == 200, r.text
             rec = r.json()
-            assert set(rec) == {"file", "duration", "label", "probabilities", "scores"}
+            assert set(rec) == {
+                "file",
+                "duration",
+                "label",
+                "probabilities",
+                "scores",
+                "speech_fraction",
+                "no_speech",
+            }
             assert rec["file"] == p.name and rec["duration"] == want["duration"]
+            assert rec["no_speech"] is want["no_speech"] is False
+            assert rec["speech_fraction"] == pytest.approx(want["speech_fraction"], abs=2e-3)
             np.testing.assert_allclose(
                 probs_of(rec, predictor.classes), probs_of(want, predictor.classes), atol=TOL
             )
@@ -610,6 +620,27 @@ def test_timeline_and_stream_default_to_the_servers_grid(predictor):
         with ws_client.connect(srv.base.replace("http", "ws") + "/v1/stream") as ws:
             ready = json.loads(ws.recv(timeout=20))
         assert (ready["window"], ready["hop"]) == (3.0, 1.0)
+
+
+def test_a_clip_without_speech_has_no_label_unless_the_server_says(predictor, ravdess_clips):
+    t = np.arange(32000) / 16000
+    silent = {"silence.wav": np.zeros(32000, np.float32), "tone.wav": 0.5 * np.sin(2 * np.pi * 440 * t)}
+    for label_no_speech in (False, True):
+        app = create_app(predictor, ServerConfig(label_no_speech=label_no_speech))
+        with ThreadServer(app) as srv, httpx.Client(base_url=srv.base, timeout=60) as c:
+            for name, wave in silent.items():
+                r = c.post("/v1/emotion", files={"file": (name, wav_bytes(wave), "audio/wav")})
+                assert r.status_code == 200, r.text
+                rec = r.json()
+                assert rec["no_speech"] is True and rec["speech_fraction"] < 0.1
+                assert sum(rec["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+                top = max(rec["probabilities"], key=rec["probabilities"].get)
+                assert rec["label"] == (top if label_no_speech else None)
+            r = c.post("/v1/emotion", files={"file": ("a.flac", ravdess_clips[0].read_bytes())})
+            assert r.json()["no_speech"] is False and r.json()["label"] is not None
+            schema = c.get("/openapi.json").json()["components"]["schemas"]["EmotionRecord"]["properties"]
+            assert "null when no_speech" in schema["label"]["description"]
+            assert "Silero VAD" in schema["speech_fraction"]["description"]
 
 
 # ---------------------------------------------------------------------------- batching, queue, shutdown

@@ -38,6 +38,7 @@ class ServerConfig:
     min_length: float = 0.5  # shortest final window of a timeline or stream
     max_segment: float = 15.0  # longest merged segment
     graceful_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
+    label_no_speech: bool = False  # /v1/emotion labels a clip without speech too (default: label null)
 
     @property
     def max_upload_bytes(self) -> int:

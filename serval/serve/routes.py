@@ -32,6 +32,7 @@ from serval.serve.service import Service
 from serval.serve.streaming import stream_session
 from serval.serve.uploads import check_audio, decode, read_upload
 from serval.timeline import grid_timeline
+from serval.vad import speech_fields, speech_fraction
 from serval.windows import WindowResult, WindowSpec, pool
 
 router = APIRouter()
@@ -64,7 +65,8 @@ async def emotion(
     filename: str | None = Query(None, description="name for the record (raw uploads)"),
     service: Service = Depends(get_service),
 ):
-    """The same record as `serval predict`: label, class probabilities and dimensional scores."""
+    """The same record as `serval predict`: label (null without speech), class probabilities,
+    dimensional scores, speech_fraction and no_speech."""
     cfg, predictor = service.config, service.predictor
     keep = class_subset(classes, predictor.classes)
     with service.receiving_body():  # admitted by the `shed` middleware before this ran
@@ -73,6 +75,7 @@ async def emotion(
         )
     with service.decoding_body():
         wave = await decode(data, name, cfg.max_clip_seconds)
+    speech = asyncio.get_running_loop().run_in_executor(None, speech_fraction, wave)  # beside the model
     probs, scores = await service.score([wave])  # no await between: the clip goes straight in the queue
     return {
         "file": name,
@@ -84,6 +87,8 @@ async def emotion(
             predictor.dimensions,
             keep,
             trained=vocab.trained_dimensions(predictor),
+            speech=speech_fields(await speech),
+            label_no_speech=cfg.label_no_speech,
         ),
     }
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
 from serval.serve.records import Probabilities, Scores, Timeline, TrainedDimensions
+from serval.vad import LABEL_TEXT, NO_SPEECH_TEXT, SPEECH_FRACTION_TEXT
 
 
 class ErrorDetail(BaseModel):
@@ -24,11 +25,15 @@ class ErrorBody(BaseModel):
 
 
 class EmotionRecord(BaseModel):
+    """`POST /v1/emotion`: the record of `serval predict` for one clip."""
+
     file: str
-    duration: float
-    label: str
-    probabilities: dict[str, float]
+    duration: float = Field(description="seconds of audio")
+    label: str | None = Field(description=LABEL_TEXT)
+    probabilities: dict[str, float] = Field(description="probability of each emotion class")
     scores: Scores
+    speech_fraction: float = Field(description=SPEECH_FRACTION_TEXT)
+    no_speech: bool = Field(description=NO_SPEECH_TEXT)
 
 
 class Health(BaseModel):
