@@ -23,7 +23,8 @@ import numpy as np
 
 from serval.api import AudioClassifier
 from serval.features import log_mel
-from serval.locations import DEFAULT_MODEL, NoDefaultModelError, cache_dir
+from serval.locations import NoDefaultModelError, cache_dir
+from serval.specs import ModelSpec, describe
 from serval.version import __version__
 
 ENGINES = ("auto", "torch", "onnx")
@@ -81,17 +82,18 @@ class OnnxPredictor(AudioClassifier):
 
 
 def model_folders(model: str | os.PathLike | None) -> list[Path] | None:
-    """The serval model folders a spec names (one, or an ensemble's members), or None when it is not local."""
-    spec = "default" if model is None else os.fspath(model)
-    path = DEFAULT_MODEL if spec == "default" else Path(spec).expanduser()
-    if spec.startswith("meralion:"):
-        path = Path(spec.split(":", 1)[1]).expanduser()
-    if not path.is_dir():
-        return None
-    ensemble = path / "ensemble.json"
-    if ensemble.is_file():
-        return [path / m for m in json.loads(ensemble.read_text())["members"]]
-    return [path] if (path / "config.json").is_file() else None
+    """The model folders a spec names (one, or an ensemble's members), or None when it is not local.
+
+    What the spec means is `serval.specs.describe`'s; a single folder must hold a config.json.
+    """
+    return _local_folders(describe(model))
+
+
+def _local_folders(spec: ModelSpec) -> list[Path] | None:
+    if spec.kind == "ensemble":
+        return list(spec.folders)
+    local = spec.path is not None and (spec.path / "config.json").is_file()
+    return list(spec.folders) if spec.kind in ("folder", "meralion") and local else None
 
 
 def graph_key(folders: Sequence[Path], spec: str = "") -> str:
@@ -127,16 +129,17 @@ def cached_graph(model: str | os.PathLike | None = None) -> Path:
     folders = model_folders(model)
     if folders is None:
         raise ValueError(f"{model}: the ONNX engine needs a local serval model or ensemble directory")
-    spec = os.fspath(model) if model is not None and os.fspath(model).startswith("meralion:") else ""
+    described = describe(model)
+    spec = described.spec if described.kind == "meralion" else ""
     path = cache_dir() / "onnx" / f"{graph_key(folders, spec)}.onnx"
     if not path.is_file():
         from serval.export import export_onnx
         from serval.inference import load
         from serval.progress import once_notice
 
-        what = "the default model" if model in (None, "default") else os.fspath(model)
+        what = "the default model" if described.default else described.spec
         with once_notice(f"preparing {what} for ONNX Runtime, once (cached in {path.parent})"):
-            system = load("default" if model is None else model, device="cpu")
+            system = load(described.spec, device="cpu")
             export_onnx(system.models, path, name=system.name)
     return path
 
@@ -160,14 +163,17 @@ def load_engine(
     if model is not None and not isinstance(model, str | os.PathLike):  # a SERModel in memory
         if engine == "onnx":
             raise ValueError("the onnx engine runs a model folder or a .onnx file, not a model object")
-        engine = "torch"
-    spec = None if model is None else os.fspath(model)
-    is_graph = spec is not None and spec.endswith(".onnx") and Path(spec).is_file()
+        from serval.inference import load
+
+        return load(model, device=device, **options)
+    described = describe(model)
+    spec = None if model is None else described.spec
+    is_graph = described.kind == "graph"
     wants_gpu = device not in (None, "auto", "cpu") or (device in (None, "auto") and _has_nvidia_gpu())
-    if spec in (None, "default") and not (DEFAULT_MODEL / "config.json").is_file():
+    if described.default and described.kind == "missing":
         raise NoDefaultModelError("no default model is installed; pass a model directory (--model DIR)")
     if engine == "auto":
-        local = is_graph or model_folders(spec) is not None
+        local = is_graph or _local_folders(described) is not None
         engine = "onnx" if local and not wants_gpu else "torch"
         if not local and not wants_gpu:
             print(
@@ -182,7 +188,7 @@ def load_engine(
         return load(model, device=device, **options)
     if device not in (None, "auto", "cpu"):
         raise ValueError(f"the onnx engine runs on the CPU; device {device!r} needs --engine torch")
-    return OnnxPredictor(spec if is_graph else cached_graph(spec), threads=threads)
+    return OnnxPredictor(described.path if is_graph else cached_graph(spec), threads=threads)
 
 
 def add_engine_arguments(p) -> None:

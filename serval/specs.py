@@ -1,6 +1,8 @@
-"""Model specs as users write them (`--model`, `serval.load(model)`), checked before anything is loaded.
+"""Model specs as users write them (`--model`, `serval.load(model)`): what one means, and why one is bad.
 
-`serval.inference.load` resolves a spec; `spec_problem` says, torch-free and reading only JSON files
+`describe` is the one place that decides what a spec means (its kind, the folders it names, whether it
+is the bundled default, an ensemble's members); both engines (`serval.inference.load`,
+`serval.onnx_engine`) build from its `ModelSpec`. `spec_problem` says, torch-free and reading only JSON files
 and the headers of weight files, why one cannot name a model, so that the CLI says so in one line
 before it loads, exports or warns about anything else.
 """
@@ -8,11 +10,58 @@ before it loads, exports or warns about anything else.
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from serval.locations import DEFAULT_MODEL
 
 SCHEMES = ("meralion:", "emotion2vec:", "llm:")  # the prefixed specs serval.inference.load resolves
+# what a spec can name: a model folder (serval's or a foreign checkpoint's), an ensemble.json folder, an
+# .onnx graph, a Hub id (fetched, then described again), a scheme's system, or nothing ("missing")
+KINDS = ("folder", "ensemble", "graph", "hub", "meralion", "emotion2vec", "llm", "missing")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model spec names (`describe`): the engines build a predictor from this, not from the text."""
+
+    spec: str  # as written; "default" for None
+    kind: str  # one of KINDS
+    target: str  # what the spec points at: the text after a scheme, else the spec itself
+    path: Path | None = None  # the local file or folder (None: nothing local, e.g. a Hub id not fetched)
+    folders: tuple[Path, ...] = ()  # the model folders to load: one, or an ensemble's members in order
+    default: bool = False  # the bundled default model (kind "missing" when it is not installed)
+
+
+def describe(spec: str | os.PathLike | None) -> ModelSpec:
+    """What `spec` names, from the file system alone (nothing is loaded or fetched; an ensemble.json is read)."""
+    spec = "default" if spec is None else os.fspath(spec)
+    scheme, _, rest = spec.partition(":")
+    if spec.startswith(SCHEMES):
+        local = Path(rest).expanduser()
+        if scheme != "meralion" or not local.exists():
+            return ModelSpec(spec, scheme, rest)  # a meralion: Hub id is fetched by the loader
+        return ModelSpec(spec, scheme, rest, local, (local,) if local.is_dir() else ())
+    if spec == "default":
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            return ModelSpec(spec, "missing", spec, default=True)
+        return _local_spec(spec, DEFAULT_MODEL, default=True)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local_spec(spec, path)
+    return ModelSpec(spec, "hub" if is_hub_id(spec) else "missing", spec)
+
+
+def _local_spec(spec: str, path: Path, default: bool = False) -> ModelSpec:
+    if path.is_file() and path.suffix == ".onnx":
+        return ModelSpec(spec, "graph", spec, path)
+    # an ensemble: member folders (relative to it) whose outputs are averaged
+    ensemble = path / "ensemble.json"
+    if ensemble.is_file():
+        members = json.loads(ensemble.read_text())["members"]
+        return ModelSpec(spec, "ensemble", spec, path, tuple(path / m for m in members), default)
+    return ModelSpec(spec, "folder", spec, path, (path,), default)
 
 
 def is_hub_id(text: str) -> bool:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from serval.vocab import DIMENSIONS, EMOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SERVAL_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -71,9 +74,52 @@ def model_dir(tmp_path_factory) -> Path:
     """A tiny random serval model folder (seed 0), every dimension marked trained so records carry scores."""
     from serval.checkpoint import save_model
     from serval.model import SERConfig, SERModel
-    from serval.vocab import DIMENSIONS
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny"
     save_model(SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), path)
+    return path
+
+
+# ---------------------------------------------------------------------------- untrained dimensions
+
+NULL_SCORES = dict.fromkeys(DIMENSIONS)  # every dimension kept, every value null
+
+
+class ConstantPredictor:
+    """A stand-in system with the same outputs for every wave: uniform probabilities, scores of 0.5."""
+
+    classes, dimensions, name = EMOTIONS, DIMENSIONS, "constant"
+
+    def predict_waveforms(self, waves, batch_size=16):
+        return np.full((len(waves), 7), 1 / 7, np.float32), np.full((len(waves), 3), 0.5, np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained_dims_models(tmp_path_factory) -> dict[tuple[str, ...], Path]:
+    """{trained dims: model folder}: the same random weights saved as untrained, arousal-only, all trained."""
+    from serval.checkpoint import save_model
+    from serval.model import SERConfig, SERModel
+
+    torch.manual_seed(5)
+    state = SERModel(SERConfig.tiny()).state_dict()
+    root = tmp_path_factory.mktemp("trained-dims")
+    out = {}
+    for trained in [(), ("arousal",), DIMENSIONS]:
+        model = SERModel(SERConfig.tiny(trained_dimensions=trained))
+        model.load_state_dict(state)
+        out[trained] = save_model(model, root / ("-".join(trained) or "none"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_actor_talk(tmp_path_factory) -> Path:
+    """~12 s of real RAVDESS speech from one actor, as FLAC."""
+    import soundfile as sf
+
+    from serval.audio import SAMPLE_RATE, load_audio
+
+    wave = np.concatenate([load_audio(p) for p in clips("ravdess", "Actor_03/03-01-0[35]-02-*.flac", n=4)])
+    path = tmp_path_factory.mktemp("audio") / "talk.flac"
+    sf.write(path, wave, SAMPLE_RATE)
     return path

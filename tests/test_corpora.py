@@ -927,3 +927,38 @@ def test_merge_joins_manifests_and_refuses_overlap(tmp_path, data_dir):
     assert {r.corpus for r in rows} == {"emodb", "ased"}
     assert main(["data", "merge", str(emodb), str(ased), "-o", str(merged)]) == 1  # never overwrites
     assert main(["data", "merge", str(emodb), str(emodb), "-o", str(tmp_path / "twice.csv")]) == 1
+
+
+def test_data_prepare_follows_symlinked_folders(tmp_path, data_dir):
+    from serval.corpora import prepare_corpus
+
+    root = tmp_path / "ravdess"
+    root.mkdir()
+    (root / "Actor_01").symlink_to(data_dir / "ravdess" / "Actor_01", target_is_directory=True)
+    (root / "more").mkdir()
+    (root / "more" / "Actor_02").symlink_to(data_dir / "ravdess" / "Actor_02", target_is_directory=True)
+    (root / "more" / "loop").symlink_to(root, target_is_directory=True)  # a cycle is walked once
+    rows, dropped = prepare_corpus("ravdess", root)
+    assert len(rows) + len(dropped) == 120  # 60 clips of each actor, none twice
+    assert len({r.path for r in rows}) == len(rows)
+    assert {r.speaker for r in rows} == {"ravdess-01", "ravdess-02"}
+    assert all("/Actor_01/" in r.path or "/more/Actor_02/" in r.path for r in rows)
+
+
+def test_data_prepare_warns_when_dev_and_test_are_empty(tmp_path, data_dir, capsys):
+    root = tmp_path / "ravdess"
+    root.mkdir()
+    (root / "Actor_01").symlink_to(data_dir / "ravdess" / "Actor_01", target_is_directory=True)
+    out = tmp_path / "one.csv"
+    assert main(["data", "prepare", "ravdess", str(root), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the dev and test splits are empty" in err and "1 speakers" in err, err
+
+    from serval.corpora import prepare_corpus, split_warnings
+
+    rows, _ = prepare_corpus("ravdess", data_dir / "ravdess")  # 20 speakers: both splits get some
+    assert {r.split for r in rows} == {"train", "dev", "test"} and split_warnings(rows) == []
+    for r in rows:
+        r.split = "train" if r.split == "test" else r.split
+    warnings = split_warnings(rows)
+    assert len(warnings) == 1 and "the test split is empty" in warnings[0], warnings

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import serval
 from serval.cli import main
-from serval.inference import DEFAULT_MODEL
+from serval.inference import DEFAULT_MODEL, load
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +117,15 @@ def test_main_job_prints_a_json_record_per_example(capsys):
         assert r["label"] == max(probs, key=probs.get)
         # what examples/README.md says: how many of the 7 are right, and which label the others get
         assert r["label"] == wrong.get(clip.stem, gold[clip.stem]), clip.name
+
+
+def test_the_bundled_model_reports_only_its_trained_dimensions(ravdess_clips):
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip("no bundled model")
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    trained = tuple(config.get("trained_dimensions", ()))  # absent: none (a model saved before the field)
+    system = load("default", device="cpu")
+    assert system.trained_dimensions == trained
+    rec = system.predict(str(ravdess_clips[0]))
+    assert list(rec["scores"]) == list(DIMENSIONS)
+    assert [d for d, v in rec["scores"].items() if v is not None] == list(trained)

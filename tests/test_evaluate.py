@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, RAVDESS_CODES
+from conftest import DATA, RAVDESS_CODES, clips
 
 from serval import cli
 from serval.audio import load_audio
 from serval.checkpoint import save_model
 from serval.evaluate import evaluate, make_units
+from serval.inference import load
 from serval.manifest import ManifestRow, read_manifest, write_manifest
 from serval.metrics import classification_scores
 from serval.model import EMOTIONS, SERConfig, SERModel
 from serval.report import pct
+from serval.vocab import DIMENSIONS
 
 EMODB_CODES = {"W": "angry", "E": "disgusted", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
 NOISE = DATA / "noise" / "speech-commands"
@@ -462,3 +465,21 @@ def test_in_memory_predictor_is_keyed_by_its_weights(tmp_path, four_clips):
     same.predict_waveforms = lambda waves, batch_size=16: calls.append(len(waves))
     again = evaluate(rows[:2], [same], tmp_path / "cache", segmentations=["utterance"], bootstrap=0)
     assert calls == [] and again["results"] == first["results"]
+
+
+def test_eval_does_not_score_untrained_outputs(trained_dims_models, tmp_path):
+    from serval.evaluate import make_units, predict_all, score_dimensions
+
+    gold = [(0.2, 0.7, 0.4), (0.4, 0.5, 0.5), (0.6, 0.3, 0.7), (0.8, 0.6, 0.6)]
+    rows = [ManifestRow(str(p), None, None, "sad", *g) for p, g in zip(clips("ravdess", n=4), gold)]
+    units = make_units(rows, "utterance")
+    systems = [load(trained_dims_models[trained], device="cpu") for trained in [(), ("arousal",), DIMENSIONS]]
+    names = ["none", "arousal", "all"]
+    tables, failures = predict_all(units, systems, names, tmp_path / "cache")
+    assert not failures
+    dims = score_dimensions(units, names, tables)
+    assert "none" not in dims  # nothing trained: no CCC row at all
+    assert dims["arousal"]["arousal"]["n"] == len(rows) and dims["arousal"]["valence"]["n"] == 0
+    assert math.isnan(dims["arousal"]["valence"]["ccc"])
+    assert dims["all"]["valence"]["n"] == len(rows)  # the same weights, trained: scored
+    assert dims["all"]["arousal"]["ccc"] == dims["arousal"]["arousal"]["ccc"]

@@ -16,7 +16,7 @@ from conftest import REPO, clips
 import serval
 from serval.audio import load_audio
 from serval.checkpoint import load_model, save_model
-from serval.hub import CARD_MARK, push_to_hub
+from serval.hub import CARD_MARK
 from serval.inference import DEFAULT_MODEL
 from serval.model import SERConfig, SERModel
 
@@ -115,10 +115,7 @@ def test_the_bundled_model_folder_is_ready_for_the_hub():
     assert (
         "library_name: serval" in card and "license: other" in card
     )  # NC-SA, NC-ND and AGPL data: MODEL_CARD.md
-    assert (DEFAULT_MODEL / "preprocessor_config.json").is_file()
-    assert callable(push_to_hub)  # never called here: the Hub is out of reach in tests
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        push_to_hub(DEFAULT_MODEL.parent, "someone/nothing")  # refused before any network access
+    assert (DEFAULT_MODEL / "preprocessor_config.json").is_file()  # what push_to_hub sends: test_hub.py
 
 
 def test_the_pipeline_in_process(tmp_path):

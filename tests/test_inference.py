@@ -9,11 +9,14 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import NULL_SCORES
 
 import serval
-from serval import inference, onnx_engine
+from serval import specs
 from serval.audio import load_audio
+from serval.batch import format_records
 from serval.cli import main
+from serval.inference import load
 from serval.model import SERConfig
 from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import split_span
@@ -176,8 +179,8 @@ def test_output_file_is_never_overwritten(model_dir, emodb_clips, tmp_path, caps
 
 
 def test_without_a_model_says_so_in_one_line(monkeypatch, tmp_path, emodb_clips, capsys):
-    monkeypatch.setattr(inference, "DEFAULT_MODEL", tmp_path / "none")
-    monkeypatch.setattr(onnx_engine, "DEFAULT_MODEL", tmp_path / "none")  # the default engine's view too
+    # serval.specs decides what "default" means, for both engines and the CLI's check
+    monkeypatch.setattr(specs, "DEFAULT_MODEL", tmp_path / "none")
     code = main(["predict", str(emodb_clips[0])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--model" in err and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -186,7 +189,7 @@ def test_without_a_model_says_so_in_one_line(monkeypatch, tmp_path, emodb_clips,
 def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
     model_dir, tmp_path, monkeypatch, emodb_clips
 ):
-    monkeypatch.setattr(inference, "DEFAULT_MODEL", model_dir)
+    monkeypatch.setattr(specs, "DEFAULT_MODEL", model_dir)  # the one place a spec is resolved
     waves = [load_audio(emodb_clips[0])]
     direct = serval.load(model_dir, engine="torch")  # the torch resolver (the ONNX engine: test_onnx_engine)
     probs, scores = direct.predict_waveforms(waves)
@@ -204,3 +207,36 @@ def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
     assert np.allclose(p, probs, atol=1e-6) and np.allclose(s, scores, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         serval.load(tmp_path / "nothing")
+
+
+def test_predict_records_say_only_what_was_trained(trained_dims_models, ravdess_clips, tmp_path, monkeypatch):
+    clip = str(ravdess_clips[0])
+    none, arousal = (
+        load(trained_dims_models[()], device="cpu"),
+        load(trained_dims_models[("arousal",)], device="cpu"),
+    )
+    assert none.trained_dimensions == () and arousal.trained_dimensions == ("arousal",)
+    a, b = none.predict(clip), arousal.predict(clip)
+    assert a["probabilities"] == b["probabilities"] and a["label"] == b["label"]  # same weights
+    assert a["scores"] == NULL_SCORES
+    raw = arousal.predict_waveforms([load_audio(clip)])[1][0]
+    assert b["scores"] == {"arousal": round(float(raw[0]), 6), "valence": None, "dominance": None}
+    # strict JSON carries the nulls
+    assert json.loads(json.dumps(b, allow_nan=False))["scores"]["valence"] is None
+    # an ensemble: trained only where every member is
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "ensemble.json").write_text(
+        json.dumps(
+            {"members": [str(trained_dims_models[DIMENSIONS]), str(trained_dims_models[("arousal",)])]}
+        )
+    )
+    assert load(ens, device="cpu").trained_dimensions == ("arousal",)
+    # csv: an empty cell; table: "-"
+    rows = format_records([b], "csv").splitlines()
+    header, row = rows[0].split(","), rows[1].split(",")
+    assert row[header.index("arousal")] == str(b["scores"]["arousal"])
+    assert row[header.index("valence")] == "" and row[header.index("dominance")] == ""
+    table = format_records([b], "table").splitlines()
+    cells, names = table[1].split(), table[0].split()
+    assert cells[names.index("valence")] == "-" and cells[names.index("dominance")] == "-"

@@ -6,6 +6,7 @@ their answers against the in-process predictor.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -17,11 +18,12 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-from conftest import DATA, REPO, clips
+from conftest import DATA, REPO, ConstantPredictor, clips
 
 pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
 
+from serval import vocab  # noqa: E402
 from serval.audio import load_audio  # noqa: E402
 from serval.checkpoint import save_model  # noqa: E402
 from serval.inference import load  # noqa: E402
@@ -318,3 +320,32 @@ def test_bad_model_is_a_clear_exit(tmp_path):
     )
     assert p.returncode == 2 and "serval mcp:" in p.stderr and str(tmp_path / "none") in p.stderr
     assert p.stdout == ""  # stdout is the protocol channel
+
+
+def test_mcp_timeline_output_schema_is_typed():
+    from serval.serve.mcp import build_server
+
+    tools = {t.name: t for t in asyncio.run(build_server(ConstantPredictor()).list_tools())}
+    out = tools["emotion_timeline"].output_schema
+    assert set(out["required"]) >= {"segments", "grid", "classes", "file"}
+    assert "windows" in out["properties"] and "windows" not in out["required"]  # include_windows=false
+    segment = out["$defs"]["TimelineSegment"]["properties"]
+    assert segment["label"]["type"] == "string" and segment["probabilities"]["type"] == "object"
+
+
+def test_mcp_tool_answers_and_schema_say_null(trained_dims_models, ravdess_clips, one_actor_talk):
+    pytest.importorskip("mcp")
+    from serval.serve.mcp import RECOGNIZE_DESCRIPTION, AudioInput, EmotionResult, EmotionTools
+
+    for trained in [(), ("arousal",)]:
+        tools = EmotionTools(load(trained_dims_models[trained], device="cpu"), AudioInput(cwd="/"), 600, 3600)
+        rec = tools.recognize_emotion(path=str(ravdess_clips[3])).model_dump()
+        timeline = tools.emotion_timeline(path=str(one_actor_talk), include_windows=False)
+        for scores in [rec["scores"], *(s["scores"] for s in timeline["segments"])]:
+            assert [d for d, v in scores.items() if v is not None] == list(trained)
+            assert list(scores) == list(DIMENSIONS)
+    prop = EmotionResult.model_json_schema()["properties"]["scores"]
+    assert (
+        vocab.UNTRAINED in prop["description"] and {"type": "null"} in prop["additionalProperties"]["anyOf"]
+    )
+    assert "not trained" in RECOGNIZE_DESCRIPTION

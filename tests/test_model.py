@@ -203,7 +203,7 @@ def test_lora_wraps_q_k_v_only_and_merges_into_published_names():
 
 
 def test_lora_on_top_layers_re_runs_them_from_a_frozen_encoder_cache():
-    from serval.cache import backbone_fingerprint
+    from serval.train.cache import backbone_fingerprint
 
     kw = dict(encoder_layers=3, layer_weighting="weighted", layer_stats=True)
     model = tiny_model(lora_r=4, lora_layers=1, **kw)

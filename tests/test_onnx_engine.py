@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import clips
+from conftest import NULL_SCORES, clips
 from safetensors.numpy import load_file, save_file
 
 from serval import onnx_engine
@@ -21,6 +21,7 @@ from serval.export import OPSET
 from serval.inference import load
 from serval.locations import DEFAULT_MODEL
 from serval.onnx_engine import OnnxPredictor, graph_key, load_engine, model_folders
+from serval.vocab import DIMENSIONS
 
 TOL = 1e-4
 EXAMPLES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.flac"))
@@ -212,3 +213,28 @@ def test_cli_predict_imports_no_heavy_package(cache, engine):
     }
     assert "onnxruntime" in imported and json.loads(done.stdout)[0]["label"]
     assert not imported & {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "matplotlib", "sklearn"}
+
+
+def test_onnx_graph_carries_the_trained_dimensions(trained_dims_models, ravdess_clips, tmp_path, monkeypatch):
+    from serval.export import export_onnx
+    from serval.onnx_engine import OnnxPredictor, load_engine
+
+    monkeypatch.setenv("SERVAL_CACHE", str(tmp_path / "cache"))
+    clip = str(ravdess_clips[1])
+    torch_rec = load(trained_dims_models[("arousal",)], device="cpu").predict(clip)
+    system = load_engine(trained_dims_models[("arousal",)], "onnx")
+    assert isinstance(system, OnnxPredictor) and system.trained_dimensions == ("arousal",)
+    rec = system.predict(clip)
+    assert rec["scores"]["valence"] is None and rec["scores"]["dominance"] is None
+    assert abs(rec["scores"]["arousal"] - torch_rec["scores"]["arousal"]) <= 1e-4
+    assert load_engine(trained_dims_models[()], "onnx").predict(clip)["scores"] == NULL_SCORES
+    # a graph exported before serval wrote the key says nothing, so none is trained
+    graph = export_onnx(load(trained_dims_models[DIMENSIONS], device="cpu").models, tmp_path / "all.onnx")
+    assert OnnxPredictor(graph).trained_dimensions == DIMENSIONS
+    proto = onnx.load(graph)
+    keep = [p for p in proto.metadata_props if p.key != "trained_dimensions"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    onnx.save(proto, tmp_path / "old.onnx")
+    old = OnnxPredictor(tmp_path / "old.onnx")
+    assert old.trained_dimensions == () and old.predict(clip)["scores"] == NULL_SCORES

@@ -308,3 +308,32 @@ def test_torn_progress_line_is_dropped_and_settings_must_match(tmp_path, teacher
     assert messages == ["resuming: 1 of 2 recordings already labelled"]
     for kind in ("manifest", "windows", "decisions"):
         assert output_paths(out)[kind].read_bytes() == output_paths(reference)[kind].read_bytes(), kind
+
+
+def test_pseudolabel_after_a_teacher_failed_to_load(tmp_path, capsys):
+    from serval.pseudolabel import PseudoLabelConfig, output_paths, pseudolabel
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a.wav", load_audio(clips("ravdess", n=1)[0]), SAMPLE_RATE)
+    out = tmp_path / "labels.csv"
+    cfg = PseudoLabelConfig(min_utterance=1.0, max_utterance=5.0)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        pseudolabel([str(audio)], [str(tmp_path / "nowhere")], out, cfg, device="cpu")
+    assert not output_paths(out)["progress"].exists()
+    # the corrected run is not refused: it labels the file and finishes
+    counts = pseudolabel([str(audio)], ["default"], out, cfg, device="cpu", log=lambda m: None)
+    assert counts["sources"] == 1 and counts["failed"] == 0 and out.is_file()
+    assert not output_paths(out)["progress"].exists()
+
+
+def test_a_progress_log_that_finished_nothing_gives_way(tmp_path):
+    from serval.pseudolabel import Progress
+
+    log = tmp_path / "x.progress.jsonl"
+    Progress(log, {"teachers": ["old"]})
+    state = Progress(log, {"teachers": ["new"]})
+    assert json.loads(log.read_text().splitlines()[0]) == {"settings": {"teachers": ["new"]}}
+    state.add({"key": "k", "path": "p", "error": "boom"})
+    with pytest.raises(ValueError, match="other settings"):  # a log with work in it is still kept
+        Progress(log, {"teachers": ["newer"]})

@@ -31,12 +31,17 @@ uvicorn = pytest.importorskip("uvicorn")
 ws_client = pytest.importorskip("websockets.sync.client")
 ConnectionClosed = pytest.importorskip("websockets.exceptions").ConnectionClosed
 
-from serval.audio import load_audio, resample  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
+import serval  # noqa: E402
+from serval import vocab  # noqa: E402
+from serval.audio import SAMPLE_RATE, load_audio, resample  # noqa: E402
 from serval.inference import load  # noqa: E402
 from serval.serve.app import create_app  # noqa: E402
 from serval.serve.batching import MicroBatcher  # noqa: E402
 from serval.serve.config import ServerConfig  # noqa: E402
 from serval.timeline import grid_timeline  # noqa: E402
+from serval.vocab import DIMENSIONS  # noqa: E402
 from serval.windows import WindowSpec, window_grid  # noqa: E402
 
 TOL = 5e-6  # records are rounded to 6 decimals; different clips differ by far more (checked below)
@@ -880,3 +885,89 @@ def test_batcher_waits_only_for_requests_on_their_way():
     # one more request is on its way: the first waits for it (bounded), and they share a call
     assert asyncio.run(with_company()) < 0.3
     assert calls == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return serval.load("default", device="cpu")
+
+
+def test_timeline_and_health_answers_are_typed(default_model):
+    from fastapi.testclient import TestClient
+
+    from serval.serve.app import create_app
+    from serval.serve.records import Timeline
+    from serval.serve.schemas import Health
+
+    with TestClient(create_app(default_model)) as client:
+        doc = client.get("/openapi.json").json()
+        health = client.get("/healthz")
+        clip = clips("ravdess", n=1)[0]
+        answer = client.post(
+            "/v1/timeline?vad=true", files={"file": (clip.name, clip.read_bytes(), "audio/flac")}
+        )
+    schemas = doc["components"]["schemas"]
+
+    def schema_of(path, method, code):
+        ref = doc["paths"][path][method]["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+        return schemas[ref.rsplit("/", 1)[1]]
+
+    assert set(schema_of("/healthz", "get", "200")["properties"]) == {"status", "queue"}
+    assert schema_of("/healthz", "get", "503") == schema_of("/healthz", "get", "200")
+    timeline = schema_of("/v1/timeline", "post", "200")
+    assert {"windows", "segments", "grid", "duration", "classes"} <= set(timeline["properties"])
+    assert health.status_code == 200 and Health.model_validate(health.json()).status == "ok"
+    body = answer.json()
+    assert answer.status_code == 200 and body["windows"] and "speech" in body["windows"][0]
+    # the real answer fits the published type with nothing left over
+    adapter = TypeAdapter(Timeline)
+    assert adapter.dump_python(adapter.validate_python(body), mode="json") == body
+
+
+def test_server_answers_null_for_untrained(trained_dims_models, ravdess_clips, one_actor_talk):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from serval.serve.app import create_app
+    from serval.serve.config import ServerConfig
+
+    body = ravdess_clips[2].read_bytes()
+    talk = one_actor_talk.read_bytes()
+    pcm = (load_audio(one_actor_talk)[: 6 * SAMPLE_RATE] * 32767).astype("<i2").tobytes()
+    seen = {}
+    for trained in [(), ("arousal",)]:
+        app = create_app(load(trained_dims_models[trained], device="cpu"), ServerConfig())
+        with TestClient(app) as c:
+            head = {"content-type": "audio/flac"}
+            rec = c.post("/v1/emotion", content=body, headers=head).json()
+            timeline = c.post("/v1/timeline", content=talk, headers=head).json()
+            info = c.get("/v1/model").json()
+            with c.websocket_connect("/v1/stream?sample_rate=16000") as ws:
+                ready = ws.receive_json()
+                ws.send_bytes(pcm)
+                window = ws.receive_json()
+                ws.send_text(json.dumps({"type": "end"}))
+                messages = [ws.receive_json()]
+                while messages[-1]["type"] != "summary":
+                    messages.append(ws.receive_json())
+            schema = c.get("/openapi.json").json()
+        seen[trained] = rec, timeline, info, ready, window, messages[-1]
+        assert info["trained_dimensions"] == ready["trained_dimensions"] == list(trained)
+        assert timeline["trained_dimensions"] == list(trained)
+        for scores in [
+            rec["scores"],
+            *(w["scores"] for w in timeline["windows"]),
+            *(s["scores"] for s in timeline["segments"]),
+            window["scores"],
+            messages[-1]["overall"]["scores"],
+            *(s["scores"] for s in messages[-1]["segments"]),
+        ]:
+            assert list(scores) == list(DIMENSIONS)
+            assert [d for d, v in scores.items() if v is not None] == list(trained)
+    # the schema says what a null means
+    record = schema["components"]["schemas"]["EmotionRecord"]["properties"]["scores"]
+    assert vocab.UNTRAINED in record["description"]
+    assert {"type": "null"} in record["additionalProperties"]["anyOf"]
+    # the same weights: the trained score is the number, the untrained one is null
+    assert seen[()][0]["probabilities"] == seen[("arousal",)][0]["probabilities"]

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import clips
+from conftest import NULL_SCORES, clips
 
 from serval.audio import SAMPLE_RATE, load_audio
 from serval.checkpoint import load_model, save_model
 from serval.cli import main
-from serval.inference import Predictor
+from serval.inference import Predictor, load
 from serval.model import SERConfig, SERModel
-from serval.timeline import Turn, TurnsError, grid_timeline, read_turns, turns_timeline
+from serval.timeline import Turn, TurnsError, grid_timeline, outputs, plot, read_turns, turns_timeline
+from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import WindowSpec, split_span
 
 
@@ -196,3 +197,63 @@ def test_cli_turns_and_errors(recording, model_dir, tmp_path, capsys):
         == 2
     )
     assert "none.rttm" in capsys.readouterr().err
+
+
+def test_timeline_writes_its_default_formats(tmp_path, capsys):
+    clip = clips("ravdess", n=1)[0]
+    prefix = tmp_path / "out" / "talk"
+    assert main(["timeline", str(clip), "-o", str(prefix), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    for suffix in (".json", ".csv", ".segments.csv", ".png"):
+        assert f"wrote {prefix}{suffix}" in err
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    assert result["windows"] and result["segments"][0]["label"] in EMOTIONS
+    assert prefix.with_name("talk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run refuses to replace them, naming them, unless --overwrite
+    assert main(["timeline", str(clip), "-o", str(prefix), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_timeline_reports_and_plots_only_trained_outputs(
+    trained_dims_models, one_actor_talk, tmp_path, monkeypatch
+):
+    from matplotlib.figure import Figure
+
+    spec = WindowSpec(window=4.0, hop=2.0)
+    none, arousal = (
+        load(trained_dims_models[()], device="cpu"),
+        load(trained_dims_models[("arousal",)], device="cpu"),
+    )
+    a, b = grid_timeline(one_actor_talk, none, spec), grid_timeline(one_actor_talk, arousal, spec)
+    assert a["trained_dimensions"] == [] and b["trained_dimensions"] == ["arousal"]
+    assert a["windows"] and a["segments"]
+    for item in a["windows"] + a["segments"]:
+        assert item["scores"] == NULL_SCORES
+    for item in b["windows"] + b["segments"]:
+        assert isinstance(item["scores"]["arousal"], float)
+        assert item["scores"]["valence"] is None and item["scores"]["dominance"] is None
+    csv_rows = outputs(b, str(tmp_path / "b"), ["csv"])[str(tmp_path / "b.csv")].splitlines()
+    header = csv_rows[0].split(",")
+    first = csv_rows[1].split(",")
+    assert first[header.index("arousal")] != "" and first[header.index("valence")] == ""
+    # speaker summaries: the mean of a trained score, null for the others
+    turns = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 12.0, "A")]
+    t = turns_timeline(one_actor_talk, arousal, turns)
+    for summary in t["speakers"].values():
+        assert isinstance(summary["scores"]["arousal"], float) and summary["scores"]["valence"] is None
+    assert all(
+        s["scores"] == NULL_SCORES for s in turns_timeline(one_actor_talk, none, turns)["speakers"].values()
+    )
+
+    # the plot: no dimension panel when none is trained, one line per trained dimension otherwise
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kw: figures.append(self))
+    plot(a, tmp_path / "a.png")
+    plot(b, tmp_path / "b.png")
+    plot(
+        grid_timeline(one_actor_talk, load(trained_dims_models[DIMENSIONS], device="cpu"), spec),
+        tmp_path / "c.png",
+    )
+    labels = [[[line.get_label() for line in ax.get_lines()] for ax in fig.axes] for fig in figures]
+    classes = list(none.classes)
+    assert labels == [[classes], [classes, ["arousal"]], [classes, list(DIMENSIONS)]]

@@ -8,8 +8,10 @@ import os
 import pickle
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -694,3 +696,25 @@ def test_trained_dimensions_are_saved_and_a_legacy_config_means_none(tmp_path):
     del config["trained_dimensions"]  # a model saved before the field existed
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     assert load_model(tmp_path / "m").config.trained_dimensions == ()
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_best_and_checkpoint_folders_follow_the_umask(tmp_path, umask_022):
+    from serval.train.config import TrainConfig
+    from serval.train.folder import temp_dir
+    from serval.train.select import _write_best
+
+    made = temp_dir(tmp_path, ".tmp-x-")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o755 and made.name.startswith(".tmp-x-")
+    assert temp_dir(tmp_path, ".tmp-x-") != made
+    run = types.SimpleNamespace(out=tmp_path / "run")
+    run.out.mkdir()
+    best = _write_best(run, TrainConfig(), "single", [], [SERModel(SERConfig.tiny())])
+    assert best == run.out / "best" and (best / "model.safetensors").is_file()
+    assert stat.S_IMODE(best.stat().st_mode) == 0o755

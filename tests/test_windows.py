@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import clips
+from conftest import ConstantPredictor, clips
 
+from serval import windows
 from serval.audio import SAMPLE_RATE, load_audio
 from serval.inference import Predictor
 from serval.model import EMOTIONS, SERConfig, SERModel
@@ -249,3 +250,19 @@ def test_vad_flags_follow_the_clips(speech):
         assert flags[(t >= a) & (t < b)].mean() > 0.7  # pauses between words aside, it is speech
     with pytest.raises(ValueError, match="threshold"):
         SileroVAD(1.5)
+
+
+@pytest.mark.parametrize("seconds", [3.24, 61.04])  # totals that rounding to 0.1 s put below the audio
+def test_timeline_progress_bar_ends_at_its_total(tmp_path, monkeypatch, seconds):
+    bars = []
+    real = windows.progress_bar
+    monkeypatch.setattr(windows, "progress_bar", lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
+    wave = load_audio(clips("ravdess", n=1)[0])
+    wave = np.tile(wave, int(seconds * SAMPLE_RATE) // len(wave) + 1)[: round(seconds * SAMPLE_RATE)]
+    path = tmp_path / "long.wav"
+    sf.write(path, wave, SAMPLE_RATE)
+    for source in (wave, str(path)):
+        list(windows.sliding_windows(source, ConstantPredictor(), progress=True))
+        bar = bars.pop()
+        assert bar.n <= bar.total, (bar.n, bar.total)
+        assert bar.n == pytest.approx(seconds, abs=1e-3) and bar.total == pytest.approx(seconds, abs=1e-3)

@@ -9,15 +9,15 @@ and combined into the final model (averaged predictions or averaged weights).
 Two modes:
 - `lora`: Whisper frozen, LoRA adapters on q/k/v trained with the downstream network (the paper).
 - `frozen_cached`: the whole encoder frozen; its outputs are computed once per clip, stored by
-  `serval.cache`, and only the downstream network trains (the CPU path).
+  `serval.train.cache`, and only the downstream network trains (the CPU path).
 
 Runs on one device, or on many through `torchrun` (DDP). Every random draw is seeded by
 (seed, epoch, clip) or (seed, step, rank), so a run resumed after a crash continues exactly.
 
-Modules: `config` (settings), `losses`, `augment`, `data` (examples, datasets, the encoder cache
-fill), `sampler`, `ddp`, `network` (the model trained), `optim`, `scoring` (dev/test figures),
-`checkpoint` (what a checkpoint holds, weight averaging), `folder` (the run's output folder),
-`select` (selection, the final model), `loop` (`train`), `command` (the CLI).
+Modules: `config` (settings), `losses`, `augment`, `cache` (the encoder-output cache), `data`
+(examples, datasets, the encoder cache fill), `sampler`, `ddp`, `network` (the model trained), `optim`,
+`scoring` (dev/test figures), `checkpoint` (what a checkpoint holds, weight averaging), `folder` (the
+run's output folder), `select` (selection, the final model), `loop` (`train`), `command` (the CLI).
 """
 
 from serval.train.augment import NoiseBank, add_noise, augment_features, augment_wave, change_speed, mixup

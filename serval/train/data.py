@@ -220,7 +220,7 @@ def prepare_cache(
     Returns (cache, {split: [[key of variant 0, 1, …] per example]}, clips encoded by this rank).
     Clips that no longer load are dropped from `datasets`.
     """
-    from serval.cache import EncoderCache, encoder_settings
+    from serval.train.cache import EncoderCache, encoder_settings
 
     cache = EncoderCache(
         cfg.cache.dir or Path(cfg.out_dir) / "cache", encoder_settings(model, cfg.cache.dtype)
