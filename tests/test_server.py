@@ -896,8 +896,7 @@ def test_timeline_and_health_answers_are_typed(default_model):
     from fastapi.testclient import TestClient
 
     from serval.serve.app import create_app
-    from serval.serve.records import Timeline
-    from serval.serve.schemas import Health
+    from serval.serve.schemas import Health, ServedTimeline
 
     with TestClient(create_app(default_model)) as client:
         doc = client.get("/openapi.json").json()
@@ -920,7 +919,7 @@ def test_timeline_and_health_answers_are_typed(default_model):
     body = answer.json()
     assert answer.status_code == 200 and body["windows"] and "speech" in body["windows"][0]
     # the real answer fits the published type with nothing left over
-    adapter = TypeAdapter(Timeline)
+    adapter = TypeAdapter(ServedTimeline)
     assert adapter.dump_python(adapter.validate_python(body), mode="json") == body
 
 
