@@ -917,7 +917,7 @@ def test_timeline_and_health_answers_are_typed(default_model):
     assert {"windows", "segments", "grid", "duration", "classes"} <= set(timeline["properties"])
     assert health.status_code == 200 and Health.model_validate(health.json()).status == "ok"
     body = answer.json()
-    assert answer.status_code == 200 and body["windows"] and "speech" in body["windows"][0]
+    assert answer.status_code == 200 and body["windows"] and "speech_fraction" in body["windows"][0]
     # the real answer fits the published type with nothing left over
     adapter = TypeAdapter(ServedTimeline)
     assert adapter.dump_python(adapter.validate_python(body), mode="json") == body

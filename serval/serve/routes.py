@@ -111,7 +111,11 @@ async def timeline(
     max_segment: float | None = _seconds("longest merged segment (s); default: the server's"),
     vad: bool = Query(False, description="leave windows without speech unscored (Silero VAD)"),
     min_speech: float = Query(
-        0.5, ge=0, le=1, allow_inf_nan=False, description="speech fraction a window needs (vad)"
+        WindowSpec.min_speech,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="speech fraction a window needs (vad)",
     ),
     filename: str | None = Query(None, description="name for the record (raw uploads)"),
     service: Service = Depends(get_service),
