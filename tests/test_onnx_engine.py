@@ -57,7 +57,7 @@ def waves() -> list[np.ndarray]:
     return [speech[i * 11_000 : i * 11_000 + round(s * 16000)] for i, s in enumerate(seconds)]
 
 
-def test_default_graph_filled_once_then_reused(cache, engine):
+def test_default_graph_filled_once_then_reused(cache, engine, capsys):
     """The shipped graph's weights are written once, with ORT's optimised graph beside them; then only read."""
     manifest = shipped_manifest(DEFAULT_MODEL)
     assert (
@@ -76,6 +76,7 @@ def test_default_graph_filled_once_then_reused(cache, engine):
     again = load_engine(None, "auto", device="cpu")  # auto on a CPU: ONNX Runtime, from the cache
     assert isinstance(again, OnnxPredictor) and again.graph == engine.graph
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamps
+    assert "preparing" not in capsys.readouterr().err  # the first-run line is for the first run only
     assert onnx_engine.OPSET == OPSET
 
 
