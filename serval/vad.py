@@ -1,18 +1,17 @@
-"""Voice-activity detection with Silero VAD, streamed in 32 ms frames, and the speech measure of a clip.
+"""Voice-activity detection with Silero VAD, streamed in 32 ms frames, without torch.
 
-The model ships inside the `silero-vad` wheel (`pip install serval[vad]`) and is loaded from
-there, offline. We load its TorchScript file directly instead of importing the `silero_vad`
-package, because importing that package calls `torch.set_num_threads(1)` for the whole process.
+Silero's own ONNX model (v6, 16 kHz, MIT; `serval/assets/silero_vad/`, copied from the
+`silero-vad` wheel, which requires torch) runs on ONNX Runtime with numpy. Each 512-sample frame
+goes in with the 64 samples before it and the recurrent state of the frame before, as Silero's
+wrapper feeds it, so the probabilities are its TorchScript model's (to ~1e-5; tests/test_vad.py).
 
-`speech_fraction(wave)` (the `speech_fraction` and `no_speech` of every clip record) runs the same
-network through ONNX Runtime, a whole clip in one call: no torch, no state shared between threads.
+`speech_fraction(wave)` (the `speech_fraction` and `no_speech` of every clip record) runs Silero's
+whole-sequence ONNX graph (also vendored there), a whole clip in one call, with no state shared between threads.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import threading
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,10 +21,14 @@ from serval.audio import resample
 from serval.vocab import SAMPLE_RATE
 
 if TYPE_CHECKING:
-    import torch
+    import onnxruntime
 
 FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
-CONTEXT = 64  # samples of the previous frame Silero sees before each frame (at 16 kHz)
+CONTEXT = 64  # samples of the frame before that Silero (v5 on) prepends to each frame at 16 kHz
+STATE_SHAPE = (2, 1, 128)  # the recurrent state of one stream
+SILERO_ONNX = Path(__file__).parent / "assets" / "silero_vad" / "silero_vad_16k_op15.onnx"
+SILERO_SEQUENCE_ONNX = SILERO_ONNX.with_name("silero_vad_16k_sequence.onnx")  # frames in, one call
+_RATE = np.array(SAMPLE_RATE, np.int64)
 SPEECH_PROBABILITY = 0.5  # Silero's own threshold: a frame turns to speech at this probability
 # A clip has no speech when less than this fraction of its frames is speech (`speech_fraction`).
 # Measured with benchmarks/no_speech.py: silence, dither, white, pink and brown noise, tones,
@@ -52,30 +55,25 @@ class VADUnavailableError(RuntimeError):
 
 
 def silero_model_path() -> Path:
-    """The TorchScript model bundled in the installed `silero-vad` wheel."""
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise VADUnavailableError(
-            "voice-activity detection needs the silero-vad package: pip install 'serval[vad]'"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.jit"
-    if not path.is_file():
-        raise VADUnavailableError(f"{path}: Silero VAD model file missing from the silero-vad package")
-    return path
+    """The Silero VAD ONNX model shipped inside serval."""
+    if not SILERO_ONNX.is_file():
+        raise VADUnavailableError(f"{SILERO_ONNX}: Silero VAD model file missing (reinstall serval)")
+    return SILERO_ONNX
 
 
-_MODEL: torch.jit.ScriptModule | None = None
+_MODEL = None
 
 
-def load_silero_model() -> torch.jit.ScriptModule:
-    """The bundled Silero VAD model (loaded once per process)."""
-    import torch
-
+def load_silero_model() -> onnxruntime.InferenceSession:
+    """The Silero VAD model as an ONNX Runtime session, loaded once per process (its `run` is thread-safe)."""
     global _MODEL
     if _MODEL is None:
-        with warnings.catch_warnings():  # torch 2.9+ flags TorchScript as deprecated; it is what Silero ships
-            warnings.simplefilter("ignore", DeprecationWarning)
-            _MODEL = torch.jit.load(str(silero_model_path()), map_location="cpu").eval()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # one 32 ms frame is far too small to split across threads: more only add per-call overhead
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        _MODEL = ort.InferenceSession(str(silero_model_path()), options, providers=["CPUExecutionProvider"])
     return _MODEL
 
 
@@ -96,33 +94,31 @@ class SileroVAD:
 
     def reset(self) -> None:
         """Forget the stream: the next sample pushed is frame 0 again."""
-        self.model.reset_states()
+        self._state = np.zeros(STATE_SHAPE, np.float32)
+        self._context = np.zeros((1, CONTEXT), np.float32)
         self._pending = np.zeros(0, np.float32)
         self._speaking = False
         self.frames = 0  # frames emitted so far
 
     def probabilities(self, samples: np.ndarray) -> np.ndarray:
         """Speech probability of every frame completed by `samples` (the remainder waits for more)."""
-        import torch
-
         x = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
         n = len(x) // FRAME
         self._pending = x[n * FRAME :]
         out = np.empty(n, np.float32)
-        if n:
-            frames = torch.from_numpy(np.ascontiguousarray(x[: n * FRAME])).view(n, FRAME)
-            # One 32 ms frame is far too small to split across threads: with several, the per-call
-            # overhead makes the VAD ~4x slower, so it runs single-threaded and restores the setting.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with torch.inference_mode():
-                    for i in range(n):
-                        out[i] = float(self.model(frames[i : i + 1], SAMPLE_RATE))
-            finally:
-                torch.set_num_threads(threads)
+        for i in range(n):
+            out[i] = self._step(x[i * FRAME : (i + 1) * FRAME])
         self.frames += n
         return out
+
+    def _step(self, frame: np.ndarray) -> float:
+        """One frame's speech probability; carries the state and the context to the next frame."""
+        window = np.concatenate([self._context, frame[None, :]], axis=1)
+        prob, self._state = self.model.run(
+            ["output", "stateN"], {"input": window, "state": self._state, "sr": _RATE}
+        )
+        self._context = window[:, -CONTEXT:]
+        return float(prob[0, 0])
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Speech flags (bool) of every frame completed by `samples`."""
@@ -180,11 +176,9 @@ def _sequence_session():
         if _SESSION is None:
             import onnxruntime as ort
 
-            path = silero_model_path().parent / "silero_vad_16k_sequence.onnx"
+            path = SILERO_SEQUENCE_ONNX
             if not path.is_file():
-                raise VADUnavailableError(
-                    f"{path}: Silero VAD model file missing from the silero-vad package"
-                )
+                raise VADUnavailableError(f"{path}: Silero VAD model file missing (reinstall serval)")
             options = ort.SessionOptions()
             options.intra_op_num_threads = options.inter_op_num_threads = 1  # a recurrent net: serial
             _SESSION = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -313,6 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import mcp  # noqa: F401  (a missing package is reported before the model is prepared)
+
     from serval.locations import NoDefaultModelError
     from serval.onnx_engine import load_engine
 
