@@ -418,7 +418,7 @@ def test_keep_labels_cli_writes_and_checks_the_own_label_set(tmp_path, ravdess_r
         == 0
     )
     printed = capsys.readouterr().out
-    assert "1200 clips of ravdess; 0 dropped" in printed and "(neutral 64, calm 128, happy 128," in printed
+    assert "1200 clips of ravdess; 0 dropped" in printed and "(neutral 56, calm 112, happy 112," in printed
     assert Counter(r.label for r in read_manifest(out, labels=None))["calm"] == 160
     assert main(["data", "check", str(out), "--no-audio"]) == 1  # calm is not one of the 7
     assert "unknown label 'calm' (expected one of neutral, happy" in capsys.readouterr().out
@@ -450,8 +450,10 @@ def test_min_dev_speakers(data_dir, ravdess_root):
     rows, _ = prepare_corpus("ravdess", ravdess_root, min_dev_speakers=4)
     assert (count(rows, "train"), count(rows, "dev"), count(rows, "test")) == (14, 4, 2)
     _assert_speaker_disjoint(rows)
-    plain, _ = prepare_corpus("ravdess", ravdess_root)
-    assert count(plain, "dev") == 2  # the default is unchanged
+    plain, _ = prepare_corpus("ravdess", ravdess_root, min_dev_speakers=0)
+    assert count(plain, "dev") == 2  # the fraction alone
+    none, _ = prepare_corpus("ravdess", ravdess_root, dev_fraction=0)
+    assert count(none, "dev") == 0  # a fraction of 0 is no dev split, whatever the minimum
     rows, _ = prepare_corpus("turev", data_dir / "turev", min_dev_speakers=4, test_fraction=0)
     assert (count(rows, "train"), count(rows, "dev"), count(rows, "test")) == (1, 4, 0)
     rows, _ = prepare_corpus("emodb", data_dir / "emodb", min_dev_speakers=9, test_fraction=0)
@@ -470,10 +472,10 @@ def test_speaker_split_rule(ravdess_root):
     def speakers(rs, split):
         return {r.speaker for r in rs if r.split == split}
 
-    for split in ("dev", "test"):
+    for split, n in (("dev", 4), ("test", 2)):
         chosen = speakers(rows, split)
-        genders = {r.extra["gender"] for r in rows if r.speaker in chosen}
-        assert len(chosen) == 2 and genders == {"male", "female"}  # interleaved by gender
+        genders = Counter(r.extra["gender"] for r in rows if r.speaker in chosen and r.label == "angry")
+        assert len(chosen) == n and genders["male"] == genders["female"]  # interleaved by gender
 
     fixed, _ = prepare_corpus(
         "ravdess", ravdess_root, dev_speakers=["01", "ravdess-02"], test_speakers=["20"]
@@ -488,6 +490,27 @@ def test_speaker_split_rule(ravdess_root):
 
     none_held, _ = prepare_corpus("ravdess", ravdess_root, dev_fraction=0.0, test_fraction=0.25)
     assert len(speakers(none_held, "test")) == 5 and not speakers(none_held, "dev")
+
+
+def test_the_default_split_is_the_default_models(data_dir):
+    """`serval data prepare`'s default split is the one the bundled model was trained with: its train and
+    dev speakers are those the model records, so no "test" speaker is one it was trained on."""
+    from serval.locations import DEFAULT_MODEL
+    from serval.training_data import read_record
+
+    record = read_record(DEFAULT_MODEL)
+    if record is None:
+        pytest.skip("the bundled model records no training data")
+    assert sorted(record["train"]) == ["ased", "baved", "emodb", "ravdess", "tava", "tess", "turev"]
+    for corpus, trained in record["train"].items():
+        rows, _ = prepare_corpus(corpus, data_dir / corpus)
+        by_split = {s: {r.speaker for r in rows if r.split == s} for s in ("train", "dev", "test")}
+        assert by_split["train"] == set(trained), corpus
+        assert by_split["dev"] == set(record["dev"].get(corpus, [])), corpus
+        assert not by_split["test"] & set(trained) and not by_split["test"] & by_split["dev"], corpus
+    # corpora of fewer than 10 speakers keep their voices for train and dev: no test split
+    sizes = {c: len(record["train"][c]) + len(record["dev"].get(c, [])) for c in record["train"]}
+    assert sizes["emodb"] == 6 and sizes["turev"] == 5
 
 
 def test_assign_splits_groups_and_unknown_speakers():

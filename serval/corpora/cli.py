@@ -16,6 +16,13 @@ from serval.corpora.prepare import (
     write_dropped,
 )
 from serval.corpora.recipes import RULES
+from serval.corpora.split import (
+    DEV_FRACTION,
+    MIN_DEV_SPEAKERS,
+    MIN_TEST_CORPUS_SPEAKERS,
+    SPLIT_SEED,
+    TEST_FRACTION,
+)
 from serval.manifest import Problem, check_manifest, manifest_format, read_manifest, write_manifest
 from serval.vocab import EMOTIONS
 
@@ -51,15 +58,23 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dev-speakers", nargs="+", metavar="SPEAKER", help="these speakers form the dev set")
     p.add_argument("--test-speakers", nargs="+", metavar="SPEAKER", help="these speakers form the test set")
     for flag, kind, default, metavar, help_text in (  # the speaker split's numbers
-        ("--dev-fraction", float, 0.1, None, "share of speakers for dev (default 0.1)"),
-        ("--test-fraction", float, 0.1, None, "share of speakers for test (default 0.1)"),
-        ("--seed", int, 0, None, "seed of the speaker split (default 0)"),
+        ("--dev-fraction", float, DEV_FRACTION, None, f"share of speakers for dev (default {DEV_FRACTION})"),
+        (
+            "--test-fraction",
+            float,
+            None,
+            None,
+            f"share of speakers for test (default {TEST_FRACTION}; 0 for a corpus of fewer than "
+            f"{MIN_TEST_CORPUS_SPEAKERS} speakers)",
+        ),
+        ("--seed", int, SPLIT_SEED, None, f"seed of the speaker split (default {SPLIT_SEED})"),
         (
             "--min-dev-speakers",
             int,
-            0,
+            MIN_DEV_SPEAKERS,
             "N",
-            "dev gets at least N speakers where the corpus can spare them (default 0: the fraction alone)",
+            f"dev gets at least N speakers where the corpus can spare them (default {MIN_DEV_SPEAKERS}; "
+            "0: the fraction alone)",
         ),
     ):
         p.add_argument(flag, type=kind, default=default, metavar=metavar, help=help_text)

@@ -14,7 +14,12 @@ from serval.corpora.files import CorpusError
 from serval.corpora.labels import OPTIONS
 from serval.corpora.recipes import RULES
 from serval.corpora.rules import Collector, Dropped, Rule, rule_labels
-from serval.corpora.split import assign_splits
+from serval.corpora.split import (
+    DEV_FRACTION,
+    MIN_DEV_SPEAKERS,
+    SPLIT_SEED,
+    assign_splits,
+)
 from serval.manifest import ManifestRow
 from serval.vocab import EMOTIONS
 
@@ -61,10 +66,10 @@ def prepare_corpus(
     split: str = "auto",
     dev_speakers: list[str] | None = None,
     test_speakers: list[str] | None = None,
-    dev_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-    min_dev_speakers: int = 0,
+    dev_fraction: float = DEV_FRACTION,
+    test_fraction: float | None = None,
+    seed: int = SPLIT_SEED,
+    min_dev_speakers: int = MIN_DEV_SPEAKERS,
     keep_dimensional: bool = False,
     keep_labels: bool = False,
     **label_options: str | None,

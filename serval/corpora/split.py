@@ -7,6 +7,16 @@ from collections import defaultdict
 
 from serval.manifest import ManifestRow
 
+# The defaults are the split the bundled default model was trained with (MODEL_CARD.md, "Data"), so
+# that a manifest's "test" holds no speaker it was trained on.
+SPLIT_SEED = 0
+DEV_FRACTION = 0.1
+TEST_FRACTION = 0.1
+MIN_DEV_SPEAKERS = 4  # a dev score judged on more than one or two voices, where the corpus has them
+# A corpus of fewer speakers (units) gets no test split unless a test fraction is given: once dev has
+# its 4, one more held out would leave train one or two voices (EmoDB's 6 speakers, TurEV-DB's 5).
+MIN_TEST_CORPUS_SPEAKERS = 10
+
 
 def _match_speakers(requested: list[str], known: set[str], corpus: str) -> set[str]:
     """Speaker ids from the command line; the corpus prefix (`ravdess-`) may be left out."""
@@ -72,33 +82,38 @@ def _draw_order(
 def assign_splits(
     rows: list[ManifestRow],
     *,
-    dev_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
+    dev_fraction: float = DEV_FRACTION,
+    test_fraction: float | None = None,
+    seed: int = SPLIT_SEED,
     dev_speakers: list[str] | None = None,
     test_speakers: list[str] | None = None,
     group: str | None = None,
-    min_dev_speakers: int = 0,
+    min_dev_speakers: int = MIN_DEV_SPEAKERS,
 ) -> None:
     """Set each row's split to train/dev/test by speaker, in place (see docs/data.md for the rule).
 
     Speakers sharing a value of the extra column `group` (IEMOCAP sessions) move together. Dev
-    gets at least `min_dev_speakers` where the corpus can spare them (train keeps one).
+    gets at least `min_dev_speakers` where the corpus can spare them (train keeps one). A
+    `test_fraction` of None is `TEST_FRACTION` for a corpus of at least `MIN_TEST_CORPUS_SPEAKERS`
+    speakers and 0 for a smaller one.
     """
-    if not 0 <= dev_fraction < 1 or not 0 <= test_fraction < 1 or dev_fraction + test_fraction >= 1:
+    given_test = TEST_FRACTION if test_fraction is None else test_fraction
+    if not 0 <= dev_fraction < 1 or not 0 <= given_test < 1 or dev_fraction + given_test >= 1:
         raise ValueError("--dev-fraction and --test-fraction must be in [0, 1) and sum to less than 1")
     if min_dev_speakers < 0:
         raise ValueError("--min-dev-speakers must be 0 or more")
     corpus = rows[0].corpus if rows else ""
     unit_of, gender_of = _units(rows, group)
     units = sorted(set(unit_of.values()))
+    if test_fraction is None:
+        test_fraction = TEST_FRACTION if len(units) >= MIN_TEST_CORPUS_SPEAKERS else 0.0
     fixed = _fixed(unit_of, corpus, test_speakers, dev_speakers)
     order = _draw_order(units, fixed, gender_of, seed)
 
     def wanted(fraction: float, at_least: int = 0) -> int:
-        if len(units) < 3:
+        if len(units) < 3 or fraction <= 0:  # a fraction of 0: no such split, whatever the minimum
             return 0
-        return max(at_least, max(1, round(fraction * len(units))) if fraction > 0 else 0)
+        return max(at_least, max(1, round(fraction * len(units))))
 
     split_of = dict(fixed)
     for split, count, explicit in (

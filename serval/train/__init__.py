@@ -48,7 +48,7 @@ from serval.train.data import (
 )
 from serval.train.ddp import Dist, setup_distributed
 from serval.train.folder import MetricsLog, Run, RunState
-from serval.train.loop import load_splits, restore, setup, train, train_step
+from serval.train.loop import claim_folder, load_splits, restore, setup, train, train_step
 from serval.train.losses import (
     ccc_loss,
     class_weights_for,
@@ -56,7 +56,7 @@ from serval.train.losses import (
     soft_cross_entropy,
     total_loss,
 )
-from serval.train.network import build_model, zero_init_residual
+from serval.train.network import build, build_model, zero_init_residual
 from serval.train.optim import cosine_with_warmup, make_optimizer
 from serval.train.sampler import BucketBatchSampler
 from serval.train.scoring import evaluate_split, score_outputs, split_outputs
@@ -65,8 +65,8 @@ from serval.train.select import choose_combination, finish, select_after_epoch
 __all__ = [
     "AugmentConfig", "BucketBatchSampler", "CacheConfig", "CachedDataset", "ClipDataset", "DataConfig", "Dist",
     "Example", "LossConfig", "MetricsLog", "NoiseBank", "OptimConfig", "Run", "RunState", "SelectConfig",
-    "TrainConfig", "add_noise", "augment_features", "augment_wave", "balance_weights", "average_models", "build_model", "ccc_loss", "change_speed",
-    "check_rows", "choose_combination", "class_weights_for", "class_weights_from_labels", "collate",
+    "TrainConfig", "add_noise", "augment_features", "augment_wave", "balance_weights", "average_models", "build",
+    "build_model", "ccc_loss", "change_speed", "check_rows", "choose_combination", "claim_folder", "class_weights_for", "class_weights_from_labels", "collate",
     "cosine_with_warmup", "crop", "evaluate_split", "finish", "from_dict", "load_checkpoint", "load_config",
     "load_example", "load_splits", "make_optimizer", "mixup", "prepare_cache", "read_split", "restore",
     "score_outputs", "select_after_epoch", "set_value", "setup", "setup_distributed", "soft_cross_entropy",
