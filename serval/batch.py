@@ -552,12 +552,13 @@ class RayPredictor:
     """A Ray actor holding one predictor: {"x": items as JSON} -> {"y": records as JSON}."""
 
     def __init__(self, model, device, batch_size: int, classes, threads: int, label_no_speech: bool = False):
-        import torch
+        from serval.onnx_engine import load_engine
 
-        from serval.inference import load
-
-        torch.set_num_threads(max(1, threads))
-        self.predictor = load(model, device=device)
+        # engine "auto": ONNX Runtime on a CPU worker, so a cluster needs no torch
+        self.predictor = load_engine(model, device=device, threads=max(1, threads))
+        torch = sys.modules.get("torch")
+        if torch is not None:  # the torch engine (a GPU, or a model ONNX Runtime does not run)
+            torch.set_num_threads(max(1, threads))
         self.batch_size, self.classes, self.label_no_speech = batch_size, classes, label_no_speech
 
     def __call__(self, batch: dict) -> dict:
@@ -731,6 +732,11 @@ def run(args: argparse.Namespace) -> int:
             failed = _run_ray(args, items, fmt, classes)
         else:
             failed = _run_local(args, items, fmt, classes)
+    except ModuleNotFoundError as e:  # e.g. --engine torch in the base install: which extra to install
+        from serval.cli import missing_dependency
+
+        print(f"{prog}: {missing_dependency(e) or e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError, ManifestError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

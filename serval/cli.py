@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # import name -> what to pip install when it is missing (the extras, and base packages whose import
 # name differs from their pip name); anything else is installed under its own name.
 PIP_NAMES: dict[str, str] = {
+    # training, export and the torch engine: not in the base install (ONNX Runtime runs inference)
+    "torch": "serval[train]",
+    "transformers": "serval[train]",
+    "peft": "serval[train]",
+    "onnx": "serval[train]",
     "ray": "serval[ray]",
     "funasr": "serval[funasr]",
     "ctranslate2": "serval[ct2]",

@@ -381,9 +381,9 @@ def evaluate(
         raise ValueError("corpus_classes must be 'own' or 'all'")
     if specs is None:
         specs = [s if isinstance(s, str) else None for s in systems]
-    from serval.inference import load  # the one spec resolver (imports torch: only when asked)
+    from serval.onnx_engine import load_engine  # engine "auto": ONNX Runtime on a CPU, no torch needed
 
-    systems = [load(s) if isinstance(s, str) else s for s in systems]
+    systems = [load_engine(s) if isinstance(s, str) else s for s in systems]
     names = unique_names(systems)
     units = {seg: make_units(rows, seg) for seg in segmentations}
     # a row with neither a label nor a dimension cannot be scored: it is not run either
