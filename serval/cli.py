@@ -35,7 +35,7 @@ PIP_NAMES: dict[str, str] = {
     "ray": "serval[ray]",
     "funasr": "serval[funasr]",
     "ctranslate2": "serval[ct2]",
-    "sklearn": "scikit-learn",
+    "sklearn": "serval[train]",
     "multipart": "python-multipart",
     "python_multipart": "python-multipart",
     "silero_vad": "silero-vad",
