@@ -256,6 +256,17 @@ def near_ties(texts: dict[str, str]) -> list[str]:
     return found
 
 
+def largest_difference(golden: dict[str, str], current: dict[str, str]) -> float:
+    """The largest probability or score difference over the prediction records, to report the margin."""
+    diffs = [0.0]
+    for name in (PREDICT, SPANS):
+        for w, g in zip(json.loads(golden[name]), json.loads(current[name])):
+            for field in ("probabilities", "scores"):
+                pairs = [(v, (g.get(field) or {}).get(k)) for k, v in (w.get(field) or {}).items()]
+                diffs += [abs(a - b) for a, b in pairs if isinstance(a, float) and isinstance(b, float)]
+    return max(diffs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="record the current outputs as the golden ones")
@@ -273,6 +284,7 @@ def main() -> int:
     problems, notes = compare(golden, current)
     for line in [*notes, *problems[:40]]:
         print(line)
+    print(f"largest probability or score difference: {largest_difference(golden, current):.2g}")
     print(
         f"all golden outputs agree within {TOL:g}" if not problems else f"{len(problems)} golden differences"
     )
