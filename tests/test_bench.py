@@ -63,6 +63,7 @@ def test_timing_is_bounded_and_self_consistent():
         consistent(timing, clips=3)
 
 
+@pytest.mark.slow
 def test_benchmark_report():
     report = run_benchmark(
         "tiny", "cpu", batch_size=2, seconds=(1.0,), min_seconds=0.0, engines=False, cold=False
@@ -94,6 +95,7 @@ def test_lora_train_step_runs():
     assert time_train_step(ours.config, waves, torch.device("cpu"), steps=1)["samples_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_engines_are_timed_against_torch(tmp_path):
     ours, _ = model_pair("tiny", torch.device("cpu"))
     engines = {
@@ -120,6 +122,7 @@ def test_engines_are_timed_against_torch(tmp_path):
     assert f"| onnxruntime_cpu | {ort['batch']['clips_per_s']} | {ort['speedup_batch']}x |" in table
 
 
+@pytest.mark.slow
 def test_cold_start_runs_both_processes_in_turn(tmp_path):
     c = cold_start(EXAMPLE, repeats=1)
     assert c["repeats"] == 1 and c["serval_predict_s"] > 0 and c["import_torch_s"] > 0

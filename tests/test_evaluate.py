@@ -347,6 +347,7 @@ def summary_rows(markdown: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_eval_command_two_models(tmp_path, two_models, ravdess_clips, ased_clips):
     rows = [
         ManifestRow(

@@ -101,6 +101,7 @@ def test_predict_records_say_only_what_was_trained(models, ravdess_clips, tmp_pa
     assert cells[table[0].split().index("valence")] == "-" and cells[-1] == "-"
 
 
+@pytest.mark.slow
 def test_onnx_graph_carries_the_trained_dimensions(models, ravdess_clips, tmp_path, monkeypatch):
     from serval.export import export_onnx
     from serval.onnx_engine import OnnxPredictor, load_engine
@@ -126,6 +127,7 @@ def test_onnx_graph_carries_the_trained_dimensions(models, ravdess_clips, tmp_pa
     assert old.trained_dimensions == () and old.predict(clip)["scores"] == NONE
 
 
+@pytest.mark.slow
 def test_timeline_reports_and_plots_only_trained_outputs(models, recording, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
@@ -210,6 +212,7 @@ def test_server_answers_null_for_untrained(models, ravdess_clips, recording):
     assert seen[()][0]["probabilities"] == seen[("arousal",)][0]["probabilities"]
 
 
+@pytest.mark.slow
 def test_mcp_tool_answers_and_schema_say_null(models, ravdess_clips, recording):
     pytest.importorskip("mcp")
     from serval.serve.mcp import RECOGNIZE_DESCRIPTION, AudioInput, EmotionResult, EmotionTools
@@ -228,6 +231,7 @@ def test_mcp_tool_answers_and_schema_say_null(models, ravdess_clips, recording):
     assert "not trained" in RECOGNIZE_DESCRIPTION
 
 
+@pytest.mark.slow
 def test_eval_does_not_score_untrained_outputs(models, tmp_path):
     from serval.evaluate import make_units, predict_all, score_dimensions
 

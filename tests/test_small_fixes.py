@@ -39,6 +39,7 @@ def umask_022():
 # ---------------------------------------------------------------------------- timeline
 
 
+@pytest.mark.slow
 def test_timeline_writes_its_default_formats(tmp_path, capsys):
     clip = clips("ravdess", n=1)[0]
     prefix = tmp_path / "out" / "talk"
@@ -136,6 +137,7 @@ def test_best_and_checkpoint_folders_follow_the_umask(tmp_path, umask_022):
 # ---------------------------------------------------------------------------- pseudolabel
 
 
+@pytest.mark.slow
 def test_pseudolabel_after_a_teacher_failed_to_load(tmp_path, capsys):
     from serval.pseudolabel import PseudoLabelConfig, output_paths, pseudolabel
 

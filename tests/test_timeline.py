@@ -92,6 +92,7 @@ def test_grid_timeline_with_vad(recording, predictor):
     assert sum(s["windows"] for s in result["segments"]) == len(scored)
 
 
+@pytest.mark.slow
 def test_turns_split_pool_and_summarise(recording, predictor):
     path, duration, t_a = recording
     long_turn = Turn(0.0, duration, "A")  # > 30 s: cut into two pieces and pooled
@@ -124,6 +125,7 @@ def test_turns_split_pool_and_summarise(recording, predictor):
     assert sum(b["label_seconds"].values()) == pytest.approx(b["duration"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_writes_outputs_and_never_overwrites(recording, model_dir, tmp_path, capsys):
     path, duration, _ = recording
     prefix = tmp_path / "out" / "meeting"

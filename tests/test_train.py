@@ -169,7 +169,7 @@ def test_soft_cross_entropy_equals_torch_for_hard_labels_and_ignores_unlabelled(
         w,
         0.1,
     )
-    assert padded.item() == pytest.approx(got.item(), rel=1e-6)
+    assert padded.item() == pytest.approx(got.item(), rel=1e-5)  # fp32 sums of 10 and 11 terms: ~11 u
 
 
 def test_class_weights_are_inverse_frequency_over_present_classes():
@@ -390,6 +390,7 @@ def test_choose_combination_follows_the_setting_and_dev_uar():
 # ---------------------------------------------------------------------------- real runs
 
 
+@pytest.mark.slow
 def test_training_loss_falls_on_real_clips_and_final_model_loads(tmp_path):
     # 1.5 s spans of real clips: spans are read from the manifest, and no random crop blurs the signal
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, n_dev=2, span=(0.5, 2.0))
@@ -515,6 +516,7 @@ def _lines_until(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=24, n_dev=4)
     sets = [
@@ -556,7 +558,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     a = load_file(str(Path(reference.out_dir) / "best" / "model.safetensors"))
     b = load_file(str(out / "best" / "model.safetensors"))
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact: resuming replays the same fp32 ops on one machine
     assert (
         json.loads((out / "final.json").read_text())["members"]
         == json.loads((Path(reference.out_dir) / "final.json").read_text())["members"]
@@ -584,6 +586,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     # equal 1.5 s spans: no clip is padded, so the 2-GPU pieces compute exactly what the whole batch does
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, dims=True, span=(0.5, 2.0))
