@@ -1,15 +1,46 @@
-"""Shared fixtures: the real clips in ../shared/data and small helpers to pick them."""
+"""Shared fixtures: the real clips in ../shared/data and small helpers to pick them.
+
+Every cache the suite would write (serval's own, Hugging Face, matplotlib, torch.compile, Ray,
+Chromium, ONNX Runtime) is pointed at one temporary folder for the session, set here before serval,
+torch or any of them is imported, so that a test run never writes into the user's home or the checkout.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# A short path (Ray puts unix sockets under it, and those are limited to 107 bytes). A process that a
+# test spawns (DDP workers) imports this module again and shares the session's folder.
+OWN_SESSION_TMP = "SERVAL_TESTS_TMP" not in os.environ
+if OWN_SESSION_TMP:
+    os.environ["SERVAL_TESTS_TMP"] = tempfile.mkdtemp(prefix="serval-tests-")
+SESSION_TMP = Path(os.environ["SERVAL_TESTS_TMP"])
+SESSION_ENV = {
+    "SERVAL_CACHE": SESSION_TMP / "serval",
+    "XDG_CACHE_HOME": SESSION_TMP / "cache",  # ONNX Runtime, dconf, pip and others default to it
+    "XDG_CONFIG_HOME": SESSION_TMP / "config",  # Chromium's crash reports, PulseAudio
+    "XDG_DATA_HOME": SESSION_TMP / "data",
+    "XDG_STATE_HOME": SESSION_TMP / "state",
+    "HF_HOME": SESSION_TMP / "huggingface",
+    "MPLCONFIGDIR": SESSION_TMP / "matplotlib",
+    "TORCHINDUCTOR_CACHE_DIR": SESSION_TMP / "inductor",  # else /tmp/torchinductor_$USER, kept
+    "TRITON_CACHE_DIR": SESSION_TMP / "triton",  # else ~/.triton
+    "RAY_TMPDIR": SESSION_TMP / "ray",  # else /tmp/ray, kept
+    "SE_CACHE_PATH": SESSION_TMP / "selenium",  # Selenium Manager, else ~/.cache/selenium
+}
+os.environ.update({name: str(path) for name, path in SESSION_ENV.items()})
+# Ray's local clusters use token auth; without a token it writes a new one to ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
-from serval.vocab import DIMENSIONS, EMOTIONS
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from serval.vocab import DIMENSIONS, EMOTIONS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SERVAL_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -123,3 +154,9 @@ def one_actor_talk(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("audio") / "talk.flac"
     sf.write(path, wave, SAMPLE_RATE)
     return path
+
+
+def pytest_unconfigure(config) -> None:
+    if OWN_SESSION_TMP:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
+        del os.environ["SERVAL_TESTS_TMP"]

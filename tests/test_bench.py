@@ -88,6 +88,7 @@ def test_timing_is_bounded_and_self_consistent():
         consistent(timing, clips=3)
 
 
+@pytest.mark.slow
 def test_benchmark_report():
     start = time.perf_counter()
     report = run_benchmark(
@@ -129,6 +130,7 @@ def test_lora_train_step_runs():
     assert result["samples_per_s"] >= 2 * 2 / wall
 
 
+@pytest.mark.slow
 def test_engines_are_timed_against_torch(tmp_path):
     ours, _ = model_pair("tiny", torch.device("cpu"))
     engines = {
@@ -158,6 +160,7 @@ def test_engines_are_timed_against_torch(tmp_path):
     assert f"| onnxruntime_cpu | {ort['batch']['clips_per_s']} | {ort['speedup_batch']}x |" in table
 
 
+@pytest.mark.slow
 def test_cold_start_runs_both_processes_in_turn(tmp_path):
     start = time.perf_counter()
     c = cold_start(EXAMPLE, repeats=1)

@@ -33,10 +33,13 @@ pytest.importorskip("fastapi")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
-    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-    reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+        reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+    ),
+    pytest.mark.slow,  # a browser and a server process
+]
 WAIT = 60  # seconds any one thing in the page may take on a busy CI machine
 LONG = 300  # seconds for the timeline of a 90 s recording with the real model on a busy CPU
 

@@ -49,6 +49,7 @@ def test_shipped_model_is_what_its_recipe_builds():
     assert shipped["linear_head"] == full["select"]["linear_head"]
 
 
+@pytest.mark.slow
 def test_inference_folds_the_shipped_adapters_into_the_published_layout():
     import torch
 
@@ -88,6 +89,7 @@ def examples_readme() -> tuple[dict[str, str], dict[str, str]]:
     return gold, wrong
 
 
+@pytest.mark.slow
 def test_main_job_prints_a_json_record_per_example(capsys):
     trained = json.loads((DEFAULT_MODEL / "config.json").read_text()).get("trained_dimensions", [])
     assert main(["predict", str(EXAMPLES), "--no-progress"]) == 0

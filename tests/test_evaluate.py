@@ -355,6 +355,7 @@ def summary_rows(markdown: str) -> dict:
     return {tuple(cells[:3]): cells[3:] for cells in md_table(markdown, "## Summary")[1:]}
 
 
+@pytest.mark.slow
 def test_eval_command_two_models(tmp_path, two_models, ravdess_clips, ased_clips):
     rows = [
         ManifestRow(
@@ -476,6 +477,7 @@ def test_in_memory_predictor_is_keyed_by_its_weights(tmp_path, four_clips):
     assert calls == [] and again["results"] == first["results"]
 
 
+@pytest.mark.slow
 def test_eval_does_not_score_untrained_outputs(trained_dims_models, tmp_path):
     from serval.evaluate import make_units, predict_all, score_dimensions
 

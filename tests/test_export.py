@@ -20,6 +20,7 @@ from serval.inference import load
 from serval.locations import DEFAULT_MODEL
 from serval.model import SERConfig, SERModel
 
+pytestmark = pytest.mark.slow  # exports and runs graphs of up to 30 s: minutes on a CPU
 TOL = 1e-4
 # 0.1 to 30 s; odd and even frame and token counts (3.01 s: 301 frames, 151 tokens, 76 after one halving)
 SECONDS = (0.1, 0.1125, 0.5, 1.7, 2.5, 3.0, 3.01, 4.2, 6.0, 9.99, 15.0, 29.99, 30.0)

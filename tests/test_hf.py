@@ -27,6 +27,7 @@ def run_python(code: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_the_pipeline_agrees_with_serval_on_the_bundled_model():
     paths = [str(p) for p in clips("ravdess", "Actor_04/*.flac", n=3)] + [str(clips("emodb", n=1)[0])]
     # serval first, transformers later: the import hook registers serval when transformers arrives
@@ -55,6 +56,7 @@ print(json.dumps({{"serval": records, "pipeline": out, "model": type(pipe.model)
     assert got["pipeline"][-1] == got["pipeline"][0][:2]
 
 
+@pytest.mark.slow
 def test_transformers_imported_first_also_finds_serval(tmp_path):
     torch.manual_seed(0)
     save_model(SERModel(SERConfig.tiny(classes=("neutral", "angry", "sad", "happy"))), tmp_path / "tiny")
@@ -78,6 +80,7 @@ print(json.dumps({{"labels": config.id2label, "types": [type(model).__name__, ty
     assert got["pipeline"][0]["label"] == got["serval"]["label"]
 
 
+@pytest.mark.slow
 def test_importing_serval_imports_no_transformers():
     out = run_python(
         "import sys, serval, serval.hf, serval.hub, serval.checkpoint; print('transformers' in sys.modules)"
@@ -118,6 +121,7 @@ def test_the_bundled_model_folder_is_ready_for_the_hub():
     assert (DEFAULT_MODEL / "preprocessor_config.json").is_file()  # what push_to_hub sends: test_hub.py
 
 
+@pytest.mark.slow
 def test_the_pipeline_in_process(tmp_path):
     transformers = pytest.importorskip("transformers")
     serval.hf.register()

@@ -30,6 +30,7 @@ def clip_dir(tmp_path, ravdess_clips, emodb_clips):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_predict_directory_prints_one_valid_record_per_file(model_dir, clip_dir, capsys):
     code = main(["predict", str(clip_dir), "--model", str(model_dir), "--format", "json"])
     records = json.loads(capsys.readouterr().out)
@@ -186,6 +187,7 @@ def test_without_a_model_says_so_in_one_line(monkeypatch, tmp_path, emodb_clips,
     assert code == 2 and "--model" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
     model_dir, tmp_path, monkeypatch, emodb_clips
 ):
@@ -197,7 +199,7 @@ def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
         bundled = serval.load(spec, engine="torch")
         assert bundled.fingerprint == direct.fingerprint
         p, s = bundled.predict_waveforms(waves)
-        assert np.array_equal(p, probs) and np.array_equal(s, scores)
+        assert np.array_equal(p, probs) and np.array_equal(s, scores)  # exact: the same weights, same process
     for member in ("a", "b"):
         shutil.copytree(model_dir, tmp_path / "ensemble" / member)
     (tmp_path / "ensemble" / "ensemble.json").write_text(json.dumps({"members": ["a", "b"]}))

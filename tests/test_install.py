@@ -130,6 +130,7 @@ def test_a_missing_package_is_one_line(tmp_path, args, package, pip):
     assert not (tmp_path / "out").exists()  # it stopped before doing any work
 
 
+@pytest.mark.slow
 def test_eval_without_model_uses_the_bundled_one(tmp_path):
     rows = clips("ravdess", "Actor_07/*.flac", n=4)
     manifest = tmp_path / "m.csv"
@@ -153,6 +154,7 @@ def test_eval_without_model_uses_the_bundled_one(tmp_path):
     assert plots and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
 
 
+@pytest.mark.slow
 def test_timeline_writes_its_outputs(tmp_path):
     done = serval(
         "timeline", str(clips("emodb", n=1)[0]), "-o", str(tmp_path / "t"), "--no-progress", cwd=tmp_path
@@ -168,6 +170,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_answers_health(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
@@ -205,6 +208,7 @@ def test_serve_answers_health(tmp_path):
     assert "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_mcp_answers_initialize(tmp_path):
     request = {
         "jsonrpc": "2.0",

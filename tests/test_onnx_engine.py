@@ -113,6 +113,7 @@ def test_key_follows_weights_not_place(tmp_path):
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.slow
 def test_matches_torch_at_every_length(engine, reference, waves, batch_size):
     probs, scores = engine.predict_waveforms(waves, batch_size=batch_size)
     want_probs, want_scores = reference.predict_waveforms(waves, batch_size=batch_size)
@@ -121,6 +122,7 @@ def test_matches_torch_at_every_length(engine, reference, waves, batch_size):
     assert (probs.argmax(1) == want_probs.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_records_as_torch_gives_them(engine, reference, tmp_path):
     missing = str(tmp_path / "missing.wav")
     inputs = [*EXAMPLES, missing]
@@ -144,6 +146,7 @@ def test_records_as_torch_gives_them(engine, reference, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_run_path_imports_neither_torch_nor_transformers(cache, engine, reference):
     code = (
         "import json, sys\n"
@@ -164,6 +167,7 @@ def test_onnx_file_and_errors(engine, tmp_path):
     direct = load_engine(str(engine.graph))
     assert isinstance(direct, OnnxPredictor) and direct.name == engine.name
     wave = load_audio(EXAMPLES[0])
+    # exact: one graph file, one runtime, one process, the same input give the same numbers
     np.testing.assert_array_equal(direct.predict_waveforms([wave])[0], engine.predict_waveforms([wave])[0])
     with pytest.raises(ValueError, match="engine must be one of"):
         load_engine(None, "gpu")
@@ -186,6 +190,7 @@ def test_onnx_file_and_errors(engine, tmp_path):
         engine.predict_waveforms([np.full(1600, np.nan, np.float32)])
 
 
+@pytest.mark.slow
 def test_cli_default_engine_agrees_with_torch_on_the_examples(cache, engine):
     """`serval predict examples/`: ORT (the CPU default) gives torch's labels, probabilities to 1e-4."""
     env = {**os.environ, "SERVAL_CACHE": str(cache)}
@@ -247,6 +252,7 @@ def test_cli_predict_imports_no_heavy_package(cache, engine):
     assert not imported & {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "matplotlib", "sklearn"}
 
 
+@pytest.mark.slow
 def test_onnx_graph_carries_the_trained_dimensions(trained_dims_models, ravdess_clips, tmp_path, monkeypatch):
     from serval.export import export_onnx
     from serval.onnx_engine import OnnxPredictor, load_engine

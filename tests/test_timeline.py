@@ -162,6 +162,7 @@ def _pixel(fig, t: float) -> float:
     return float(image[row - 5 : row + 5, int(x) - 5 : int(x) + 5].mean())
 
 
+@pytest.mark.slow
 def test_turns_split_pool_and_summarise(recording, predictor):
     path, duration, t_a = recording
     long_turn = Turn(0.0, duration, "A")  # > 30 s: cut into two pieces and pooled
@@ -194,6 +195,7 @@ def test_turns_split_pool_and_summarise(recording, predictor):
     assert sum(b["label_seconds"].values()) == pytest.approx(b["duration"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_writes_outputs_and_never_overwrites(recording, model_dir, tmp_path, capsys):
     path, duration, _ = recording
     prefix = tmp_path / "out" / "meeting"
@@ -268,6 +270,7 @@ def test_cli_turns_and_errors(recording, model_dir, tmp_path, capsys):
     assert "none.rttm" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_timeline_writes_its_default_formats(tmp_path, capsys):
     clip = clips("ravdess", n=1)[0]
     prefix = tmp_path / "out" / "talk"
@@ -283,6 +286,7 @@ def test_timeline_writes_its_default_formats(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_timeline_reports_and_plots_only_trained_outputs(
     trained_dims_models, one_actor_talk, tmp_path, monkeypatch
 ):

@@ -176,7 +176,7 @@ def test_soft_cross_entropy_equals_torch_for_hard_labels_and_ignores_unlabelled(
         w,
         0.1,
     )
-    assert padded.item() == pytest.approx(got.item(), rel=1e-6)
+    assert padded.item() == pytest.approx(got.item(), rel=1e-5)  # fp32 sums of 10 and 11 terms: ~11 u
 
 
 def test_class_weights_are_inverse_frequency_over_present_classes():
@@ -398,6 +398,7 @@ def test_choose_combination_follows_the_setting_and_dev_uar():
 # ---------------------------------------------------------------------------- real runs
 
 
+@pytest.mark.slow
 def test_training_loss_falls_on_real_clips_and_final_model_loads(tmp_path):
     # 1.5 s spans of real clips: spans are read from the manifest, and no random crop blurs the signal
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, n_dev=2, span=(0.5, 2.0))
@@ -619,6 +620,7 @@ def _lines_until(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=24, n_dev=4)
     sets = [
@@ -660,7 +662,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     a = load_file(str(Path(reference.out_dir) / "best" / "model.safetensors"))
     b = load_file(str(out / "best" / "model.safetensors"))
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact: resuming replays the same fp32 ops on one machine
     assert (
         json.loads((out / "final.json").read_text())["members"]
         == json.loads((Path(reference.out_dir) / "final.json").read_text())["members"]
@@ -688,6 +690,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     # equal 1.5 s spans: no clip is padded, so the 2-GPU pieces compute exactly what the whole batch does
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, dims=True, span=(0.5, 2.0))
@@ -700,9 +703,9 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
         f"augment.noise_dir={DATA / 'noise'}",
         "loss.ccc_weight=0.5",
         # Biases followed by a GroupNorm and attention-score biases get a gradient that is zero up to
-        # rounding (~1e-8); Adam with eps 1e-8 turns that noise into full-size steps. eps 1e-6 keeps
-        # the comparison about the gradients that exist.
-        "optim.eps=1e-6",
+        # rounding (~1e-8); Adam with eps 1e-8 turns that noise into full-size steps. eps 1e-3 keeps
+        # the comparison about the gradients that exist (see the tolerance below).
+        "optim.eps=1e-3",
     ]
     single = tiny_config(tmp_path / "one", manifest, *sets)
     train(single)  # one thread, like each of the two workers
@@ -712,8 +715,20 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     b = load_file(str(Path(double.out_dir) / "best" / "model.safetensors"))
     moved = [k for k in a if "lora_B" in k or k.startswith("downstream_model.")]
     assert moved and a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    # The tolerance is the sum order's. Each weight's gradient is a sum over the step's 4 clips x 75
+    # encoder frames: one fp32 reduction in one process, two partial sums added by gloo in two. Two
+    # orders of n fp32 terms differ by at most 2 n u sum|terms| (u = 2^-24, Higham), and each term may
+    # itself be rounded differently (kernels are chosen by batch size) over its widest dot product
+    # (k = 128, the FFN): (2n + k) u sum|terms|, with sum|terms| <= ~1 (measured <= 1.06; gradients
+    # are clipped to norm 1). Adam's step lr g / (|g| + eps) moves by at most lr / eps per unit of
+    # gradient error, so over the run's steps (lr <= lr_head) the weights differ, to first order, by
+    # at most steps lr (2n + k) u / eps: ~1e-4, against ~1.5e-3 that the weights move.
+    steps, n, k, u = 2 * 8 // 4, 4 * 75, 128, 2.0**-24
+    atol = steps * single.optim.lr_head * (2 * n + k) * u * 1.0 / single.optim.eps
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max())
+    init = load_file(str(tmp_path / "tiny-init" / "model.safetensors"))
+    assert max((a[k] - init[k]).abs().max().item() for k in moved if k in init) > 10 * atol  # a real test
 
 
 # ---------------------------------------------------------------------------- dimensional-only rows

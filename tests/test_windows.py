@@ -141,6 +141,7 @@ def test_streaming_windower_equals_whole_stream(speech):
     assert all(np.array_equal(a.samples, b.samples) for a, b in zip(got, whole))
 
 
+@pytest.mark.slow
 def test_sliding_windows_scores_like_direct_calls(speech, tiny):
     wave, _ = join([*speech, 0.5])
     results = list(sliding_windows(wave, tiny, WindowSpec(2.0, 1.0), batch_size=3))
@@ -153,6 +154,7 @@ def test_sliding_windows_scores_like_direct_calls(speech, tiny):
     np.testing.assert_allclose(np.stack([r.probs for r in results]), direct, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vad_drops_the_silence(speech, tiny):
     wave, spans = join([4.0, *speech, 6.0, *speech[::-1], 4.0])
     tiny.seen.clear()
@@ -213,6 +215,7 @@ def test_long_noise_stretch_is_not_scored(data_dir, tiny, speech, noise):
     assert any(r.scored for r in results if r.end <= a) and any(r.scored for r in results if r.start >= b)
 
 
+@pytest.mark.slow
 def test_merge_respects_cap_and_tiles(tiny, speech):
     # real model outputs over 50 s of speech on the paper's 2 s grid
     wave, _ = join([*speech, *speech, *speech, *speech, *speech])
@@ -253,6 +256,7 @@ def test_merge_rules():
     assert weighted[0].probs[EMOTIONS.index("happy")] == pytest.approx((0.9 * 2 + 0.5 * 6) / 8, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_split_and_score_long_spans(tmp_path, speech, tiny):
     assert split_span(0, 45) == [(0, 22.5), (22.5, 45)]
     assert split_span(3, 20) == [(3, 20)]
