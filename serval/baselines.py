@@ -1,14 +1,15 @@
 """Other systems as predictors, so `serval eval` can score them on the same manifests.
 
-Every system here has what `serval.inference.Predictor` has: `name`, `classes`,
-`dimensions` and `predict_waveforms(waves, batch_size) -> (probs [N, 7], scores [N, 3])`,
-plus a `fingerprint` (it keys the prediction cache) and, after each call, `details`: one
-dict per input (e.g. an LLM's raw reply), or None.
+Every system here is a `serval.predictor.Predictor`: `name`, `classes`, `dimensions`,
+`predict_waveforms(waves, batch_size) -> (probs [N, 7], scores [N, 3])`, `predict` (records, from
+`serval.api.AudioClassifier`) and a `fingerprint` (it keys the prediction cache); and, after each
+call, `details`: one dict per input (e.g. an LLM's raw reply), or None.
 
 Conventions that keep the scoring honest:
 - a row of all-zero probabilities means "no answer" (an unparseable LLM reply, a failed
   request); it is scored as wrong, never dropped;
 - a system without a dimensional head returns NaN scores, and is left out of CCC tables;
+- a record of "no answer" has the label null (all its probabilities 0), never a guessed class;
 - a `details` entry with an "error" key is a transient failure: it is scored as no answer
   but not cached, so a re-run asks again.
 
@@ -35,6 +36,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from serval.api import AudioClassifier
+from serval.audio import at_model_rate
+from serval.audio import check_finite as check_wave
 from serval.vocab import DIMENSIONS, EMOTIONS, SAMPLE_RATE
 
 # The paper's uniform prompt for every audio LLM (section 5).
@@ -42,6 +46,31 @@ PROMPT = (
     "Determine the speaker's emotion in the given audio. "
     "Reply with a single label from: Neutral, Happy, Sad, Angry, Fearful, Disgusted, Surprised."
 )
+
+
+class Baseline(AudioClassifier):
+    """What the baselines share: `predict` and `__call__` over their own `predict_waveforms`."""
+
+    classes = EMOTIONS
+    dimensions = DIMENSIONS
+    trained_dimensions: tuple[str, ...] = ()  # no dimensional head: its scores are NaN, records null
+
+    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
+        """As every predictor's record, but "no answer" (all-zero probabilities) has the label None."""
+        body = super().record(probs, scores, keep)
+        if not np.any(np.asarray(probs)):
+            body["label"] = None
+        return body
+
+
+def _at_16k(waves: Sequence[np.ndarray], sampling_rate: int | None, check_finite: bool) -> list[np.ndarray]:
+    """The waves as float32 at 16 kHz, each checked finite unless the caller did already."""
+    out = [at_model_rate(np.asarray(w, np.float32).reshape(-1), sampling_rate) for w in waves]
+    if check_finite:
+        for w in out:
+            check_wave(w, "<array>")
+    return out
+
 
 # ----------------------------------------------------------------------------- emotion2vec
 
@@ -85,12 +114,8 @@ def emotion2vec_probabilities(labels: Sequence[str], scores: Sequence[float]) ->
     return (probs / total if total > 0 else probs).astype(np.float32)
 
 
-class Emotion2Vec:
+class Emotion2Vec(Baseline):
     """emotion2vec+ (large, base or seed) through FunASR, mapped onto the 7 classes."""
-
-    classes = EMOTIONS
-    dimensions = DIMENSIONS
-    trained_dimensions: tuple[str, ...] = ()  # no dimensional head: its scores are NaN, records null
 
     def __init__(self, variant: str, device: str | None = None, hub: str = "hf"):
         try:
@@ -120,8 +145,17 @@ class Emotion2Vec:
         self.fingerprint = hashlib.sha1(f"emotion2vec\n{model_id}".encode()).hexdigest()
         self.details = None
 
-    def predict_waveforms(self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False):
-        """16 kHz waveforms -> (probs [N, 7], NaN scores [N, 3]); emotion2vec has no dimensional head."""
+    def predict_waveforms(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int = 16,
+        progress: bool = False,
+        *,
+        check_finite: bool = True,
+        sampling_rate: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Waveforms (16 kHz, or `sampling_rate`) -> (probs [N, 7], NaN scores [N, 3]); no dimensional head."""
+        waves = _at_16k(waves, sampling_rate, check_finite)
         probs = np.zeros((len(waves), len(EMOTIONS)), np.float32)
         for i, wave in enumerate(waves):
             result = self.model.generate(
@@ -171,17 +205,13 @@ class LLMRequestError(RuntimeError):
     pass
 
 
-class AudioLLM:
+class AudioLLM(Baseline):
     """Any audio LLM behind an OpenAI-compatible chat-completions API, asked the paper's prompt.
 
     The API key comes from the environment (`api_key_env`, default SERVAL_LLM_API_KEY, then
     OPENAI_API_KEY). 5xx, 429, timeouts and connection errors are retried with exponential
     backoff; a reply naming no single class is kept as "unparseable" in `details`.
     """
-
-    classes = EMOTIONS
-    dimensions = DIMENSIONS
-    trained_dimensions: tuple[str, ...] = ()  # no dimensional head: its scores are NaN, records null
 
     def __init__(
         self,
@@ -262,8 +292,17 @@ class AudioLLM:
         reply = reply if isinstance(reply, str) else ""
         return {"reply": reply, "label": parse_emotion_label(reply)}
 
-    def predict_waveforms(self, waves: Sequence[np.ndarray], batch_size: int = 16, progress: bool = False):
+    def predict_waveforms(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int = 16,
+        progress: bool = False,
+        *,
+        check_finite: bool = True,
+        sampling_rate: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One request per clip (in parallel) -> (one-hot probs [N, 7], NaN scores [N, 3]); details per clip."""
+        waves = _at_16k(waves, sampling_rate, check_finite)
         with ThreadPoolExecutor(self.concurrency) as pool:
             details = list(pool.map(self.ask, waves))
         probs = np.zeros((len(waves), len(EMOTIONS)), np.float32)

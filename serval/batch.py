@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,9 @@ import numpy as np
 
 from serval.atomic import atomic_write_text
 from serval.audio import AudioError, audio_info, load_audio
-from serval.longform import WINDOW_BATCHES, LongAudio, count_pieces, pooling_note, read_audio
+from serval.longform import WINDOW_BATCHES, LongAudio, count_pieces, pooling_note, read_audio, speech_of
 from serval.progress import progress_bar
+from serval.vad import speech_fields
 from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE, class_subset
 
 # Every new batch width is a new oneDNN convolution primitive holding its own copy of the reordered
@@ -305,11 +307,13 @@ def predict_items(
     batch_size: int = 16,
     classes: Sequence[str] | None = None,
     window: int | None = None,
+    label_no_speech: bool = False,
 ) -> Iterator[list[dict]]:
     """The records of `items`, one list per window of decoded clips, in input order.
 
     A window (default `WINDOW_BATCHES` batches) is sorted by length and cut into batches, so a
-    batch carries little padding while at most two windows of audio are in memory.
+    batch carries little padding while at most two windows of audio are in memory. A clip without
+    speech gets label None unless `label_no_speech`.
     """
     keep = class_subset(classes, predictor.classes)
     window = window or batch_size * WINDOW_BATCHES
@@ -317,11 +321,11 @@ def predict_items(
     for pair in decoded(items, depth=window):
         pending.append(pair)
         if len(pending) >= window:
-            records, pending = _predict_window(predictor, pending, batch_size, keep), []
+            records, pending = _predict_window(predictor, pending, batch_size, keep, label_no_speech), []
             release_memory()
             yield records
     if pending:
-        yield _predict_window(predictor, pending, batch_size, keep)
+        yield _predict_window(predictor, pending, batch_size, keep, label_no_speech)
 
 
 def release_memory() -> None:
@@ -343,23 +347,31 @@ def release_memory() -> None:
 _LIBC = None
 
 
-def _predict_window(predictor, pending: list, batch_size: int, keep) -> list[dict]:
+def _predict_window(predictor, pending: list, batch_size: int, keep, label_no_speech: bool) -> list[dict]:
     records = [_head(item, wave) for item, wave in pending]
     ok = [i for i, (_, w) in enumerate(pending) if isinstance(w, np.ndarray)]
     ok.sort(key=lambda i: len(pending[i][1]))
     # clips in batches sorted by length; a long file on its own, read and scored piece by piece
     jobs = [ok[at : at + batch_size] for at in range(0, len(ok), batch_size)]
     jobs += [[i] for i, (_, w) in enumerate(pending) if isinstance(w, LongAudio)]
-    for batch in jobs:
-        try:  # every wave was checked finite as it was read, naming its file: not again
-            probs, scores = predictor.predict_waveforms(
-                [pending[i][1] for i in batch], batch_size=batch_size, check_finite=False
-            )
-        except AudioError as e:  # a long file that breaks part-way through
-            records[batch[0]] = _head(pending[batch[0]][0], e)
-            continue
-        for i, p, s in zip(batch, probs, scores):
-            records[i].update(predictor.record(p, s, keep))
+    # the VAD runs in its own thread while the model runs (ONNX Runtime lets go of the GIL); a long
+    # file's speech is measured streamed, a block at a time, like its pieces
+    with ThreadPoolExecutor(1, thread_name_prefix="serval-vad") as pool:
+        speech = {i: pool.submit(speech_of, pending[i][1]) for i in ok}
+        for batch in jobs:
+            try:  # every wave was checked finite as it was read, naming its file: not again
+                probs, scores = predictor.predict_waveforms(
+                    [pending[i][1] for i in batch], batch_size=batch_size, check_finite=False
+                )
+                for i in batch:
+                    if i not in speech:
+                        speech[i] = pool.submit(speech_of, pending[i][1])
+                fields = [speech_fields(speech[i].result()) for i in batch]
+            except AudioError as e:  # a long file that breaks part-way through
+                records[batch[0]] = _head(pending[batch[0]][0], e)
+                continue
+            for i, p, s, f in zip(batch, probs, scores, fields):
+                records[i].update(predictor.record(p, s, keep, speech=f, label_no_speech=label_no_speech))
     return records
 
 
@@ -436,7 +448,17 @@ def format_records(records: list[dict], fmt: str) -> str:
     classes = list(ok["probabilities"]) if ok else []
     dims = list(ok["scores"]) if ok else []
     span = any("start" in r for r in records)
-    header = ["file", *(["start", "end"] if span else []), "duration", "label", *classes, *dims, "error"]
+    speech = ["speech_fraction", "no_speech"]
+    header = [
+        "file",
+        *(["start", "end"] if span else []),
+        "duration",
+        "label",
+        *classes,
+        *dims,
+        *speech,
+        "error",
+    ]
     rows = []
     for r in records:
         rows.append(
@@ -444,9 +466,10 @@ def format_records(records: list[dict], fmt: str) -> str:
                 r.get("file") or "",
                 *([_cell(r.get("start")), _cell(r.get("end"))] if span else []),
                 r.get("duration", ""),
-                r.get("label", ""),
+                r.get("label", ""),  # None (no speech): csv writes an empty cell, the table "-"
                 *[r.get("probabilities", {}).get(c, "") for c in classes],
                 *[_score_cell(r, d) for d in dims],
+                *[_cell(r.get(k)) for k in speech],
                 r.get("error", ""),
             ]
         )
@@ -460,6 +483,8 @@ def format_records(records: list[dict], fmt: str) -> str:
 
 
 def _cell(value) -> str | float:
+    if isinstance(value, bool):  # as JSON writes it
+        return "true" if value else "false"
     return "" if value is None else value
 
 
@@ -542,18 +567,21 @@ def ray_map(
 class RayPredictor:
     """A Ray actor holding one predictor: {"x": items as JSON} -> {"y": records as JSON}."""
 
-    def __init__(self, model, device, batch_size: int, classes, threads: int):
-        import torch
+    def __init__(self, model, device, batch_size: int, classes, threads: int, label_no_speech: bool = False):
+        from serval.onnx_engine import load_engine
 
-        from serval.inference import load
-
-        torch.set_num_threads(max(1, threads))
-        self.predictor = load(model, device=device)
-        self.batch_size, self.classes = batch_size, classes
+        # engine "auto": ONNX Runtime on a CPU worker, so a cluster needs no torch
+        self.predictor = load_engine(model, device=device, threads=max(1, threads))
+        torch = sys.modules.get("torch")
+        if torch is not None:  # the torch engine (a GPU, or a model ONNX Runtime does not run)
+            torch.set_num_threads(max(1, threads))
+        self.batch_size, self.classes, self.label_no_speech = batch_size, classes, label_no_speech
 
     def __call__(self, batch: dict) -> dict:
         items = [Item(*json.loads(x)) for x in batch["x"]]
-        windows = predict_items(self.predictor, items, self.batch_size, self.classes)
+        windows = predict_items(
+            self.predictor, items, self.batch_size, self.classes, label_no_speech=self.label_no_speech
+        )
         records = [json.dumps(r) for w in windows for r in w]
         return {"i": batch["i"], "y": np.array(records, dtype=object)}
 
@@ -569,6 +597,7 @@ def ray_predict(
     overwrite: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    label_no_speech: bool = False,
 ) -> list[dict]:
     """Predict `items` on a Ray cluster into the JSONL file `output`; returns this run's error records.
 
@@ -598,6 +627,7 @@ def ray_predict(
             batch_size=batch_size,
             classes=classes,
             threads=int(max(1, settings.cpus_per_actor)),
+            label_no_speech=label_no_speech,
         )
         rows = [json.dumps([it.file, it.start, it.end]) for it in todo]
         shards: dict[int, dict[int, str]] = {}
@@ -664,6 +694,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "resumes it (skipping the inputs it holds); other formats are never overwritten",
     )
     p.add_argument("--overwrite", action="store_true", help="start -o afresh instead of resuming or refusing")
+    p.add_argument(
+        "--label-no-speech",
+        action="store_true",
+        help="label clips without speech too (default: their label is null; no_speech says why)",
+    )
     add_ray_arguments(p, "needs -o FILE.jsonl")
     p.add_argument("--no-progress", action="store_true")
 
@@ -713,6 +748,11 @@ def run(args: argparse.Namespace) -> int:
             failed = _run_ray(args, items, fmt, classes)
         else:
             failed = _run_local(args, items, fmt, classes)
+    except ModuleNotFoundError as e:  # e.g. --engine torch in the base install: which extra to install
+        from serval.cli import missing_dependency
+
+        print(f"{prog}: {missing_dependency(e) or e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError, ManifestError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -753,7 +793,9 @@ def _run_local(args: argparse.Namespace, items: list[Item], fmt: str, classes) -
     show = not args.no_progress and len(items) > args.batch_size
     bar = progress_bar(total=len(items), enabled=show, unit=" clip", desc="predict")
     kept, failed, noted = [], [], False
-    for records in predict_items(predictor, items, args.batch_size, classes):
+    for records in predict_items(
+        predictor, items, args.batch_size, classes, label_no_speech=args.label_no_speech
+    ):
         failed += [r for r in records if "error" in r]
         pooled = next((r for r in records if r.get("pieces", 1) > 1), None)
         if pooled and not noted:  # once per run, not once per long file
@@ -798,4 +840,5 @@ def _run_ray(args: argparse.Namespace, items: list[Item], fmt: str, classes) -> 
         overwrite=args.overwrite,
         progress=not args.no_progress,
         log=lambda m: print(f"serval predict: {m}", file=sys.stderr),
+        label_no_speech=args.label_no_speech,
     )

@@ -24,18 +24,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from serval.features import compute_features
-from serval.inference import resolve_device
 from serval.locations import DEFAULT_MODEL
-from serval.model import WHISPER_SIZES, SERConfig, SERModel
 from serval.vocab import SAMPLE_RATE
+
+if TYPE_CHECKING:  # the network parts need torch (serval[train]); the ONNX part runs without it
+    import torch
+
+    from serval.model import SERConfig, SERModel
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -85,6 +89,10 @@ def time_inference(
     Timed passes repeat until `min_seconds` have passed (at least one, at most `max_iters`); the
     result has the raw timing (`iters`, `seconds`) and the mel frames each clip was fed as (`frames`).
     """
+    import torch
+
+    from serval.features import compute_features
+
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     frames = []
 
@@ -107,6 +115,11 @@ def time_inference(
 
 def time_train_step(config: SERConfig, waves: list[np.ndarray], device: torch.device, steps: int = 5) -> dict:
     """Samples per second of a LoRA (r=8 on q, k, v) training step with the downstream network trainable."""
+    import torch
+
+    from serval.features import compute_features
+    from serval.model import SERConfig, SERModel
+
     model = (
         SERModel(SERConfig(**{**config.to_dict(), "lora_r": 8, "gradient_checkpointing": False}))
         .to(device)
@@ -143,6 +156,10 @@ def time_train_step(config: SERConfig, waves: list[np.ndarray], device: torch.de
 
 def model_pair(size: str, device: torch.device, seed: int = 0) -> tuple[SERModel, SERModel]:
     """serval's way (own length) and the published way (fp32, padded to 30 s) of one random network."""
+    import torch
+
+    from serval.model import SERConfig, SERModel
+
     torch.manual_seed(seed)
     ours = SERModel(SERConfig.for_whisper(size)).to(device).eval()
     published = SERModel(SERConfig.for_whisper(size, pad_to_30s=True)).to(device).eval()
@@ -152,6 +169,8 @@ def model_pair(size: str, device: torch.device, seed: int = 0) -> tuple[SERModel
 
 def engine_predictors(device: torch.device, model: str | None = None) -> dict:
     """{engine name: predictor} of one model: torch fp32 on the CPU, ONNX Runtime, torch bf16 on a GPU."""
+    import torch
+
     from serval.onnx_engine import load_engine
 
     engines = {"torch_fp32_cpu": load_engine(model, "torch", device="cpu")}
@@ -195,12 +214,16 @@ def _timed_process(cmd: list[str]) -> tuple[float, float, int]:
     return float(seconds), int(kib) / 1024, int(code)
 
 
-def cold_start(clip: str | os.PathLike, repeats: int = 3, engine: str = "auto") -> dict:
+def cold_start(
+    clip: str | os.PathLike, repeats: int = 3, engine: str = "auto", baseline: bool = True
+) -> dict:
     """`serval predict CLIP` (whole process) against `python -c "import torch"`, run in turn `repeats` times.
 
     The ratio is the median of the pairwise ratios, so that a machine whose speed drifts still gives
-    a fair one; times and peak RSS are medians too.
+    a fair one; times and peak RSS are medians too. `baseline=False` (no torch installed): serval alone.
     """
+    if not baseline:
+        return _cold_start_alone(clip, repeats, engine)
     ours = [sys.executable, "-m", "serval", "predict", os.fspath(clip), "--engine", engine, "--no-progress"]
     torch_only = [sys.executable, "-c", "import torch"]
     runs = []
@@ -219,6 +242,20 @@ def cold_start(clip: str | os.PathLike, repeats: int = 3, engine: str = "auto") 
         "ratio": round(med(a[0] / b[0] for a, b in runs), 2),
         "serval_predict_peak_rss_mb": round(med(a[1] for a, _ in runs), 1),
         "import_torch_peak_rss_mb": round(med(b[1] for _, b in runs), 1),
+    }
+
+
+def _cold_start_alone(clip: str | os.PathLike, repeats: int, engine: str) -> dict:
+    ours = [sys.executable, "-m", "serval", "predict", os.fspath(clip), "--engine", engine, "--no-progress"]
+    runs = [_timed_process(ours) for _ in range(repeats + 1)]  # the first is a warm-up, as above
+    if any(r[2] != 0 for r in runs):
+        raise RuntimeError(f"serval predict {clip} failed")
+    med = statistics.median
+    return {
+        "engine": engine,
+        "repeats": repeats,
+        "serval_predict_s": round(med(r[0] for r in runs[1:]), 3),
+        "serval_predict_peak_rss_mb": round(med(r[1] for r in runs[1:]), 1),
     }
 
 
@@ -252,6 +289,10 @@ def run_benchmark(
     `engines`: also every engine on the bundled model (`time_engines`); `cold`: the cold start of
     `serval predict` on `clip` (default: 4 s of noise) against `import torch`, `repeats` pairs.
     """
+    import torch
+
+    from serval.inference import resolve_device
+
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
     ours, published = model_pair(size, dev, seed)
@@ -298,15 +339,53 @@ def run_benchmark(
     return report
 
 
+def run_onnx_benchmark(
+    batch_size: int = 32,
+    seconds: tuple[float, ...] = (4.0, 10.0),
+    seed: int = 0,
+    min_seconds: float = 2.0,
+    cold: bool = True,
+    clip: str | None = None,
+    repeats: int = 3,
+) -> dict:
+    """The base install's benchmark (no torch): ONNX Runtime on the bundled model, and the cold start."""
+    from serval.onnx_engine import load_engine
+
+    rng = np.random.default_rng(seed)
+    report = {
+        "device": platform.processor() or "cpu",
+        "torch": None,
+        "threads": os.cpu_count(),
+        "whisper_size": "base",
+        "batch_size": batch_size,
+        "serval_dtype": "fp32",
+        "results": [],
+        "engines": [],
+    }
+    predictors = {"onnxruntime_cpu": load_engine(None, "onnx")}
+    for sec in seconds:
+        n = int(sec * SAMPLE_RATE)
+        waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for _ in range(batch_size)]
+        report["engines"].append({"clip_seconds": sec, **time_engines(predictors, waves, min_seconds)})
+    if cold:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["cold_start"] = cold_start(_clip(clip, tmp), repeats, "onnx", baseline=False)
+    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return report
+
+
 def format_report(report: dict) -> str:
     """A Markdown table of a benchmark report."""
     lines = [
-        f"device: {report['device']} · torch {report['torch']} · Whisper-{report['whisper_size']} encoder · "
-        f"batch {report['batch_size']} · serval in {report['serval_dtype']}",
-        "",
-        "| clip | published (fp32, 30 s) clips/s | serval clips/s | speed-up | 1 clip published ms | 1 clip serval ms | speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"device: {report['device']} · torch {report['torch'] or 'not installed'} · "
+        f"Whisper-{report['whisper_size']} encoder · batch {report['batch_size']} · serval in {report['serval_dtype']}",
     ]
+    if report["results"]:
+        lines += [
+            "",
+            "| clip | published (fp32, 30 s) clips/s | serval clips/s | speed-up | 1 clip published ms | 1 clip serval ms | speed-up |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
     for r in report["results"]:
         lines.append(
             f"| {r['clip_seconds']:g} s | {r['published_fp32_30s']['clips_per_s']} | "
@@ -329,8 +408,13 @@ def format_report(report: dict) -> str:
                     f"| {name} | {r['batch']['clips_per_s']} | {r['speedup_batch']}x | "
                     f"{r['single_clip_ms']} | {r['speedup_single']}x |"
                 )
-    if "cold_start" in report:
-        c = report["cold_start"]
+    c = report.get("cold_start")
+    if c and "import_torch_s" not in c:
+        lines.append(
+            f"\ncold start (median of {c['repeats']}): serval predict one clip {c['serval_predict_s']} s, "
+            f"peak RSS {c['serval_predict_peak_rss_mb']} MB (torch not installed: no import-torch baseline)"
+        )
+    elif c:
         lines.append(
             f"\ncold start (median of {c['repeats']}, in turn): serval predict one clip {c['serval_predict_s']} s, "
             f"python -c 'import torch' {c['import_torch_s']} s, ratio {c['ratio']}x; peak RSS "
@@ -342,7 +426,9 @@ def format_report(report: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--size", choices=sorted(WHISPER_SIZES), default="base", help="Whisper encoder size (random weights)"
+        "--size",
+        default="base",
+        help="Whisper encoder size (random weights; tiny, base, small, medium, large-v3…)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -355,7 +441,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the report as JSON here")
 
 
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
+    if not _has_torch():  # the base install: ONNX Runtime only, said in one line
+        print(
+            "serval bench: torch is not installed: ONNX Runtime only (the network parts: serval[train])",
+            file=sys.stderr,
+        )
+        report = run_onnx_benchmark(
+            args.batch_size,
+            tuple(args.seconds),
+            cold=not args.no_cold_start,
+            clip=args.clip,
+            repeats=args.repeats,
+        )
+        return _write(report, args.json)
+    from serval.model import WHISPER_SIZES
+
+    if args.size not in WHISPER_SIZES:
+        raise ValueError(f"--size must be one of {', '.join(WHISPER_SIZES)}, not {args.size!r}")
     report = run_benchmark(
         args.size,
         args.device,
@@ -367,7 +478,11 @@ def run(args: argparse.Namespace) -> int:
         clip=args.clip,
         repeats=args.repeats,
     )
+    return _write(report, args.json)
+
+
+def _write(report: dict, json_path: str | None) -> int:
     sys.stdout.write(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return 0

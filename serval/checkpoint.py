@@ -20,6 +20,7 @@ from serval.atomic import atomic_write
 from serval.backbones import load_whisper_encoder
 from serval.hub import ARCHITECTURE, HF_CONFIG_KEYS, MODEL_TYPE, write_hf_files
 from serval.model import SERConfig, SERModel, merge_lora_state_dict
+from serval.training_data import KEY as TRAINING_DATA
 from serval.version import __version__
 
 FORMAT = "serval"  # the "format" key of a serval config.json; a checkpoint without it is foreign
@@ -38,9 +39,15 @@ def model_from_backbone(config: SERConfig) -> SERModel:
     return model
 
 
-def save_model(model: SERModel, directory: str | os.PathLike, include_backbone: bool = True) -> Path:
+def save_model(
+    model: SERModel,
+    directory: str | os.PathLike,
+    include_backbone: bool = True,
+    training_data: dict | None = None,
+) -> Path:
     """Write `config.json` + `model.safetensors` (+ `preprocessor_config.json` and a `README.md` model
-    card for Hugging Face, `serval.hub`); without the backbone only trained tensors are kept."""
+    card for Hugging Face, `serval.hub`); without the backbone only trained tensors are kept.
+    `training_data`: the corpora and speakers it was trained on (`serval.training_data`), kept in config.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -57,6 +64,7 @@ def save_model(model: SERModel, directory: str | os.PathLike, include_backbone: 
         "model_type": MODEL_TYPE,
         "architectures": [ARCHITECTURE],
         **model.config.to_dict(),
+        **({TRAINING_DATA: training_data} if training_data else {}),
     }
     atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
@@ -86,7 +94,7 @@ def load_model(directory: str | os.PathLike, fold_lora: bool = False, **override
         raise ValueError(
             f"{path}: not a serval model directory (for a MERaLiON-SER checkpoint use meralion:{path})"
         )
-    meta = {k: v for k, v in meta.items() if k not in HF_CONFIG_KEYS}
+    meta = {k: v for k, v in meta.items() if k not in (*HF_CONFIG_KEYS, TRAINING_DATA)}
     config = SERConfig.from_dict({**meta, **overrides})
     weights = path / "model.safetensors"
     if not weights.is_file():

@@ -37,6 +37,7 @@ from serval.batch import item_file, item_info, load_item, read_rows
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
 from serval.progress import progress_bar
 from serval.report import existing_reports, slug, write_report
+from serval.training_data import overlap, overlap_warning, record_of_spec
 from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4, trained_dimensions
 
 PROTOCOLS = {"7class": EMOTIONS, "4class": PRIMARY4}
@@ -380,9 +381,9 @@ def evaluate(
         raise ValueError("corpus_classes must be 'own' or 'all'")
     if specs is None:
         specs = [s if isinstance(s, str) else None for s in systems]
-    from serval.inference import load  # the one spec resolver (imports torch: only when asked)
+    from serval.onnx_engine import load_engine  # engine "auto": ONNX Runtime on a CPU, no torch needed
 
-    systems = [load(s) if isinstance(s, str) else s for s in systems]
+    systems = [load_engine(s) if isinstance(s, str) else s for s in systems]
     names = unique_names(systems)
     units = {seg: make_units(rows, seg) for seg in segmentations}
     # a row with neither a label nor a dimension cannot be scored: it is not run either
@@ -390,18 +391,43 @@ def evaluate(
     predictions, failures = predict_all(all_units, systems, names, cache_dir, batch_size, progress)
     failed_rows = {i for u in all_units if u.span in failures for i in u.rows}
     labels_of = corpus_labels(rows)
-    results, dimensional, n_items = {}, {}, {}
-    for seg in segmentations:
-        valid = [u for u in units[seg] if _scorable(u) and not failed_rows.intersection(u.rows)]
-        n_items[seg] = len(valid)
-        results[seg] = {
+    listed = {k: [c for c in EMOTIONS if c in v] for k, v in labels_of.items()}
+    valid = {
+        seg: [u for u in units[seg] if _scorable(u) and not failed_rows.intersection(u.rows)]
+        for seg in segmentations
+    }
+    results = {
+        seg: {
             proto: score_protocol(
-                valid, PROTOCOLS[proto], names, predictions, labels_of, corpus_classes, bootstrap, seed
+                valid[seg], PROTOCOLS[proto], names, predictions, labels_of, corpus_classes, bootstrap, seed
             )
             for proto in protocols
         }
-        dimensional[seg] = score_dimensions(valid, names, predictions)
-    settings = {
+        for seg in segmentations
+    }
+    models = [
+        model_entry(name, spec, system, table, training_record(spec, system), rows)
+        for name, spec, system, table in zip(names, specs or [None] * len(systems), systems, predictions)
+    ]
+    return _json_ready(
+        {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": _settings(segmentations, protocols, corpus_classes, bootstrap, seed),
+            "n_rows": len(rows),
+            "n_rows_excluded": len(failed_rows),
+            "n_items": {seg: len(valid[seg]) for seg in segmentations},
+            "same_segments": same_segmentations(valid),
+            "corpus_labels": {str(k) if k is not None else "(none)": v for k, v in listed.items()},
+            "models": models,
+            "excluded": [{"file": s[0], "start": s[1], "end": s[2], "error": e} for s, e in failures.items()],
+            "results": results,
+            "dimensional": {seg: score_dimensions(valid[seg], names, predictions) for seg in segmentations},
+        }
+    )
+
+
+def _settings(segmentations, protocols, corpus_classes: str, bootstrap: int, seed: int) -> dict:
+    return {
         "segmentations": list(segmentations),
         "protocols": list(protocols),
         "corpus_classes": corpus_classes,
@@ -410,28 +436,25 @@ def evaluate(
         "segment_seconds": SEGMENT_SECONDS,
         "merge_max_seconds": MERGE_MAX_SECONDS,
     }
-    return _json_ready(
-        {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "settings": settings,
-            "n_rows": len(rows),
-            "n_rows_excluded": len(failed_rows),
-            "n_items": n_items,
-            "corpus_labels": {
-                str(k) if k is not None else "(none)": [c for c in EMOTIONS if c in v]
-                for k, v in labels_of.items()
-            },
-            "models": [
-                model_entry(name, spec, system, table)
-                for name, spec, system, table in zip(
-                    names, specs or [None] * len(systems), systems, predictions
-                )
-            ],
-            "excluded": [{"file": s[0], "start": s[1], "end": s[2], "error": e} for s, e in failures.items()],
-            "results": results,
-            "dimensional": dimensional,
-        }
-    )
+
+
+def same_segmentations(valid: dict[str, list[Unit]]) -> dict[str, str]:
+    """{segmentation: an earlier one with exactly its items}, whose scores it therefore repeats: merged =
+    utterance when no two rows of a file merge, 2s = utterance when no row is longer than 2 s."""
+    same: dict[str, str] = {}
+    order = list(valid)
+    for i, seg in enumerate(order):
+        twin = next((e for e in order[:i] if e not in same and valid[e] == valid[seg]), None)
+        if twin is not None:
+            same[seg] = twin
+    return same
+
+
+def training_record(spec: str | None, system) -> dict | None:
+    """What a system was trained on (`serval.training_data`): from its model folders, or its attribute."""
+    if isinstance(spec, str):
+        return record_of_spec(spec)
+    return getattr(system, "training_data", None)
 
 
 def _scorable(u: Unit) -> bool:
@@ -507,8 +530,12 @@ def score_dimensions(units: Sequence[Unit], names: Sequence[str], predictions: S
     return out
 
 
-def model_entry(name: str, spec: str | None, system, table: dict) -> dict:
-    """A model's entry in the report: what it is, and the replies it could not give (LLM systems)."""
+def model_entry(
+    name: str, spec: str | None, system, table: dict, record: dict | None = None, rows: Sequence = ()
+) -> dict:
+    """A model's entry in the report: what it is, what it was trained on and how much of the manifest that
+    covers (`training_overlap`; null when the model records no training data), and the replies it could
+    not give (LLM systems)."""
     unparseable, errors = [], []
     for span, p in table.items():
         d = p["detail"]
@@ -521,6 +548,8 @@ def model_entry(name: str, spec: str | None, system, table: dict) -> dict:
         "spec": spec,
         "system": getattr(system, "name", None),
         "fingerprint": fingerprint(system),
+        "trained_on": sorted(record["train"]) if record else None,
+        "training_overlap": overlap(rows, record),
         "unparseable": len(unparseable),
         "failed_requests": len(errors),
         "unparseable_replies": unparseable,
@@ -599,11 +628,32 @@ def _split_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return items
 
 
+def _load_systems(args: argparse.Namespace, rows: Sequence, prog: str) -> list | None:
+    """The systems of `--model`, after a warning for each whose training speakers are in `rows`; None
+    (the cause printed) when one cannot be loaded."""
+    from serval.onnx_engine import load_engine
+
+    for spec in args.model:  # before any prediction: a leak is worth knowing before the wait
+        warning = overlap_warning(f"--model {spec}", overlap(rows, record_of_spec(spec)))
+        if warning:
+            print(f"{prog}: warning: {warning}", file=sys.stderr)
+    systems = []
+    for spec in args.model:
+        options = {}
+        if spec.startswith("llm:"):
+            options = {"api_key_env": args.llm_api_key_env, "concurrency": args.llm_concurrency}
+        try:
+            systems.append(load_engine(spec, args.engine, device=args.device, **options))
+        except (ImportError, OSError, ValueError, KeyError) as e:
+            print(f"{prog}: --model {spec}: {e}", file=sys.stderr)
+            return None
+    return systems
+
+
 def run(args: argparse.Namespace) -> int:
     import matplotlib  # noqa: F401  (the report's plots: a missing package stops us before predicting, not after)
 
     from serval.manifest import ManifestError
-    from serval.onnx_engine import load_engine
 
     prog = "serval eval"
     args.model = args.model or ["default"]
@@ -629,16 +679,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    systems = []
-    for spec in args.model:
-        options = {}
-        if spec.startswith("llm:"):
-            options = {"api_key_env": args.llm_api_key_env, "concurrency": args.llm_concurrency}
-        try:
-            systems.append(load_engine(spec, args.engine, device=args.device, **options))
-        except (ImportError, OSError, ValueError, KeyError) as e:
-            print(f"{prog}: --model {spec}: {e}", file=sys.stderr)
-            return 2
+    systems = _load_systems(args, rows, prog)
+    if systems is None:
+        return 2
     cache_dir = args.cache_dir or Path(args.output) / "cache"
     report = evaluate(
         rows,

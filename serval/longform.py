@@ -25,8 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serval.audio import AudioSource, iter_chunks, load_audio, resample, span_samples
+from serval.audio import (
+    AudioSource,
+    array_to_mono,
+    at_model_rate,
+    check_finite,
+    iter_chunks,
+    load_audio,
+    span_samples,
+)
 from serval.progress import progress_bar
+from serval.vad import speech_fraction, streamed_speech_fraction
 from serval.vocab import SAMPLE_RATE
 from serval.windows import MAX_WINDOW, split_span
 
@@ -138,11 +147,34 @@ def long_array(wave: np.ndarray, rate: int, name: str | None = None) -> LongAudi
     return LongAudio(name, round(len(wave) * SAMPLE_RATE / rate), blocks)
 
 
-def at_rate(wave: np.ndarray, rate: int, name: str | None = None) -> np.ndarray | LongAudio:
-    """`wave` at 16 kHz: resampled whole within one piece, as LongAudio (resampled as it is read) beyond."""
-    if count_pieces(round(len(wave) * SAMPLE_RATE / rate)) > 1:
-        return long_array(wave, rate, name)
-    return resample(wave, rate)
+def at_rate(wave: np.ndarray, rate: int | None, name: str | None = None) -> np.ndarray | LongAudio:
+    """`wave` at 16 kHz (`rate` None: it is): resampled whole within one piece (`audio.at_model_rate`,
+    which checks the rate), as LongAudio (resampled as it is read) beyond."""
+    if rate is None or int(rate) == SAMPLE_RATE or count_pieces(round(len(wave) * SAMPLE_RATE / rate)) == 1:
+        return at_model_rate(wave, rate)
+    at_model_rate(wave[:0], rate)  # the rate's range check, on no samples
+    return long_array(wave, int(rate), name)
+
+
+def load_long_array(
+    samples, sampling_rate: int | None = None, *, name: str = "<array>"
+) -> np.ndarray | LongAudio:
+    """`audio.load_array` (its conversions and errors), but an array at another rate longer than one
+    piece comes back as LongAudio, so only a piece of its 16 kHz samples is added to memory."""
+    wave = array_to_mono(samples, name)
+    check_finite(wave, name)
+    return at_rate(wave, sampling_rate, name)
+
+
+def speech_of(wave: np.ndarray | LongAudio) -> float:
+    """`vad.speech_fraction` of a record's audio; beyond one piece streamed a block at a time, so a long
+    input's speech measure holds one block, not the recording."""
+    if isinstance(wave, LongAudio):
+        return streamed_speech_fraction(wave.blocks)
+    if count_pieces(len(wave)) == 1:
+        return speech_fraction(wave)
+    step = round(BLOCK_SECONDS * SAMPLE_RATE)
+    return streamed_speech_fraction(lambda: (wave[i : i + step] for i in range(0, len(wave), step)))
 
 
 # ---------------------------------------------------------------------------- batches and pooling

@@ -2,7 +2,8 @@
 
 Columns: path, start, end, label, arousal, valence, dominance, language, speaker, corpus,
 split, then any extra columns, which are kept. The format is chosen by the extension
-(`.csv` or `.jsonl`). See docs/data.md for the full description.
+(`.csv` or `.jsonl`). A label is one of a set of names: the 7 classes unless the caller gives
+another set (`labels=`), or None for any name. See docs/data.md for the full description.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,28 @@ def _parse_float(value: Any) -> float:
     return number
 
 
+def label_set(labels: Iterable[str] | None) -> tuple[str, ...] | None:
+    """A label set as manifests compare labels: lower-case, stripped, in order, each once; None is any label."""
+    if labels is None:
+        return None
+    names = tuple(dict.fromkeys(str(name).strip().lower() for name in labels))
+    if not names or "" in names:
+        raise ValueError(f"a label set needs one or more non-empty names, not {list(labels)!r}")
+    return names
+
+
+def _parse_label(raw: Any, labels: Sequence[str] | None) -> tuple[str | None, str | None]:
+    """(label, problem): a label is case-insensitive, and must be one of `labels` unless that is None."""
+    if _is_empty(raw):
+        return None, None
+    label = str(raw).strip().lower()
+    if labels is not None and label not in labels:
+        return label, f"unknown label {raw!r} (expected one of {', '.join(labels)})"
+    return label, None
+
+
 def _parse_record(
-    record: dict[str, Any], base: Path
+    record: dict[str, Any], base: Path, labels: Sequence[str] | None = EMOTIONS
 ) -> tuple[ManifestRow | None, list[tuple[str | None, str]]]:
     """A row and the (column, message) problems of one raw record; row is None when unusable."""
     problems: list[tuple[str | None, str]] = []
@@ -146,14 +167,9 @@ def _parse_record(
     if start is not None and end is not None and start >= end:
         problems.append(("end", f"start {start:g} s is not before end {end:g} s"))
 
-    raw_label = record.get("label")
-    if _is_empty(raw_label):
-        values["label"] = None
-    else:
-        label = str(raw_label).strip().lower()
-        if label not in EMOTIONS:
-            problems.append(("label", f"unknown label {raw_label!r} (expected one of {', '.join(EMOTIONS)})"))
-        values["label"] = label
+    values["label"], problem = _parse_label(record.get("label"), labels)
+    if problem:
+        problems.append(("label", problem))
 
     for name in _TEXT_COLUMNS:
         raw = record.get(name)
@@ -209,11 +225,13 @@ def _iter_records(path: Path):
             yield line_no, record, None
 
 
-def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
+def read_manifest(path: str | os.PathLike, labels: Iterable[str] | None = EMOTIONS) -> list[ManifestRow]:
     """All rows of a CSV/JSONL manifest; raises ManifestError at the first bad row.
 
-    Relative audio paths are resolved against the manifest's folder; empty cells are None.
+    Relative audio paths are resolved against the manifest's folder; empty cells are None. A label
+    outside `labels` (default the 7 classes; None: any) is a bad row.
     """
+    labels = label_set(labels)
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, 0, "manifest not found" if not path.exists() else "not a file")
@@ -222,7 +240,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     for line_no, record, error in _iter_records(path):
         if error:
             raise ManifestError(path, line_no, error)
-        row, problems = _parse_record(record, base)
+        row, problems = _parse_record(record, base, labels)
         if problems:
             raise ManifestError(path, line_no, problems[0][1])
         rows.append(row)
@@ -233,9 +251,9 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
 # Writing
 
 
-def _validate_rows(rows: list[ManifestRow]) -> None:
+def _validate_rows(rows: list[ManifestRow], labels: Sequence[str] | None) -> None:
     for i, row in enumerate(rows):
-        _, problems = _parse_record(row.to_dict(), Path("."))
+        _, problems = _parse_record(row.to_dict(), Path("."), labels)
         if problems:
             raise ValueError(f"row {i} ({row.path}): {problems[0][1]}")
         clash = set(row.extra) & set(COLUMNS)
@@ -275,11 +293,19 @@ def format_manifest(rows: Iterable[ManifestRow], fmt: str) -> str:
     return out.getvalue()
 
 
-def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write rows as CSV or JSONL (by extension), atomically; refuses to replace a file unless overwrite."""
+def write_manifest(
+    rows: Iterable[ManifestRow],
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    labels: Iterable[str] | None = EMOTIONS,
+) -> None:
+    """Write rows as CSV or JSONL (by extension), atomically; refuses to replace a file unless overwrite.
+
+    Every row is checked first (a label outside `labels`, default the 7 classes, is an error).
+    """
     rows = list(rows)
     fmt = manifest_format(path)
-    _validate_rows(rows)
+    _validate_rows(rows, label_set(labels))
     atomic_write_text(path, format_manifest(rows, fmt), overwrite=overwrite)
 
 
@@ -341,11 +367,15 @@ def _audio_problems(parsed: list[tuple[int, ManifestRow, bool]]) -> list[Problem
     return problems
 
 
-def check_manifest(path: str | os.PathLike, check_audio: bool = True) -> list[Problem]:
+def check_manifest(
+    path: str | os.PathLike, check_audio: bool = True, labels: Iterable[str] | None = EMOTIONS
+) -> list[Problem]:
     """Every problem of a manifest, each with its line: bad values, duplicates, missing or bad audio.
 
-    Each audio file's header is read at most once, and no audio is decoded.
+    A label outside `labels` (default the 7 classes; None: any) is a problem. Each audio file's
+    header is read at most once, and no audio is decoded.
     """
+    labels = label_set(labels)
     path = Path(path)
     if not path.is_file():
         return [Problem(0, None, "manifest not found" if not path.exists() else "not a file")]
@@ -361,7 +391,7 @@ def check_manifest(path: str | os.PathLike, check_audio: bool = True) -> list[Pr
             if error:
                 problems.append(Problem(line_no, None, error))
                 continue
-            row, row_problems = _parse_record(record, base)
+            row, row_problems = _parse_record(record, base, labels)
             problems.extend(Problem(line_no, col, msg) for col, msg in row_problems)
             if row is not None:
                 span_ok = not any(col in ("start", "end") for col, _ in row_problems)
@@ -386,5 +416,6 @@ __all__ = [
     "write_manifest",
     "check_manifest",
     "format_manifest",
+    "label_set",
     "manifest_format",
 ]

@@ -5,17 +5,23 @@
 inference path imports neither torch nor transformers: numpy computes the log-mel
 (`serval.features.log_mel`) and ONNX Runtime runs the graph that `serval.export` writes.
 
-A model is exported once: the graph is cached as `<cache>/onnx/<key>.onnx` (`serval.locations.cache_dir`,
-`$SERVAL_CACHE` overrides it), where the key hashes the model's weights and config (and a local
-backbone's files), the serval version and the opset. Only building a missing graph imports torch.
+The default model's graph ships inside serval without its weights; the first run fills them in with
+numpy, offline and without torch (`serval.onnx_default`). Any other model is exported once, with torch:
+its graph is cached as `<cache>/onnx/<key>.onnx` (`serval.locations.cache_dir`, `$SERVAL_CACHE`
+overrides it), where the key hashes the model's weights and config (and a local backbone's files), the
+serval version and the opset. Beside a cached graph, `<key>.ort-<version>/` keeps ONNX Runtime's
+optimised form of it, so that later starts skip most of the graph optimisation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +29,9 @@ import numpy as np
 
 from serval.api import AudioClassifier
 from serval.features import log_mel
-from serval.locations import DEFAULT_MODEL, NoDefaultModelError, cache_dir
+from serval.locations import NoDefaultModelError, cache_dir
+from serval.onnx_default import filled_graph, shipped_manifest
+from serval.specs import ModelSpec, describe
 from serval.version import __version__
 
 ENGINES = ("auto", "torch", "onnx")
@@ -40,7 +48,9 @@ class OnnxPredictor(AudioClassifier):
         name: str | None = None,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        keep_optimised: bool = False,
     ):
+        """`keep_optimised`: the graph is in serval's cache, so ORT's optimised form may be kept beside it."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -50,9 +60,14 @@ class OnnxPredictor(AudioClassifier):
         if threads:
             options.intra_op_num_threads = threads
         self.graph = Path(graph)
-        self.session = ort.InferenceSession(
-            str(self.graph), options, providers=list(providers or ["CPUExecutionProvider"])
-        )
+        providers = list(providers or ["CPUExecutionProvider"])
+        run = self.graph
+        if keep_optimised and providers == ["CPUExecutionProvider"]:
+            try:
+                run = optimised_graph(self.graph)
+            except OSError:  # a read-only cache: the graph still runs, optimised at each start
+                pass
+        self.session = ort.InferenceSession(str(run), options, providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
         if "classes" not in meta:
             raise ValueError(
@@ -81,17 +96,18 @@ class OnnxPredictor(AudioClassifier):
 
 
 def model_folders(model: str | os.PathLike | None) -> list[Path] | None:
-    """The serval model folders a spec names (one, or an ensemble's members), or None when it is not local."""
-    spec = "default" if model is None else os.fspath(model)
-    path = DEFAULT_MODEL if spec == "default" else Path(spec).expanduser()
-    if spec.startswith("meralion:"):
-        path = Path(spec.split(":", 1)[1]).expanduser()
-    if not path.is_dir():
-        return None
-    ensemble = path / "ensemble.json"
-    if ensemble.is_file():
-        return [path / m for m in json.loads(ensemble.read_text())["members"]]
-    return [path] if (path / "config.json").is_file() else None
+    """The model folders a spec names (one, or an ensemble's members), or None when it is not local.
+
+    What the spec means is `serval.specs.describe`'s; a single folder must hold a config.json.
+    """
+    return _local_folders(describe(model))
+
+
+def _local_folders(spec: ModelSpec) -> list[Path] | None:
+    if spec.kind == "ensemble":
+        return list(spec.folders)
+    local = spec.path is not None and (spec.path / "config.json").is_file()
+    return list(spec.folders) if spec.kind in ("folder", "meralion") and local else None
 
 
 def graph_key(folders: Sequence[Path], spec: str = "") -> str:
@@ -123,18 +139,26 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def cached_graph(model: str | os.PathLike | None = None) -> Path:
-    """The cached ONNX graph of a local model spec, exported (with torch) the first time only."""
+    """The cached ONNX graph of a local model spec: the default model's shipped graph with its weights
+    filled in (torch-free), or any other model exported (with torch), the first time only."""
     folders = model_folders(model)
     if folders is None:
         raise ValueError(f"{model}: the ONNX engine needs a local serval model or ensemble directory")
-    spec = os.fspath(model) if model is not None and os.fspath(model).startswith("meralion:") else ""
+    described = describe(model)
+    spec = described.spec if described.kind == "meralion" else ""
+    manifest = shipped_manifest(folders[0]) if len(folders) == 1 and not spec else None
+    if manifest is not None:
+        return filled_graph(folders[0], manifest, cache_dir() / "onnx")
     path = cache_dir() / "onnx" / f"{graph_key(folders, spec)}.onnx"
     if not path.is_file():
         from serval.export import export_onnx
         from serval.inference import load
+        from serval.progress import once_notice
 
-        system = load("default" if model is None else model, device="cpu")
-        export_onnx(system.models, path, name=system.name)
+        what = "the default model" if described.default else described.spec
+        with once_notice(f"preparing {what} for ONNX Runtime, once (cached in {path.parent})"):
+            system = load(described.spec, device="cpu")
+            export_onnx(system.models, path, name=system.name)
     return path
 
 
@@ -149,22 +173,27 @@ def load_engine(
 
     "auto" is ONNX Runtime on a CPU (a `.onnx` file, or a local serval model or ensemble, exported once
     into the cache), and torch on a GPU or for anything else (emotion2vec:, llm:, Hub ids; a one-line
-    warning says so). The check for a GPU is torch-free (the NVIDIA driver's files), so "auto" on a
-    CPU never imports torch. `options` go to `serval.inference.load` (an LLM's settings).
+    warning says so). On a GPU without torch installed, "auto" stays on ONNX Runtime and says so in one
+    line. The checks for a GPU and for torch are torch-free (the NVIDIA driver's files; an import spec),
+    so "auto" on a CPU never imports torch. `options` go to `serval.inference.load` (an LLM's settings).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if model is not None and not isinstance(model, str | os.PathLike):  # a SERModel in memory
         if engine == "onnx":
             raise ValueError("the onnx engine runs a model folder or a .onnx file, not a model object")
-        engine = "torch"
-    spec = None if model is None else os.fspath(model)
-    is_graph = spec is not None and spec.endswith(".onnx") and Path(spec).is_file()
+        from serval.inference import load
+
+        return load(model, device=device, **options)
+    described = describe(model)
+    spec = None if model is None else described.spec
+    is_graph = described.kind == "graph"
     wants_gpu = device not in (None, "auto", "cpu") or (device in (None, "auto") and _has_nvidia_gpu())
-    if spec in (None, "default") and not (DEFAULT_MODEL / "config.json").is_file():
+    if described.default and described.kind == "missing":
         raise NoDefaultModelError("no default model is installed; pass a model directory (--model DIR)")
     if engine == "auto":
-        local = is_graph or model_folders(spec) is not None
+        wants_gpu = wants_gpu and _torch_for_gpu(device)
+        local = is_graph or _local_folders(described) is not None
         engine = "onnx" if local and not wants_gpu else "torch"
         if not local and not wants_gpu:
             print(
@@ -179,7 +208,46 @@ def load_engine(
         return load(model, device=device, **options)
     if device not in (None, "auto", "cpu"):
         raise ValueError(f"the onnx engine runs on the CPU; device {device!r} needs --engine torch")
-    return OnnxPredictor(spec if is_graph else cached_graph(spec), threads=threads)
+    return OnnxPredictor(
+        described.path if is_graph else cached_graph(spec), threads=threads, keep_optimised=not is_graph
+    )
+
+
+def optimised_graph(graph: Path) -> Path:
+    """ORT's optimised form of a cached `graph`, written beside it the first time (`<stem>.ort-<version>/`).
+
+    Saved at the extended level, whose fusions hold on any CPU; the machine-specific layouts of the
+    full level are made at each load, in a fraction of the time the whole optimisation takes.
+    """
+    import onnxruntime as ort
+
+    folder = graph.with_name(f"{graph.stem}.ort-{ort.__version__}")
+    target = folder / graph.name
+    if target.is_file():
+        return target
+    tmp = Path(tempfile.mkdtemp(dir=graph.parent, prefix=f".{folder.name}."))
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp / graph.name)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "weights.bin"
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
+        ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        for f in tmp.iterdir():  # on disk before the rename, or a power cut could leave a broken graph
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache's other folders are as readable
+        os.rename(tmp, folder)
+    except OSError:
+        if not target.is_file():  # another process renamed its copy first: that one serves
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def add_engine_arguments(p) -> None:
@@ -192,6 +260,22 @@ def add_engine_arguments(p) -> None:
         help="auto (default): ONNX Runtime on a CPU for local serval models (exported once, cached), "
         "torch otherwise; torch; onnx",
     )
+
+
+def _torch_for_gpu(device: str | None) -> bool:
+    """Whether torch is installed to run on the GPU; without it, "auto" says so and stays on the CPU."""
+    if importlib.util.find_spec("torch") is not None:
+        return True
+    if device not in (None, "auto"):
+        raise ValueError(
+            f"device {device!r} needs torch, which is not installed: pip install 'serval[train]'"
+        )
+    print(
+        "serval: a GPU is present but torch is not installed (pip install 'serval[train]' to use it), "
+        "so the model runs on ONNX Runtime on the CPU",
+        file=sys.stderr,
+    )
+    return False
 
 
 def _has_nvidia_gpu() -> bool:

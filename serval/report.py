@@ -32,17 +32,36 @@ def pct(x: float | None) -> str:
 
 
 def markdown_report(report: dict, title: str = "serval eval") -> str:
-    """The comparison as Markdown tables: summary, breakdowns, dimensions, unparseable replies, exclusions."""
+    """The comparison as Markdown: models, training-speaker overlap, one summary row per distinct view,
+    per-class recall, confusion matrices, one table per breakdown, dimensions, replies, exclusions."""
     names = [m["name"] for m in report["models"]]
+    views = distinct_views(report)
     lines = [f"# {title}", "", _preamble(report)]
     lines += _models_table(report["models"])
-    lines += _summary_table(report["results"], names)
+    lines += _overlap_notes(report["models"])
+    lines += _summary_table(report["results"], names, views)
+    lines += _same_segments_notes(report)
+    lines += _recall_tables(report["results"], names, views)
+    lines += _confusion_tables(report["results"], names, views)
     for attr in ("language", "corpus"):
-        lines += _breakdown_tables(report["results"], names, attr)
-    lines += _dimensions_table(report["dimensional"])
+        lines += _breakdown_table(report["results"], names, views, attr)
+    lines += _dimensions_table(report["dimensional"], report.get("same_segments", {}))
     lines += _unparseable_table(report["models"])
     lines += _excluded_table(report["excluded"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def distinct_views(report: dict) -> list[tuple[str, str, str]]:
+    """(segments as shown, segmentation, protocol) of every view whose items no earlier view has:
+    a segmentation with the same items as an earlier one (`same_segments`) is shown once, as "utterance = merged"."""
+    same = report.get("same_segments", {})
+    views = []
+    for seg, by_proto in report["results"].items():
+        if seg in same:
+            continue
+        shown = " = ".join([seg, *[t for t, kept in same.items() if kept == seg]])
+        views += [(shown, seg, proto) for proto in by_proto]
+    return views
 
 
 def _preamble(report: dict) -> str:
@@ -59,15 +78,40 @@ def _table(heading: str, columns: list[str]) -> list[str]:
 
 
 def _models_table(models: list[dict]) -> list[str]:
-    lines = _table("## Models", ["model", "spec", "unparseable replies", "failed requests"])
+    lines = _table("## Models", ["model", "spec", "trained on", "unparseable replies", "failed requests"])
     for m in models:
+        trained = ", ".join(m.get("trained_on") or []) or "not recorded"
         lines.append(
-            f"| {m['name']} | {m['spec'] or m['system']} | {m['unparseable']} | {m['failed_requests']} |"
+            f"| {m['name']} | {m['spec'] or m['system']} | {trained} | {m['unparseable']} "
+            f"| {m['failed_requests']} |"
         )
     return lines
 
 
-def _summary_table(results: dict, names: list[str]) -> list[str]:
+def _overlap_notes(models: list[dict]) -> list[str]:
+    notes = []
+    for m in models:
+        found = m.get("training_overlap") or {}
+        if found.get("train"):
+            notes.append(
+                f"- **{m['name']} was trained on speakers of this manifest**: {_speakers(found['train'])}. "
+                "Its scores on them are not speaker-independent."
+            )
+        if found.get("dev"):
+            notes.append(
+                f"- {m['name']} chose its checkpoints on these speakers (dev): {_speakers(found['dev'])}."
+            )
+    return ["", "## Training speakers in this manifest", "", *notes] if notes else []
+
+
+def _speakers(by_corpus: dict) -> str:
+    return "; ".join(
+        f"{corpus}: " + ", ".join(f"{s} ({n} rows)" for s, n in speakers.items())
+        for corpus, speakers in by_corpus.items()
+    )
+
+
+def _summary_table(results: dict, names: list[str], views: list) -> list[str]:
     columns = [
         "model",
         "segments",
@@ -80,53 +124,93 @@ def _summary_table(results: dict, names: list[str]) -> list[str]:
         "no answer",
     ]
     lines = _table("## Summary", columns)
-    for seg, by_proto in results.items():
-        for proto, by_model in by_proto.items():
+    for shown, seg, proto in views:
+        for name in names:
+            lines.append(
+                f"| {name} | {shown} | {proto} | "
+                + " | ".join(_metric_cells(results[seg][proto][name]["overall"]))
+                + " |"
+            )
+    return lines
+
+
+def _metric_cells(o: dict, no_answer: bool = True) -> list[str]:
+    lo, hi = o["uar_ci95"]
+    cells = [str(o["n"]), pct(o["uar"]), f"{pct(lo)}–{pct(hi)}", pct(o["accuracy"]), pct(o["macro_f1"])]
+    return cells + [str(o["no_answer"])] if no_answer else cells
+
+
+def _same_segments_notes(report: dict) -> list[str]:
+    why = {
+        "merged": "no two rows of one file touch with the same label, so every merged segment is one row",
+        "2s": f"no row is longer than {report['settings']['segment_seconds']:g} s, so every segment is a whole row",
+    }
+    notes = [
+        f"{twin} = {kept}: {why.get(twin, 'the same items')}; its scores are those of {kept}, shown once."
+        for twin, kept in report.get("same_segments", {}).items()
+    ]
+    return ["", *notes] if notes else []
+
+
+def _recall_tables(results: dict, names: list[str], views: list) -> list[str]:
+    # one table per protocol (its own classes): a row per model and segmentation
+    lines = ["", "## Per-class recall"]
+    for protocol in dict.fromkeys(proto for _, _, proto in views):
+        rows = [(shown, seg) for shown, seg, proto in views if proto == protocol]
+        classes = results[rows[0][1]][protocol][names[0]]["overall"]["classes"]
+        lines += _table(f"### {protocol}", ["model", "segments", *classes, "UAR"])
+        for shown, seg in rows:
             for name in names:
-                o = by_model[name]["overall"]
-                lo, hi = o["uar_ci95"]
+                o = results[seg][protocol][name]["overall"]
                 lines.append(
-                    f"| {name} | {seg} | {proto} | {o['n']} | {pct(o['uar'])} | {pct(lo)}–{pct(hi)} "
-                    f"| {pct(o['accuracy'])} | {pct(o['macro_f1'])} | {o['no_answer']} |"
+                    f"| {name} | {shown} | "
+                    + " | ".join(pct(o["recall"][c]) for c in classes)
+                    + f" | {pct(o['uar'])} |"
                 )
     return lines
 
 
-def _breakdown_tables(results: dict, names: list[str], attr: str) -> list[str]:
-    # one table per segmentation and protocol: UAR (n) of every model per language or corpus
-    key = f"by_{attr}"
-    blocks = [
-        (seg, proto, by_model)
-        for seg, by_proto in results.items()
-        for proto, by_model in by_proto.items()
-        if key in by_model[names[0]]
-    ]
-    if not blocks:
-        return []
-    lines = ["", f"## UAR by {attr}", ""]
-    for seg, proto, by_model in blocks:
-        groups = list(by_model[names[0]][key])
-        lines += [
-            f"{seg}, {proto}:",
-            "",
-            "| model | " + " | ".join(groups) + " |",
-            "| --- |" + " --- |" * len(groups),
-        ]
+def _confusion_tables(results: dict, names: list[str], views: list) -> list[str]:
+    lines = ["", "## Confusion matrices (rows: gold, columns: predicted; counts)"]
+    for shown, seg, proto in views:
         for name in names:
-            cells = [
-                f"{pct(by_model[name][key][g]['uar'])} (n={by_model[name][key][g]['n']})" for g in groups
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+            o = results[seg][proto][name]["overall"]
+            extra = any(o["confusion_no_answer"])  # unparseable or out-of-protocol answers
+            columns = ["gold \\ predicted", *o["classes"], *(["no answer"] if extra else [])]
+            lines += _table(f"### {name}: {shown}, {proto}", columns)
+            for c, row, none in zip(o["classes"], o["confusion"], o["confusion_no_answer"]):
+                lines.append(
+                    f"| {c} | " + " | ".join(str(v) for v in [*row, *([none] if extra else [])]) + " |"
+                )
     return lines
 
 
-def _dimensions_table(dimensional: dict) -> list[str]:
+def _breakdown_table(results: dict, names: list[str], views: list, attr: str) -> list[str]:
+    # one table for the breakdown: a row per model, view and language (or corpus), the metrics as columns
+    key = f"by_{attr}"
+    rows = [(shown, seg, proto) for shown, seg, proto in views if key in results[seg][proto][names[0]]]
+    if not rows:
+        return []
+    columns = ["model", "segments", "protocol", attr, "n", "UAR", "UAR 95 % CI", "accuracy", "macro-F1"]
+    lines = _table(f"## By {attr}", columns)
+    for shown, seg, proto in rows:
+        for name in names:
+            for group, o in results[seg][proto][name][key].items():
+                lines.append(
+                    f"| {name} | {shown} | {proto} | {group} | " + " | ".join(_metric_cells(o, False)) + " |"
+                )
+    return lines
+
+
+def _dimensions_table(dimensional: dict, same: dict) -> list[str]:
     if not any(dimensional.values()):
         return []
     columns = ["model", "segments", "dimension", "n", "CCC", "Pearson r", "MAE"]
     lines = _table("## Dimensions (CCC / Pearson r / MAE)", columns)
     for seg, by_model in dimensional.items():
+        if seg in same:
+            continue
+        seg = " = ".join([seg, *[t for t, kept in same.items() if kept == seg]])
         for name, dims in by_model.items():
             for dim, v in dims.items():
                 f = [("-" if v[k] is None else f"{v[k]:.4f}") for k in ("ccc", "pearson", "mae")]
@@ -165,7 +249,8 @@ def _span(r: dict) -> str:
 
 
 def plot_confusions(report: dict, directory: str | os.PathLike) -> list[Path]:
-    """One PNG per model, segmentation and protocol: the row-normalised confusion matrix with counts."""
+    """One PNG per model and distinct view (segmentation, protocol): the row-normalised confusion matrix
+    with counts; a segmentation with the same items as an earlier one (`same_segments`) gets none."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,14 +259,13 @@ def plot_confusions(report: dict, directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for seg, by_proto in report["results"].items():
-        for proto, by_model in by_proto.items():
-            for name, entry in by_model.items():
-                fig = _confusion_figure(plt, entry["overall"], f"{name}\n{seg}, {proto}")
-                path = directory / f"{slug(name)}__{seg}__{proto}.png"
-                atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
-                plt.close(fig)
-                written.append(path)
+    for shown, seg, proto in distinct_views(report):
+        for name, entry in report["results"][seg][proto].items():
+            fig = _confusion_figure(plt, entry["overall"], f"{name}\n{shown}, {proto}")
+            path = directory / f"{slug(name)}__{seg}__{proto}.png"
+            atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110))
+            plt.close(fig)
+            written.append(path)
     return written
 
 

@@ -25,7 +25,15 @@ import numpy as np
 
 from serval import vocab
 from serval.atomic import atomic_write, atomic_write_text
-from serval.windows import Segment, WindowResult, WindowSpec, merge_windows, score_spans, sliding_windows
+from serval.windows import (
+    Segment,
+    WindowResult,
+    WindowSpec,
+    merge_windows,
+    no_speech_spans,
+    score_spans,
+    sliding_windows,
+)
 
 
 @dataclass
@@ -130,10 +138,12 @@ def result_record(
 ) -> dict:
     """A window (or turn) as a JSON-ready dict; unscored windows have label None and no outputs.
 
-    Scores of dimensions not in `trained` are None."""
+    With VAD, `speech_fraction` and `no_speech` (left unscored for lack of speech). Scores of
+    dimensions not in `trained` are None."""
     rec: dict = {"start": r.start, "end": r.end}
-    if r.speech is not None:
-        rec["speech"] = r.speech
+    if r.speech_fraction is not None:
+        rec["speech_fraction"] = r.speech_fraction
+        rec["no_speech"] = bool(r.no_speech)
     if r.error is not None:
         rec["error"] = r.error
     if r.scored:
@@ -176,6 +186,7 @@ def grid_timeline(
         "max_segment": spec.max_segment,
         "windows": [result_record(r, classes, dims, trained) for r in results],
         "segments": [segment_record(s, classes, dims, trained) for s in segments],
+        "unscored": [{"start": a, "end": b} for a, b in no_speech_spans(results)],
     }
 
 
@@ -265,6 +276,8 @@ def to_csv(
 
 
 def _csv_cell(v) -> str:
+    if isinstance(v, bool):  # as JSON writes it
+        return "true" if v else "false"
     return "" if v is None else str(v)
 
 
@@ -273,9 +286,13 @@ def speakers_csv(speakers: dict, classes: Sequence[str], dimensions: Sequence[st
     return to_csv(rows, classes, dimensions, ("speaker", "turns", "failed_turns", "duration"))
 
 
-def plot(result: dict, path: str | os.PathLike) -> None:
-    """PNG of the class probabilities and the trained dimensional scores over time (gaps where nothing
-    was scored); a model with no trained dimension gets the probabilities alone."""
+NO_SPEECH_STYLE = {"facecolor": "0.88", "edgecolor": "0.6", "hatch": "//", "lw": 0, "zorder": 0}
+
+
+def figure(result: dict):
+    """The matplotlib Figure of a timeline: class probabilities and the trained dimensional scores over
+    time, with the spans left unscored for lack of speech shaded grey, hatched and labelled "no speech";
+    a model with no trained dimension gets the probabilities alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,6 +323,8 @@ def plot(result: dict, path: str | os.PathLike) -> None:
             ax1.axvspan(
                 s["start"], s["end"], ymin=0.94, ymax=1.0, color=colors[classes.index(s["label"]) % 10], lw=0
             )
+    extent = max((r["end"] for r in items), default=0.0) - min((r["start"] for r in items), default=0.0)
+    _shade_no_speech([ax for ax in (ax1, ax2) if ax is not None], result.get("unscored", []), extent)
     ax1.set_ylim(0, 1.06)
     ax1.set_ylabel("probability")
     ax1.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
@@ -318,6 +337,37 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     (ax2 or ax1).set_xlabel("time (s)")
     ax1.set_title(Path(result["file"]).name if result.get("file") else "timeline")
     fig.tight_layout()
+    return fig
+
+
+def _shade_no_speech(axes: list, spans: Sequence[dict], extent: float) -> None:
+    # Shaded on every axis so a gap in the curves never reads as a scored stretch; labelled on the
+    # top axis where the span is wide enough for the words (the hatching and the legend mark the rest).
+    for ax in axes:
+        for i, s in enumerate(spans):
+            label = "no speech" if ax is axes[0] and i == 0 else None
+            ax.axvspan(s["start"], s["end"], gid="no-speech", label=label, **NO_SPEECH_STYLE)
+    for s in spans:
+        if s["end"] - s["start"] >= 0.04 * extent:
+            axes[0].text(
+                (s["start"] + s["end"]) / 2,
+                0.5,
+                "no speech",
+                ha="center",
+                va="center",
+                rotation=90,
+                color="0.35",
+                fontsize=8,
+                transform=axes[0].get_xaxis_transform(),
+                gid="no-speech-label",
+            )
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    """Write `figure(result)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
@@ -335,7 +385,8 @@ def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str 
             )
             out[f"{prefix}.speakers.csv"] = speakers_csv(result["speakers"], classes, dims)
         else:
-            out[f"{prefix}.csv"] = to_csv(result["windows"], classes, dims, ("start", "end", "speech"))
+            lead = ("start", "end", "speech_fraction", "no_speech")
+            out[f"{prefix}.csv"] = to_csv(result["windows"], classes, dims, lead)
             out[f"{prefix}.segments.csv"] = to_csv(
                 result["segments"], classes, dims, ("start", "end", "windows")
             )
@@ -352,24 +403,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         help="default (the bundled model, when omitted), a model directory, hub id or meralion:PATH",
     )
-    p.add_argument("--window", type=float, default=4.0, help="window length in seconds (default 4)")
-    p.add_argument("--hop", type=float, default=2.0, help="seconds between window starts (default 2)")
+    defaults = WindowSpec  # the defaults are WindowSpec's, so the CLI and the API agree
+    p.add_argument(
+        "--window", type=float, default=defaults.window, help="window length in seconds (default %(default)g)"
+    )
+    p.add_argument(
+        "--hop", type=float, default=defaults.hop, help="seconds between window starts (default %(default)g)"
+    )
     p.add_argument(
         "--min-length",
         type=float,
-        default=0.5,
-        help="shortest end remainder that still gets its own end-aligned window (default 0.5 s)",
+        default=defaults.min_length,
+        help="shortest end remainder that still gets its own end-aligned window (default %(default)g s)",
     )
     p.add_argument("--vad", action="store_true", help="leave windows without speech unscored (Silero VAD)")
-    p.add_argument("--vad-threshold", type=float, default=0.5, help="Silero speech probability threshold")
+    p.add_argument(
+        "--vad-threshold",
+        type=float,
+        default=defaults.vad_threshold,
+        help="Silero speech probability at which a 32 ms frame turns to speech (default %(default)g)",
+    )
     p.add_argument(
         "--min-speech",
         type=float,
-        default=0.5,
-        help="fraction of a window that must be speech for it to be scored (with --vad)",
+        default=defaults.min_speech,
+        help="fraction of a window's frames that must be speech for it to be scored (with --vad; "
+        "default %(default)g)",
     )
     p.add_argument(
-        "--max-segment", type=float, default=15.0, help="longest merged segment in seconds (default 15)"
+        "--max-segment",
+        type=float,
+        default=defaults.max_segment,
+        help="longest merged segment in seconds (default %(default)g)",
     )
     p.add_argument(
         "--segments",
@@ -470,4 +535,13 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["Turn", "TurnsError", "read_turns", "grid_timeline", "turns_timeline", "speaker_summary", "plot"]
+__all__ = [
+    "Turn",
+    "TurnsError",
+    "read_turns",
+    "grid_timeline",
+    "turns_timeline",
+    "speaker_summary",
+    "figure",
+    "plot",
+]

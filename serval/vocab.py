@@ -92,14 +92,22 @@ def label_body(
     keep: Sequence[int] | None = None,
     *,
     trained: Sequence[str],
+    speech: dict | None = None,
+    label_no_speech: bool = False,
 ) -> dict:
     """The body every result shares: the top label, its probabilities and the dimensional scores
-    (null for a dimension not in `trained`)."""
+    (null for a dimension not in `trained`).
+
+    `speech`: a clip record's {"speech_fraction", "no_speech"} (`serval.vad.speech_fields`), added
+    after the scores; the label of a clip without speech is None unless `label_no_speech`.
+    """
     keep = list(range(len(classes))) if keep is None else list(keep)
     # The label comes from the unrounded values, so rounding can never create a tie.
     top = keep[int(np.argmax(np.asarray(probs, np.float64)[keep]))]
+    silent = bool(speech and speech["no_speech"]) and not label_no_speech
     return {
-        "label": classes[top],
+        "label": None if silent else classes[top],
         "probabilities": probabilities(probs, classes, keep),
         "scores": scores(values, dimensions, trained),
+        **(speech or {}),
     }

@@ -56,8 +56,11 @@ class WindowSpec:
     hop: float = 2.0
     min_length: float = 0.5  # shortest end remainder (or whole clip) that still gets a window
     vad: bool = False
-    vad_threshold: float = 0.5  # Silero speech probability
-    min_speech: float = 0.5  # fraction of a window's frames that must be speech for it to be scored
+    # chosen by benchmarks/vad_defaults.py (tables in docs/long-audio.md): on 12 recordings of clips
+    # in real noise these score >= 95 % of the windows holding >= 1 s of speech in every one, and no
+    # window of noise alone
+    vad_threshold: float = 0.25  # Silero speech probability at which a frame turns to speech
+    min_speech: float = 0.1  # fraction of a window's frames that must be speech for it to be scored
     max_segment: float = 15.0  # longest merged segment
     max_windows: int = MAX_WINDOWS  # most windows one recording or stream may have (bounds memory)
 
@@ -84,6 +87,10 @@ class WindowSpec:
             )
         if not isinstance(self.max_windows, int) or self.max_windows < 1:
             raise ValueError(f"max_windows must be a whole number >= 1, got {self.max_windows!r}")
+
+    def keeps(self, speech_fraction: float) -> bool:
+        """Whether a window with this VAD speech fraction is scored (always, without VAD)."""
+        return not self.vad or round(speech_fraction, 3) >= self.min_speech
 
     def count(self, duration: float) -> int:
         """How many windows the grid puts over `duration` seconds of audio (without making them)."""
@@ -124,14 +131,15 @@ class WindowResult:
     """One window (or pooled span) and what the model said about it.
 
     `probs`/`scores` are None when the window was not scored: VAD found too little speech in it
-    (`speech` < the speech threshold) or, for a span, it failed (`error`).
+    (`no_speech`) or, for a span, it failed (`error`).
     """
 
     start: float
     end: float
     probs: np.ndarray | None = None
     scores: np.ndarray | None = None
-    speech: float | None = None  # fraction of the window VAD marked as speech; None without VAD
+    speech_fraction: float | None = None  # fraction of the window's 32 ms frames VAD called speech
+    no_speech: bool | None = None  # left unscored for lack of speech; None without VAD
     pieces: int = 1  # model passes pooled into this result (spans longer than 30 s)
     error: str | None = None
 
@@ -264,6 +272,16 @@ def iter_windows(
     yield from windower.flush()
 
 
+def window_speech(flags: np.ndarray, first_sample: int, n: int, base: int = 0) -> float:
+    """Fraction of the 32 ms VAD frames under `n` samples from `first_sample` flagged speech
+    (`flags[0]` is frame `base`); frames past the flags count as silence."""
+    from serval.vad import FRAME
+
+    a, b = first_sample // FRAME, max(first_sample // FRAME + 1, (first_sample + n) // FRAME)
+    sel = flags[max(a - base, 0) : max(b - base, 0)]
+    return float(sel.mean()) if len(sel) else 0.0
+
+
 class _SpeechMask:
     """VAD flags of a stream, trimmed as windows move on; gives each window's speech fraction."""
 
@@ -282,10 +300,7 @@ class _SpeechMask:
         self.flags = np.concatenate([self.flags, self.vad.flush()])
 
     def fraction(self, first_sample: int, n: int) -> float:
-        f = self.frame
-        a, b = first_sample // f, max(first_sample // f + 1, (first_sample + n) // f)
-        sel = self.flags[max(a - self.base, 0) : max(b - self.base, 0)]
-        return float(sel.mean()) if len(sel) else 0.0
+        return window_speech(self.flags, first_sample, n, self.base)
 
     def trim(self, first_sample: int) -> None:
         drop = first_sample // self.frame - self.base
@@ -307,8 +322,9 @@ def sliding_windows(
     """Score every window of a file or 16 kHz array with `predictor.predict_waveforms`, in time order.
 
     A generator: results come out batch by batch and the audio is read in chunks, so a
-    multi-hour file runs in bounded memory. With `spec.vad` a window in which less than
-    `spec.min_speech` of the 32 ms frames are speech is yielded unscored (`probs is None`).
+    multi-hour file runs in bounded memory. With `spec.vad` every result carries its
+    `speech_fraction`, and a window in which less than `spec.min_speech` of the 32 ms frames are
+    speech is yielded unscored (`probs is None`, `no_speech` True) without reaching the model.
     """
     mask = _SpeechMask(spec.vad_threshold) if spec.vad else None
     bar = _audio_bar(source, start, end) if progress else None
@@ -336,10 +352,10 @@ def sliding_windows(
             r = WindowResult(round(w.start, 3), round(w.end, 3))
             keep: np.ndarray | None = w.samples
             if mask is not None:
-                r.speech = round(mask.fraction(w.first_sample, len(w.samples)), 3)
+                r.speech_fraction = round(mask.fraction(w.first_sample, len(w.samples)), 3)
                 mask.trim(w.first_sample)
-                if r.speech < spec.min_speech:
-                    keep = None
+                r.no_speech = not spec.keeps(r.speech_fraction)
+                keep = None if r.no_speech else keep
             pending.append((r, keep))
             waiting = sum(x is not None for _, x in pending)
             if waiting >= batch_size or waiting == 0:  # unscored windows need not wait for a batch
@@ -418,6 +434,20 @@ def owned_spans(results: Sequence[WindowResult]) -> list[tuple[float, float]]:
             else min(r.end, (results[i + 1].start + min(r.end, results[i + 1].end)) / 2)
         )
         spans.append((round(a, 3), round(max(a, b), 3)))
+    return spans
+
+
+def no_speech_spans(results: Sequence[WindowResult]) -> list[tuple[float, float]]:
+    """The parts of the timeline (`owned_spans`) whose windows VAD left unscored for lack of
+    speech, adjacent ones joined, in time order."""
+    spans: list[tuple[float, float]] = []
+    for r, (a, b) in zip(results, owned_spans(results)):
+        if not r.no_speech or b <= a:
+            continue
+        if spans and spans[-1][1] >= a:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
     return spans
 
 

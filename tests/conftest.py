@@ -1,12 +1,46 @@
-"""Shared fixtures: the real clips in ../shared/data and small helpers to pick them."""
+"""Shared fixtures: the real clips in ../shared/data and small helpers to pick them.
+
+Every cache the suite would write (serval's own, Hugging Face, matplotlib, torch.compile, Ray,
+Chromium, ONNX Runtime) is pointed at one temporary folder for the session, set here before serval,
+torch or any of them is imported, so that a test run never writes into the user's home or the checkout.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# A short path (Ray puts unix sockets under it, and those are limited to 107 bytes). A process that a
+# test spawns (DDP workers) imports this module again and shares the session's folder.
+OWN_SESSION_TMP = "SERVAL_TESTS_TMP" not in os.environ
+if OWN_SESSION_TMP:
+    os.environ["SERVAL_TESTS_TMP"] = tempfile.mkdtemp(prefix="serval-tests-")
+SESSION_TMP = Path(os.environ["SERVAL_TESTS_TMP"])
+SESSION_ENV = {
+    "SERVAL_CACHE": SESSION_TMP / "serval",
+    "XDG_CACHE_HOME": SESSION_TMP / "cache",  # ONNX Runtime, dconf, pip and others default to it
+    "XDG_CONFIG_HOME": SESSION_TMP / "config",  # Chromium's crash reports, PulseAudio
+    "XDG_DATA_HOME": SESSION_TMP / "data",
+    "XDG_STATE_HOME": SESSION_TMP / "state",
+    "HF_HOME": SESSION_TMP / "huggingface",
+    "MPLCONFIGDIR": SESSION_TMP / "matplotlib",
+    "TORCHINDUCTOR_CACHE_DIR": SESSION_TMP / "inductor",  # else /tmp/torchinductor_$USER, kept
+    "TRITON_CACHE_DIR": SESSION_TMP / "triton",  # else ~/.triton
+    "RAY_TMPDIR": SESSION_TMP / "ray",  # else /tmp/ray, kept
+    "SE_CACHE_PATH": SESSION_TMP / "selenium",  # Selenium Manager, else ~/.cache/selenium
+}
+os.environ.update({name: str(path) for name, path in SESSION_ENV.items()})
+# Ray's local clusters use token auth; without a token it writes a new one to ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from serval.vocab import DIMENSIONS, EMOTIONS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SERVAL_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -71,9 +105,58 @@ def model_dir(tmp_path_factory) -> Path:
     """A tiny random serval model folder (seed 0), every dimension marked trained so records carry scores."""
     from serval.checkpoint import save_model
     from serval.model import SERConfig, SERModel
-    from serval.vocab import DIMENSIONS
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny"
     save_model(SERModel(SERConfig.tiny(trained_dimensions=DIMENSIONS)), path)
     return path
+
+
+# ---------------------------------------------------------------------------- untrained dimensions
+
+NULL_SCORES = dict.fromkeys(DIMENSIONS)  # every dimension kept, every value null
+
+
+class ConstantPredictor:
+    """A stand-in system with the same outputs for every wave: uniform probabilities, scores of 0.5."""
+
+    classes, dimensions, name = EMOTIONS, DIMENSIONS, "constant"
+
+    def predict_waveforms(self, waves, batch_size=16):
+        return np.full((len(waves), 7), 1 / 7, np.float32), np.full((len(waves), 3), 0.5, np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained_dims_models(tmp_path_factory) -> dict[tuple[str, ...], Path]:
+    """{trained dims: model folder}: the same random weights saved as untrained, arousal-only, all trained."""
+    from serval.checkpoint import save_model
+    from serval.model import SERConfig, SERModel
+
+    torch.manual_seed(5)
+    state = SERModel(SERConfig.tiny()).state_dict()
+    root = tmp_path_factory.mktemp("trained-dims")
+    out = {}
+    for trained in [(), ("arousal",), DIMENSIONS]:
+        model = SERModel(SERConfig.tiny(trained_dimensions=trained))
+        model.load_state_dict(state)
+        out[trained] = save_model(model, root / ("-".join(trained) or "none"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_actor_talk(tmp_path_factory) -> Path:
+    """~12 s of real RAVDESS speech from one actor, as FLAC."""
+    import soundfile as sf
+
+    from serval.audio import SAMPLE_RATE, load_audio
+
+    wave = np.concatenate([load_audio(p) for p in clips("ravdess", "Actor_03/03-01-0[35]-02-*.flac", n=4)])
+    path = tmp_path_factory.mktemp("audio") / "talk.flac"
+    sf.write(path, wave, SAMPLE_RATE)
+    return path
+
+
+def pytest_unconfigure(config) -> None:
+    if OWN_SESSION_TMP:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
+        del os.environ["SERVAL_TESTS_TMP"]

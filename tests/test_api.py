@@ -11,7 +11,14 @@ import soundfile as sf
 from conftest import clips
 
 import serval
-from serval.audio import AudioError, load_audio, resample
+from serval.audio import (
+    AudioError,
+    AudioNotFoundError,
+    NonFiniteAudioError,
+    UnsupportedAudioError,
+    load_audio,
+    resample,
+)
 from serval.vocab import EMOTIONS, PRIMARY4
 
 
@@ -99,5 +106,101 @@ def test_bad_inputs(predictor, clip, tmp_path):
     assert records[2]["file"] is None and "no samples" in records[2]["error"]
     with pytest.raises(AudioError, match="missing.wav"):  # the pipeline call raises, naming the file
         predictor([clip, missing])
-    nan = np.full(16000, np.nan, np.float32)
-    assert "non-finite" in predictor.predict(nan, sampling_rate=48000)["error"]
+    # one input that cannot be read raises, from predict as from the pipeline call
+    for call in (predictor.predict, predictor):
+        with pytest.raises(AudioNotFoundError, match="missing.wav: no such file"):
+            call(str(missing))
+        with pytest.raises(NonFiniteAudioError, match="<array>: 16000 non-finite"):
+            call(np.full(16000, np.nan, np.float32), sampling_rate=48000)
+    nan = {"array": np.full(16000, np.nan), "sampling_rate": 48000, "path": "nan.wav"}
+    assert predictor.predict([nan])[0] == {
+        "file": "nan.wav",
+        "error": "nan.wav: 16000 non-finite (NaN/inf) samples, the first at 0.000 s",
+    }
+
+
+def test_integer_pcm_gives_the_float_answer(predictor, clip):
+    """An int16 array (soundfile, scipy, recorders) is its float samples, not 32768 times louder."""
+    as_float = load_audio(clip)
+    as_int16, _ = sf.read(clip, dtype="int16")
+    want = predictor.predict(as_float)
+    for array in (as_int16, sf.read(clip, dtype="int32")[0], as_float.astype(np.float64)):
+        got = predictor.predict(array)
+        assert got["label"] == want["label"] and got["duration"] == want["duration"]
+        np.testing.assert_allclose(probs(got), probs(want), atol=1e-4)
+    # the same scaling in every array path: a datasets-style dict at another rate, predict_waveforms
+    high = np.round(resample(as_float, 16000, 48000) * 32767).astype(np.int16)
+    from_dict = predictor.predict({"array": high, "sampling_rate": 48000})
+    np.testing.assert_allclose(probs(from_dict), probs(want), atol=0.02)
+    assert from_dict["label"] == want["label"]
+    p, _ = predictor.predict_waveforms([as_int16])
+    np.testing.assert_allclose(p[0], probs(want), atol=1e-4)
+    # read as if it were float, the int16 samples are far from the clip's answer
+    loud = predictor.predict(as_int16.astype(np.float32))
+    assert np.abs(probs(loud) - probs(want)).max() > 0.01
+
+
+def test_stereo_arrays_are_their_mono_mean(predictor, clip, tmp_path):
+    left = load_audio(clip)
+    right = load_audio(clips("ravdess", "Actor_04/*.flac", n=1)[0])
+    n = min(len(left), len(right))
+    stereo = np.stack([left[:n], right[:n]], axis=1)  # two different voices: the mean is a real mix
+    want = predictor.predict(stereo.mean(axis=1))
+    for layout in (stereo, stereo.T):
+        got = predictor.predict(layout)
+        assert isinstance(got, dict) and got["label"] == want["label"] and got["duration"] == want["duration"]
+        np.testing.assert_allclose(probs(got), probs(want), atol=1e-4)
+    pcm = np.round(stereo * 32767).astype(np.int16)  # int16 stereo: scaled, then averaged
+    got, mean = predictor.predict(pcm), predictor.predict((pcm / 32768).mean(axis=1))
+    assert got["label"] == mean["label"]
+    np.testing.assert_allclose(probs(got), probs(mean), atol=1e-4)
+    path = tmp_path / "stereo.wav"  # a stereo file is averaged the same way
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    np.testing.assert_allclose(probs(predictor.predict(path)), probs(want), atol=1e-4)
+    alone = predictor.predict(left[:n])
+    assert np.abs(probs(alone) - probs(want)).max() > 1e-3  # the second channel counts
+
+
+def test_one_row_is_one_clip_and_other_shapes_are_errors(predictor, clip):
+    wave = load_audio(clip)
+    want = predictor.predict(wave)
+    for row in (wave[None, :], wave[:, None]):
+        got = predictor.predict(row)
+        assert isinstance(got, dict) and got["label"] == want["label"]
+        np.testing.assert_allclose(probs(got), probs(want), atol=1e-6)
+        assert predictor(row, top_k=1)[0]["label"] == want["label"]
+    batch = np.stack([wave[:16000]] * 9)  # 9 clips stacked: not one clip; a list of them is the way
+    with pytest.raises(UnsupportedAudioError, match=r"shape \(9, 16000\).*a list of arrays"):
+        predictor.predict(batch)
+    records = predictor.predict([batch, wave, np.zeros((2, 3, 4000), np.float32)])
+    assert "(9, 16000)" in records[0]["error"] and records[1]["label"] == want["label"]
+    assert "(2, 3, 4000)" in records[2]["error"]
+    assert [r[0]["label"] for r in predictor(list(batch[:2]), top_k=1)] == [
+        predictor(wave[:16000], top_k=1)[0]["label"]
+    ] * 2
+
+
+def test_records_say_whether_there_is_speech(predictor, clip):
+    from test_speech import not_speech
+
+    sounds = not_speech()
+    names = ["silence", "white noise -6 dBFS", "tone 440 Hz", "chord C major", "melody"]
+    records = predictor.predict([*(sounds[n] for n in names), str(clip)])
+    for name, r in zip(names, records):
+        assert r["no_speech"] is True and r["speech_fraction"] < 0.1, name
+        assert r["label"] is None, name  # no emotion label for what is not speech ...
+        assert sum(probs(r)) == pytest.approx(1, abs=1e-4)  # ... though the numbers are still there
+        assert set(r["scores"]) == {"arousal", "valence", "dominance"}
+    speech = records[-1]
+    assert speech["no_speech"] is False and speech["speech_fraction"] > 0.3 and speech["label"] in EMOTIONS
+    assert list(speech)[-2:] == ["speech_fraction", "no_speech"]
+    # the old behaviour on request: every clip labelled with its most probable class
+    labelled = predictor.predict([*(sounds[n] for n in names), str(clip)], label_no_speech=True)
+    for r, plain in zip(labelled, records):
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+        assert r["no_speech"] == plain["no_speech"] and r["probabilities"] == pytest.approx(
+            plain["probabilities"], abs=1e-4
+        )
+    one = predictor.predict(sounds["silence"], classes=PRIMARY4)
+    assert one["label"] is None and list(one["probabilities"]) == list(PRIMARY4)
+    assert predictor(sounds["silence"], top_k=1)[0]["label"] in EMOTIONS  # the pipeline shape ranks anyway

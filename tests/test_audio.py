@@ -342,3 +342,75 @@ def test_iter_chunks_errors(clip, tmp_path):
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(TruncatedAudioError, match="truncated"):
         list(iter_chunks(half, 0.5))
+
+
+# ---------------------------------------------------------------------------- arrays as users hold them
+
+
+def test_integer_pcm_is_scaled_as_files_are(clip, tmp_path):
+    path, x = clip
+    as_int16, _ = sf.read(path, dtype="int16")
+    assert as_int16.dtype == np.int16 and np.abs(as_int16).max() > 1000  # real PCM, not float-range values
+    np.testing.assert_array_equal(audio.array_to_mono(as_int16), x)  # the file is 16-bit: exactly its floats
+    as_int32, _ = sf.read(path, dtype="int32")
+    np.testing.assert_allclose(audio.array_to_mono(as_int32), x, atol=1e-7)
+    # 8-bit unsigned PCM (silence is 128), as in an 8-bit WAV: libsndfile's own reading of it
+    wav8 = tmp_path / "u8.wav"
+    sf.write(wav8, x, SAMPLE_RATE, subtype="PCM_U8")
+    raw = np.frombuffer(wav8.read_bytes()[44:], np.uint8)[: len(x)]  # after the header; no pad byte
+    assert raw.dtype == np.uint8 and abs(int(np.median(raw)) - 128) <= 2
+    np.testing.assert_allclose(audio.array_to_mono(raw), load_audio(wav8), atol=1e-7)
+    edges = {
+        np.int16: ([-32768, 0, 16384, 32767], [-1.0, 0.0, 0.5, 32767 / 32768]),
+        np.int32: ([-(2**31), 0, 2**30], [-1.0, 0.0, 0.5]),
+        np.uint8: ([0, 128, 192, 255], [-1.0, 0.0, 0.5, 127 / 128]),
+        np.int8: ([-128, 0, 64], [-1.0, 0.0, 0.5]),
+    }
+    for dtype, (given, want) in edges.items():
+        got = audio.array_to_mono(np.array(given, dtype))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-7)
+    big_endian = as_int16.astype(">i2")
+    np.testing.assert_array_equal(audio.array_to_mono(big_endian), x)
+    float64 = audio.array_to_mono(x.astype(np.float64))
+    assert float64.dtype == np.float32 and np.array_equal(float64, x)
+
+
+def test_channels_are_averaged_as_files_are(stereo44, clip):
+    path, _ = stereo44
+    left_right = resample(sf.read(path, dtype="float32")[0], 44100)  # (n, 2): channels differ
+    from_file = load_audio(path)
+    for layout in (left_right, left_right.T, np.ascontiguousarray(left_right.T)):
+        np.testing.assert_allclose(audio.load_array(layout), from_file, atol=1e-6)
+    np.testing.assert_allclose(audio.load_array(left_right), left_right.mean(axis=1), atol=1e-7)
+    _, x = clip
+    for one in (x[None, :], x[:, None]):  # one channel either way round is the clip itself
+        np.testing.assert_array_equal(audio.load_array(one), x)
+    eight = np.repeat(x[:, None], 8, axis=1)
+    np.testing.assert_allclose(audio.load_array(eight), x, atol=1e-7)
+
+
+def test_arrays_that_are_not_one_clip_name_their_shape(clip):
+    _, x = clip
+    bad_shapes = {
+        (9, len(x)): np.zeros((9, len(x)), np.float32),  # a batch of 9 clips, or 9 channels: refused
+        (len(x), 9): np.zeros((len(x), 9), np.float32),
+        (2, 3, 4000): np.zeros((2, 3, 4000), np.float32),
+        (2, 2): np.zeros((2, 2), np.float32),
+        (): np.float32(0.5) * np.ones(()),
+    }
+    for shape, array in bad_shapes.items():
+        with pytest.raises(UnsupportedAudioError, match=r"clip\.wav: an array of shape") as e:
+            audio.load_array(array, name="clip.wav")
+        assert str(shape) in str(e.value) and "at most 8 channels" in str(e.value)
+    for array in (np.arange(4000), np.ones(4000, np.complex64), np.ones(4000, bool)):
+        with pytest.raises(UnsupportedAudioError, match=f"dtype {array.dtype} are not audio"):
+            audio.load_array(array)
+    with pytest.raises(EmptyAudioError, match="<array>: no samples"):
+        audio.load_array(np.zeros((0, 2), np.float32))
+    spiked = np.stack([x, x], axis=1)
+    spiked[8000, 1] = np.nan
+    with pytest.raises(NonFiniteAudioError, match="the first at 0.500 s"):
+        audio.load_array(spiked)
+    with pytest.raises(ValueError, match="sampling_rate must be between"):
+        audio.load_array(x, 100)

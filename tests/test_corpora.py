@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import RAVDESS_CODES
 
+from serval.audio import load_audio
 from serval.cli import main
-from serval.corpora import RECIPES, assign_splits, dropped_path, prepare_corpus
+from serval.corpora import RULES, assign_splits, corpus_labels, dropped_path, prepare_corpus
 from serval.manifest import check_manifest, read_manifest
 from serval.vocab import EMOTIONS
 
@@ -227,6 +229,206 @@ def test_baved_levels_as_arousal(data_dir):
     _assert_speaker_disjoint(rows)
 
 
+NEMO_SPEAKERS = {  # data.tsv: speaker -> (gender, age, clips)
+    "EB0": ("female", 27, 539),
+    "IC0": ("female", 28, 540),
+    "KD0": ("female", 28, 540),
+    "MP0": ("male", 24, 256),
+    "SM0": ("male", 24, 538),
+    "TP0": ("male", 26, 539),
+    "WR0": ("male", 23, 539),
+}
+
+
+def test_nemo_labels_speakers_and_language(data_dir, tmp_path):
+    rows, dropped = prepare_corpus("nemo", data_dir / "nemo")
+    assert len(rows) == 3491 and not dropped
+    labels = Counter(r.label for r in rows)
+    assert labels == {
+        "neutral": 629,
+        "sad": 589,
+        "surprised": 579,
+        "angry": 569,
+        "happy": 569,
+        "fearful": 556,
+    }
+    words = {(r.extra["original_label"], r.label) for r in rows}
+    assert words == {
+        ("anger", "angry"),
+        ("fear", "fearful"),
+        ("happiness", "happy"),
+        ("neutral", "neutral"),
+        ("sadness", "sad"),
+        ("surprised", "surprised"),
+    }
+    people = Counter((r.speaker, r.extra["gender"], r.extra["age"]) for r in rows)
+    assert people == {(f"nemo-{s}", g, age): n for s, (g, age, n) in NEMO_SPEAKERS.items()}
+    assert {r.language for r in rows} == {"pl"} and {r.corpus for r in rows} == {"nemo"}
+    r = _by_name(rows)["WR0_surprised_64.opus"]  # data.tsv's first row
+    assert (r.label, r.speaker, r.extra["text"]) == (
+        "surprised",
+        "nemo-WR0",
+        "Ucho wykrywa dźwięki o różnej częstotliwości.",
+    )
+    emotions_per_sentence = defaultdict(set)  # each sentence is read in every emotion: words carry no label
+    for r in rows:
+        emotions_per_sentence[r.extra["text"]].add(r.label)
+    assert len(emotions_per_sentence) == 90 and all(len(v) == 6 for v in emotions_per_sentence.values())
+    _assert_speaker_disjoint(rows)
+
+    out = tmp_path / "nemo.csv"
+    assert main(["data", "prepare", "nemo", str(data_dir / "nemo"), "-o", str(out), "--check"]) == 0
+    back = read_manifest(out)  # every path exists and its header reads (--check), and reads back
+    assert [(r.path, r.label, r.speaker) for r in back] == [(r.path, r.label, r.speaker) for r in rows]
+    one_each = {(r.speaker, r.label): r for r in back}  # 42 clips: one per speaker and class
+    assert len(one_each) == 42
+    for r in one_each.values():
+        audio = load_audio(r.path)
+        assert audio.dtype == np.float32 and 0.5 * 16000 < len(audio) < 10 * 16000
+        assert np.isfinite(audio).all() and np.abs(audio).max() > 0.01
+
+
+@pytest.mark.slow  # decodes all 3,491 clips (about 2 minutes on one busy core)
+def test_nemo_every_clip_decodes(data_dir):
+    rows, _ = prepare_corpus("nemo", data_dir / "nemo")
+    lengths = [len(load_audio(r.path)) for r in rows]
+    assert min(lengths) > 0.5 * 16000 and len(lengths) == 3491
+
+
+def test_nemo_table_and_files_disagree(tmp_path):
+    """A listed clip without audio and an audio file data.tsv does not list are both named, with the reason."""
+    root = tmp_path / "nemo"
+    header = "file_id\temotion\traw_text\tnormalized_text\tspeaker_id\tgender\tage\n"
+    lines = [
+        'EB0/EB0_fear_1.opus\tfear\tMa "kota".\tma kota\tEB0\tfemale\t27',  # a quote is text, not CSV quoting
+        "EB0/EB0_anger_1.opus\tanger\tMa kota.\tma kota\tEB0\tfemale\t27",
+        "SM0/SM0_joy_1.opus\tjoy\tMa kota.\tma kota\tSM0\tmale\t",
+    ]
+    _silent(root / "EB0" / "EB0_fear_1.wav")
+    (root / "EB0" / "EB0_fear_1.wav").rename(root / "EB0" / "EB0_fear_1.opus")  # names only: nothing decodes
+    _silent(root / "SM0" / "SM0_joy_1.wav").rename(root / "SM0" / "SM0_joy_1.opus")
+    _silent(root / "SM0" / "SM0_extra_2.wav")
+    (root / "data.tsv").write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
+    rows, dropped = prepare_corpus("nemo", root)
+    assert [(Path(r.path).name, r.label, r.extra["text"]) for r in rows] == [
+        ("EB0_fear_1.opus", "fearful", 'Ma "kota".')
+    ]
+    assert [(Path(d.path).name, d.reason, d.original_label) for d in dropped] == [
+        ("EB0_anger_1.opus", "audio file not found", "anger"),
+        ("SM0_extra_2.wav", "not listed in data.tsv", ""),
+        ("SM0_joy_1.opus", "unknown label code 'joy'", "joy"),
+    ]
+    (root / "data.tsv").write_text("file\temotion\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data.tsv: missing column\(s\) file_id, speaker_id"):
+        prepare_corpus("nemo", root)
+
+
+# --- --keep-labels: the corpus's own label names -------------------------------------------------
+
+
+def test_keep_labels_ravdess_has_8_classes_with_calm(ravdess_root):
+    rows, dropped = prepare_corpus("ravdess", ravdess_root, keep_labels=True)
+    assert len(rows) == 1200 and not dropped  # nothing is left out for lack of a mapping
+    assert Counter(r.label for r in rows) == {
+        "neutral": 80,
+        **{k: 160 for k in ("calm", "happy", "sad", "angry", "fearful", "disgusted", "surprised")},
+    }
+    for r in rows:  # the label is the file name's emotion code, by the corpus's own table
+        code = Path(r.path).name.split("-")[2]
+        assert r.label == ("calm" if code == "02" else RAVDESS_CODES[code])
+    assert corpus_labels("ravdess", keep_labels=True) == (
+        "neutral",
+        "calm",
+        "happy",
+        "sad",
+        "angry",
+        "fearful",
+        "disgusted",
+        "surprised",
+    )
+    plain, _ = prepare_corpus("ravdess", ravdess_root)  # the other 1,040 clips: same label, same split
+    kept = {r.path: (r.label, r.split) for r in rows}
+    assert {r.path: (r.label, r.split) for r in plain} == {p: v for p, v in kept.items() if v[0] != "calm"}
+    with pytest.raises(ValueError, match="--calm maps 'calm' onto the 7 classes; --keep-labels keeps it"):
+        prepare_corpus("ravdess", ravdess_root, keep_labels=True, calm="neutral")
+
+
+def test_keep_labels_emodb_baved_tava(data_dir):
+    rows, dropped = prepare_corpus("emodb", data_dir / "emodb", keep_labels=True)
+    assert len(rows) == 304 and not dropped
+    labels = Counter(r.label for r in rows)
+    assert labels["boredom"] == 50 and set(labels) == {
+        "angry",
+        "boredom",
+        "disgusted",
+        "fearful",
+        "happy",
+        "sad",
+        "neutral",
+    }
+    assert _by_name(rows)["09a02La.flac"].label == "boredom"
+
+    rows, _ = prepare_corpus("baved", data_dir / "baved", keep_labels=True)
+    assert Counter(r.label for r in rows) == {"low": 222, "neutral": 274, "high": 280}
+    assert all(r.arousal == {"low": 0.0, "neutral": 0.5, "high": 1.0}[r.label] for r in rows)
+    assert corpus_labels("baved", keep_labels=True) == ("low", "neutral", "high")
+
+    rows, dropped = prepare_corpus("tava", data_dir / "tava", keep_labels=True)
+    assert len(rows) == 224 and not dropped
+    assert all(r.label == r.extra["original_label"] for r in rows)  # the 16 affect words, 14 speakers each
+    assert Counter(r.label for r in rows) == {word: 14 for word in corpus_labels("tava", keep_labels=True)}
+    assert len(corpus_labels("tava", keep_labels=True)) == 16
+
+
+def test_keep_labels_turev_calm_and_labelled_tables(tmp_path):
+    """TurEV-DB's Calm folder, IEMOCAP's excited and frustrated, MSP-Podcast's contempt: kept by name."""
+    root = tmp_path / "turev"
+    _silent(root / "Calm" / "1157_sk_elma.wav")
+    _silent(root / "Sad" / "1157_hl_elma.wav")
+    _silent(root / "Calm" / "1157_kz_armut.wav")  # an angry code in the calm folder
+    rows, dropped = prepare_corpus("turev", root, keep_labels=True)
+    assert [(Path(r.path).name, r.label) for r in rows] == [
+        ("1157_sk_elma.wav", "calm"),
+        ("1157_hl_elma.wav", "sad"),
+    ]
+    assert [d.reason for d in dropped] == ["file name says 'kz' but its folder is Calm"]
+
+    root = tmp_path / "IEMOCAP"
+    (root / "Session1" / "dialog" / "EmoEvaluation").mkdir(parents=True)
+    name = "Ses01F_impro01"
+    (root / "Session1" / "dialog" / "EmoEvaluation" / f"{name}.txt").write_text(
+        IEMOCAP_EVAL.replace("Ses01F_impro01", name)
+    )
+    for turn in ("F000", "M001", "F002", "M003"):
+        _silent(root / "Session1" / "sentences" / "wav" / name / f"{name}_{turn}.wav")
+    rows, dropped = prepare_corpus("iemocap", root, keep_labels=True)
+    assert [r.label for r in rows] == ["neutral", "frustrated", "excited"]
+    assert {(d.original_label, d.reason) for d in dropped} == {
+        ("xxx", "'xxx' is not an emotion label"),  # no majority: no label to keep
+        ("ang", "audio file not found"),
+    }
+    rated, _ = prepare_corpus("iemocap", root, keep_labels=True, keep_dimensional=True)
+    assert [r.label for r in rated] == ["neutral", "frustrated", "excited", None]  # xxx keeps its ratings
+
+
+def test_keep_labels_cli_writes_and_checks_the_own_label_set(tmp_path, ravdess_root, capsys):
+    out = tmp_path / "ravdess8.csv"
+    assert (
+        main(["data", "prepare", "ravdess", str(ravdess_root), "-o", str(out), "--keep-labels", "--check"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "1200 clips of ravdess; 0 dropped" in printed and "(neutral 56, calm 112, happy 112," in printed
+    assert Counter(r.label for r in read_manifest(out, labels=None))["calm"] == 160
+    assert main(["data", "check", str(out), "--no-audio"]) == 1  # calm is not one of the 7
+    assert "unknown label 'calm' (expected one of neutral, happy" in capsys.readouterr().out
+    own = ",".join(corpus_labels("ravdess", keep_labels=True))
+    assert main(["data", "check", str(out), "--no-audio", "--labels", own]) == 0
+    args = ["data", "prepare", "ravdess", str(ravdess_root), "-o", str(tmp_path / "x.csv")]
+    assert main([*args, "--keep-labels", "--calm", "neutral"]) == 1
+    assert "--keep-labels keeps it as 'calm'" in capsys.readouterr().err
+
+
 def test_dimensional_rows_round_trip_and_check(data_dir, tmp_path):
     """TAVA's and BAVED's unlabelled rows survive the manifest as written: no class, dims where present."""
     out = tmp_path / "dims.csv"
@@ -248,8 +450,10 @@ def test_min_dev_speakers(data_dir, ravdess_root):
     rows, _ = prepare_corpus("ravdess", ravdess_root, min_dev_speakers=4)
     assert (count(rows, "train"), count(rows, "dev"), count(rows, "test")) == (14, 4, 2)
     _assert_speaker_disjoint(rows)
-    plain, _ = prepare_corpus("ravdess", ravdess_root)
-    assert count(plain, "dev") == 2  # the default is unchanged
+    plain, _ = prepare_corpus("ravdess", ravdess_root, min_dev_speakers=0)
+    assert count(plain, "dev") == 2  # the fraction alone
+    none, _ = prepare_corpus("ravdess", ravdess_root, dev_fraction=0)
+    assert count(none, "dev") == 0  # a fraction of 0 is no dev split, whatever the minimum
     rows, _ = prepare_corpus("turev", data_dir / "turev", min_dev_speakers=4, test_fraction=0)
     assert (count(rows, "train"), count(rows, "dev"), count(rows, "test")) == (1, 4, 0)
     rows, _ = prepare_corpus("emodb", data_dir / "emodb", min_dev_speakers=9, test_fraction=0)
@@ -268,10 +472,10 @@ def test_speaker_split_rule(ravdess_root):
     def speakers(rs, split):
         return {r.speaker for r in rs if r.split == split}
 
-    for split in ("dev", "test"):
+    for split, n in (("dev", 4), ("test", 2)):
         chosen = speakers(rows, split)
-        genders = {r.extra["gender"] for r in rows if r.speaker in chosen}
-        assert len(chosen) == 2 and genders == {"male", "female"}  # interleaved by gender
+        genders = Counter(r.extra["gender"] for r in rows if r.speaker in chosen and r.label == "angry")
+        assert len(chosen) == n and genders["male"] == genders["female"]  # interleaved by gender
 
     fixed, _ = prepare_corpus(
         "ravdess", ravdess_root, dev_speakers=["01", "ravdess-02"], test_speakers=["20"]
@@ -286,6 +490,27 @@ def test_speaker_split_rule(ravdess_root):
 
     none_held, _ = prepare_corpus("ravdess", ravdess_root, dev_fraction=0.0, test_fraction=0.25)
     assert len(speakers(none_held, "test")) == 5 and not speakers(none_held, "dev")
+
+
+def test_the_default_split_is_the_default_models(data_dir):
+    """`serval data prepare`'s default split is the one the bundled model was trained with: its train and
+    dev speakers are those the model records, so no "test" speaker is one it was trained on."""
+    from serval.locations import DEFAULT_MODEL
+    from serval.training_data import read_record
+
+    record = read_record(DEFAULT_MODEL)
+    if record is None:
+        pytest.skip("the bundled model records no training data")
+    assert sorted(record["train"]) == ["ased", "baved", "emodb", "ravdess", "tava", "tess", "turev"]
+    for corpus, trained in record["train"].items():
+        rows, _ = prepare_corpus(corpus, data_dir / corpus)
+        by_split = {s: {r.speaker for r in rows if r.split == s} for s in ("train", "dev", "test")}
+        assert by_split["train"] == set(trained), corpus
+        assert by_split["dev"] == set(record["dev"].get(corpus, [])), corpus
+        assert not by_split["test"] & set(trained) and not by_split["test"] & by_split["dev"], corpus
+    # corpora of fewer than 10 speakers keep their voices for train and dev: no test split
+    sizes = {c: len(record["train"][c]) + len(record["dev"].get(c, [])) for c in record["train"]}
+    assert sizes["emodb"] == 6 and sizes["turev"] == 5
 
 
 def test_assign_splits_groups_and_unknown_speakers():
@@ -531,6 +756,12 @@ def test_msp_podcast_layout(tmp_path):
     assert [d.reason for d in dropped] == ["audio file not found"]
     with_contempt, _ = prepare_corpus("msp-podcast", root, contempt="disgusted")
     assert _by_name(with_contempt)["MSP-PODCAST_0002_0001.wav"].label == "disgusted"
+    own, dropped = prepare_corpus("msp-podcast", root, keep_labels=True)
+    assert {Path(r.path).name: r.label for r in own if r.label in ("contempt", "other")} == {
+        "MSP-PODCAST_0002_0001.wav": "contempt",
+        "MSP-PODCAST_0002_0002.wav": "other",
+    }
+    assert len(own) == 5 and [d.reason for d in dropped] == ["audio file not found"]
     (root / "Labels" / "labels_consensus.csv").write_text("File,Class\nx.wav,N\n")
     with pytest.raises(ValueError, match=r"labels_consensus.csv: missing column\(s\) FileName, EmoClass"):
         prepare_corpus("msp-podcast", root)
@@ -620,7 +851,7 @@ def test_every_recipe_has_a_test():
     """Each recipe of the registry has a test here named after it that runs it by name."""
     tests = {name: fn for name, fn in globals().items() if name.startswith("test_") and callable(fn)}
     untested = []
-    for corpus in RECIPES:
+    for corpus in RULES:
         stem = "test_" + corpus.replace("-", "_") + "_"
         runs = [n for n, fn in tests.items() if n.startswith(stem) and f'"{corpus}"' in inspect.getsource(fn)]
         if not runs:
@@ -709,8 +940,6 @@ def test_cli_prepare_and_check(tmp_path, data_dir, capsys):
 
 
 def test_merge_joins_manifests_and_refuses_overlap(tmp_path, data_dir):
-    from serval.cli import main
-
     emodb, ased = tmp_path / "emodb.csv", tmp_path / "ased.csv"
     assert main(["data", "prepare", "emodb", str(data_dir / "emodb"), "-o", str(emodb)]) == 0
     assert main(["data", "prepare", "ased", str(data_dir / "ased"), "-o", str(ased)]) == 0
@@ -721,3 +950,38 @@ def test_merge_joins_manifests_and_refuses_overlap(tmp_path, data_dir):
     assert {r.corpus for r in rows} == {"emodb", "ased"}
     assert main(["data", "merge", str(emodb), str(ased), "-o", str(merged)]) == 1  # never overwrites
     assert main(["data", "merge", str(emodb), str(emodb), "-o", str(tmp_path / "twice.csv")]) == 1
+
+
+def test_data_prepare_follows_symlinked_folders(tmp_path, data_dir):
+    from serval.corpora import prepare_corpus
+
+    root = tmp_path / "ravdess"
+    root.mkdir()
+    (root / "Actor_01").symlink_to(data_dir / "ravdess" / "Actor_01", target_is_directory=True)
+    (root / "more").mkdir()
+    (root / "more" / "Actor_02").symlink_to(data_dir / "ravdess" / "Actor_02", target_is_directory=True)
+    (root / "more" / "loop").symlink_to(root, target_is_directory=True)  # a cycle is walked once
+    rows, dropped = prepare_corpus("ravdess", root)
+    assert len(rows) + len(dropped) == 120  # 60 clips of each actor, none twice
+    assert len({r.path for r in rows}) == len(rows)
+    assert {r.speaker for r in rows} == {"ravdess-01", "ravdess-02"}
+    assert all("/Actor_01/" in r.path or "/more/Actor_02/" in r.path for r in rows)
+
+
+def test_data_prepare_warns_when_dev_and_test_are_empty(tmp_path, data_dir, capsys):
+    root = tmp_path / "ravdess"
+    root.mkdir()
+    (root / "Actor_01").symlink_to(data_dir / "ravdess" / "Actor_01", target_is_directory=True)
+    out = tmp_path / "one.csv"
+    assert main(["data", "prepare", "ravdess", str(root), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the dev and test splits are empty" in err and "1 speakers" in err, err
+
+    from serval.corpora import prepare_corpus, split_warnings
+
+    rows, _ = prepare_corpus("ravdess", data_dir / "ravdess")  # 20 speakers: both splits get some
+    assert {r.split for r in rows} == {"train", "dev", "test"} and split_warnings(rows) == []
+    for r in rows:
+        r.split = "train" if r.split == "test" else r.split
+    warnings = split_warnings(rows)
+    assert len(warnings) == 1 and "the test split is empty" in warnings[0], warnings

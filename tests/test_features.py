@@ -44,6 +44,7 @@ def reference(waves) -> dict[int, np.ndarray]:
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])
+@pytest.mark.slow
 def test_30s_matches_whisper_feature_extractor(waves, reference, n_mels):
     feats, lengths = compute_features(waves, n_mels=n_mels, pad_to_30s=True)
     ref = reference[n_mels]
@@ -80,6 +81,7 @@ def test_batch_invariance(waves):
     torch.testing.assert_close(loud[0, :, :f], alone[0, :, :f], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_near_and_past_30s(waves):
     """Clips that end within the 30 s window's reflect pad, or run past it, up to max_frames."""
     joined = np.concatenate(waves * 4)
@@ -153,6 +155,7 @@ def test_mel_filters_equal_transformers(n_mels):
 
 
 @pytest.mark.parametrize("pad_to_30s", [False, True])
+@pytest.mark.slow
 def test_numpy_log_mel_matches_torch(waves, pad_to_30s):
     joined = np.concatenate(waves * 4)
     batch = [*waves, waves[0][:1600], joined[: N_SAMPLES - 37], joined[:N_SAMPLES]]

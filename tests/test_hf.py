@@ -16,7 +16,7 @@ from conftest import REPO, clips
 import serval
 from serval.audio import load_audio
 from serval.checkpoint import load_model, save_model
-from serval.hub import CARD_MARK, push_to_hub
+from serval.hub import CARD_MARK
 from serval.inference import DEFAULT_MODEL
 from serval.model import SERConfig, SERModel
 
@@ -27,6 +27,7 @@ def run_python(code: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_the_pipeline_agrees_with_serval_on_the_bundled_model():
     paths = [str(p) for p in clips("ravdess", "Actor_04/*.flac", n=3)] + [str(clips("emodb", n=1)[0])]
     # serval first, transformers later: the import hook registers serval when transformers arrives
@@ -55,6 +56,7 @@ print(json.dumps({{"serval": records, "pipeline": out, "model": type(pipe.model)
     assert got["pipeline"][-1] == got["pipeline"][0][:2]
 
 
+@pytest.mark.slow
 def test_transformers_imported_first_also_finds_serval(tmp_path):
     torch.manual_seed(0)
     save_model(SERModel(SERConfig.tiny(classes=("neutral", "angry", "sad", "happy"))), tmp_path / "tiny")
@@ -78,6 +80,7 @@ print(json.dumps({{"labels": config.id2label, "types": [type(model).__name__, ty
     assert got["pipeline"][0]["label"] == got["serval"]["label"]
 
 
+@pytest.mark.slow
 def test_importing_serval_imports_no_transformers():
     out = run_python(
         "import sys, serval, serval.hf, serval.hub, serval.checkpoint; print('transformers' in sys.modules)"
@@ -115,12 +118,10 @@ def test_the_bundled_model_folder_is_ready_for_the_hub():
     assert (
         "library_name: serval" in card and "license: other" in card
     )  # NC-SA, NC-ND and AGPL data: MODEL_CARD.md
-    assert (DEFAULT_MODEL / "preprocessor_config.json").is_file()
-    assert callable(push_to_hub)  # never called here: the Hub is out of reach in tests
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        push_to_hub(DEFAULT_MODEL.parent, "someone/nothing")  # refused before any network access
+    assert (DEFAULT_MODEL / "preprocessor_config.json").is_file()  # what push_to_hub sends: test_hub.py
 
 
+@pytest.mark.slow
 def test_the_pipeline_in_process(tmp_path):
     transformers = pytest.importorskip("transformers")
     serval.hf.register()

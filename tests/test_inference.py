@@ -9,11 +9,14 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import NULL_SCORES
 
 import serval
-from serval import inference, onnx_engine
+from serval import specs
 from serval.audio import load_audio
+from serval.batch import format_records
 from serval.cli import main
+from serval.inference import load
 from serval.model import SERConfig
 from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import split_span
@@ -27,6 +30,7 @@ def clip_dir(tmp_path, ravdess_clips, emodb_clips):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_predict_directory_prints_one_valid_record_per_file(model_dir, clip_dir, capsys):
     code = main(["predict", str(clip_dir), "--model", str(model_dir), "--format", "json"])
     records = json.loads(capsys.readouterr().out)
@@ -97,7 +101,7 @@ def test_csv_and_table_formats(model_dir, clip_dir, capsys):
     main([*args, "csv"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 6 and rows[0]["label"] in SERConfig().classes
-    columns = ["file", "duration", "label", *EMOTIONS, *DIMENSIONS, "error"]
+    columns = ["file", "duration", "label", *EMOTIONS, *DIMENSIONS, "speech_fraction", "no_speech", "error"]
     assert list(rows[0]) == columns
     for row, r in zip(rows, records, strict=True):  # every value, read back, is the JSON record's
         assert row["file"] == r["file"] and row["error"] == r.get("error", "")
@@ -107,6 +111,7 @@ def test_csv_and_table_formats(model_dir, clip_dir, capsys):
         assert float(row["duration"]) == r["duration"] and row["label"] == r["label"]
         assert {c: float(row[c]) for c in EMOTIONS} == r["probabilities"]
         assert {d: float(row[d]) for d in DIMENSIONS} == r["scores"]
+        assert float(row["speech_fraction"]) == r["speech_fraction"] and row["no_speech"] == "false"
 
     main([*args, "table"])
     header, *lines = capsys.readouterr().out.splitlines()
@@ -118,8 +123,52 @@ def test_csv_and_table_formats(model_dir, clip_dir, capsys):
         if "error" in r:
             assert cells[1:-1] == [""] * (len(columns) - 2)
             continue
-        values = [r["duration"], *r["probabilities"].values(), *r["scores"].values()]
-        assert cells[1:2] + cells[3:-1] == [f"{v:.3f}" for v in values] and cells[2] == r["label"]
+        values = [r["duration"], *r["probabilities"].values(), *r["scores"].values(), r["speech_fraction"]]
+        assert cells[1:2] + cells[3:-2] == [f"{v:.3f}" for v in values] and cells[2] == r["label"]
+        assert cells[-2] == "false"
+
+
+def test_every_format_says_no_speech(model_dir, tmp_path, ravdess_clips, capsys):
+    """A silent file and a tone: label null (empty cell, "-"), no_speech true; --label-no-speech labels."""
+    import soundfile as sf
+
+    t = np.arange(48000) / 16000
+    sf.write(tmp_path / "a-silence.wav", np.zeros(48000, np.float32), 16000)
+    sf.write(tmp_path / "b-tone.flac", 0.5 * np.sin(2 * np.pi * 440 * t), 16000)
+    shutil.copy(ravdess_clips[0], tmp_path / "c-speech.flac")
+    args = ["predict", str(tmp_path), "--model", str(model_dir), "--format"]
+    assert main([*args, "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["label"] is None, r["no_speech"]) for r in records] == [
+        (True, True),
+        (True, True),
+        (False, False),
+    ]
+    assert records[0]["speech_fraction"] == 0.0 and records[2]["speech_fraction"] > 0.3
+    assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4) for r in records)
+    main([*args, "jsonl"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["file"], r["label"], r["no_speech"]) for r in lines] == [
+        (r["file"], r["label"], r["no_speech"]) for r in records
+    ]
+    main([*args, "csv"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["label"], r["no_speech"]) for r in rows] == [
+        ("", "true"),
+        ("", "true"),
+        (records[2]["label"], "false"),
+    ]
+    main([*args, "table"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[2] for line in lines] == ["-", "-", records[2]["label"]]
+    assert [line.split()[-1] for line in lines] == ["true", "true", "false"]
+    main([*args, "json", "--label-no-speech"])
+    labelled = json.loads(capsys.readouterr().out)
+    for r, plain in zip(labelled, records):
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+        assert (r["file"], r["no_speech"]) == (plain["file"], plain["no_speech"])
+        assert r["speech_fraction"] == pytest.approx(plain["speech_fraction"], abs=1e-3)
+        assert r["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-4)
 
 
 def test_output_file_is_never_overwritten(model_dir, emodb_clips, tmp_path, capsys):
@@ -131,17 +180,18 @@ def test_output_file_is_never_overwritten(model_dir, emodb_clips, tmp_path, caps
 
 
 def test_without_a_model_says_so_in_one_line(monkeypatch, tmp_path, emodb_clips, capsys):
-    monkeypatch.setattr(inference, "DEFAULT_MODEL", tmp_path / "none")
-    monkeypatch.setattr(onnx_engine, "DEFAULT_MODEL", tmp_path / "none")  # the default engine's view too
+    # serval.specs decides what "default" means, for both engines and the CLI's check
+    monkeypatch.setattr(specs, "DEFAULT_MODEL", tmp_path / "none")
     code = main(["predict", str(emodb_clips[0])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--model" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
     model_dir, tmp_path, monkeypatch, emodb_clips
 ):
-    monkeypatch.setattr(inference, "DEFAULT_MODEL", model_dir)
+    monkeypatch.setattr(specs, "DEFAULT_MODEL", model_dir)  # the one place a spec is resolved
     waves = [load_audio(emodb_clips[0])]
     direct = serval.load(model_dir, engine="torch")  # the torch resolver (the ONNX engine: test_onnx_engine)
     probs, scores = direct.predict_waveforms(waves)
@@ -149,7 +199,7 @@ def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
         bundled = serval.load(spec, engine="torch")
         assert bundled.fingerprint == direct.fingerprint
         p, s = bundled.predict_waveforms(waves)
-        assert np.array_equal(p, probs) and np.array_equal(s, scores)
+        assert np.array_equal(p, probs) and np.array_equal(s, scores)  # exact: the same weights, same process
     for member in ("a", "b"):
         shutil.copytree(model_dir, tmp_path / "ensemble" / member)
     (tmp_path / "ensemble" / "ensemble.json").write_text(json.dumps({"members": ["a", "b"]}))
@@ -159,3 +209,36 @@ def test_one_resolver_for_the_default_an_ensemble_and_a_bad_path(
     assert np.allclose(p, probs, atol=1e-6) and np.allclose(s, scores, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         serval.load(tmp_path / "nothing")
+
+
+def test_predict_records_say_only_what_was_trained(trained_dims_models, ravdess_clips, tmp_path, monkeypatch):
+    clip = str(ravdess_clips[0])
+    none, arousal = (
+        load(trained_dims_models[()], device="cpu"),
+        load(trained_dims_models[("arousal",)], device="cpu"),
+    )
+    assert none.trained_dimensions == () and arousal.trained_dimensions == ("arousal",)
+    a, b = none.predict(clip), arousal.predict(clip)
+    assert a["probabilities"] == b["probabilities"] and a["label"] == b["label"]  # same weights
+    assert a["scores"] == NULL_SCORES
+    raw = arousal.predict_waveforms([load_audio(clip)])[1][0]
+    assert b["scores"] == {"arousal": round(float(raw[0]), 6), "valence": None, "dominance": None}
+    # strict JSON carries the nulls
+    assert json.loads(json.dumps(b, allow_nan=False))["scores"]["valence"] is None
+    # an ensemble: trained only where every member is
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "ensemble.json").write_text(
+        json.dumps(
+            {"members": [str(trained_dims_models[DIMENSIONS]), str(trained_dims_models[("arousal",)])]}
+        )
+    )
+    assert load(ens, device="cpu").trained_dimensions == ("arousal",)
+    # csv: an empty cell; table: "-"
+    rows = format_records([b], "csv").splitlines()
+    header, row = rows[0].split(","), rows[1].split(",")
+    assert row[header.index("arousal")] == str(b["scores"]["arousal"])
+    assert row[header.index("valence")] == "" and row[header.index("dominance")] == ""
+    table = format_records([b], "table").splitlines()
+    cells, names = table[1].split(), table[0].split()
+    assert cells[names.index("valence")] == "-" and cells[names.index("dominance")] == "-"

@@ -1,5 +1,8 @@
 """One install, every command: against the package installed in this environment, as a user runs it.
 
+Every command here runs as in the base install (`pip install serval`, no extra): torch, transformers,
+peft and onnx are made unimportable in the subprocess, and the default model's graph is built into an
+empty cache (SERVAL_CACHE in a temporary folder, shared by this file's tests).
 - every sub-command's `--help` works with every optional package missing;
 - a missing package is one line naming the `pip install` to run, never a traceback;
 - `eval` (no --model: the bundled model; a report with plots), `timeline -o`, `serve` (health answers)
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import clips
@@ -37,6 +41,35 @@ OPTIONAL = (
     "funasr",
     "ctranslate2",
 )
+# serval[train]: the base install has none of them, so no inference command may import one
+TRAIN = ("torch", "transformers", "peft", "onnx")
+NEED_TRAIN = ("export", "train")  # the commands of serval[train]
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+# `serval ARGS` as the base install runs it: the packages named in argv[1] made unimportable first
+CODE = (
+    "import sys\n"
+    "for name in sys.argv[1].split(','):\n"
+    "    sys.modules[name] = None  # import of it raises ModuleNotFoundError, as when not installed\n"
+    "from serval.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+
+@pytest.fixture(scope="session")
+def graph_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serval-cache")  # empty: the first run fills the default graph
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache(graph_cache, monkeypatch):
+    monkeypatch.setenv("SERVAL_CACHE", str(graph_cache))
+
+
+def command(*args: str, missing: tuple[str, ...] = ()) -> list[str]:
+    """The argv of `serval ARGS` without serval[train] (and without the `missing` packages)."""
+    return [sys.executable, "-c", CODE, ",".join(TRAIN + tuple(missing)), *args]
 
 
 def serval(
@@ -46,15 +79,8 @@ def serval(
 
     It runs in `cwd`, away from the checkout, so that it imports the installed package.
     """
-    code = (
-        "import sys\n"
-        f"for name in {list(missing)!r}:\n"
-        "    sys.modules[name] = None  # import of it raises ModuleNotFoundError, as when not installed\n"
-        "from serval.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     return subprocess.run(
-        [sys.executable, "-c", code, *args],
+        command(*args, missing=missing),
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -72,6 +98,10 @@ def one_clean_line(done: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_needs_no_optional_package(command, tmp_path):
     done = serval(command, "--help", cwd=tmp_path, missing=OPTIONAL)
+    if command in NEED_TRAIN:  # their modules are torch code: even --help says what to install
+        line = one_clean_line(done)
+        assert done.returncode == 2 and line.endswith("pip install 'serval[train]'"), line
+        return
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: serval {command}") and "Traceback" not in done.stderr
 
@@ -100,6 +130,7 @@ def test_a_missing_package_is_one_line(tmp_path, args, package, pip):
     assert not (tmp_path / "out").exists()  # it stopped before doing any work
 
 
+@pytest.mark.slow
 def test_eval_without_model_uses_the_bundled_one(tmp_path):
     rows = clips("ravdess", "Actor_07/*.flac", n=4)
     manifest = tmp_path / "m.csv"
@@ -123,6 +154,7 @@ def test_eval_without_model_uses_the_bundled_one(tmp_path):
     assert plots and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
 
 
+@pytest.mark.slow
 def test_timeline_writes_its_outputs(tmp_path):
     done = serval(
         "timeline", str(clips("emodb", n=1)[0]), "-o", str(tmp_path / "t"), "--no-progress", cwd=tmp_path
@@ -138,11 +170,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_answers_health(tmp_path):
     port = free_port()
-    code = "import sys\nfrom serval.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        command("serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -159,12 +191,24 @@ def test_serve_answers_health(tmp_path):
                 time.sleep(0.5)
         assert body is not None, f"no answer from /healthz (exit {proc.poll()})"
         assert body["status"] == "ok" and isinstance(body["queue"], int)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            assert "<html" in r.read().decode().lower()  # the page
+        clip = EXAMPLES / "ravdess-16-angry.flac"
+        post = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/emotion",
+            data=clip.read_bytes(),
+            headers={"content-type": "audio/flac"},
+        )
+        with urllib.request.urlopen(post, timeout=120) as r:
+            record = json.loads(r.read())
+        assert record["label"] == "angry" and abs(sum(record["probabilities"].values()) - 1) < 1e-3
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_mcp_answers_initialize(tmp_path):
     request = {
         "jsonrpc": "2.0",
@@ -176,9 +220,8 @@ def test_mcp_answers_initialize(tmp_path):
             "clientInfo": {"name": "t", "version": "0"},
         },
     }
-    code = "import sys\nfrom serval.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "mcp", "--device", "cpu"],
+        command("mcp", "--device", "cpu"),
         cwd=tmp_path,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -189,6 +232,13 @@ def test_mcp_answers_initialize(tmp_path):
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.flush()
         reply = json.loads(proc.stdout.readline())  # the server answers once its model has loaded
+        for message in (
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {**request, "id": 2, "method": "tools/list", "params": {}},
+        ):
+            proc.stdin.write(json.dumps(message) + "\n")
+        proc.stdin.flush()
+        tools = json.loads(proc.stdout.readline())
     finally:
         proc.stdin.close()  # end of input: the server exits
         try:
@@ -201,4 +251,95 @@ def test_mcp_answers_initialize(tmp_path):
         proc.stderr.close()
     assert reply["id"] == 1 and reply["result"]["serverInfo"]["name"] == "serval", reply
     assert "tools" in reply["result"]["capabilities"]
+    assert tools["id"] == 2 and any(t["name"] for t in tools["result"]["tools"]), tools
     assert "Traceback" not in err, err
+
+
+def _labels(records: list[dict]) -> dict[str, str]:
+    return {Path(r["file"]).name: r["label"] for r in records}
+
+
+def test_predict_without_torch_equals_the_torch_engine(tmp_path):
+    """Files, a folder and a manifest on ONNX Runtime without torch: the torch engine's labels and
+    probabilities (1e-4), the torch engine run in this process."""
+    from serval import load
+
+    files = sorted(EXAMPLES.glob("*.flac")) + clips("emodb", n=3)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in files[-3:]))
+    done = serval(
+        "predict", str(EXAMPLES), *map(str, files[-3:]), str(manifest), "--no-progress", cwd=tmp_path
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    records = json.loads(done.stdout)
+    assert len(records) == len(files) + 3
+    torch_engine = load(engine="torch", device="cpu")
+    for r in records:
+        want = torch_engine.predict(r["file"])
+        assert r["label"] == want["label"], r["file"]
+        for c, v in want["probabilities"].items():
+            assert abs(r["probabilities"][c] - v) < 1e-4, (r["file"], c)
+
+
+def test_predict_reads_a_dataset_without_torch(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    files = [str(p) for p in sorted(EXAMPLES.glob("ravdess-*.flac"))]
+    ds = datasets.Dataset.from_dict({"audio": files}).cast_column("audio", datasets.Audio())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    done = serval("predict", str(tmp_path / "ds"), *files, "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    records = json.loads(done.stdout)
+    rows, plain = records[: len(files)], records[len(files) :]
+    assert len(plain) == len(files) and [r["label"] for r in rows] == [r["label"] for r in plain]
+    for r, w in zip(rows, plain):
+        assert all(abs(r["probabilities"][c] - v) < 1e-4 for c, v in w["probabilities"].items())
+
+
+def test_timeline_vad_without_torch(tmp_path):
+    out = tmp_path / "t"
+    done = serval(
+        "timeline", "--vad", str(clips("ravdess", n=1)[0]), "-o", str(out), "--no-progress", cwd=tmp_path
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    windows = json.loads(out.with_suffix(".json").read_text())
+    assert "Traceback" not in done.stderr and windows
+
+
+def test_bench_runs_on_onnx_without_torch(tmp_path):
+    done = serval(
+        "bench",
+        "--seconds",
+        "1",
+        "--batch-size",
+        "1",
+        "--repeats",
+        "1",
+        "--clip",
+        str(EXAMPLES / "emodb-09-sad.flac"),
+        "--json",
+        str(tmp_path / "b.json"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["torch"] is None and report["cold_start"]["serval_predict_s"] > 0
+    assert report["engines"][0]["onnxruntime_cpu"]["batch"]["clips_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "configs/quickstart-cpu.yaml"],
+        ["export", "onnx", "OUT"],
+        ["predict", "--engine", "torch", "CLIP"],
+    ],
+)
+def test_torch_commands_name_serval_train(tmp_path, args):
+    args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
+    args = [
+        {"CLIP": str(EXAMPLES / "emodb-09-sad.flac"), "OUT": str(tmp_path / "m.onnx")}.get(a, a) for a in args
+    ]
+    done = serval(*args, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    line = one_clean_line(done)
+    assert done.returncode == 2 and "pip install 'serval[train]'" in line, line
+    assert not (tmp_path / "m.onnx").exists()

@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest import REPO, clips
 
 import serval
-from serval import longform
+from serval import longform, vad
 from serval.audio import TruncatedAudioError, load_audio, resample
 from serval.cli import main
 from serval.inference import load
@@ -29,6 +29,7 @@ from serval.longform import (
     read_audio,
     work,
 )
+from serval.vad import speech_fraction, streamed_speech_fraction
 from serval.vocab import EMOTIONS, SAMPLE_RATE
 from serval.windows import split_span
 
@@ -188,6 +189,35 @@ def test_the_record_pools_pieces_by_length_as_the_whole_array_would(tiny, long_f
     assert f"serval timeline {path16}" in notes[0]
 
 
+def test_a_long_input_s_speech_is_measured_a_block_at_a_time_as_the_whole_clip(tiny, long_files, monkeypatch):
+    path16, path44, wave = long_files
+    want = speech_fraction(wave)  # the whole recording in one call
+    assert want > 0.3
+    # streamed in odd block sizes, Silero's state carried: the same frames, so the same fraction
+    step = 12_345
+    assert streamed_speech_fraction(lambda: (wave[i : i + step] for i in range(0, len(wave), step))) == (
+        pytest.approx(want, abs=1e-3)
+    )
+    seen = []
+    push = vad.FrameStream.push
+    monkeypatch.setattr(
+        vad.FrameStream, "push", lambda self, x, last=False: seen.append(len(x)) or push(self, x, last)
+    )
+    high = {"array": resample(wave, SR, 48000), "sampling_rate": 48000}
+    records = tiny.predict([str(path16), str(path44), wave, high])
+    # no block the speech measure took is near the recording's length: it never held it whole
+    assert seen and max(seen) <= 2 * longform.BLOCK_SECONDS * SR
+    for r in records:
+        assert r["pieces"] == 3 and r["no_speech"] is False
+        assert r["speech_fraction"] == pytest.approx(want, abs=1e-3 if r is records[0] else 2e-2)
+    # a long input without speech: no label unless asked for, its pooled probabilities still there
+    quiet = np.zeros(70 * SR, np.float32)
+    record = tiny.predict(quiet)
+    assert record["pieces"] == 3 and record["no_speech"] is True and record["speech_fraction"] == 0.0
+    assert record["label"] is None and set(record["probabilities"]) == set(tiny.classes)
+    assert tiny.predict(quiet, label_no_speech=True)["label"] in tiny.classes
+
+
 def test_a_long_file_that_breaks_part_way_is_an_error_record(tiny, long_files, tmp_path):
     path16 = long_files[0]
     broken = tmp_path / "broken.flac"
@@ -199,6 +229,8 @@ def test_a_long_file_that_breaks_part_way_is_an_error_record(tiny, long_files, t
     assert records[1]["pieces"] == 1 and records[2]["pieces"] == 3 and "label" in records[2]
     with pytest.raises(TruncatedAudioError, match="broken.flac"):
         tiny.predict_waveforms([read_audio(broken)])
+    with pytest.raises(TruncatedAudioError, match="broken.flac"):  # one input raises, as a bad read does
+        tiny.predict(str(broken))
 
 
 def test_cli_predict_says_once_that_it_pools(model_dir, long_files, tmp_path, capsys):

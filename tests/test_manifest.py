@@ -248,3 +248,64 @@ def test_rows_with_dimensions_but_no_class(tmp_path, ravdess_clips):
             (None, None, 1.0, None),
         ]
     assert main(["data", "check", str(tmp_path / "dims.csv")]) == 0
+
+
+# --- label sets other than the 7 classes ------------------------------------------------------------
+
+
+def test_a_label_set_of_its_own(tmp_path, ravdess_clips):
+    """A manifest may hold any label set the caller names; a label outside it names its row and the set."""
+    own = ("calm", "bored", "tense")
+    rows = [ManifestRow(path=str(ravdess_clips[i]), label=label) for i, label in enumerate(own)]
+    path = tmp_path / "own.csv"
+    with pytest.raises(
+        ValueError, match=r"row 0 \(.*\): unknown label 'calm' \(expected one of neutral, happy"
+    ):
+        write_manifest(rows, path)  # the default set is the 7 classes
+    assert not path.exists()
+    write_manifest(rows, path, labels=["Calm", " bored", "TENSE"])  # compared as manifests compare labels
+    assert [r.label for r in read_manifest(path, labels=own)] == list(own)
+    assert [r.label for r in read_manifest(path, labels=None)] == list(own)  # None: any label
+    with pytest.raises(
+        ManifestError, match=r"own\.csv:2: unknown label 'calm' \(expected one of neutral, happy"
+    ):
+        read_manifest(path)
+    with pytest.raises(
+        ManifestError, match=r"own\.csv:4: unknown label 'tense' \(expected one of calm, bored\)$"
+    ):
+        read_manifest(path, labels=["calm", "bored"])
+    problems = check_manifest(path, labels=["calm", "bored"])
+    assert [(p.line, p.column) for p in problems] == [(4, "label")]
+    assert "expected one of calm, bored" in problems[0].message
+    assert check_manifest(path, labels=own) == [] and check_manifest(path, labels=None) == []
+    with pytest.raises(ValueError, match="non-empty names"):
+        check_manifest(path, labels=["calm", ""])
+
+
+def test_data_check_and_merge_take_a_label_set(tmp_path, ravdess_clips, capsys):
+    own = tmp_path / "own.jsonl"
+    write_manifest(
+        [
+            ManifestRow(path=str(ravdess_clips[0]), label="calm"),
+            ManifestRow(path=str(ravdess_clips[1]), label="tense"),
+        ],
+        own,
+        labels=None,
+    )
+    assert main(["data", "check", str(own)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith(
+        f"{own}:1: unknown label 'calm' (expected one of neutral, happy"
+    )
+    assert main(["data", "check", str(own), "--labels", "calm,bored,tense"]) == 0
+    assert main(["data", "check", str(own), "--labels", "calm,bored"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{own}:2: unknown label 'tense' (expected one of calm, bored)"
+    assert main(["data", "check", str(own), "--any-labels"]) == 0
+    with pytest.raises(SystemExit):  # one set or any, not both
+        main(["data", "check", str(own), "--any-labels", "--labels", "calm"])
+    merged = tmp_path / "merged.csv"
+    assert main(["data", "merge", str(own), "-o", str(merged)]) == 1 and not merged.exists()
+    assert "unknown label 'calm'" in capsys.readouterr().err
+    assert main(["data", "merge", str(own), "-o", str(merged), "--labels", "calm,tense"]) == 0
+    assert [r.label for r in read_manifest(merged, labels=None)] == ["calm", "tense"]

@@ -6,6 +6,7 @@ their answers against the in-process predictor.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -17,11 +18,13 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-from conftest import DATA, REPO, clips
+from conftest import DATA, REPO, ConstantPredictor, clips
 
 pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
+pytestmark = pytest.mark.slow  # a real server process per module
 
+from serval import vocab  # noqa: E402
 from serval.audio import load_audio  # noqa: E402
 from serval.checkpoint import save_model  # noqa: E402
 from serval.inference import load  # noqa: E402
@@ -30,7 +33,9 @@ from serval.timeline import grid_timeline  # noqa: E402
 from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4  # noqa: E402
 from serval.windows import WindowSpec  # noqa: E402
 
-TOL = 5e-6  # records are rounded to 6 decimals
+# Records are rounded to 6 decimals. The tiny random model's probabilities are near-uniform: different clips
+# differ by only ~1e-4 (checked below), and fp32 sum orders (CPU, batch, engine) move them by ~1e-7.
+TOL = 5e-6
 
 
 def b64(data: bytes) -> str:
@@ -45,9 +50,10 @@ async def session_calls(args: list[str], calls: dict[str, tuple[str, dict]], cwd
     """Start `serval mcp ARGS` in `cwd` over stdio, initialise, list its tools and make `calls`."""
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
-    # the whole environment: the server runs the serval under test (PYTHONPATH), not another install
+    # the SDK passes HOME and PATH only, unless told: the server then uses the test session's caches
+    env = dict(os.environ)
     params = StdioServerParameters(
-        command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args], env=dict(os.environ)
+        command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args], env=env
     )
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         init = await session.initialize()
@@ -83,6 +89,8 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
     wav22k = io.BytesIO()  # 22.05 kHz 16-bit WAV bytes: decoded and resampled like a file
     sf.write(wav22k, soxr.resample(load_audio(clip), 16000, 22050), 22050, format="WAV", subtype="PCM_16")
     outside = REPO / "pyproject.toml"  # readable, but neither under a --root nor where the tool starts
+    silence = io.BytesIO()
+    sf.write(silence, np.zeros(32000, np.float32), 16000, format="WAV", subtype="PCM_16")
     calls = {
         "path": ("recognize_emotion", {"path": str(clip)}),
         "base64": (
@@ -96,6 +104,7 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
         "resampled": ("recognize_emotion", {"audio_base64": b64(wav22k.getvalue())}),
         "long": ("recognize_emotion", {"path": str(meeting)}),
         "long_base64": ("recognize_emotion", {"audio_base64": b64(meeting.read_bytes())}),
+        "silence": ("recognize_emotion", {"audio_base64": b64(silence.getvalue()), "filename": "quiet.wav"}),
         "timeline": ("emotion_timeline", {"path": str(talk), "window": 3, "hop": 1.5, "max_segment": 6}),
         "segments": ("emotion_timeline", {"audio_base64": b64(talk.read_bytes()), "include_windows": False}),
         "broken": ("recognize_emotion", {"path": str(broken)}),
@@ -120,6 +129,7 @@ def run(tmp_path_factory, ravdess_clips, emodb_clips):
         init=init,
         tools=tools,
         results=results,
+        silence=silence.getvalue(),
     )
 
 
@@ -164,14 +174,21 @@ def test_tools_are_listed_with_schemas(run):
             "label",
             "probabilities",
             "scores",
+            "speech_fraction",
+            "no_speech",
         }
     )
     assert out["properties"]["pieces"]["type"] == "integer"
-    assert [out["properties"][k]["type"] for k in ("file", "duration", "label")] == [
+    assert [out["properties"][k]["type"] for k in ("file", "duration", "speech_fraction", "no_speech")] == [
         "string",
         "number",
-        "string",
+        "number",
+        "boolean",
     ]
+    # no label for a clip without speech, and the schema says so
+    assert _types(out["properties"]["label"]) == {"string": None, "null": None}
+    assert "null when no_speech" in out["properties"]["label"]["description"]
+    assert "Silero VAD" in out["properties"]["speech_fraction"]["description"]
     for k in ("probabilities", "scores"):
         assert out["properties"][k]["type"] == "object"
     assert out["properties"]["probabilities"]["additionalProperties"] == {"type": "number"}
@@ -205,6 +222,23 @@ def test_tools_are_listed_with_schemas(run):
     assert defaults == {"window": 4.0, "hop": 2.0, "max_segment": 15.0, "vad": False, "include_windows": True}
     assert timeline.description.startswith("Emotion over time in a longer recording")
     assert "`serval timeline`" in timeline.description and "recognize_emotion" in timeline.description
+
+
+def test_recognize_emotion_says_no_speech(run, tmp_path):
+    from serval.serve.mcp import AudioInput, EmotionTools
+
+    rec = run["results"]["silence"].structured_content
+    assert not run["results"]["silence"].is_error and rec["file"] == "quiet.wav"
+    assert rec["label"] is None and rec["no_speech"] is True and rec["speech_fraction"] == 0.0
+    assert sum(rec["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    speech = run["results"]["path"].structured_content
+    assert speech["no_speech"] is False and speech["speech_fraction"] > 0.3 and speech["label"] in EMOTIONS
+    # `serval mcp --label-no-speech`: the tool labels it anyway
+    tools = EmotionTools(run["predictor"], AudioInput(cwd=str(tmp_path)), 600, 3600, label_no_speech=True)
+    labelled = tools.recognize_emotion(audio_base64=b64(run["silence"]))
+    assert labelled.no_speech is True and labelled.label == max(
+        labelled.probabilities, key=labelled.probabilities.get
+    )
 
 
 def test_recognize_emotion_is_the_predict_record(run):
@@ -313,3 +347,33 @@ def test_bad_model_is_a_clear_exit(tmp_path):
     )
     assert p.returncode == 2 and "serval mcp:" in p.stderr and str(tmp_path / "none") in p.stderr
     assert p.stdout == ""  # stdout is the protocol channel
+
+
+def test_mcp_timeline_output_schema_is_typed():
+    from serval.serve.mcp import build_server
+
+    tools = {t.name: t for t in asyncio.run(build_server(ConstantPredictor()).list_tools())}
+    out = tools["emotion_timeline"].output_schema
+    assert set(out["required"]) >= {"segments", "grid", "classes", "file"}
+    assert "windows" in out["properties"] and "windows" not in out["required"]  # include_windows=false
+    segment = out["$defs"]["TimelineSegment"]["properties"]
+    assert segment["label"]["type"] == "string" and segment["probabilities"]["type"] == "object"
+
+
+@pytest.mark.slow
+def test_mcp_tool_answers_and_schema_say_null(trained_dims_models, ravdess_clips, one_actor_talk):
+    pytest.importorskip("mcp")
+    from serval.serve.mcp import RECOGNIZE_DESCRIPTION, AudioInput, EmotionResult, EmotionTools
+
+    for trained in [(), ("arousal",)]:
+        tools = EmotionTools(load(trained_dims_models[trained], device="cpu"), AudioInput(cwd="/"), 600, 3600)
+        rec = tools.recognize_emotion(path=str(ravdess_clips[3])).model_dump()
+        timeline = tools.emotion_timeline(path=str(one_actor_talk), include_windows=False)
+        for scores in [rec["scores"], *(s["scores"] for s in timeline["segments"])]:
+            assert [d for d, v in scores.items() if v is not None] == list(trained)
+            assert list(scores) == list(DIMENSIONS)
+    prop = EmotionResult.model_json_schema()["properties"]["scores"]
+    assert (
+        vocab.UNTRAINED in prop["description"] and {"type": "null"} in prop["additionalProperties"]["anyOf"]
+    )
+    assert "not trained" in RECOGNIZE_DESCRIPTION

@@ -20,6 +20,7 @@ def published_layout() -> dict[str, tuple[int, ...]]:
     return {name: tuple(json.loads(shape)) for name, shape in rows}
 
 
+@pytest.mark.slow
 def test_medium_layout_matches_published_names_and_shapes():
     with torch.device("meta"):
         model = SERModel(SERConfig.for_whisper("medium"))
@@ -42,6 +43,7 @@ def tiny_model(seed: int = 0, **overrides) -> SERModel:
 
 
 @pytest.mark.parametrize("weighting,stats", [("last", False), ("weighted", False), ("weighted", True)])
+@pytest.mark.slow
 def test_clip_alone_equals_clip_in_batch(weighting, stats):
     model = tiny_model(layer_weighting=weighting, layer_stats=stats)
     if stats:  # running statistics that are not the identity, so the standardisation is exercised
@@ -59,6 +61,7 @@ def test_clip_alone_equals_clip_in_batch(weighting, stats):
             assert torch.allclose(alone.embedding[0], batched.embedding[i], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_layer_statistics_branch():
     with pytest.raises(ValueError, match="layer_stats needs layer_weighting 'weighted'"):
         SERModel(SERConfig.tiny(layer_weighting="last", layer_stats=True))
@@ -71,6 +74,7 @@ def test_layer_statistics_branch():
     assert not torch.equal(before, model.layer_stats.standardise.running_mean)  # batches update them
 
 
+@pytest.mark.slow
 def test_ecapa_drop_trains_the_branch_alone_on_dropped_clips_and_leaves_inference_alone():
     feats, lengths = torch.randn(2, 80, 200), torch.tensor([200, 140])
     plain, dropping = (
@@ -93,6 +97,7 @@ def test_ecapa_drop_trains_the_branch_alone_on_dropped_clips_and_leaves_inferenc
         SERModel(SERConfig.tiny(layer_weighting="weighted", layer_stats=True, ecapa_drop=1.0))
 
 
+@pytest.mark.slow
 def test_linear_head_mixes_its_probabilities_with_the_networks_and_takes_no_random_draw():
     with pytest.raises(ValueError, match="linear_head needs layer_weighting 'weighted'"):
         SERModel(SERConfig.tiny(linear_head=True))
@@ -140,6 +145,7 @@ def test_padding_values_do_not_leak():
         assert torch.allclose(model(feats, lengths).logits, model(garbage, lengths).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pad_to_30s_mode_ignores_lengths_like_the_published_code():
     model = tiny_model(pad_to_30s=True)
     feats = torch.randn(2, 80, 3000)
@@ -158,6 +164,7 @@ def test_halve_time_with_mask_averages_valid_frames_only():
     assert y.tolist() == [[[2.0, 5.0]]]
 
 
+@pytest.mark.slow
 def test_encoder_matches_transformers_whisper_encoder():
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
@@ -202,8 +209,9 @@ def test_lora_wraps_q_k_v_only_and_merges_into_published_names():
     assert set(model.merged_state_dict()) == set(plain.state_dict())
 
 
+@pytest.mark.slow
 def test_lora_on_top_layers_re_runs_them_from_a_frozen_encoder_cache():
-    from serval.cache import backbone_fingerprint
+    from serval.train.cache import backbone_fingerprint
 
     kw = dict(encoder_layers=3, layer_weighting="weighted", layer_stats=True)
     model = tiny_model(lora_r=4, lora_layers=1, **kw)

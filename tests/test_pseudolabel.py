@@ -165,6 +165,7 @@ def test_rule_teachers_on_known_timeline(timeline_file):
     assert mixed["label"] == "sad" and "majority sad" in mixed["reason"]
 
 
+@pytest.mark.slow
 def test_seeded_models_agree_as_their_own_predictions_say(timeline_file, teachers_dir):
     path, _ = timeline_file
     models = {f"t{s}": Predictor(load_model(teachers_dir / f"t{s}"), "cpu") for s in (1, 2)}
@@ -179,6 +180,7 @@ def test_seeded_models_agree_as_their_own_predictions_say(timeline_file, teacher
         assert w["label"] == expected
 
 
+@pytest.mark.slow
 def test_cli_run_reasons_failures_and_second_pass(tmp_path, teachers_dir, capsys):
     files = recordings(tmp_path / "audio", 3)
     sf.write(tmp_path / "audio" / "short.flac", load_audio(files[0])[: 4 * SAMPLE_RATE], SAMPLE_RATE)
@@ -234,6 +236,7 @@ def test_cli_run_reasons_failures_and_second_pass(tmp_path, teachers_dir, capsys
         assert r.extra["relabel_model"] == t1 and r.extra["first_pass_label"] in EMOTIONS
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_output(tmp_path, teachers_dir):
     audio = tmp_path / "audio"
     recordings(audio, 6, seconds=10.0)
@@ -287,6 +290,7 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path, teachers_dir):
     assert len(read_manifest(out)) == 6
 
 
+@pytest.mark.slow
 def test_torn_progress_line_is_dropped_and_settings_must_match(tmp_path, teachers_dir):
     files = recordings(tmp_path / "audio", 2, seconds=10.0)
     t1, t2 = str(teachers_dir / "t1"), str(teachers_dir / "t2")
@@ -308,3 +312,33 @@ def test_torn_progress_line_is_dropped_and_settings_must_match(tmp_path, teacher
     assert messages == ["resuming: 1 of 2 recordings already labelled"]
     for kind in ("manifest", "windows", "decisions"):
         assert output_paths(out)[kind].read_bytes() == output_paths(reference)[kind].read_bytes(), kind
+
+
+@pytest.mark.slow
+def test_pseudolabel_after_a_teacher_failed_to_load(tmp_path, capsys):
+    from serval.pseudolabel import PseudoLabelConfig, output_paths, pseudolabel
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a.wav", load_audio(clips("ravdess", n=1)[0]), SAMPLE_RATE)
+    out = tmp_path / "labels.csv"
+    cfg = PseudoLabelConfig(min_utterance=1.0, max_utterance=5.0)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        pseudolabel([str(audio)], [str(tmp_path / "nowhere")], out, cfg, device="cpu")
+    assert not output_paths(out)["progress"].exists()
+    # the corrected run is not refused: it labels the file and finishes
+    counts = pseudolabel([str(audio)], ["default"], out, cfg, device="cpu", log=lambda m: None)
+    assert counts["sources"] == 1 and counts["failed"] == 0 and out.is_file()
+    assert not output_paths(out)["progress"].exists()
+
+
+def test_a_progress_log_that_finished_nothing_gives_way(tmp_path):
+    from serval.pseudolabel import Progress
+
+    log = tmp_path / "x.progress.jsonl"
+    Progress(log, {"teachers": ["old"]})
+    state = Progress(log, {"teachers": ["new"]})
+    assert json.loads(log.read_text().splitlines()[0]) == {"settings": {"teachers": ["new"]}}
+    state.add({"key": "k", "path": "p", "error": "boom"})
+    with pytest.raises(ValueError, match="other settings"):  # a log with work in it is still kept
+        Progress(log, {"teachers": ["newer"]})

@@ -44,6 +44,7 @@ def _same(records: list[dict], want: list[dict]) -> None:
             assert all(v is r[k][c] is None or abs(r[k][c] - v) < 1e-5 for c, v in w[k].items())
 
 
+@pytest.mark.slow
 def test_predict_on_ray_gives_the_single_process_records_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the golden records name their files relative to the repository
     out = tmp_path / "x.jsonl"
@@ -77,6 +78,7 @@ def test_ray_needs_jsonl_output(capsys):
     assert "-o FILE.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pseudolabel_on_ray_equals_the_local_run(tmp_path):
     torch.manual_seed(1)
     teacher = tmp_path / "t1"

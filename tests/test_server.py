@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,15 +31,24 @@ uvicorn = pytest.importorskip("uvicorn")
 ws_client = pytest.importorskip("websockets.sync.client")
 ConnectionClosed = pytest.importorskip("websockets.exceptions").ConnectionClosed
 
-from serval.audio import load_audio, resample  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
+import serval  # noqa: E402
+from serval import vocab  # noqa: E402
+from serval.audio import SAMPLE_RATE, load_audio, resample  # noqa: E402
 from serval.inference import load  # noqa: E402
 from serval.serve.app import create_app  # noqa: E402
 from serval.serve.batching import MicroBatcher  # noqa: E402
 from serval.serve.config import ServerConfig  # noqa: E402
 from serval.timeline import grid_timeline  # noqa: E402
+from serval.vocab import DIMENSIONS  # noqa: E402
 from serval.windows import WindowSpec, window_grid  # noqa: E402
 
-TOL = 5e-6  # records are rounded to 6 decimals; different clips differ by far more (checked below)
+# Records are rounded to 6 decimals. The tiny random model's probabilities are near-uniform: different clips
+# differ by only ~5e-4 (checked below), and fp32 sum orders (CPU, batch, engine) move them by ~1e-7.
+TOL = 5e-6
+# bytes that are no audio: no audio header at their start (checked in the test of raw bodies)
+GARBAGE = np.random.default_rng(0).bytes(5000)
 
 
 # ---------------------------------------------------------------------------- helpers and fixtures
@@ -207,9 +217,20 @@ def test_emotion_is_the_predict_record(served, predictor, ravdess_clips, emodb_c
             r = c.post("/v1/emotion", files={"file": (p.name, p.read_bytes(), "audio/flac")})
             assert r.status_code == 200, r.text
             rec = r.json()
-            assert set(rec) == {"file", "duration", "pieces", "label", "probabilities", "scores"}
+            assert set(rec) == {
+                "file",
+                "duration",
+                "pieces",
+                "label",
+                "probabilities",
+                "scores",
+                "speech_fraction",
+                "no_speech",
+            }
             assert rec["pieces"] == want["pieces"] == 1
             assert rec["file"] == p.name and rec["duration"] == want["duration"]
+            assert rec["no_speech"] is want["no_speech"] is False
+            assert rec["speech_fraction"] == pytest.approx(want["speech_fraction"], abs=2e-3)
             np.testing.assert_allclose(
                 probs_of(rec, predictor.classes), probs_of(want, predictor.classes), atol=TOL
             )
@@ -246,6 +267,7 @@ def test_emotion_is_the_predict_record(served, predictor, ravdess_clips, emodb_c
         assert r.json()["duration"] == pytest.approx(len(wave) / 16000, abs=0.002)
 
 
+@pytest.mark.slow
 def test_timeline_is_the_timeline_json(served, predictor, tmp_path):
     base, _ = served
     wave = speech(5)  # ~18 s of real speech
@@ -263,7 +285,7 @@ def test_timeline_is_the_timeline_json(served, predictor, tmp_path):
     want = grid_timeline(decoded, predictor, WindowSpec(window=3.0, hop=1.5, min_length=0.5, max_segment=6.0))
     assert got["file"] == "talk.wav" and got["duration"] == round(len(decoded) / 16000, 3)
     assert got["grid"] == {"window": 3.0, "hop": 1.5, "min_length": 0.5} and got["max_segment"] == 6.0
-    assert set(got) - {"duration"} == set(want)
+    assert set(got) - {"duration", "overall"} == set(want)
     grid = window_grid(len(decoded) / 16000, WindowSpec(window=3.0, hop=1.5, min_length=0.5))
     assert [(w["start"], w["end"]) for w in got["windows"]] == [(round(a, 3), round(b, 3)) for a, b in grid]
     for g, w in zip(got["windows"], want["windows"]):
@@ -276,6 +298,15 @@ def test_timeline_is_the_timeline_json(served, predictor, tmp_path):
     assert segs[0]["start"] == 0 and segs[-1]["end"] == pytest.approx(got["duration"], abs=1e-3)
     assert all(a["end"] == b["start"] for a, b in zip(segs, segs[1:]))
     assert all(s["end"] - s["start"] <= 6.0 + 1e-6 for s in segs)
+    # the whole recording: the windows' probabilities and scores, weighted by their durations
+    wins = want["windows"]
+    weights = np.array([w["end"] - w["start"] for w in wins])
+    for key, names in (("probabilities", predictor.classes), ("scores", predictor.dimensions)):
+        values = np.array([[w[key][n] for n in names] for w in wins])
+        mean = weights @ values / weights.sum()
+        np.testing.assert_allclose([got["overall"][key][n] for n in names], mean, atol=TOL)
+    top = int(np.argmax(probs_of(got["overall"], predictor.classes)))
+    assert got["overall"]["label"] == predictor.classes[top]
 
 
 def test_model_health_metrics_openapi(served, predictor, ravdess_clips):
@@ -286,7 +317,11 @@ def test_model_health_metrics_openapi(served, predictor, ravdess_clips):
         assert info["dimensions"] == ["arousal", "valence", "dominance"] and "backbone" in info
         assert info["version"] == __import__("serval").__version__
         assert info["limits"]["max_clip_seconds"] == 10 and info["batching"]["max_batch"] == 16
-        assert c.get("/healthz").json()["status"] == "ok"
+        # /health is /healthz under the name most probes try first
+        for path in ("/healthz", "/health"):
+            r = c.get(path)
+            assert r.status_code == 200, (path, r.text)
+            assert r.json()["status"] == "ok" and set(r.json()) == {"status", "queue"}
 
         before = c.get("/metrics").text
         ok = c.post("/v1/emotion", files={"file": ("a.flac", ravdess_clips[1].read_bytes())})
@@ -307,7 +342,9 @@ def test_model_health_metrics_openapi(served, predictor, ravdess_clips):
         assert 'serval_batch_size_bucket{le="+Inf"}' in after
 
         schema = c.get("/openapi.json").json()
-        assert {"/v1/emotion", "/v1/timeline", "/v1/model", "/healthz", "/metrics"} <= set(schema["paths"])
+        paths = {"/v1/emotion", "/v1/timeline", "/v1/model", "/health", "/healthz", "/metrics"}
+        assert paths <= set(schema["paths"])
+        assert 'serval_requests_total{endpoint="/health",status="200"}' in after
         body = schema["paths"]["/v1/emotion"]["post"]["requestBody"]["content"]
         assert "multipart/form-data" in body and "audio/*" in body
         assert {"413", "415", "422", "503"} <= set(schema["paths"]["/v1/emotion"]["post"]["responses"])
@@ -325,7 +362,7 @@ def test_bad_input_gets_clear_errors_and_the_server_lives_on(served, ravdess_cli
 
         # corrupt: a real FLAC cut short, and bytes that are no audio at all
         assert_error(post(good[:3000], params={"filename": "cut.flac"}), 422, "truncated_audio", "cut.flac")
-        assert_error(post(os.urandom(5000), "application/octet-stream"), 422, "unsupported_audio", "upload")
+        assert_error(post(GARBAGE, "audio/wav"), 422, "unsupported_audio", "upload")
         assert_error(post(b""), 422, "empty_audio")
         assert_error(post(wav_bytes(np.zeros(800, np.float32))), 422, "audio_too_short")
         # the API takes bytes only: a path in the body is decoded as bytes, never opened
@@ -335,7 +372,6 @@ def test_bad_input_gets_clear_errors_and_the_server_lives_on(served, ravdess_cli
             c.post("/v1/emotion", json={"path": str(ravdess_clips[2])}), 415, "unsupported_media_type"
         )
         assert_error(post(good, "text/plain"), 415, "unsupported_media_type", "text/plain")
-        assert_error(post(good, None), 415, "unsupported_media_type")
         r = c.post("/v1/emotion", files={"file": ("notes.txt", b"some text", "text/plain")})
         assert_error(r, 415, "unsupported_media_type", "text/plain")
         assert_error(
@@ -386,6 +422,97 @@ def test_bad_input_gets_clear_errors_and_the_server_lives_on(served, ravdess_cli
         assert proc.poll() is None
         assert c.get("/healthz").status_code == 200
         assert c.post("/v1/emotion", content=good, headers={"content-type": "audio/flac"}).status_code == 200
+
+
+def encoded(wave: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def raw_bodies(ravdess_clips) -> dict[str, bytes]:
+    """Real clips as the bytes of a file in each format a raw upload may hold."""
+    flac = ravdess_clips[4]
+    pcm, sr = sf.read(flac, dtype="int16")
+    mp3 = encoded(load_audio(flac), "MP3")  # libsndfile writes MPEG frames with no tag before them
+    id3 = b"ID3\x04\x00\x00\x00\x00\x00\x0a" + bytes(10)  # an ID3v2.4 tag of 10 padding bytes
+    return {
+        "wav": wav_bytes(pcm, sr),
+        "flac": flac.read_bytes(),
+        "opus": clips("nemo", "EB0/*.opus", n=1)[0].read_bytes(),  # Ogg Opus
+        "mp3": mp3,
+        "id3+mp3": id3 + mp3,
+        "au": encoded(load_audio(flac), "AU"),  # no header serval knows: libsndfile reads it
+    }
+
+
+def test_raw_bodies_are_recognised_by_their_bytes(served, predictor, raw_bodies):
+    from serval.audio import sniff_format
+
+    base, _ = served
+    heads = {k: sniff_format(v[:16]) for k, v in raw_bodies.items()}
+    assert heads == {
+        "wav": "WAV", "flac": "FLAC", "opus": "OGG", "mp3": "MP3", "id3+mp3": "MP3", "au": None
+    }  # fmt: skip
+    with httpx.Client(base_url=base, timeout=60) as c:
+        for kind, body in raw_bodies.items():
+            want = predictor.predict([load_audio(body)])[0]
+            # no content type at all, the generic binary one, and the form type curl --data-binary sends
+            for ctype in (None, "application/octet-stream", "application/x-www-form-urlencoded"):
+                headers = {"content-type": ctype} if ctype else {}
+                r = c.post("/v1/emotion", content=body, headers=headers, params={"filename": f"a.{kind}"})
+                assert r.status_code == 200, (kind, ctype, r.text)
+                assert r.request.headers.get("content-type") == ctype
+                rec = r.json()
+                assert rec["file"] == f"a.{kind}" and rec["label"] == want["label"], (kind, ctype)
+                np.testing.assert_allclose(
+                    probs_of(rec, predictor.classes), probs_of(want, predictor.classes), atol=TOL
+                )
+            r = c.post("/v1/timeline", content=body)  # the timeline takes them too
+            assert r.status_code == 200 and r.json()["windows"], (kind, r.text)
+        # a multipart file part of a generic type is recognised the same way
+        files = {"file": ("clip", raw_bodies["flac"], "application/octet-stream")}
+        assert c.post("/v1/emotion", files=files).status_code == 200
+        files = {"file": ("clip", raw_bodies["opus"], "")}
+        assert c.post("/v1/emotion", files=files).status_code == 200
+
+        # bytes that are not audio: a 415 that says so, whatever generic type they came with
+        assert sniff_format(GARBAGE[:16]) is None
+        for ctype in (None, "application/octet-stream"):
+            r = c.post("/v1/emotion", content=GARBAGE, headers={"content-type": ctype} if ctype else {})
+            head = repr(GARBAGE[:8])
+            assert_error(r, 415, "unsupported_media_type", "upload: sent with", "not audio", head)
+        r = c.post("/v1/emotion", data={"file": "not a file"})  # a real HTML form, not a file
+        assert_error(r, 415, "unsupported_media_type", "'application/x-www-form-urlencoded'", "b'file=not'")
+        r = c.post("/v1/timeline", content=b"hello world", params={"filename": "notes.txt"})
+        assert_error(r, 415, "unsupported_media_type", "notes.txt: sent with no content type", "not audio")
+        r = c.post("/v1/emotion", files={"file": ("noise.bin", GARBAGE, "application/octet-stream")})
+        assert_error(r, 415, "unsupported_media_type", "noise.bin")
+        # bytes that announce audio but break are audio errors, with the decoder's reason
+        assert_error(c.post("/v1/emotion", content=raw_bodies["flac"][:3000]), 422, "truncated_audio")
+        assert_error(c.post("/v1/emotion", content=b""), 422, "empty_audio")
+        # a declared type that is not audio is refused before the body is looked at
+        r = c.post("/v1/emotion", content=raw_bodies["wav"], headers={"content-type": "text/plain"})
+        assert_error(r, 415, "unsupported_media_type", "text/plain")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_data_binary_just_works(served, predictor, raw_bodies, tmp_path):
+    base, _ = served
+    path = tmp_path / "a.wav"
+    path.write_bytes(raw_bodies["wav"])
+    done = subprocess.run(
+        ["curl", "-sS", "--data-binary", f"@{path}", f"{base}/v1/emotion"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    rec = json.loads(done.stdout)
+    want = predictor.predict([load_audio(path)])[0]
+    assert rec["file"] == "upload" and rec["label"] == want["label"], rec
+    np.testing.assert_allclose(probs_of(rec, predictor.classes), probs_of(want, predictor.classes), atol=TOL)
 
 
 # ---------------------------------------------------------------------------- streaming
@@ -503,6 +630,27 @@ def test_timeline_and_stream_default_to_the_servers_grid(predictor):
         with ws_client.connect(srv.base.replace("http", "ws") + "/v1/stream") as ws:
             ready = json.loads(ws.recv(timeout=20))
         assert (ready["window"], ready["hop"]) == (3.0, 1.0)
+
+
+def test_a_clip_without_speech_has_no_label_unless_the_server_says(predictor, ravdess_clips):
+    t = np.arange(32000) / 16000
+    silent = {"silence.wav": np.zeros(32000, np.float32), "tone.wav": 0.5 * np.sin(2 * np.pi * 440 * t)}
+    for label_no_speech in (False, True):
+        app = create_app(predictor, ServerConfig(label_no_speech=label_no_speech))
+        with ThreadServer(app) as srv, httpx.Client(base_url=srv.base, timeout=60) as c:
+            for name, wave in silent.items():
+                r = c.post("/v1/emotion", files={"file": (name, wav_bytes(wave), "audio/wav")})
+                assert r.status_code == 200, r.text
+                rec = r.json()
+                assert rec["no_speech"] is True and rec["speech_fraction"] < 0.1
+                assert sum(rec["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+                top = max(rec["probabilities"], key=rec["probabilities"].get)
+                assert rec["label"] == (top if label_no_speech else None)
+            r = c.post("/v1/emotion", files={"file": ("a.flac", ravdess_clips[0].read_bytes())})
+            assert r.json()["no_speech"] is False and r.json()["label"] is not None
+            schema = c.get("/openapi.json").json()["components"]["schemas"]["EmotionRecord"]["properties"]
+            assert "null when no_speech" in schema["label"]["description"]
+            assert "Silero VAD" in schema["speech_fraction"]["description"]
 
 
 # ---------------------------------------------------------------------------- batching, queue, shutdown
@@ -637,6 +785,7 @@ def _refused(base: str) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_lets_a_slow_upload_finish(model_dir, tmp_path, ravdess_clips):
     base, proc = start_cli_server(model_dir, tmp_path / "server.log")
     body = ravdess_clips[1].read_bytes()
@@ -742,3 +891,88 @@ def test_batcher_waits_only_for_requests_on_their_way():
     # one more request is on its way: the first waits for it (bounded), and they share a call
     assert asyncio.run(with_company()) < 0.3
     assert calls == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return serval.load("default", device="cpu")
+
+
+def test_timeline_and_health_answers_are_typed(default_model):
+    from fastapi.testclient import TestClient
+
+    from serval.serve.app import create_app
+    from serval.serve.schemas import Health, ServedTimeline
+
+    with TestClient(create_app(default_model)) as client:
+        doc = client.get("/openapi.json").json()
+        health = client.get("/healthz")
+        clip = clips("ravdess", n=1)[0]
+        answer = client.post(
+            "/v1/timeline?vad=true", files={"file": (clip.name, clip.read_bytes(), "audio/flac")}
+        )
+    schemas = doc["components"]["schemas"]
+
+    def schema_of(path, method, code):
+        ref = doc["paths"][path][method]["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+        return schemas[ref.rsplit("/", 1)[1]]
+
+    assert set(schema_of("/healthz", "get", "200")["properties"]) == {"status", "queue"}
+    assert schema_of("/healthz", "get", "503") == schema_of("/healthz", "get", "200")
+    timeline = schema_of("/v1/timeline", "post", "200")
+    assert {"windows", "segments", "grid", "duration", "classes"} <= set(timeline["properties"])
+    assert health.status_code == 200 and Health.model_validate(health.json()).status == "ok"
+    body = answer.json()
+    assert answer.status_code == 200 and body["windows"] and "speech_fraction" in body["windows"][0]
+    # the real answer fits the published type with nothing left over
+    adapter = TypeAdapter(ServedTimeline)
+    assert adapter.dump_python(adapter.validate_python(body), mode="json") == body
+
+
+def test_server_answers_null_for_untrained(trained_dims_models, ravdess_clips, one_actor_talk):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from serval.serve.app import create_app
+    from serval.serve.config import ServerConfig
+
+    body = ravdess_clips[2].read_bytes()
+    talk = one_actor_talk.read_bytes()
+    pcm = (load_audio(one_actor_talk)[: 6 * SAMPLE_RATE] * 32767).astype("<i2").tobytes()
+    seen = {}
+    for trained in [(), ("arousal",)]:
+        app = create_app(load(trained_dims_models[trained], device="cpu"), ServerConfig())
+        with TestClient(app) as c:
+            head = {"content-type": "audio/flac"}
+            rec = c.post("/v1/emotion", content=body, headers=head).json()
+            timeline = c.post("/v1/timeline", content=talk, headers=head).json()
+            info = c.get("/v1/model").json()
+            with c.websocket_connect("/v1/stream?sample_rate=16000") as ws:
+                ready = ws.receive_json()
+                ws.send_bytes(pcm)
+                window = ws.receive_json()
+                ws.send_text(json.dumps({"type": "end"}))
+                messages = [ws.receive_json()]
+                while messages[-1]["type"] != "summary":
+                    messages.append(ws.receive_json())
+            schema = c.get("/openapi.json").json()
+        seen[trained] = rec, timeline, info, ready, window, messages[-1]
+        assert info["trained_dimensions"] == ready["trained_dimensions"] == list(trained)
+        assert timeline["trained_dimensions"] == list(trained)
+        for scores in [
+            rec["scores"],
+            *(w["scores"] for w in timeline["windows"]),
+            *(s["scores"] for s in timeline["segments"]),
+            window["scores"],
+            messages[-1]["overall"]["scores"],
+            *(s["scores"] for s in messages[-1]["segments"]),
+        ]:
+            assert list(scores) == list(DIMENSIONS)
+            assert [d for d, v in scores.items() if v is not None] == list(trained)
+    # the schema says what a null means
+    record = schema["components"]["schemas"]["EmotionRecord"]["properties"]["scores"]
+    assert vocab.UNTRAINED in record["description"]
+    assert {"type": "null"} in record["additionalProperties"]["anyOf"]
+    # the same weights: the trained score is the number, the untrained one is null
+    assert seen[()][0]["probabilities"] == seen[("arousal",)][0]["probabilities"]

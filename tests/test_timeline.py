@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import clips
+from conftest import NULL_SCORES, clips
 
 from serval.audio import SAMPLE_RATE, load_audio
 from serval.checkpoint import load_model, save_model
 from serval.cli import main
-from serval.inference import Predictor
+from serval.inference import Predictor, load
 from serval.model import SERConfig, SERModel
-from serval.timeline import Turn, TurnsError, grid_timeline, read_turns, turns_timeline
+from serval.timeline import Turn, TurnsError, figure, grid_timeline, outputs, plot, read_turns, turns_timeline
+from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import WindowSpec, split_span
 
 
@@ -81,10 +82,26 @@ def test_grid_timeline_with_vad(recording, predictor):
     assert duration % 2 > 0.5 and windows[-2]["end"] == 2.0 * (len(windows) - 1)
     assert windows[-1]["start"] == pytest.approx(duration - 2, abs=1e-3)
     assert windows[-1]["end"] == pytest.approx(duration, abs=1e-3)
-    # the leading silence (0-3 s) and the gap (t_a .. t_a + 5) are left unscored
-    assert windows[0]["label"] is None and "probabilities" not in windows[0]
+    # the leading silence (0-3 s) and the gap (t_a .. t_a + 5) are left unscored, and marked so
+    assert windows[0]["label"] is None and "probabilities" not in windows[0] and windows[0]["no_speech"]
     gap = [w for w in windows if t_a <= w["start"] and w["end"] <= t_a + 5]
-    assert gap and all(w["label"] is None for w in gap)
+    assert gap and all(w["label"] is None and w["no_speech"] for w in gap)
+    assert all(w["no_speech"] == (w["label"] is None) for w in windows)
+    assert all(
+        0 <= w["speech_fraction"] <= 1 and round(w["speech_fraction"], 3) == w["speech_fraction"]
+        for w in windows
+    )
+    assert (
+        max(w["speech_fraction"] for w in gap)
+        < 0.05
+        < min(w["speech_fraction"] for w in windows if w["label"])
+    )
+    # the unscored spans: the leading silence (with the first clip's own lead-in) and the gap
+    spans = [(u["start"], u["end"]) for u in result["unscored"]]
+    assert spans[0][0] == 0.0 and 2.0 <= spans[0][1] <= 4.0
+    assert any(t_a - 2 <= a <= gap[0]["start"] and gap[-1]["end"] <= b <= t_a + 7 for a, b in spans)
+    for w in windows:  # a window lies in an unscored span exactly when it was not scored
+        assert w["no_speech"] == any(a <= w["start"] and w["end"] <= b for a, b in spans)
     scored = [w for w in windows if w["label"]]
     assert len(scored) >= 5
     assert all(abs(sum(w["probabilities"].values()) - 1) < 1e-4 for w in scored)
@@ -92,6 +109,60 @@ def test_grid_timeline_with_vad(recording, predictor):
     assert sum(s["windows"] for s in result["segments"]) == len(scored)
 
 
+def test_vad_off_has_no_speech_fields(recording, predictor):
+    path, _, _ = recording
+    result = grid_timeline(path, predictor, WindowSpec(window=4.0, hop=2.0))
+    assert result["vad"] is None and result["unscored"] == []
+    assert all("speech_fraction" not in w and "no_speech" not in w and w["label"] for w in result["windows"])
+
+
+def test_cli_marks_unscored_spans(recording, model_dir, tmp_path):
+    path, duration, t_a = recording
+    prefix = tmp_path / "vad"
+    args = ["timeline", str(path), "--model", str(model_dir), "--device", "cpu", "--vad", "-o", str(prefix)]
+    assert main([*args, "--window", "2", "--hop", "1", "--no-progress"]) == 0
+    data = json.loads((tmp_path / "vad.json").read_text())
+    assert data["vad"] == {"threshold": WindowSpec.vad_threshold, "min_speech": WindowSpec.min_speech}
+    unscored = [(u["start"], u["end"]) for u in data["unscored"]]
+    # windows 0-2 and 1-3 are silent; each stands for the timeline up to the middle of its overlaps
+    assert unscored[0][0] == 0.0 and 2.5 <= unscored[0][1] <= 4.5
+    assert any(a <= t_a + 1 and t_a + 4 <= b for a, b in unscored)  # the 5 s gap
+    rows = list(csv.DictReader(open(tmp_path / "vad.csv")))
+    assert list(rows[0])[:5] == ["start", "end", "speech_fraction", "no_speech", "label"]
+    assert [r["no_speech"] for r in rows] == ["true" if w["no_speech"] else "false" for w in data["windows"]]
+    for r, w in zip(rows, data["windows"]):
+        assert (r["label"] == "" and r["happy"] == "") == (r["no_speech"] == "true")
+        assert float(r["speech_fraction"]) == pytest.approx(w["speech_fraction"], abs=1e-9)
+    assert {r["no_speech"] for r in rows} == {"true", "false"}
+    assert (tmp_path / "vad.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the PNG's figure: each unscored span shaded on both axes and labelled "no speech"
+    fig = figure(data)
+    axes = fig.axes
+    for ax in axes:
+        shaded = [p for p in ax.patches if p.get_gid() == "no-speech"]
+        extents = [(round(p.get_x(), 3), round(p.get_x() + p.get_width(), 3)) for p in shaded]
+        assert extents == unscored
+    labels = [t for t in axes[0].texts if t.get_gid() == "no-speech-label"]
+    assert {t.get_text() for t in labels} == {"no speech"}
+    labelled = [t.get_position()[0] for t in labels]
+    assert all(any(a < x < b for x in labelled) for a, b in unscored if b - a >= 2)  # the wide ones
+    assert "no speech" in [t.get_text() for t in axes[0].get_legend().get_texts()]
+    # and in pixels: the middle of the gap is grey where the same figure without the marks is white
+    mid = next((a + b) / 2 for a, b in unscored if a <= t_a + 1 and t_a + 4 <= b)
+    assert _pixel(fig, mid) < 245 and _pixel(figure({**data, "unscored": []}), mid) > 250
+
+
+def _pixel(fig, t: float) -> float:
+    """Mean brightness of a small box of the top axis at time `t`, a third of the way up (below the curves)."""
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    x, y = ax.transData.transform((t, 0.02))
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float)
+    row = image.shape[0] - int(y) - 10
+    return float(image[row - 5 : row + 5, int(x) - 5 : int(x) + 5].mean())
+
+
+@pytest.mark.slow
 def test_turns_split_pool_and_summarise(recording, predictor):
     path, duration, t_a = recording
     long_turn = Turn(0.0, duration, "A")  # > 30 s: cut into two pieces and pooled
@@ -124,6 +195,7 @@ def test_turns_split_pool_and_summarise(recording, predictor):
     assert sum(b["label_seconds"].values()) == pytest.approx(b["duration"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_writes_outputs_and_never_overwrites(recording, model_dir, tmp_path, capsys):
     path, duration, _ = recording
     prefix = tmp_path / "out" / "meeting"
@@ -196,3 +268,65 @@ def test_cli_turns_and_errors(recording, model_dir, tmp_path, capsys):
         == 2
     )
     assert "none.rttm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_timeline_writes_its_default_formats(tmp_path, capsys):
+    clip = clips("ravdess", n=1)[0]
+    prefix = tmp_path / "out" / "talk"
+    assert main(["timeline", str(clip), "-o", str(prefix), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    for suffix in (".json", ".csv", ".segments.csv", ".png"):
+        assert f"wrote {prefix}{suffix}" in err
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    assert result["windows"] and result["segments"][0]["label"] in EMOTIONS
+    assert prefix.with_name("talk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run refuses to replace them, naming them, unless --overwrite
+    assert main(["timeline", str(clip), "-o", str(prefix), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_timeline_reports_and_plots_only_trained_outputs(
+    trained_dims_models, one_actor_talk, tmp_path, monkeypatch
+):
+    from matplotlib.figure import Figure
+
+    spec = WindowSpec(window=4.0, hop=2.0)
+    none, arousal = (
+        load(trained_dims_models[()], device="cpu"),
+        load(trained_dims_models[("arousal",)], device="cpu"),
+    )
+    a, b = grid_timeline(one_actor_talk, none, spec), grid_timeline(one_actor_talk, arousal, spec)
+    assert a["trained_dimensions"] == [] and b["trained_dimensions"] == ["arousal"]
+    assert a["windows"] and a["segments"]
+    for item in a["windows"] + a["segments"]:
+        assert item["scores"] == NULL_SCORES
+    for item in b["windows"] + b["segments"]:
+        assert isinstance(item["scores"]["arousal"], float)
+        assert item["scores"]["valence"] is None and item["scores"]["dominance"] is None
+    csv_rows = outputs(b, str(tmp_path / "b"), ["csv"])[str(tmp_path / "b.csv")].splitlines()
+    header = csv_rows[0].split(",")
+    first = csv_rows[1].split(",")
+    assert first[header.index("arousal")] != "" and first[header.index("valence")] == ""
+    # speaker summaries: the mean of a trained score, null for the others
+    turns = [Turn(0.0, 5.0, "A"), Turn(5.0, 10.0, "B"), Turn(10.0, 12.0, "A")]
+    t = turns_timeline(one_actor_talk, arousal, turns)
+    for summary in t["speakers"].values():
+        assert isinstance(summary["scores"]["arousal"], float) and summary["scores"]["valence"] is None
+    assert all(
+        s["scores"] == NULL_SCORES for s in turns_timeline(one_actor_talk, none, turns)["speakers"].values()
+    )
+
+    # the plot: no dimension panel when none is trained, one line per trained dimension otherwise
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kw: figures.append(self))
+    plot(a, tmp_path / "a.png")
+    plot(b, tmp_path / "b.png")
+    plot(
+        grid_timeline(one_actor_talk, load(trained_dims_models[DIMENSIONS], device="cpu"), spec),
+        tmp_path / "c.png",
+    )
+    labels = [[[line.get_label() for line in ax.get_lines()] for ax in fig.axes] for fig in figures]
+    classes = list(none.classes)
+    assert labels == [[classes], [classes, ["arousal"]], [classes, list(DIMENSIONS)]]

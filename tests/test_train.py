@@ -8,8 +8,10 @@ import os
 import pickle
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -69,20 +71,25 @@ AVD = {
 }
 
 
-def ravdess_manifest(path: Path, n_train: int, n_dev: int = 0, dims: bool = False, span=("", "")) -> Path:
+def ravdess_manifest(
+    path: Path, n_train: int, n_dev: int = 0, dims: bool = False, span=("", ""), actors=("01", "02")
+) -> Path:
     """A manifest of real RAVDESS clips (calm dropped), split by actor: train from actor 1, dev from actor 2."""
     rows = []
-    for actor, n, split in (("01", n_train, "train"), ("02", n_dev, "dev")):
+    for actor, n, split in ((actors[0], n_train, "train"), (actors[1], n_dev, "dev")):
         found = [
             f for f in clips("ravdess", f"Actor_{actor}/*.flac") if f.stem.split("-")[2] in RAVDESS_CODES
         ]
         step = max(1, len(found) // max(n, 1))
         for f in found[::step][:n]:
             label = RAVDESS_CODES[f.stem.split("-")[2]]
-            rows.append([str(f), *span, label, split, *(AVD[label] if dims else ("", "", ""))])
+            avd = AVD[label] if dims else ("", "", "")
+            rows.append([str(f), *span, label, split, *avd, f"ravdess-{actor}", "ravdess"])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "start", "end", "label", "split", "arousal", "valence", "dominance"])
+        w.writerow(
+            ["path", "start", "end", "label", "split", "arousal", "valence", "dominance", "speaker", "corpus"]
+        )
         w.writerows(rows)
     return path
 
@@ -169,7 +176,7 @@ def test_soft_cross_entropy_equals_torch_for_hard_labels_and_ignores_unlabelled(
         w,
         0.1,
     )
-    assert padded.item() == pytest.approx(got.item(), rel=1e-6)
+    assert padded.item() == pytest.approx(got.item(), rel=1e-5)  # fp32 sums of 10 and 11 terms: ~11 u
 
 
 def test_class_weights_are_inverse_frequency_over_present_classes():
@@ -219,6 +226,7 @@ def test_config_yaml_with_overrides_and_clear_errors(tmp_path):
 
 def test_shipped_configs_load():
     for name in (
+        "quickstart-cpu",
         "meralion-medium",
         "whisper-base-cpu",
         "whisper-base-lora",
@@ -390,6 +398,7 @@ def test_choose_combination_follows_the_setting_and_dev_uar():
 # ---------------------------------------------------------------------------- real runs
 
 
+@pytest.mark.slow
 def test_training_loss_falls_on_real_clips_and_final_model_loads(tmp_path):
     # 1.5 s spans of real clips: spans are read from the manifest, and no random crop blurs the signal
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, n_dev=2, span=(0.5, 2.0))
@@ -455,12 +464,108 @@ def test_out_dir_of_another_run_or_user_files_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, manifest, "optim.batch_size=4", "optim.epochs=1")
     with pytest.raises(ValueError, match="not empty and holds no serval run"):
         train(cfg)
+    with pytest.raises(ValueError, match="not empty and holds no serval run"):
+        train(cfg, overwrite=True)  # --overwrite deletes only a serval run
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     (tmp_path / "run" / "notes.txt").unlink()
     train(cfg)
     other = tiny_config(tmp_path, manifest, "optim.batch_size=4", "optim.epochs=2")
     with pytest.raises(ValueError, match="different config"):
         train(other)
+    never = tiny_config(tmp_path, manifest, "optim.batch_size=4", "optim.epochs=1", "resume=never")
+    with pytest.raises(ValueError, match=r"run: holds a run already .*pass --overwrite"):
+        train(never)
+
+
+def _metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_failed_run_is_resumed_or_restarted_and_the_error_says_which(tmp_path, capsys):
+    from serval import cli
+
+    manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8)
+    sets = ["optim.batch_size=4", "mode=frozen_cached", "model.lora_r=0"]  # encoder cache in <out_dir>/cache
+    missing = tiny_config(tmp_path, manifest, *sets, f"data.train={tmp_path / 'nowhere.csv'}")
+    with pytest.raises(ValueError, match="nowhere.csv"):
+        train(missing)
+    assert not Path(missing.out_dir).exists()  # bad data stops the run before its folder is claimed
+
+    def config(name: str, *more: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(tmp_path, manifest, *sets, *more).to_dict()))
+        return str(path)
+
+    one, two = config("one", "optim.epochs=1"), config("two", "optim.epochs=2")
+    assert cli.main(["train", one]) == 0
+    out = Path(missing.out_dir)
+    cached = sorted(p.relative_to(out) for p in (out / "cache").rglob("*") if p.is_file())
+    assert cached and [r["step"] for r in _metrics(out)] == ["1", "2"]  # 8 clips, batch 4; no dev rows
+    capsys.readouterr()
+    assert cli.main(["train", two]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"{out}: holds a run with a different config (last checkpoint step-000002; differs in optim.epochs)"
+        in err
+    )
+    assert "pass --resume (resume: force) to continue it with this config, or --overwrite to delete it" in err
+
+    assert cli.main(["train", two, "--resume"]) == 0  # continues from step 2 to the end of epoch 2
+    steps = [int(r["step"]) for r in _metrics(out) if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["epochs"] == 2
+
+    lower = config("lower", "optim.epochs=1", "optim.lr_head=1e-4")
+    assert cli.main(["train", lower, "--overwrite"]) == 0  # deleted, then run again from step 0
+    assert [int(r["step"]) for r in _metrics(out) if r["split"] == "train"] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr_head"] == 1e-4
+    assert sorted(p.relative_to(out) for p in (out / "cache").rglob("*") if p.is_file()) == cached  # kept
+    with pytest.raises(SystemExit):
+        cli.main(["train", lower, "--resume", "--overwrite"])  # one or the other
+    assert "--overwrite: not allowed with argument --resume" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_model_that_the_backbone_or_init_from_builds(tmp_path, capsys):
+    from serval import cli
+
+    assert cli.main(["train", str(REPO / "configs" / "quickstart-cpu.yaml"), "--print-config"]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    # whisper-base's sizes, not SERConfig's defaults (whisper-medium: d_model 1024, 24 layers)
+    dims = ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim")
+    assert [model[k] for k in dims] == [512, 6, 8, 2048] and model["channels"] == 128
+    config = tmp_path / "c.yaml"
+    start = tiny_init(tmp_path / "tiny-init")
+    config.write_text(
+        yaml.safe_dump({"data": {"train": "m.csv"}, "init_from": str(start), "model": {"lora_r": 2}})
+    )
+    assert cli.main(["train", str(config), "--print-config"]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert [model[k] for k in dims] == [64, 2, 2, 128] and model["channels"] == 32  # the checkpoint's
+    assert model["lora_r"] == 2  # a training choice, from the config
+
+
+def test_the_model_records_the_speakers_and_corpora_it_was_trained_on(tmp_path):
+    from serval.checkpoint import load_model
+    from serval.training_data import read_record
+
+    first = ravdess_manifest(tmp_path / "a.csv", n_train=4, n_dev=2)
+    cfg = tiny_config(tmp_path / "a", first, "optim.batch_size=4", "optim.epochs=1", dev=True)
+    best = train(cfg)
+    expected = {"train": {"ravdess": ["ravdess-01"]}, "dev": {"ravdess": ["ravdess-02"]}}
+    assert read_record(best) == expected
+    last = Path(cfg.out_dir) / (Path(cfg.out_dir) / "last").read_text().strip()
+    assert read_record(last) == expected  # every checkpoint carries it
+    assert load_model(best).config.name == "tiny"  # the record is not a model setting
+    # fine-tuned from that model on other speakers: both runs' speakers
+    second = ravdess_manifest(tmp_path / "b.csv", n_train=4, n_dev=2, actors=("03", "04"))
+    more = tiny_config(tmp_path / "b", second, "optim.batch_size=4", "optim.epochs=1", dev=True, init=False)
+    more.init_from = str(best)
+    assert read_record(train(more)) == {
+        "train": {"ravdess": ["ravdess-01", "ravdess-03"]},
+        "dev": {"ravdess": ["ravdess-02", "ravdess-04"]},
+    }
 
 
 class _Poison:
@@ -515,6 +620,7 @@ def _lines_until(proc: subprocess.Popen, needle: str, seen: list[str]) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=24, n_dev=4)
     sets = [
@@ -556,7 +662,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     a = load_file(str(Path(reference.out_dir) / "best" / "model.safetensors"))
     b = load_file(str(out / "best" / "model.safetensors"))
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # exact: resuming replays the same fp32 ops on one machine
     assert (
         json.loads((out / "final.json").read_text())["members"]
         == json.loads((Path(reference.out_dir) / "final.json").read_text())["members"]
@@ -584,6 +690,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     # equal 1.5 s spans: no clip is padded, so the 2-GPU pieces compute exactly what the whole batch does
     manifest = ravdess_manifest(tmp_path / "m.csv", n_train=8, dims=True, span=(0.5, 2.0))
@@ -596,9 +703,9 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
         f"augment.noise_dir={DATA / 'noise'}",
         "loss.ccc_weight=0.5",
         # Biases followed by a GroupNorm and attention-score biases get a gradient that is zero up to
-        # rounding (~1e-8); Adam with eps 1e-8 turns that noise into full-size steps. eps 1e-6 keeps
-        # the comparison about the gradients that exist.
-        "optim.eps=1e-6",
+        # rounding (~1e-8); Adam with eps 1e-8 turns that noise into full-size steps. eps 1e-3 keeps
+        # the comparison about the gradients that exist (see the tolerance below).
+        "optim.eps=1e-3",
     ]
     single = tiny_config(tmp_path / "one", manifest, *sets)
     train(single)  # one thread, like each of the two workers
@@ -608,8 +715,20 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
     b = load_file(str(Path(double.out_dir) / "best" / "model.safetensors"))
     moved = [k for k in a if "lora_B" in k or k.startswith("downstream_model.")]
     assert moved and a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    # The tolerance is the sum order's. Each weight's gradient is a sum over the step's 4 clips x 75
+    # encoder frames: one fp32 reduction in one process, two partial sums added by gloo in two. Two
+    # orders of n fp32 terms differ by at most 2 n u sum|terms| (u = 2^-24, Higham), and each term may
+    # itself be rounded differently (kernels are chosen by batch size) over its widest dot product
+    # (k = 128, the FFN): (2n + k) u sum|terms|, with sum|terms| <= ~1 (measured <= 1.06; gradients
+    # are clipped to norm 1). Adam's step lr g / (|g| + eps) moves by at most lr / eps per unit of
+    # gradient error, so over the run's steps (lr <= lr_head) the weights differ, to first order, by
+    # at most steps lr (2n + k) u / eps: ~1e-4, against ~1.5e-3 that the weights move.
+    steps, n, k, u = 2 * 8 // 4, 4 * 75, 128, 2.0**-24
+    atol = steps * single.optim.lr_head * (2 * n + k) * u * 1.0 / single.optim.eps
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max())
+    init = load_file(str(tmp_path / "tiny-init" / "model.safetensors"))
+    assert max((a[k] - init[k]).abs().max().item() for k in moved if k in init) > 10 * atol  # a real test
 
 
 # ---------------------------------------------------------------------------- dimensional-only rows
@@ -694,3 +813,25 @@ def test_trained_dimensions_are_saved_and_a_legacy_config_means_none(tmp_path):
     del config["trained_dimensions"]  # a model saved before the field existed
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     assert load_model(tmp_path / "m").config.trained_dimensions == ()
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_best_and_checkpoint_folders_follow_the_umask(tmp_path, umask_022):
+    from serval.train.config import TrainConfig
+    from serval.train.folder import temp_dir
+    from serval.train.select import _write_best
+
+    made = temp_dir(tmp_path, ".tmp-x-")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o755 and made.name.startswith(".tmp-x-")
+    assert temp_dir(tmp_path, ".tmp-x-") != made
+    run = types.SimpleNamespace(out=tmp_path / "run")
+    run.out.mkdir()
+    best = _write_best(run, TrainConfig(), "single", [], [SERModel(SERConfig.tiny())])
+    assert best == run.out / "best" and (best / "model.safetensors").is_file()
+    assert stat.S_IMODE(best.stat().st_mode) == 0o755

@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.graceful_timeout,
         help="seconds in-flight requests get to finish on shutdown",
     )
+    p.add_argument(
+        "--label-no-speech",
+        action="store_true",
+        help="/v1/emotion labels clips without speech too (default: label null; no_speech says why)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 

@@ -58,6 +58,7 @@ class ServerConfig:
     graceful_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     memory_budget: int | None = None  # bytes one request may hold; sets the `BUDGETED` limits (`budgeted`)
     max_requests: int | None = None  # requests holding audio at once (received, queued, worked on)
+    label_no_speech: bool = False  # /v1/emotion labels a clip without speech too (default: label null)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -28,8 +28,9 @@ from pydantic import BaseModel, Field
 
 from serval import vocab
 from serval.audio import AudioError, AudioNotFoundError, audio_info
-from serval.longform import count_pieces, read_audio
+from serval.longform import count_pieces, read_audio, speech_of
 from serval.serve.records import Timeline
+from serval.vad import LABEL_TEXT, NO_SPEECH_TEXT, SPEECH_FRACTION_TEXT, speech_fields
 
 _DIMS = "/".join(vocab.DIMENSIONS)
 INSTRUCTIONS = (
@@ -43,8 +44,10 @@ RECOGNIZE_DESCRIPTION = (
     "Recognise the emotion in one speech clip (any common audio format, any sample rate).\n\n"
     "Give `path` (a local audio file) or `audio_base64` (the file's bytes, base64-encoded; `filename` "
     f"names it in the result). `classes` restricts the answer to a subset, e.g. {json.dumps(vocab.PRIMARY4)}, "
-    "with probabilities renormalised over it. Returns the label, the probability of each class and "
-    f"{_DIMS} scores in [0, 1], each null where this model's output for the dimension was not trained."
+    "with probabilities renormalised over it. Returns the label, the probability of each class, "
+    f"{_DIMS} scores in [0, 1] (each null where this model's output for the dimension was not trained), "
+    "`speech_fraction` (how much of the clip Silero VAD calls speech) and `no_speech`; a clip without "
+    "speech has label null, its probabilities and scores still given."
 )
 TIMELINE_DESCRIPTION = (
     "Emotion over time in a longer recording: windows of `window` seconds every `hop` seconds, "
@@ -62,12 +65,14 @@ class EmotionResult(BaseModel):
     file: str = Field(description="the path, or the name given for base64 audio")
     duration: float = Field(description="seconds of audio")
     pieces: int = Field(description="<= 30 s pieces whose outputs the record pools (1 within the window)")
-    label: str = Field(description="the most probable emotion")
+    label: str | None = Field(description=LABEL_TEXT)
     probabilities: dict[str, float] = Field(description="probability of each emotion class")
     scores: dict[str, float | None] = Field(
         description=f"{', '.join(vocab.DIMENSIONS[:-1])} and {vocab.DIMENSIONS[-1]} in [0, 1]; "
         + vocab.UNTRAINED
     )
+    speech_fraction: float = Field(description=SPEECH_FRACTION_TEXT)
+    no_speech: bool = Field(description=NO_SPEECH_TEXT)
 
 
 class ToolInputError(ValueError):
@@ -170,11 +175,22 @@ class AudioInput:
 
 
 class EmotionTools:
-    """The two tools over one predictor; their signatures are the tools' input schemas."""
+    """The two tools over one predictor; their signatures are the tools' input schemas.
 
-    def __init__(self, predictor, audio: AudioInput, max_clip_seconds: float, max_timeline_seconds: float):
+    `label_no_speech`: recognize_emotion labels a clip without speech too (default: label null).
+    """
+
+    def __init__(
+        self,
+        predictor,
+        audio: AudioInput,
+        max_clip_seconds: float,
+        max_timeline_seconds: float,
+        label_no_speech: bool = False,
+    ):
         self.predictor, self.audio = predictor, audio
         self.max_clip_seconds, self.max_timeline_seconds = max_clip_seconds, max_timeline_seconds
+        self.label_no_speech = label_no_speech
         self.lock = (
             threading.Lock()
         )  # the SDK runs tools in worker threads; the model serves one call at a time
@@ -200,10 +216,18 @@ class EmotionTools:
             wave = within(READ_TIMEOUT, name, read_audio, rewound(source), name=name)
             with self.lock:
                 probs, scores = p.predict_waveforms([wave])
+            speech = speech_fields(speech_of(wave))  # a long clip's streamed a block at a time
         except (AudioError, ToolInputError, vocab.UnknownClassesError) as e:
             raise ToolError(str(e)) from None
         body = vocab.label_body(
-            probs[0], scores[0], p.classes, p.dimensions, keep, trained=vocab.trained_dimensions(p)
+            probs[0],
+            scores[0],
+            p.classes,
+            p.dimensions,
+            keep,
+            trained=vocab.trained_dimensions(p),
+            speech=speech,
+            label_no_speech=self.label_no_speech,
         )
         duration = round(len(wave) / vocab.SAMPLE_RATE, 3)
         return EmotionResult(file=name, duration=duration, pieces=count_pieces(len(wave)), **body)
@@ -250,13 +274,16 @@ def build_server(
     roots: list[str] | None = None,
     max_clip_seconds: float = 600.0,
     max_timeline_seconds: float = 4 * 3600.0,
+    label_no_speech: bool = False,
 ):
     """The MCP server (an `mcp.server.mcpserver.MCPServer`) exposing `predictor` as two tools."""
     from mcp.server.mcpserver import MCPServer
 
     from serval import __version__
 
-    tools = EmotionTools(predictor, AudioInput(roots), max_clip_seconds, max_timeline_seconds)
+    tools = EmotionTools(
+        predictor, AudioInput(roots), max_clip_seconds, max_timeline_seconds, label_no_speech
+    )
     server = MCPServer("serval", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING")
     server.add_tool(tools.recognize_emotion, description=RECOGNIZE_DESCRIPTION)
     server.add_tool(tools.emotion_timeline, description=TIMELINE_DESCRIPTION)
@@ -283,9 +310,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-timeline-seconds", type=float, default=4 * 3600.0, help="longest audio for emotion_timeline"
     )
+    p.add_argument(
+        "--label-no-speech",
+        action="store_true",
+        help="recognize_emotion labels clips without speech too (default: label null; no_speech says why)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import mcp  # noqa: F401  (a missing package is reported before the model is prepared)
+
     from serval.locations import NoDefaultModelError
     from serval.onnx_engine import load_engine
 
@@ -298,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
         if not Path(r).is_dir():
             print(f"serval mcp: --root {r}: not a directory", file=sys.stderr)
             return 2
-    server = build_server(predictor, args.root, args.max_clip_seconds, args.max_timeline_seconds)
+    server = build_server(
+        predictor, args.root, args.max_clip_seconds, args.max_timeline_seconds, args.label_no_speech
+    )
     server.run("stdio")
     return 0

@@ -13,6 +13,7 @@ ENDPOINTS = (
     "/v1/emotion",
     "/v1/timeline",
     "/v1/model",
+    "/health",
     "/healthz",
     "/metrics",
     "/v1/stream",

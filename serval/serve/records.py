@@ -30,10 +30,18 @@ class TimelineWindow(TypedDict):
     start: Seconds
     end: Seconds
     label: str | None
-    speech: NotRequired[Annotated[float, Field(description="fraction of the window that is speech (vad)")]]
+    speech_fraction: NotRequired[
+        Annotated[float, Field(description="fraction of the window's 32 ms frames that are speech (vad)")]
+    ]
+    no_speech: NotRequired[Annotated[bool, Field(description="left unscored for lack of speech (vad)")]]
     error: NotRequired[str]
     probabilities: NotRequired[Probabilities]
     scores: NotRequired[Scores]
+
+
+class TimelineSpan(TypedDict):
+    start: Seconds
+    end: Seconds
 
 
 class TimelineSegment(TypedDict):
@@ -72,3 +80,6 @@ class Timeline(TypedDict):
     duration: NotRequired[Seconds]
     windows: NotRequired[list[TimelineWindow]]
     segments: list[TimelineSegment]
+    unscored: NotRequired[
+        Annotated[list[TimelineSpan], Field(description="spans left unscored for lack of speech (vad)")]
+    ]

@@ -14,12 +14,13 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from serval import __version__, vocab
 from serval.audio import AudioError
-from serval.longform import LongAudio, count_pieces
+from serval.longform import LongAudio, count_pieces, speech_of
 from serval.serve.batching import ClientGoneError, QueueFullError
 from serval.serve.errors import ApiError, audio_error
 from serval.serve.schemas import (
@@ -34,7 +35,8 @@ from serval.serve.service import Service
 from serval.serve.streaming import stream_session
 from serval.serve.uploads import check_audio, read_upload
 from serval.timeline import grid_timeline
-from serval.windows import WindowSpec
+from serval.vad import speech_fields
+from serval.windows import WindowResult, WindowSpec, pool
 
 router = APIRouter()
 T = TypeVar("T")
@@ -67,7 +69,8 @@ async def emotion(
     filename: str | None = Query(None, description="name for the record (raw uploads)"),
     service: Service = Depends(get_service),
 ):
-    """The same record as `serval predict`: label, class probabilities and dimensional scores."""
+    """The same record as `serval predict`: label (null without speech), class probabilities,
+    dimensional scores, speech_fraction and no_speech."""
     cfg, predictor = service.config, service.predictor
     keep = class_subset(classes, predictor.classes)
     with service.receiving_body():  # admitted by the `shed` middleware before this ran
@@ -76,11 +79,17 @@ async def emotion(
         )
     with service.decoding_body():
         wave = await service.clip(data, name)  # a LongAudio beyond one 30 s piece, decoded as it is scored
+    # the speech measure runs beside the model; a long clip's streamed a block at a time, as its pieces
+    speech = asyncio.get_running_loop().run_in_executor(None, speech_of, wave)
     if isinstance(wave, LongAudio):
         with service.timeline():
             probs, scores = await _in_worker(request, service, functools.partial(service.score_long, wave))
     else:
         probs, scores = await service.score([wave])  # no await between: the clip goes straight in the queue
+    try:
+        fraction = await speech
+    except AudioError as e:  # a long file that breaks part-way through
+        raise audio_error(e) from None
     return {
         "file": name,
         "duration": round(len(wave) / vocab.SAMPLE_RATE, 3),
@@ -92,6 +101,8 @@ async def emotion(
             predictor.dimensions,
             keep,
             trained=vocab.trained_dimensions(predictor),
+            speech=speech_fields(fraction),
+            label_no_speech=cfg.label_no_speech,
         ),
     }
 
@@ -114,7 +125,11 @@ async def timeline(
     max_segment: float | None = _seconds("longest merged segment (s); default: the server's"),
     vad: bool = Query(False, description="leave windows without speech unscored (Silero VAD)"),
     min_speech: float = Query(
-        0.5, ge=0, le=1, allow_inf_nan=False, description="speech fraction a window needs (vad)"
+        WindowSpec.min_speech,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="speech fraction a window needs (vad)",
     ),
     filename: str | None = Query(None, description="name for the record (raw uploads)"),
     service: Service = Depends(get_service),
@@ -136,7 +151,27 @@ async def timeline(
         except ValueError as e:
             raise ApiError(400, "too_many_windows", f"{name}: {e}") from None
         result = await _grid_timeline(request, service, data, name, spec)
-    return {**result, "file": name, "duration": round(duration, 3)}
+    overall = pooled(result["windows"], service.predictor)
+    return {**result, "file": name, "duration": round(duration, 3), "overall": overall}
+
+
+def pooled(windows: list[dict], predictor) -> dict | None:
+    """The whole recording's label, probabilities and scores: its scored windows pooled by duration, as a
+    stream's summary pools them; None when no window was scored."""
+    classes, dims = predictor.classes, predictor.dimensions
+    scored = [
+        WindowResult(
+            w["start"],
+            w["end"],
+            np.array([w["probabilities"][c] for c in classes], np.float32),
+            np.array([np.nan if w["scores"][d] is None else w["scores"][d] for d in dims], np.float32),
+        )
+        for w in windows
+        if w.get("probabilities")
+    ]
+    if not scored:
+        return None
+    return vocab.label_body(*pool(scored), classes, dims, trained=vocab.trained_dimensions(predictor))
 
 
 async def _grid_timeline(
@@ -203,8 +238,10 @@ async def model_info(service: Service = Depends(get_service)):
     }
 
 
+@router.get("/health", responses=HEALTH_RESPONSES, summary="Liveness (the same as /healthz)")
 @router.get("/healthz", responses=HEALTH_RESPONSES, summary="Liveness")
 async def healthz(service: Service = Depends(get_service)):
+    """ok (200) while the model queue runs; unavailable (503) once it has stopped."""
     alive = service.running
     body = {"status": "ok" if alive else "unavailable", "queue": service.depth if alive else 0}
     return JSONResponse(body, status_code=200 if alive else 503)

@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
-from serval.serve.records import Scores, Timeline, TrainedDimensions
+from serval.serve.records import Probabilities, Scores, Timeline, TrainedDimensions
+from serval.vad import LABEL_TEXT, NO_SPEECH_TEXT, SPEECH_FRACTION_TEXT
 
 
 class ErrorDetail(BaseModel):
@@ -23,12 +25,16 @@ class ErrorBody(BaseModel):
 
 
 class EmotionRecord(BaseModel):
+    """`POST /v1/emotion`: the record of `serval predict` for one clip."""
+
     file: str
-    duration: float
+    duration: float = Field(description="seconds of audio")
     pieces: int = Field(description="<= 30 s pieces whose outputs the record pools (1 within the window)")
-    label: str
-    probabilities: dict[str, float]
+    label: str | None = Field(description=LABEL_TEXT)
+    probabilities: dict[str, float] = Field(description="probability of each emotion class")
     scores: Scores
+    speech_fraction: float = Field(description=SPEECH_FRACTION_TEXT)
+    no_speech: bool = Field(description=NO_SPEECH_TEXT)
 
 
 class Health(BaseModel):
@@ -38,8 +44,22 @@ class Health(BaseModel):
     queue: int = Field(description="clips waiting for the model")
 
 
-# `POST /v1/timeline` answers the timeline JSON, typed in serval.serve.records (shared with the MCP tool)
-TIMELINE_RESPONSE = {200: {"model": Timeline, "description": "the JSON of `serval timeline`"}}
+class Overall(TypedDict):
+    label: str
+    probabilities: Probabilities
+    scores: Scores
+
+
+class ServedTimeline(Timeline):
+    """The timeline JSON (typed in serval.serve.records, shared with the MCP tool) and the whole upload's
+    emotion: its scored windows pooled by duration (null when none was scored)."""
+
+    overall: Overall | None
+
+
+TIMELINE_RESPONSE = {
+    200: {"model": ServedTimeline, "description": "the JSON of `serval timeline`, and `overall`"}
+}
 HEALTH_RESPONSES = {
     200: {"model": Health, "description": "serving"},
     503: {"model": Health, "description": "the model queue has stopped"},

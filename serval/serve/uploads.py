@@ -13,10 +13,17 @@ import numpy as np
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from serval.audio import AudioError, audio_info, load_audio
+from serval.audio import AudioError, EmptyAudioError, audio_info, load_audio, sniff_format
 from serval.serve.errors import ApiError, audio_error
 
-ACCEPTED_TYPES = ("audio/", "application/octet-stream", "application/ogg", "multipart/form-data")
+AUDIO_TYPES = ("audio/", "application/ogg")  # declared audio: decoded as it is
+# what a client sends when it does not say (`curl --data-binary` sends a form type by default): the
+# bytes themselves must show that they are audio
+GENERIC_TYPES = ("", "application/octet-stream", "application/x-www-form-urlencoded")
+
+
+def _declares_audio(mime: str) -> bool:
+    return any(mime == t or (t.endswith("/") and mime.startswith(t)) for t in AUDIO_TYPES)
 
 
 async def read_upload(
@@ -30,24 +37,52 @@ async def read_upload(
     """The uploaded audio's bytes and its name: a raw audio body or the 'file' of a multipart form.
 
     A body over `limit` bytes is a 413 (its message ends with `note`); one that stalls (see
-    `read_limited`) a 408.
+    `read_limited`) a 408; one with a generic or no content type whose bytes are not audio (see
+    `recognise`) a 415.
     """
     mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not mime or not any(mime == t or (t.endswith("/") and mime.startswith(t)) for t in ACCEPTED_TYPES):
+    if not (_declares_audio(mime) or mime in GENERIC_TYPES or mime == "multipart/form-data"):
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"content type {mime or '(none)'!r} is not audio; send the file's bytes as audio/* or "
-            "application/octet-stream, or as the 'file' field of multipart/form-data",
+            f"content type {mime!r} is not audio; send the file's bytes as audio/*, "
+            "application/octet-stream or with no content type, or as the 'file' field of multipart/form-data",
         )
     body = await read_limited(request, limit, timeout, min_rate, note)
-    if mime != "multipart/form-data":
-        return body, filename or "upload"
-    data, name = await _multipart_file(request, body)
-    return data, filename or name or "upload"
+    if mime == "multipart/form-data":
+        body, name, mime = await _multipart_file(request, body)
+        name = filename or name or "upload"
+    else:
+        name = filename or "upload"
+    if mime in GENERIC_TYPES:
+        await recognise(body, name, mime)
+    return body, name
 
 
-async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | None]:
+async def recognise(data: bytes, name: str, mime: str) -> None:
+    """415 unless `data`, sent with a generic content type `mime` (or none), is audio: its first bytes
+    are a RIFF/WAVE, fLaC, OggS, ID3, FORM or MPEG frame header, or libsndfile reads it.
+
+    Bytes that announce audio pass even when broken, so their decoding error (422) says what is wrong.
+    """
+    if not data or sniff_format(data[:16]) is not None:
+        return
+    try:
+        await asyncio.to_thread(audio_info, data, name=name)
+    except EmptyAudioError:
+        return
+    except AudioError as e:
+        declared = f"content type {mime!r}" if mime else "no content type"
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{name}: sent with {declared}, and its bytes are not audio: they begin {data[:8]!r}, not a "
+            f"RIFF/WAVE, fLaC, OggS, ID3 or MP3 frame header, and libsndfile says: {e.cause}",
+        ) from None
+
+
+async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | None, str]:
+    """The multipart form's file: its bytes, its file name and its own content type."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -64,13 +99,13 @@ async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | N
     if upload is None:
         raise ApiError(400, "invalid_request", "the multipart body has no 'file' field with the audio")
     part = (upload.content_type or "").split(";")[0].strip().lower()
-    if part and not (part.startswith("audio/") or part in ("application/octet-stream", "application/ogg")):
+    if not (_declares_audio(part) or part in GENERIC_TYPES):
         raise ApiError(
             415, "unsupported_media_type", f"the uploaded file's content type {part!r} is not audio"
         )
     data = await upload.read()
     await upload.close()
-    return data, upload.filename
+    return data, upload.filename, part
 
 
 async def read_limited(

@@ -27,9 +27,12 @@ OLD_TRAINER_STATE = "trainer_state.pt"  # pickled, by earlier serval versions: r
 FORMAT = "serval-trainer-state"
 
 
-def save_model(model: SERModel, directory: Path) -> None:
-    """The model's files in `directory`; without a backbone source the encoder travels with the weights."""
-    model_dir.save_model(model, directory, include_backbone=not model.config.backbone)
+def save_model(model: SERModel, directory: Path, training_data: dict | None = None) -> None:
+    """The model's files in `directory`; without a backbone source the encoder travels with the weights.
+    `training_data`: the corpora and speakers of the run (`serval.training_data`), kept in config.json."""
+    model_dir.save_model(
+        model, directory, include_backbone=not model.config.backbone, training_data=training_data
+    )
 
 
 def load_checkpoint(model: SERModel, directory: Path) -> SERModel:

@@ -96,7 +96,7 @@ class TrainConfig:
     out_dir: str = "runs/serval"
     mode: str = "lora"  # lora | frozen_cached
     seed: int = 1337
-    resume: str = "auto"  # auto (same config only) | force (config may differ) | never
+    resume: str = "auto"  # auto (same config only) | force (config may differ: --resume) | never
     init_from: str | None = None  # a serval model dir to start from instead of `model` + its backbone
     zero_init_residual: bool = True  # new downstream blocks start as identity maps (not with init_from)
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu

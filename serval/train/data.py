@@ -31,6 +31,7 @@ class Example:
     dims: tuple[float | None, ...] | None  # per dimension, None where the row has no value; None: none at all
     corpus: str = ""  # what `data.balance` can balance over
     language: str = ""
+    speaker: str = ""  # recorded in the model's training data (serval.training_data)
 
 
 def check_rows(rows, classes: tuple[str, ...], dimensions: tuple[str, ...], where: str) -> list[Example]:
@@ -60,7 +61,8 @@ def check_rows(rows, classes: tuple[str, ...], dimensions: tuple[str, ...], wher
             dims = dims if any(v is not None for v in dims) else None
             if row.label is None and dims is None:
                 raise ValueError("no categorical label and no dimensional labels")
-            label, where_from = index.get(row.label, -1), (row.corpus or "", row.language or "")
+            label = index.get(row.label, -1)
+            where_from = (row.corpus or "", row.language or "", row.speaker or "")
             good.append(Example(row.path, row.start, row.end, end - start, label, dims, *where_from))
         except (AudioError, ValueError) as e:
             bad.append(f"{row.path}: {e}" if not isinstance(e, AudioError) else str(e))
@@ -220,7 +222,7 @@ def prepare_cache(
     Returns (cache, {split: [[key of variant 0, 1, …] per example]}, clips encoded by this rank).
     Clips that no longer load are dropped from `datasets`.
     """
-    from serval.cache import EncoderCache, encoder_settings
+    from serval.train.cache import EncoderCache, encoder_settings
 
     cache = EncoderCache(
         cfg.cache.dir or Path(cfg.out_dir) / "cache", encoder_settings(model, cfg.cache.dtype)

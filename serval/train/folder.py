@@ -65,6 +65,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, dist: Dist):
         self.cfg, self.dist, self.out = cfg, dist, Path(cfg.out_dir)
         self.ckpts = self.out / "checkpoints"
+        self.training_data: dict | None = None  # written into every saved model (serval.training_data)
 
     def _comparable(self, d: dict) -> dict:
         d = json.loads(json.dumps(d))
@@ -86,27 +87,61 @@ class Run:
             raise ValueError(old_format_message(path))
         return path if (path / TRAINER_STATE).is_file() else None
 
-    def prepare(self) -> Path | None:
-        """Check the folder may be used; returns the checkpoint to resume from, if any."""
+    def prepare(self, overwrite: bool = False) -> Path | None:
+        """Check the folder may be used, or with `overwrite` clear the run in it; returns the checkpoint
+        to resume from, if any. The errors name the folder and say what a rerun can do about it."""
         cfg = self.cfg
         saved = self.out / "config.yaml"
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():
                 raise ValueError(
-                    f"{self.out}: output folder is not empty and holds no serval run; choose another"
+                    f"{self.out}: output folder is not empty and holds no serval run (no config.yaml); "
+                    "choose another out_dir (--overwrite deletes only a serval run)"
                 )
-            if cfg.resume == "never":
-                raise ValueError(f"{self.out}: holds a run already (resume: never); choose another out_dir")
-            old = yaml.safe_load(saved.read_text()) or {}
-            if cfg.resume == "auto" and self._comparable(old) != self._comparable(cfg.to_dict()):
-                raise ValueError(
-                    f"{self.out}: holds a run with a different config; use another out_dir, or resume=force "
-                    "to continue it with this config"
-                )
+            if overwrite:
+                self.clear()
+            else:
+                self._check_rerun(saved)
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False), overwrite=True)
         return self.last_checkpoint() if saved.is_file() else None
+
+    def _check_rerun(self, saved: Path) -> None:
+        """ValueError when the run in the folder may not be continued by this config as it stands."""
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(
+                f"{saved}: not readable ({e}); pass --overwrite to start the run again"
+            ) from None
+        last = self.last_checkpoint()
+        state = f"last checkpoint {last.name}" if last else "no checkpoint yet"
+        if self.cfg.resume == "never":
+            raise ValueError(
+                f"{self.out}: holds a run already ({state}; resume: never); pass --overwrite to delete it "
+                "and start again, or choose another out_dir"
+            )
+        changed = _differences(self._comparable(old), self._comparable(self.cfg.to_dict()))
+        if self.cfg.resume == "auto" and changed:
+            shown = ", ".join(changed[:6]) + (" …" if len(changed) > 6 else "")
+            raise ValueError(
+                f"{self.out}: holds a run with a different config ({state}; differs in {shown}); pass "
+                "--resume (resume: force) to continue it with this config, or --overwrite to delete it "
+                "and start again"
+            )
+
+    def clear(self) -> None:
+        """Delete the run in the folder (config, checkpoints, best/, metrics); an encoder cache in it stays."""
+        cache = Path(self.cfg.cache.dir) if self.cfg.cache.dir else self.out / "cache"
+        for entry in self.out.iterdir():
+            if entry.resolve() == cache.resolve():
+                continue  # keyed by what was encoded: still valid, and costly to rebuild
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        log.info("%s: the previous run deleted (--overwrite)", self.out)
 
     def save(self, model: SERModel, state: RunState, trainer_state: dict) -> Path:
         """Write checkpoint step-XXXXXX atomically (temp dir, then rename) and point `last` at it."""
@@ -114,7 +149,7 @@ class Run:
         final = self.ckpts / name
         self.ckpts.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(self.ckpts, f".tmp-{name}-")
-        save_model(model, tmp)
+        save_model(model, tmp, self.training_data)
         save_trainer_state(trainer_state, tmp)
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         replace_dir(tmp, final)  # the same step can be saved again after a resume
@@ -184,6 +219,14 @@ class MetricsLog:
         """Close the TensorBoard writer, if any."""
         if self.tb is not None:
             self.tb.close()
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ between two config dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _fmt(v):

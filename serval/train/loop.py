@@ -40,11 +40,12 @@ from serval.train.ddp import (
 )
 from serval.train.folder import MetricsLog, Run, RunState
 from serval.train.losses import class_weights_for, total_loss
-from serval.train.network import autocast, build_model, model_inputs, wrap_forward
+from serval.train.network import autocast, build, model_inputs, wrap_forward
 from serval.train.optim import make_optimizer
 from serval.train.sampler import BucketBatchSampler
 from serval.train.scoring import evaluate_split
 from serval.train.select import finish, select_after_epoch
+from serval.training_data import make_record, merge_records, record_of_spec
 
 log = logging.getLogger("serval.train")
 
@@ -78,29 +79,32 @@ class Training:
         self.run.checkpoint(self.model, self.optimizer, self.scheduler, self.state, len(self.sampler))
 
 
-def setup(cfg: TrainConfig) -> tuple[TrainConfig, Dist, torch.device, SERModel, Run, Path | None]:
-    """Join the ranks, build the model, claim the output folder: (resolved cfg, dist, device, model,
-    run, the checkpoint to resume from or None)."""
+def setup(cfg: TrainConfig) -> tuple[TrainConfig, Dist, torch.device, SERModel]:
+    """Join the ranks and build the model: (cfg resolved by the model, dist, device, model)."""
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist, device = setup_distributed(cfg.device)
     # Identical initial weights on every rank: the same seed before the model is built.
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    cfg = dataclasses.replace(cfg, model=model.config)  # resolved: dims from the backbone or init_from
+    cfg, model = build(cfg)  # resolved: dims from the backbone or init_from
+    return cfg, dist, device, model
+
+
+def claim_folder(cfg: TrainConfig, dist: Dist, overwrite: bool = False) -> tuple[Run, Path | None]:
+    """The run's output folder, checked (or cleared, with `overwrite`), and the checkpoint to resume from."""
     run = Run(cfg, dist)
     # Rank 0 alone checks the folder (no race with its own writes) and tells the others.
     decision: tuple = (None, None)
     if dist.main:
         try:
-            decision = (run.prepare(), None)
+            decision = (run.prepare(overwrite), None)
         except ValueError as e:
             decision = (None, str(e))
     resume_from, error = gather_objects(decision, dist)[0]
     if error:
         raise ValueError(error)
-    return cfg, dist, device, model, run, resume_from
+    return run, resume_from
 
 
 def load_splits(cfg: TrainConfig, model_cfg: SERConfig) -> dict[str, list[Example]]:
@@ -171,7 +175,10 @@ def restore(
     if resume_from is None:
         torch.manual_seed(seed + dist.rank)  # dropout differs per rank
         return RunState()
-    saved = load_trainer_state(resume_from)
+    try:
+        saved = load_trainer_state(resume_from)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --overwrite to start the run again") from None
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(resume_from / "model.safetensors")), strict=False)
@@ -333,10 +340,18 @@ def end_epoch(t: Training) -> None:
     t.checkpoint()
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) the training `cfg` describes; returns the final model folder `<out_dir>/best`."""
-    cfg, dist, device, model, run, resume_from = setup(cfg)
-    splits = load_splits(cfg, model.config)
+def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
+    """Run (or resume) the training `cfg` describes; returns the final model folder `<out_dir>/best`.
+
+    `overwrite`: delete a run already in `out_dir` and start again (its encoder cache stays).
+    """
+    cfg, dist, device, model = setup(cfg)
+    splits = load_splits(cfg, model.config)  # bad data stops the run before its folder is touched
+    run, resume_from = claim_folder(cfg, dist, overwrite)
+    run.training_data = merge_records(
+        make_record(splits["train"], splits.get("dev", ())),
+        record_of_spec(cfg.init_from) if cfg.init_from else None,
+    )
     model.config = dataclasses.replace(
         model.config, trained_dimensions=trained_dimensions(cfg, splits["train"])
     )

@@ -53,6 +53,13 @@ def build_model(cfg: TrainConfig) -> SERModel:
     return model
 
 
+def build(cfg: TrainConfig) -> tuple[TrainConfig, SERModel]:
+    """The model to train, and `cfg` with the model settings it was built with: the encoder's sizes come
+    from the backbone (or the `init_from` model), never from the defaults (what `--print-config` shows)."""
+    model = build_model(cfg)
+    return dataclasses.replace(cfg, model=model.config), model
+
+
 def zero_init_residual(model: SERModel) -> None:
     """Zero the scale of the last GroupNorm of every SE-Res2 block, so each block starts as the identity.
 

@@ -113,7 +113,7 @@ def _write_best(run: Run, cfg: TrainConfig, choice: str, members: list[Path], fi
         names = []
         for i, (m, model) in enumerate(zip(members, final_models)):
             if cfg.select.linear_head:  # the checkpoints lack the head fitted since
-                save_model(model, tmp / f"member-{i}")
+                save_model(model, tmp / f"member-{i}", run.training_data)
             else:
                 ignore = shutil.ignore_patterns(*TRAINER_FILES, OLD_TRAINER_STATE)
                 shutil.copytree(m, tmp / f"member-{i}", ignore=ignore)
@@ -126,6 +126,6 @@ def _write_best(run: Run, cfg: TrainConfig, choice: str, members: list[Path], fi
         }
         (tmp / "ensemble.json").write_text(json.dumps(ensemble, indent=2) + "\n")
     else:
-        save_model(final_models[0], tmp)
+        save_model(final_models[0], tmp, run.training_data)
     (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return replace_dir(tmp, run.out / "best")

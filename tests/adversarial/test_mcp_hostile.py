@@ -14,12 +14,17 @@ from serval import vocab
 
 pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
+pytestmark = pytest.mark.slow  # a real server process per module
 
 
 async def session_calls(cwd, args, calls):
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
-    params = StdioServerParameters(command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args])
+    # the SDK passes HOME and PATH only, unless told: the server then uses the test session's caches
+    env = dict(os.environ)
+    params = StdioServerParameters(
+        command=sys.executable, cwd=str(cwd), args=["-m", "serval", "mcp", *args], env=env
+    )
     results = {}
     with anyio.fail_after(120):  # a call that hangs fails the test instead of hanging it
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:

@@ -103,6 +103,21 @@ async function loadModel() {
   }
 }
 
+// a duration as people say it: 45 s, 20 min, 4 h
+function span(seconds) {
+  const round = (x) => String(+x.toFixed(1));
+  if (seconds < 120) return `${round(seconds)} s`;
+  if (seconds < 7200) return `${round(seconds / 60)} min`;
+  return `${round(seconds / 3600)} h`;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body.error?.message || `HTTP ${status}`);
+    this.type = body.error?.type;
+  }
+}
+
 async function post(path, file) {
   const form = new FormData();
   // a type the server accepts whatever the browser guessed (video/mp4 for .mp4, nothing for .sph)
@@ -110,8 +125,29 @@ async function post(path, file) {
   form.append("file", new Blob([file], { type }), file.name);
   const r = await fetch(path, { method: "POST", body: form });
   const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(body.error?.message || `${r.status} ${r.statusText}`);
+  if (!r.ok) throw new ApiError(r.status, body);
   return body;
+}
+
+// the server's limits (GET v1/model): a clip's own record up to max_clip_seconds, the timeline (and the
+// overall label pooled from its windows) up to max_timeline_seconds, uploads up to max_upload_mb
+function limits() {
+  const l = model.limits || {};
+  return {
+    clip: l.max_clip_seconds ?? Infinity,
+    timeline: l.max_timeline_seconds ?? Infinity,
+    mb: l.max_upload_mb ?? Infinity,
+  };
+}
+
+function tooLong(file) {
+  const longest = Math.max(limits().clip, limits().timeline);
+  return `${file.name} is too long for this server: it takes files of up to ${span(longest)}`;
+}
+
+function fail(text) {
+  $("label").textContent = "—";
+  say(text, true);
 }
 
 async function analyse(file) {
@@ -121,21 +157,41 @@ async function analyse(file) {
   $("label").textContent = "…";
   $("label").dataset.source = "";
   timeline([], 0);
-  const errors = [];
-  try {
-    const rec = await post("v1/emotion", file);
-    show(rec, "file", `${rec.file}, ${rec.duration.toFixed(2)} s`);
-  } catch (e) {
-    $("label").textContent = "—";
-    errors.push(e.message);
+  const { clip, timeline: longest, mb } = limits();
+  if (file.size > mb * 2 ** 20) {
+    const size = (file.size / 2 ** 20).toFixed(1);
+    return fail(`${file.name} is ${size} MB: this server takes uploads of up to ${mb} MB`);
   }
+  const errors = [];
+  let t = null;
   try {
-    const t = await post("v1/timeline", file);
+    t = await post("v1/timeline", file);
     timeline(t.windows, t.duration);
   } catch (e) {
+    // too long for the timeline is too long for a clip too, unless the server allows longer clips
+    if (e.type === "audio_too_long" && clip <= longest) return fail(tooLong(file));
     errors.push(`timeline: ${e.message}`);
   }
+  try {
+    await overall(file, t);
+  } catch (e) {
+    $("label").textContent = "—";
+    errors.unshift(e.type === "audio_too_long" ? tooLong(file) : e.message);
+  }
   say(errors.join("; ") || `${file.name}: done`, errors.length > 0);
+}
+
+// the clip's own record (as `serval predict` gives it) where the clip endpoint takes the file; past
+// its limit, the timeline's windows pooled over the whole file
+async function overall(file, t) {
+  if (t && t.duration > limits().clip) {
+    const note = `${t.file}, ${span(t.duration)}: ${t.windows.length} windows pooled`;
+    if (t.overall) show(t.overall, "timeline", note);
+    else $("label").textContent = "—";
+    return;
+  }
+  const rec = await post("v1/emotion", file);
+  show(rec, "file", `${rec.file}, ${rec.duration.toFixed(2)} s`);
 }
 
 class Recorder {

@@ -13,10 +13,10 @@ import torch
 from conftest import DATA, RAVDESS_CODES, clips
 
 from serval.audio import load_audio
-from serval.cache import EncoderCache, backbone_fingerprint, encoder_settings
 from serval.features import compute_features
 from serval.model import SERConfig, SERModel
 from serval.train import load_config, train
+from serval.train.cache import EncoderCache, backbone_fingerprint, encoder_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
