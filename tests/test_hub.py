@@ -110,7 +110,12 @@ def test_the_bundled_model_pushes_whole(hub):
     push_to_hub(DEFAULT_MODEL, "someone/serval-default")
     (api,) = hub
     assert api.token is None  # the user's own login is used
-    shipped = {f.name: f.read_bytes() for f in DEFAULT_MODEL.iterdir() if f.is_file()}
+    # every file of the folder, the shipped ONNX graph in onnx/ too
+    shipped = {
+        f.relative_to(DEFAULT_MODEL).as_posix(): f.read_bytes()
+        for f in DEFAULT_MODEL.rglob("*")
+        if f.is_file()
+    }
     assert api.files == shipped and "model.safetensors" in shipped
     assert front_matter(shipped["README.md"].decode())["license"] == "other"  # NC-SA, NC-ND, AGPL data
 
