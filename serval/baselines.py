@@ -55,9 +55,11 @@ class Baseline(AudioClassifier):
     dimensions = DIMENSIONS
     trained_dimensions: tuple[str, ...] = ()  # no dimensional head: its scores are NaN, records null
 
-    def record(self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None) -> dict:
+    def record(
+        self, probs: np.ndarray, scores: np.ndarray, keep: Sequence[int] | None = None, **speech
+    ) -> dict:
         """As every predictor's record, but "no answer" (all-zero probabilities) has the label None."""
-        body = super().record(probs, scores, keep)
+        body = super().record(probs, scores, keep, **speech)
         if not np.any(np.asarray(probs)):
             body["label"] = None
         return body

@@ -830,7 +830,7 @@ def test_best_and_checkpoint_folders_follow_the_umask(tmp_path, umask_022):
     made = temp_dir(tmp_path, ".tmp-x-")
     assert stat.S_IMODE(made.stat().st_mode) == 0o755 and made.name.startswith(".tmp-x-")
     assert temp_dir(tmp_path, ".tmp-x-") != made
-    run = types.SimpleNamespace(out=tmp_path / "run")
+    run = types.SimpleNamespace(out=tmp_path / "run", training_data=None)
     run.out.mkdir()
     best = _write_best(run, TrainConfig(), "single", [], [SERModel(SERConfig.tiny())])
     assert best == run.out / "best" and (best / "model.safetensors").is_file()
