@@ -242,13 +242,9 @@ def fingerprint(system) -> str:
         raise ValueError(
             f"{getattr(system, 'name', system)!r} has no fingerprint to key its cached predictions"
         )
-    h = hashlib.sha1(b"serval-in-memory")
-    for m in models:
-        h.update(json.dumps(m.config.to_dict(), sort_keys=True).encode())
-        for name, t in m.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-    system.fingerprint = h.hexdigest()
+    from serval.inference import weights_fingerprint  # in-memory models: torch is loaded already
+
+    system.fingerprint = weights_fingerprint(models)
     return system.fingerprint
 
 
