@@ -327,16 +327,22 @@ def run_benchmark(
         report["results"].append(row)
     if engines and (DEFAULT_MODEL / "config.json").is_file():
         predictors = engine_predictors(dev)
-        report["engines"] = []
-        for sec in seconds:
-            n = int(sec * SAMPLE_RATE)
-            waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for _ in range(batch_size)]
-            report["engines"].append({"clip_seconds": sec, **time_engines(predictors, waves, min_seconds)})
+        report["engines"] = engine_rows(predictors, seconds, batch_size, rng, min_seconds)
     if cold:
         with tempfile.TemporaryDirectory() as tmp:
             report["cold_start"] = cold_start(_clip(clip, tmp), repeats)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return report
+
+
+def engine_rows(predictors: dict, seconds, batch_size: int, rng, min_seconds: float) -> list[dict]:
+    """`time_engines` on a batch of random clips of each length: one row per length."""
+    rows = []
+    for sec in seconds:
+        n = int(sec * SAMPLE_RATE)
+        waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for _ in range(batch_size)]
+        rows.append({"clip_seconds": sec, **time_engines(predictors, waves, min_seconds)})
+    return rows
 
 
 def run_onnx_benchmark(
@@ -363,10 +369,7 @@ def run_onnx_benchmark(
         "engines": [],
     }
     predictors = {"onnxruntime_cpu": load_engine(None, "onnx")}
-    for sec in seconds:
-        n = int(sec * SAMPLE_RATE)
-        waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for _ in range(batch_size)]
-        report["engines"].append({"clip_seconds": sec, **time_engines(predictors, waves, min_seconds)})
+    report["engines"] = engine_rows(predictors, seconds, batch_size, rng, min_seconds)
     if cold:
         with tempfile.TemporaryDirectory() as tmp:
             report["cold_start"] = cold_start(_clip(clip, tmp), repeats, "onnx", baseline=False)
