@@ -7,17 +7,25 @@ torch or any of them is imported, so that a test run never writes into the user'
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
+
+def _remove_session_tmp(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child (those exit through os._exit anyway)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # A short path (Ray puts unix sockets under it, and those are limited to 107 bytes). A process that a
-# test spawns (DDP workers) imports this module again and shares the session's folder.
-OWN_SESSION_TMP = "SERVAL_TESTS_TMP" not in os.environ
-if OWN_SESSION_TMP:
+# test spawns (DDP workers) imports this module again and shares the session's folder; the process
+# that made it removes it when it exits, whether it was pytest or not.
+if "SERVAL_TESTS_TMP" not in os.environ:
     os.environ["SERVAL_TESTS_TMP"] = tempfile.mkdtemp(prefix="serval-tests-")
+    atexit.register(_remove_session_tmp, os.environ["SERVAL_TESTS_TMP"], os.getpid())
 SESSION_TMP = Path(os.environ["SERVAL_TESTS_TMP"])
 SESSION_ENV = {
     "SERVAL_CACHE": SESSION_TMP / "serval",
@@ -154,9 +162,3 @@ def one_actor_talk(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("audio") / "talk.flac"
     sf.write(path, wave, SAMPLE_RATE)
     return path
-
-
-def pytest_unconfigure(config) -> None:
-    if OWN_SESSION_TMP:
-        shutil.rmtree(SESSION_TMP, ignore_errors=True)
-        del os.environ["SERVAL_TESTS_TMP"]
