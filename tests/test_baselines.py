@@ -310,6 +310,7 @@ def test_emotion2vec_adapter_with_funasr_stand_in(monkeypatch, ravdess_clips):
 # ----------------------------------------------------------------------------- MERaLiON-SER-v1
 
 
+@pytest.mark.slow
 def test_meralion_checkpoint_through_the_importer(tmp_path, ravdess_clips):
     torch.manual_seed(3)
     source = SERModel(SERConfig.tiny()).eval()

@@ -43,6 +43,7 @@ def _same(records: list[dict], want: list[dict]) -> None:
             assert all(abs(r[k][c] - v) < 1e-5 for c, v in w.get(k, {}).items())
 
 
+@pytest.mark.slow
 def test_manifest_rows_and_spans(model_dir, clips, tmp_path, capsys):
     files = sorted(clips.iterdir())
     manifest = tmp_path / "m.csv"

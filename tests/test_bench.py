@@ -60,6 +60,7 @@ def consistent(timing: dict, clips: int) -> None:
     assert timing["ms_per_batch"] == pytest.approx(ms, rel=1e-4, abs=0.006)
 
 
+@pytest.mark.slow
 def test_the_two_ways_are_one_network():
     ours, published = model_pair("tiny", torch.device("cpu"))
     assert not ours.config.pad_to_30s and published.config.pad_to_30s
@@ -77,6 +78,7 @@ def test_the_two_ways_are_one_network():
     torch.testing.assert_close(probs[0], probs[1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_timing_is_bounded_and_self_consistent():
     ours, _ = model_pair("tiny", torch.device("cpu"))
     waves = [np.zeros(SAMPLE_RATE // 2, np.float32)] * 3
@@ -117,6 +119,7 @@ def test_benchmark_report():
     assert "Whisper-tiny encoder · batch 2" in table and "LoRA training step" not in table
 
 
+@pytest.mark.slow
 def test_lora_train_step_runs():
     # the LoRA step builds its own adapted copy of the network and takes optimiser steps on it
     ours, _ = model_pair("tiny", torch.device("cpu"))

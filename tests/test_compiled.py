@@ -38,6 +38,7 @@ def test_next_size():
 
 
 @pytest.mark.parametrize("layer_weighting", ["last", "weighted"])
+@pytest.mark.slow
 def test_buckets_give_the_unbucketed_outputs(waves, layer_weighting):
     model = tiny_model(layer_weighting=layer_weighting)
     plain, bucketed = Predictor(model, "cpu"), Predictor(model, "cpu", buckets=True)

@@ -240,6 +240,7 @@ NEMO_SPEAKERS = {  # data.tsv: speaker -> (gender, age, clips)
 }
 
 
+@pytest.mark.slow
 def test_nemo_labels_speakers_and_language(data_dir, tmp_path):
     rows, dropped = prepare_corpus("nemo", data_dir / "nemo")
     assert len(rows) == 3491 and not dropped

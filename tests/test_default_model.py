@@ -68,6 +68,7 @@ def test_inference_folds_the_shipped_adapters_into_the_published_layout():
     assert torch.allclose(a.scores, b.scores, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_default_model_labels_the_bundled_examples(default):
     clips = sorted(EXAMPLES.glob("*.flac"))
     assert len(clips) == 7
@@ -123,6 +124,7 @@ def test_main_job_prints_a_json_record_per_example(capsys):
         assert r["label"] == wrong.get(clip.stem, gold[clip.stem]), clip.name
 
 
+@pytest.mark.slow
 def test_the_bundled_model_reports_only_its_trained_dimensions(ravdess_clips):
     if not (DEFAULT_MODEL / "config.json").is_file():
         pytest.skip("no bundled model")

@@ -569,6 +569,7 @@ def test_spans_that_merge_make_three_distinct_views(tmp_path):
 # ----------------------------------------------------------------------------- training speakers
 
 
+@pytest.mark.slow
 def test_eval_warns_when_the_manifest_holds_the_default_models_training_speakers(tmp_path, capsys):
     from serval.corpora import prepare_corpus
     from serval.locations import DEFAULT_MODEL

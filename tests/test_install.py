@@ -259,6 +259,7 @@ def _labels(records: list[dict]) -> dict[str, str]:
     return {Path(r["file"]).name: r["label"] for r in records}
 
 
+@pytest.mark.slow
 def test_predict_without_torch_equals_the_torch_engine(tmp_path):
     """Files, a folder and a manifest on ONNX Runtime without torch: the torch engine's labels and
     probabilities (1e-4), the torch engine run in this process."""
@@ -281,6 +282,7 @@ def test_predict_without_torch_equals_the_torch_engine(tmp_path):
             assert abs(r["probabilities"][c] - v) < 1e-4, (r["file"], c)
 
 
+@pytest.mark.slow
 def test_predict_reads_a_dataset_without_torch(tmp_path):
     datasets = pytest.importorskip("datasets")
     files = [str(p) for p in sorted(EXAMPLES.glob("ravdess-*.flac"))]
@@ -295,6 +297,7 @@ def test_predict_reads_a_dataset_without_torch(tmp_path):
         assert all(abs(r["probabilities"][c] - v) < 1e-4 for c, v in w["probabilities"].items())
 
 
+@pytest.mark.slow
 def test_timeline_vad_without_torch(tmp_path):
     out = tmp_path / "t"
     done = serval(
@@ -305,6 +308,7 @@ def test_timeline_vad_without_torch(tmp_path):
     assert "Traceback" not in done.stderr and windows
 
 
+@pytest.mark.slow
 def test_bench_runs_on_onnx_without_torch(tmp_path):
     done = serval(
         "bench",

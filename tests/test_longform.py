@@ -66,6 +66,7 @@ def probs(record) -> np.ndarray:
 # ---------------------------------------------------------------------------- pieces
 
 
+@pytest.mark.slow
 def test_cut_gives_the_slices_of_the_whole():
     rng = np.random.default_rng(0)
     wave = rng.standard_normal(95 * SR + 7).astype(np.float32)
@@ -163,6 +164,7 @@ def tiny(model_dir):
     return load(model_dir, device="cpu")
 
 
+@pytest.mark.slow
 def test_the_record_pools_pieces_by_length_as_the_whole_array_would(tiny, long_files, caplog, monkeypatch):
     path16, path44, wave = long_files
     # the pooling rule written out on the whole array: equal pieces of <= 30 s, outputs weighted by length
@@ -189,6 +191,7 @@ def test_the_record_pools_pieces_by_length_as_the_whole_array_would(tiny, long_f
     assert f"serval timeline {path16}" in notes[0]
 
 
+@pytest.mark.slow
 def test_a_long_input_s_speech_is_measured_a_block_at_a_time_as_the_whole_clip(tiny, long_files, monkeypatch):
     path16, path44, wave = long_files
     want = speech_fraction(wave)  # the whole recording in one call
@@ -218,6 +221,7 @@ def test_a_long_input_s_speech_is_measured_a_block_at_a_time_as_the_whole_clip(t
     assert tiny.predict(quiet, label_no_speech=True)["label"] in tiny.classes
 
 
+@pytest.mark.slow
 def test_a_long_file_that_breaks_part_way_is_an_error_record(tiny, long_files, tmp_path):
     path16 = long_files[0]
     broken = tmp_path / "broken.flac"
@@ -233,6 +237,7 @@ def test_a_long_file_that_breaks_part_way_is_an_error_record(tiny, long_files, t
         tiny.predict(str(broken))
 
 
+@pytest.mark.slow
 def test_cli_predict_says_once_that_it_pools(model_dir, long_files, tmp_path, capsys):
     path16, path44, _ = long_files
     args = ["predict", str(path16), str(path44), "--model", str(model_dir), "--engine", "torch"]
@@ -250,6 +255,7 @@ def test_cli_predict_says_once_that_it_pools(model_dir, long_files, tmp_path, ca
 # ---------------------------------------------------------------------------- the default model
 
 
+@pytest.mark.slow
 def test_the_default_model_pools_a_2_minute_file_as_the_whole_array_does(tmp_path):
     predictor = serval.load(device="cpu")  # the bundled model on the default engine
     wave = joined(120, "tess")

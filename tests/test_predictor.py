@@ -51,6 +51,7 @@ def meralion_checkpoint(tmp_path_factory):
     return ckpt
 
 
+@pytest.mark.slow
 def test_a_folder_and_an_ensemble_are_predictors_on_both_engines(
     model_dir, tmp_path, private_cache, ravdess_clips
 ):
@@ -66,10 +67,12 @@ def test_a_folder_and_an_ensemble_are_predictors_on_both_engines(
     assert one != two  # the ensemble is not its member
 
 
+@pytest.mark.slow
 def test_the_default_model_is_a_predictor(ravdess_clips):
     check_predictor(serval.load("default", engine="torch", device="cpu"), ravdess_clips[1])
 
 
+@pytest.mark.slow
 def test_meralion_is_a_predictor(meralion_checkpoint, private_cache, ravdess_clips):
     spec = f"meralion:{meralion_checkpoint}"
     for system in (serval.load(spec, engine="torch"), serval.load(spec, device="cpu")):

@@ -73,6 +73,7 @@ def _lines_of(data: bytes) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
+@pytest.mark.slow
 def test_ray_needs_jsonl_output(capsys):
     assert main(["predict", str(ROOT / "examples"), "--ray"]) == 2
     assert "-o FILE.jsonl" in capsys.readouterr().err

@@ -142,6 +142,7 @@ def test_a_budgeted_server_answers_413_with_its_limit(budget_server, recordings)
         )
 
 
+@pytest.mark.slow
 def test_a_long_clip_is_scored_piece_by_piece_as_predict_scores_it(budget_server, recordings, model_dir):
     base, _ = budget_server
     path = recordings[0]

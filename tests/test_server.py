@@ -447,6 +447,7 @@ def raw_bodies(ravdess_clips) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow
 def test_raw_bodies_are_recognised_by_their_bytes(served, predictor, raw_bodies):
     from serval.audio import sniff_format
 

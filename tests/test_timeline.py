@@ -116,6 +116,7 @@ def test_vad_off_has_no_speech_fields(recording, predictor):
     assert all("speech_fraction" not in w and "no_speech" not in w and w["label"] for w in result["windows"])
 
 
+@pytest.mark.slow
 def test_cli_marks_unscored_spans(recording, model_dir, tmp_path):
     path, duration, t_a = recording
     prefix = tmp_path / "vad"

@@ -100,6 +100,7 @@ def _train_cached(caplog, tmp_path: Path, name: str, manifest: Path, *extra: str
     return best, next(r.getMessage() for r in caplog.records if "encoder cache" in r.getMessage())
 
 
+@pytest.mark.slow
 def test_frozen_cached_training_encodes_once_and_rekeys_a_changed_span(tmp_path, caplog):
     files = [p for p in clips("ravdess", "Actor_03/*.flac") if p.stem.split("-")[2] != "02"][::6][:8]
     cache_dir = tmp_path / "cache"
@@ -127,6 +128,7 @@ def test_frozen_cached_training_encodes_once_and_rekeys_a_changed_span(tmp_path,
     assert np.isclose(sum(records[0]["probabilities"].values()), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_on_the_top_layer_trains_on_the_frozen_encoders_cache(tmp_path, caplog):
     from safetensors.torch import load_file
 
@@ -152,6 +154,7 @@ def test_lora_on_the_top_layer_trains_on_the_frozen_encoders_cache(tmp_path, cap
     assert np.isclose(sum(records[0]["probabilities"].values()), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_linear_head_is_fitted_on_whole_training_clips_after_training(tmp_path, caplog):
     import serval
     from serval.checkpoint import load_model

@@ -203,6 +203,7 @@ def test_vad_defaults_keep_speech_windows(data_dir, tiny):
 @pytest.mark.parametrize(
     "noise", ["doing_the_dishes", "exercise_bike", "pink_noise", "running_tap", "white_noise"]
 )
+@pytest.mark.slow
 def test_long_noise_stretch_is_not_scored(data_dir, tiny, speech, noise):
     # 40 s of a real background noise between speech, as loud as under speech at 10 dB SNR
     stretch = noise_stretch(noise, 40.0, SPEECH_LEVEL * 10 ** (-10 / 20), seed=7, data=data_dir)
