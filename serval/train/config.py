@@ -98,6 +98,9 @@ class TrainConfig:
     seed: int = 1337
     resume: str = "auto"  # auto (same config only) | force (config may differ: --resume) | never
     init_from: str | None = None  # a serval model dir to start from instead of `model` + its backbone
+    # the class names the model learns, in output order (None: model.classes, default the 7; with init_from,
+    # the starting model's); classes it shares by name with init_from keep their classifier rows
+    labels: list[str] | None = None
     zero_init_residual: bool = True  # new downstream blocks start as identity maps (not with init_from)
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
     threads: int | None = None  # CPU threads for torch (None: torch's default); 1 on a busy shared machine
@@ -176,12 +179,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(
-            self.model.classes
-        ):
+        classes = self.labels or self.model.classes
+        if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
+            raise ValueError(f"labels must be distinct class names, not {self.labels!r}")
+        if self.labels is not None:
+            self.labels = [str(c).strip().lower() for c in self.labels]  # as manifests compare them
+        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(classes):
             raise ValueError(
-                f"loss.class_weights has {len(self.loss.class_weights)} numbers for "
-                f"{len(self.model.classes)} classes"
+                f"loss.class_weights has {len(self.loss.class_weights)} numbers for {len(classes)} classes"
             )
         return self
 

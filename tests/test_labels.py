@@ -1,0 +1,164 @@
+"""Any label set end to end: a model trained on its own classes reports them on every path
+(predict, serve, the ONNX engine, MCP), and fine-tuning keeps the classes it shares by name."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import clips
+from safetensors.torch import load_file
+from test_train import tiny_config, tiny_init
+
+from serval.cli import main
+from serval.inference import load
+from serval.manifest import ManifestError
+from serval.train import train
+from serval.train.network import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OWN = ("calm", "bored", "tense")
+# RAVDESS emotion codes standing in for the three classes: calm, sad, fearful.
+CODES = {"02": "calm", "04": "bored", "06": "tense"}
+
+
+def own_manifest(path: Path, per_class: int = 4, extra: str | None = None) -> Path:
+    """RAVDESS clips of actors 1 (train) and 2 (dev) labelled with three classes none of the 7 has."""
+    rows = []
+    for actor, split in (("01", "train"), ("02", "dev")):
+        for code, label in CODES.items():
+            found = sorted(clips("ravdess", f"Actor_{actor}/03-01-{code}-*.flac"))[:per_class]
+            rows += [[str(f), label, split, f"ravdess-{actor}"] for f in found]
+    if extra:
+        rows.append([rows[0][0], extra, "train", "ravdess-01"])
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "split", "speaker"], *rows])
+    return path
+
+
+@pytest.fixture(scope="module")
+def own_model(tmp_path_factory) -> Path:
+    """A tiny model trained for one epoch on [calm, bored, tense], started from a tiny 7-class model."""
+    tmp = tmp_path_factory.mktemp("own") / "t"
+    tmp.mkdir()
+    manifest = own_manifest(tmp / "own.csv")
+    cfg = tiny_config(
+        tmp, manifest, f"labels={json.dumps(list(OWN))}", "optim.epochs=1", "optim.batch_size=4", dev=True
+    )
+    return train(cfg)
+
+
+def test_training_config_labels_become_the_model_classes(own_model):
+    config = json.loads((own_model / "config.json").read_text())
+    assert tuple(config["classes"]) == OWN
+
+
+def test_predict_reports_the_model_labels(own_model, capsys):
+    clip = sorted(clips("ravdess", "Actor_03/03-01-02-*.flac"))[0]
+    record = load(own_model, device="cpu").predict(str(clip))
+    assert tuple(record["probabilities"]) == OWN and record["label"] in OWN
+    assert (
+        main(
+            ["predict", str(clip), "--model", str(own_model), "--classes", "calm,tense", "--format", "jsonl"]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["probabilities"]) == {"calm", "tense"} and out["label"] in ("calm", "tense")
+    assert main(["predict", str(clip), "--model", str(own_model), "--classes", "neutral"]) != 0
+
+
+def test_serve_reports_the_model_labels(own_model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from serval.serve.app import create_app
+
+    clip = sorted(clips("ravdess", "Actor_03/03-01-06-*.flac"))[0]
+    with TestClient(create_app(load(own_model, device="cpu"))) as c:
+        r = c.post("/v1/emotion", files={"file": (clip.name, clip.read_bytes(), "audio/flac")})
+        assert r.status_code == 200, r.text
+        assert tuple(r.json()["probabilities"]) == OWN
+        assert tuple(c.get("/v1/model").json()["classes"]) == OWN
+        schema = c.get("/openapi.json").json()
+        assert "3 emotion classes (calm, bored, tense)" in schema["info"]["description"]
+        assert c.post("/v1/emotion?classes=neutral", content=clip.read_bytes()).status_code == 400
+
+
+def test_onnx_engine_reports_the_model_labels(own_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from serval.onnx_engine import load_engine
+
+    graph = tmp_path / "own.onnx"
+    assert main(["export", "onnx", str(own_model), "-o", str(graph)]) == 0
+    engine = load_engine(graph)
+    assert tuple(engine.classes) == OWN
+    clip = sorted(clips("ravdess", "Actor_03/03-01-04-*.flac"))[0]
+    record = engine.predict(str(clip))
+    want = load(own_model, device="cpu").predict(str(clip))
+    assert tuple(record["probabilities"]) == OWN
+    np.testing.assert_allclose(
+        [record["probabilities"][c] for c in OWN], [want["probabilities"][c] for c in OWN], atol=1e-4
+    )
+
+
+def test_mcp_reports_the_model_labels(own_model):
+    pytest.importorskip("mcp")
+    from serval.serve.mcp import AudioInput, EmotionTools, build_server
+
+    predictor = load(own_model, device="cpu")
+    tools = {t.name: t for t in asyncio.run(build_server(predictor).list_tools())}
+    assert "The classes are calm, bored, tense." in tools["recognize_emotion"].description
+    assert "neutral" not in tools["recognize_emotion"].description
+    clip = sorted(clips("ravdess", "Actor_03/03-01-02-*.flac"))[0]
+    rec = EmotionTools(predictor, AudioInput(cwd="/"), 600, 3600).recognize_emotion(path=str(clip))
+    assert tuple(rec.probabilities) == OWN and rec.label in OWN
+
+
+def test_a_label_outside_the_set_names_the_row_and_the_set(tmp_path):
+    manifest = own_manifest(tmp_path / "own.csv", per_class=1, extra="frustrated")
+    cfg = tiny_config(tmp_path, manifest, f"labels={json.dumps(list(OWN))}", "optim.epochs=1")
+    with pytest.raises(
+        ManifestError, match=r"own\.csv:8: unknown label 'frustrated' \(expected one of calm, bored, tense\)"
+    ):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+def test_init_keeps_the_rows_of_classes_shared_by_name(tmp_path):
+    start = tiny_init(tmp_path / "start")
+    old = load_file(start / "model.safetensors")
+    cfg = tiny_config(tmp_path, tmp_path / "unused.csv", 'labels=["sad", "calm", "neutral"]', init=False)
+    cfg.init_from = str(start)
+    model = build_model(cfg)
+    assert model.config.classes == ("sad", "calm", "neutral")
+    w, b = (
+        model.emotion_classification_layer[2].weight.detach(),
+        model.emotion_classification_layer[2].bias.detach(),
+    )
+    key = "emotion_classification_layer.2."
+    torch.testing.assert_close(w[0], old[key + "weight"][2])  # sad was row 2 of the 7
+    torch.testing.assert_close(w[2], old[key + "weight"][0])  # neutral row 0
+    torch.testing.assert_close(b[[0, 2]], old[key + "bias"][[2, 0]])
+    # calm is new: a fresh row, not a copy of any of the 7
+    assert min(float((w[1] - row).abs().max()) for row in old[key + "weight"]) > 1e-3
+    # the rest of the network is the starting model's
+    torch.testing.assert_close(model.emotion_layer.weight.detach(), old["emotion_layer.weight"])
+
+
+def test_train_init_flag_sets_init_from(tmp_path, capsys):
+    from serval.train.command import init_override
+
+    assert init_override(None) == [] and init_override("none") == ["init_from=null"]
+    assert init_override("default") == ['init_from="default"']
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {train: m.csv}\nlabels: [Calm, bored]\n")
+    assert main(["train", str(config), "--init", str(tiny_init(tmp_path / "start")), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "- calm\n  - bored" in printed and f"init_from: {tmp_path / 'start'}" in printed
