@@ -144,7 +144,13 @@ def test_a_label_outside_the_set_names_the_row_and_the_set(tmp_path):
 def test_init_keeps_the_rows_of_classes_shared_by_name(tmp_path):
     start = tiny_init(tmp_path / "start")
     old = load_file(start / "model.safetensors")
-    cfg = tiny_config(tmp_path, tmp_path / "unused.csv", 'labels=["sad", "calm", "neutral"]', init=False)
+    cfg = tiny_config(
+        tmp_path,
+        tmp_path / "unused.csv",
+        'labels=["sad", "calm", "neutral"]',
+        "dimensions=[valence]",
+        init=False,
+    )
     cfg.init_from = str(start)
     model = build_model(cfg)
     assert model.config.classes == ("sad", "calm", "neutral")
@@ -158,8 +164,21 @@ def test_init_keeps_the_rows_of_classes_shared_by_name(tmp_path):
     torch.testing.assert_close(b[[0, 2]], old[key + "bias"][[2, 0]])
     # calm is new: a fresh row, not a copy of any of the 7
     assert min(float((w[1] - row).abs().max()) for row in old[key + "weight"]) > 1e-3
+    # a subset of the dimensions: valence keeps its row (row 1 of arousal, valence, dominance)
+    assert model.config.dimensions == ("valence",) and model.dim_layer[3].weight.shape[0] == 1
+    torch.testing.assert_close(model.dim_layer[3].weight.detach()[0], old["dim_layer.3.weight"][1])
     # the rest of the network is the starting model's
     torch.testing.assert_close(model.emotion_layer.weight.detach(), old["emotion_layer.weight"])
+
+
+def test_a_model_without_dimensional_scores_trains_and_predicts(tmp_path):
+    manifest = own_manifest(tmp_path / "own.csv", per_class=2)
+    cfg = tiny_config(tmp_path, manifest, f"labels={json.dumps(list(OWN))}", "dimensions=[]", "optim.epochs=1",
+                      "optim.batch_size=4")  # fmt: skip
+    predictor = load(train(cfg), device="cpu")
+    assert predictor.dimensions == () and predictor.classes == OWN
+    record = predictor.predict(str(sorted(clips("ravdess", "Actor_03/03-01-02-*.flac"))[0]))
+    assert record["scores"] == {} and tuple(record["probabilities"]) == OWN
 
 
 def test_train_init_flag_sets_init_from(tmp_path, capsys):

@@ -101,6 +101,9 @@ class TrainConfig:
     # the class names the model learns, in output order (None: model.classes, default the 7; with init_from,
     # the starting model's); classes it shares by name with init_from keep their classifier rows
     labels: list[str] | None = None
+    # the dimensional scores the model outputs (None: model.dimensions, or init_from's); [] for none,
+    # or a subset such as [arousal]; those shared by name with init_from keep their rows
+    dimensions: list[str] | None = None
     zero_init_residual: bool = True  # new downstream blocks start as identity maps (not with init_from)
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
     threads: int | None = None  # CPU threads for torch (None: torch's default); 1 on a busy shared machine

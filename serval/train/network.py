@@ -19,9 +19,7 @@ log = logging.getLogger("serval.train")
 
 def build_model(cfg: TrainConfig) -> SERModel:
     """The model to train: from `init_from`, from `model.backbone`, or random (tests only)."""
-    model_cfg = dataclasses.replace(cfg.model)
-    if cfg.labels:
-        model_cfg.classes = tuple(cfg.labels)
+    model_cfg = own_names(cfg, dataclasses.replace(cfg.model))
     if cfg.init_from:
         model = start_from(cfg)
     else:
@@ -38,6 +36,17 @@ def build_model(cfg: TrainConfig) -> SERModel:
     return model
 
 
+def own_names(cfg: TrainConfig, model_cfg):
+    """`model_cfg` with the config's `labels` and `dimensions` where it gives them; the trained
+    dimensions are kept only where the model still has them."""
+    if cfg.labels:
+        model_cfg.classes = tuple(cfg.labels)
+    if cfg.dimensions is not None:
+        model_cfg.dimensions = tuple(cfg.dimensions)
+        model_cfg.trained_dimensions = tuple(d for d in model_cfg.trained_dimensions if d in cfg.dimensions)
+    return model_cfg
+
+
 # The output layers whose rows are classes (dimensions): rows are matched by name, not by position.
 HEAD_ROWS = {"emotion_classification_layer.2.": "classes", "dim_layer.3.": "dimensions"}
 
@@ -52,9 +61,7 @@ def start_from(cfg: TrainConfig) -> SERModel:
     keep = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "gradient_checkpointing", "proj_dropout",
             "layer_stats_dropout", "ecapa_drop",
             "embed_dropouts")  # fmt: skip
-    model_cfg = dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep})
-    if cfg.labels:
-        model_cfg.classes = tuple(cfg.labels)
+    model_cfg = own_names(cfg, dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep}))
     # a fitted linear head is not trained on; select.linear_head fits a new one at the end
     model_cfg.linear_head = False
     model = SERModel(model_cfg)
