@@ -131,6 +131,22 @@ def test_mcp_reports_the_model_labels(own_model):
     assert tuple(rec.probabilities) == OWN and rec.label in OWN
 
 
+def test_transformers_pipeline_reports_the_model_labels(own_model):
+    transformers = pytest.importorskip("transformers")
+    import serval  # noqa: F401  (registers serval with transformers' Auto classes)
+    from serval.audio import load_audio
+
+    pipe = transformers.pipeline("audio-classification", model=str(own_model), device="cpu")
+    assert pipe.model.config.id2label == dict(enumerate(OWN))
+    wave = load_audio(sorted(clips("ravdess", "Actor_03/03-01-06-*.flac"))[0])
+    ranked = pipe(wave, top_k=3)
+    assert {r["label"] for r in ranked} == set(OWN)
+    assert (
+        ranked[0]["label"]
+        == max(load(own_model, device="cpu")(wave, top_k=3), key=lambda r: r["score"])["label"]
+    )
+
+
 def test_a_label_outside_the_set_names_the_row_and_the_set(tmp_path):
     manifest = own_manifest(tmp_path / "own.csv", per_class=1, extra="frustrated")
     cfg = tiny_config(tmp_path, manifest, f"labels={json.dumps(list(OWN))}", "optim.epochs=1")
