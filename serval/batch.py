@@ -31,7 +31,7 @@ from serval.audio import AudioError, audio_info, load_audio
 from serval.longform import WINDOW_BATCHES, LongAudio, count_pieces, pooling_note, read_audio, speech_of
 from serval.progress import progress_bar
 from serval.vad import speech_fields
-from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE, class_subset
+from serval.vocab import AUDIO_EXTENSIONS, EMOTIONS, SAMPLE_RATE, class_subset
 
 # Every new batch width is a new oneDNN convolution primitive holding its own copy of the reordered
 # weights (about 5 MB for whisper-base), and batches sorted by length have many widths, so the default
@@ -212,7 +212,9 @@ def read_item(item: Item) -> np.ndarray | LongAudio:
     return read_audio(source, item.start, item.end, name=name)
 
 
-def read_rows(path: str | os.PathLike, label_column: str = "label") -> list:
+def read_rows(
+    path: str | os.PathLike, label_column: str = "label", labels: Sequence[str] | None = EMOTIONS
+) -> list:
     """Manifest rows (`serval.manifest.ManifestRow`) of a manifest, or of a dataset's rows for `serval eval`.
 
     A dataset row's path is DATAFILE#ROW; its `label_column` (text, or a ClassLabel index) and any
@@ -221,7 +223,7 @@ def read_rows(path: str | os.PathLike, label_column: str = "label") -> list:
     from serval.manifest import COLUMNS, ManifestRow, read_manifest
 
     if not is_dataset(path):
-        return read_manifest(path)
+        return read_manifest(path, labels=labels)  # labels: the label set (None: any name)
     rows = []
     for datafile, _ in dataset_files(path):
         table = _open_table(datafile)

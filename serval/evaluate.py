@@ -41,6 +41,7 @@ from serval.training_data import overlap, overlap_warning, record_of_spec
 from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4, trained_dimensions
 
 PROTOCOLS = {"7class": EMOTIONS, "4class": PRIMARY4}
+MODEL_PROTOCOL = "model"  # the models' own classes (a model trained on any label set; all must share them)
 SEGMENTATIONS = ("utterance", "2s", "merged")
 SEGMENT_SECONDS = 2.0
 MIN_TAIL_SECONDS = 1.0  # a row's last piece shorter than this is not scored under "2s"
@@ -318,7 +319,7 @@ def predict_all(
                 continue
             r = cache.records[key[s]]
             table[s] = {
-                "probs": _to_serval_order(r["probs"], r["classes"], EMOTIONS, 0.0),
+                "probs": _to_serval_order(r["probs"], r["classes"], class_order(systems), 0.0),
                 # an untrained output is no prediction: NaN, so it is never scored (its CCC is n/a)
                 "scores": _to_serval_order(
                     [v if d in trained else None for d, v in zip(r["dimensions"], r["scores"])],
@@ -335,8 +336,33 @@ def predict_all(
     return predictions, failures
 
 
-def _restricted_label(probs: np.ndarray, allowed: Sequence[str]) -> str | None:
-    values = probs[[EMOTIONS.index(c) for c in allowed]]
+def class_order(systems: Sequence) -> tuple[str, ...]:
+    """The order of every prediction's probabilities: the 7 classes, then any other class a system has."""
+    return tuple(dict.fromkeys([*EMOTIONS, *(c for s in systems for c in s.classes)]))
+
+
+def protocol_classes(protocol: str, systems: Sequence) -> tuple[str, ...]:
+    """The classes a protocol scores: its fixed set, or for "model" the classes every system shares."""
+    if protocol != MODEL_PROTOCOL:
+        return PROTOCOLS[protocol]
+    own = {tuple(s.classes) for s in systems}
+    if len(own) != 1:
+        raise ValueError(f"protocol {MODEL_PROTOCOL!r} needs models with the same classes, not {sorted(own)}")
+    return own.pop()
+
+
+def label_problem(rows: Sequence, classes: Sequence[str]) -> str | None:
+    """The first row whose label is outside `classes`, as "row N (path): ...", or None."""
+    for i, r in enumerate(rows, 1):
+        if r.label is not None and r.label not in classes:
+            return f"row {i} ({r.path}): label {r.label!r} is not one of {', '.join(classes)}"
+    return None
+
+
+def _restricted_label(
+    probs: np.ndarray, allowed: Sequence[str], order: Sequence[str] = EMOTIONS
+) -> str | None:
+    values = probs[[list(order).index(c) for c in allowed]]
     if not len(values) or not np.nanmax(values) > 0:
         return None  # the system's answer lies outside the allowed classes, or it gave none
     return allowed[int(np.nanargmax(values))]
@@ -371,8 +397,8 @@ def evaluate(
     Returns the report as a JSON-ready dict (NaN written as null); `serval.report.write_report` saves it.
     """
     for p in protocols:
-        if p not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+        if p not in (*PROTOCOLS, MODEL_PROTOCOL):
+            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join([*PROTOCOLS, MODEL_PROTOCOL])}")
     if corpus_classes not in ("own", "all"):
         raise ValueError("corpus_classes must be 'own' or 'all'")
     if specs is None:
@@ -380,6 +406,8 @@ def evaluate(
     from serval.onnx_engine import load_engine  # engine "auto": ONNX Runtime on a CPU, no torch needed
 
     systems = [load_engine(s) if isinstance(s, str) else s for s in systems]
+    classes_of = {p: protocol_classes(p, systems) for p in protocols}
+    order = class_order(systems)
     names = unique_names(systems)
     units = {seg: make_units(rows, seg) for seg in segmentations}
     # a row with neither a label nor a dimension cannot be scored: it is not run either
@@ -387,7 +415,7 @@ def evaluate(
     predictions, failures = predict_all(all_units, systems, names, cache_dir, batch_size, progress)
     failed_rows = {i for u in all_units if u.span in failures for i in u.rows}
     labels_of = corpus_labels(rows)
-    listed = {k: [c for c in EMOTIONS if c in v] for k, v in labels_of.items()}
+    listed = {k: [c for c in order if c in v] for k, v in labels_of.items()}
     valid = {
         seg: [u for u in units[seg] if _scorable(u) and not failed_rows.intersection(u.rows)]
         for seg in segmentations
@@ -395,7 +423,15 @@ def evaluate(
     results = {
         seg: {
             proto: score_protocol(
-                valid[seg], PROTOCOLS[proto], names, predictions, labels_of, corpus_classes, bootstrap, seed
+                valid[seg],
+                classes_of[proto],
+                names,
+                predictions,
+                labels_of,
+                corpus_classes,
+                bootstrap,
+                seed,
+                order=order,
             )
             for proto in protocols
         }
@@ -475,8 +511,10 @@ def score_protocol(
     corpus_classes: str,
     bootstrap: int,
     seed: int,
+    order: Sequence[str] = EMOTIONS,
 ) -> dict:
-    """{model: {"overall", "by_language", "by_corpus"}} over the units whose gold label is in `classes`.
+    """{model: {"overall", "by_language", "by_corpus"}} over the units whose gold label is in `classes`
+    (`order`: the order of the predictions' probabilities).
 
     A unit's prediction is the argmax over the classes its corpus has (`corpus_classes="own"`)
     or over all of `classes` ("all").
@@ -490,7 +528,7 @@ def score_protocol(
     groups = [u.rows[0] for u in items]
     out = {}
     for name, table in zip(names, predictions):
-        pred = [_restricted_label(table[u.span]["probs"], allowed[u.corpus]) for u in items]
+        pred = [_restricted_label(table[u.span]["probs"], allowed[u.corpus], order) for u in items]
         entry = {"overall": _scores(gold, pred, classes, groups, bootstrap, seed)}
         for attr in ("language", "corpus"):
             values = sorted({getattr(u, attr) for u in items}, key=lambda v: (v is None, str(v)))
@@ -592,7 +630,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {', '.join(SEGMENTATIONS)} (default: all)",
     )
     p.add_argument(
-        "--protocols", default=",".join(PROTOCOLS), help="comma-separated: 7class,4class (default: both)"
+        "--protocols",
+        default=",".join(PROTOCOLS),
+        help="comma-separated: 7class,4class (default: both), model (the models' own classes: any label set)",
     )
     p.add_argument(
         "--corpus-classes",
@@ -655,8 +695,9 @@ def run(args: argparse.Namespace) -> int:
     args.model = args.model or ["default"]
     try:
         segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")
-        protocols = _split_list(args.protocols, tuple(PROTOCOLS), "--protocols")
-        rows = read_rows(args.manifest)
+        protocols = _split_list(args.protocols, (*PROTOCOLS, MODEL_PROTOCOL), "--protocols")
+        # under "model" a label may be any class name: checked against the models' classes once loaded
+        rows = read_rows(args.manifest, labels=None if MODEL_PROTOCOL in protocols else EMOTIONS)
     except (ValueError, ManifestError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -677,6 +718,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     systems = _load_systems(args, rows, prog)
     if systems is None:
+        return 2
+    try:
+        known = set().union(*(protocol_classes(p, systems) for p in protocols))
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    problem = label_problem(rows, [c for c in class_order(systems) if c in known])
+    if problem:
+        print(f"{prog}: {args.manifest}: {problem}", file=sys.stderr)
         return 2
     cache_dir = args.cache_dir or Path(args.output) / "cache"
     report = evaluate(

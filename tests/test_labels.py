@@ -131,6 +131,38 @@ def test_mcp_reports_the_model_labels(own_model):
     assert tuple(rec.probabilities) == OWN and rec.label in OWN
 
 
+def test_eval_scores_the_model_classes(own_model, tmp_path, capsys):
+    manifest = own_manifest(tmp_path / "own.csv", per_class=2)
+    out = tmp_path / "report"
+    args = [
+        "eval",
+        str(manifest),
+        "--model",
+        str(own_model),
+        "--protocols",
+        "model",
+        "--segments",
+        "utterance",
+    ]
+    assert main([*args, "-o", str(out), "--bootstrap", "0", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (entry,) = report["results"]["utterance"]["model"].values()
+    assert entry["overall"]["classes"] == list(OWN) and entry["overall"]["n"] == 12
+    assert 0.0 <= entry["overall"]["uar"] <= 1.0
+    # a label outside the model's classes names the row and the set
+    bad = own_manifest(tmp_path / "bad.csv", per_class=1, extra="frustrated")
+    assert (
+        main(
+            ["eval", str(bad), "--model", str(own_model), "--protocols", "model", "-o", str(tmp_path / "r2")]
+        )
+        == 2
+    )
+    assert "row 7 (" in capsys.readouterr().err
+    # the 7-class protocol still reads the manifest against the 7
+    assert main(["eval", str(manifest), "--model", str(own_model), "-o", str(tmp_path / "r3")]) == 2
+    assert "unknown label 'calm'" in capsys.readouterr().err
+
+
 def test_transformers_pipeline_reports_the_model_labels(own_model):
     transformers = pytest.importorskip("transformers")
     import serval  # noqa: F401  (registers serval with transformers' Auto classes)
