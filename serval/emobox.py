@@ -2,8 +2,8 @@
 
 EmoBox fixes speaker-independent folds per corpus (`<corpus>/fold_<k>/<corpus>_{train,test}_fold_<k>.jsonl`,
 one JSON object a line with `key`, `wav`, `emo`). For each fold this finds every clip by its file
-stem under the audio folder, trains on the fold's train file (split 80/20 at random with seed 12 into
-train and validation, as EmoBox does), tests on its test file and reports UAR, WA (accuracy) and
+stem under the audio folder, trains on the fold's train file (its clips found here split 80/20 at
+random with seed 12 into train and validation, as EmoBox's recipe does), tests on its test file and reports UAR, WA (accuracy) and
 macro-F1 per fold and their mean over folds. Labels are the corpus's own (EmoBox's label map), so
 the classes are whatever the corpus uses. Clips that are not found are counted and listed, never
 dropped silently.
@@ -124,23 +124,21 @@ def read_fold(folds_dir: Path, corpus: str, number: int, index: AudioIndex, labe
     for part in ("train", "test"):
         clips = read_clips(base / f"{corpus}_{part}_fold_{number}.jsonl", labels)
         fold.totals[part] = len(clips)
-        if part == "train":
-            # EmoBox shuffles the whole train file before it splits, so the split is the same
-            # whichever clips are found here; then only the found ones are kept
-            clips = list(clips)
-            random.Random(SEED).shuffle(clips)
-            cut = round(len(clips) * (1 - VALID_FRACTION))
-            tagged = [(c, "train" if i < cut else "dev") for i, c in enumerate(clips)]
-        else:
-            tagged = [(c, "test") for c in clips]
-        fold.missing[part] = []
-        for clip, split in tagged:
-            path = index.find(clip.wav)
-            if path is None:
-                fold.missing[part].append(clip.key)
-            else:
-                fold.rows.append((str(path), clip.label, split))
+        found = [(c, index.find(c.wav)) for c in clips]
+        fold.missing[part] = [c.key for c, path in found if path is None]
+        found = [(c, path) for c, path in found if path is not None]
+        splits = validation_split(len(found)) if part == "train" else ["test"] * len(found)
+        fold.rows += [(str(path), c.label, split) for (c, path), split in zip(found, splits)]
     return fold
+
+
+def validation_split(n: int) -> list[str]:
+    """ "train" or "dev" for each of `n` clips in file order, as EmoBox's recipe splits the clips it
+    has (examples/sb/dataset_prepare.py): random.seed(12), shuffle the indices, the first 80 % train."""
+    order = list(range(n))
+    random.Random(SEED).shuffle(order)
+    dev = set(order[int(n * (1 - VALID_FRACTION)) :])
+    return ["dev" if i in dev else "train" for i in range(n)]
 
 
 def write_fold_manifest(fold: Fold, path: Path) -> None:
