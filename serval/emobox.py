@@ -317,9 +317,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     init_name = "none" if args.init == "none" else Path(args.init).name or args.init
     out = Path(args.out or f"runs/emobox/{args.corpus}-{init_name}")
-    config = args.config if args.config and Path(args.config).is_file() else None
-    if args.config and config is None and args.config != str(REPO_CONFIG):
-        print(f"serval benchmark: {args.config}: no such config", file=sys.stderr)
+    config = args.config
+    if not Path(config).is_file():  # the repository's recipe is not part of an installed package
+        print(f"serval benchmark: {config}: no such training config (pass --config FILE)", file=sys.stderr)
         return 2
     try:
         report = run_benchmark(

@@ -61,7 +61,7 @@ def test_training_config_labels_become_the_model_classes(own_model):
     assert tuple(config["classes"]) == OWN
 
 
-def test_predict_reports_the_model_labels(own_model, capsys):
+def test_predict_and_timeline_report_the_model_labels(own_model, capsys, tmp_path):
     clip = sorted(clips("ravdess", "Actor_03/03-01-02-*.flac"))[0]
     record = load(own_model, device="cpu").predict(str(clip))
     assert tuple(record["probabilities"]) == OWN and record["label"] in OWN
@@ -74,6 +74,25 @@ def test_predict_reports_the_model_labels(own_model, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["probabilities"]) == {"calm", "tense"} and out["label"] in ("calm", "tense")
     assert main(["predict", str(clip), "--model", str(own_model), "--classes", "neutral"]) != 0
+    assert (
+        main(
+            [
+                "timeline",
+                str(clip),
+                "--model",
+                str(own_model),
+                "-o",
+                str(tmp_path / "t"),
+                "--window",
+                "1",
+                "--hop",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    timeline = json.loads((tmp_path / "t.json").read_text())
+    assert timeline["classes"] == list(OWN) and timeline["segments"][0]["label"] in OWN
 
 
 def test_serve_reports_the_model_labels(own_model):
