@@ -351,11 +351,17 @@ def protocol_classes(protocol: str, systems: Sequence) -> tuple[str, ...]:
     return own.pop()
 
 
-def label_problem(rows: Sequence, classes: Sequence[str]) -> str | None:
-    """The first row whose label is outside `classes`, as "row N (path): ...", or None."""
+def labels_problem(rows: Sequence, protocols: Sequence[str], systems: Sequence) -> str | None:
+    """Why `rows` cannot be scored under `protocols` by `systems`: the first row whose label is in no
+    protocol's classes ("row N (path): ..."), or models that do not share their classes; else None."""
+    try:
+        known = set().union(*(protocol_classes(p.strip(), systems) for p in protocols))
+    except ValueError as e:
+        return str(e)
     for i, r in enumerate(rows, 1):
-        if r.label is not None and r.label not in classes:
-            return f"row {i} ({r.path}): label {r.label!r} is not one of {', '.join(classes)}"
+        if r.label is not None and r.label not in known:
+            names = [c for c in class_order(systems) if c in known]
+            return f"row {i} ({r.path}): label {r.label!r} is not one of {', '.join(names)}"
     return None
 
 
@@ -397,8 +403,8 @@ def evaluate(
     Returns the report as a JSON-ready dict (NaN written as null); `serval.report.write_report` saves it.
     """
     for p in protocols:
-        if p not in (*PROTOCOLS, MODEL_PROTOCOL):
-            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join([*PROTOCOLS, MODEL_PROTOCOL])}")
+        if p not in PROTOCOLS and p != MODEL_PROTOCOL:
+            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}, {MODEL_PROTOCOL}")
     if corpus_classes not in ("own", "all"):
         raise ValueError("corpus_classes must be 'own' or 'all'")
     if specs is None:
@@ -406,8 +412,7 @@ def evaluate(
     from serval.onnx_engine import load_engine  # engine "auto": ONNX Runtime on a CPU, no torch needed
 
     systems = [load_engine(s) if isinstance(s, str) else s for s in systems]
-    classes_of = {p: protocol_classes(p, systems) for p in protocols}
-    order = class_order(systems)
+    classes_of, order = {p: protocol_classes(p, systems) for p in protocols}, class_order(systems)
     names = unique_names(systems)
     units = {seg: make_units(rows, seg) for seg in segmentations}
     # a row with neither a label nor a dimension cannot be scored: it is not run either
@@ -421,22 +426,10 @@ def evaluate(
         for seg in segmentations
     }
     results = {
-        seg: {
-            proto: score_protocol(
-                valid[seg],
-                classes_of[proto],
-                names,
-                predictions,
-                labels_of,
-                corpus_classes,
-                bootstrap,
-                seed,
-                order=order,
-            )
-            for proto in protocols
-        }
+        seg: {p: score_protocol(valid[seg], classes_of[p], names, predictions, labels_of, corpus_classes,
+                                bootstrap, seed, order=order) for p in protocols}
         for seg in segmentations
-    }
+    }  # fmt: skip
     models = [
         model_entry(name, spec, system, table, training_record(spec, system), rows)
         for name, spec, system, table in zip(names, specs or [None] * len(systems), systems, predictions)
@@ -683,6 +676,10 @@ def _load_systems(args: argparse.Namespace, rows: Sequence, prog: str) -> list |
         except (ImportError, OSError, ValueError, KeyError) as e:
             print(f"{prog}: --model {spec}: {e}", file=sys.stderr)
             return None
+    problem = labels_problem(rows, args.protocols.split(","), systems)
+    if problem:
+        print(f"{prog}: {args.manifest}: {problem}", file=sys.stderr)
+        return None
     return systems
 
 
@@ -696,7 +693,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")
         protocols = _split_list(args.protocols, (*PROTOCOLS, MODEL_PROTOCOL), "--protocols")
-        # under "model" a label may be any class name: checked against the models' classes once loaded
         rows = read_rows(args.manifest, labels=None if MODEL_PROTOCOL in protocols else EMOTIONS)
     except (ValueError, ManifestError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
@@ -718,15 +714,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     systems = _load_systems(args, rows, prog)
     if systems is None:
-        return 2
-    try:
-        known = set().union(*(protocol_classes(p, systems) for p in protocols))
-    except ValueError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    problem = label_problem(rows, [c for c in class_order(systems) if c in known])
-    if problem:
-        print(f"{prog}: {args.manifest}: {problem}", file=sys.stderr)
         return 2
     cache_dir = args.cache_dir or Path(args.output) / "cache"
     report = evaluate(
