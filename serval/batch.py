@@ -99,7 +99,8 @@ def iter_items(inputs: Iterable[str]) -> Iterator[Item]:
             for datafile, n in dataset_files(p):
                 yield from (Item(f"{datafile}{ROW_SEP}{i}") for i in range(n))
         elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
-            yield from (Item(str(r.path), r.start, r.end) for r in read_manifest(p))
+            # the labels are not read here: a manifest of any label set is input like any other
+            yield from (Item(str(r.path), r.start, r.end) for r in read_manifest(p, labels=None))
         else:
             yield from (Item(f) for f in expand_inputs([name]))
 

@@ -74,6 +74,12 @@ def test_predict_and_timeline_report_the_model_labels(own_model, capsys, tmp_pat
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["probabilities"]) == {"calm", "tense"} and out["label"] in ("calm", "tense")
     assert main(["predict", str(clip), "--model", str(own_model), "--classes", "neutral"]) != 0
+    # a manifest of the model's own labels is an input like any other
+    manifest = own_manifest(tmp_path / "own.csv", per_class=1)
+    capsys.readouterr()
+    assert main(["predict", str(manifest), "--model", str(own_model), "--format", "jsonl"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 6 and all(tuple(r["probabilities"]) == OWN for r in lines)
     assert (
         main(
             [
