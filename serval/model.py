@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from serval.settings import STRICT, read
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 # Whisper encoder sizes: (n_mels, d_model, layers, heads, ffn).
@@ -34,6 +35,8 @@ WHISPER_SIZES = {
 @dataclass
 class SERConfig:
     """Everything that defines a serval model; saved as `config.json` beside its weights."""
+
+    __pydantic_config__ = STRICT
 
     # Whisper encoder
     n_mels: int = 80
@@ -111,12 +114,50 @@ class SERConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> SERConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"format", "serval_version"})
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, source: str = "") -> SERConfig:
+        """A config from `config.json`'s values (its `format` and `serval_version` set aside), type-checked;
+        ValueError naming the setting and `source`."""
+        return read(cls, {k: v for k, v in d.items() if k not in ("format", "serval_version")}, source)
+
+    def check(self, cached: bool = False, prefix: str = "") -> SERConfig:
+        """ValueError naming the first setting that cannot work; `cached`: trained on cached encoder
+        outputs (mode frozen_cached); `prefix`: where the settings sit (`model.` in a training config)."""
+        p, weighted = prefix, self.layer_weighting == "weighted"
+        rules = [
+            (
+                self.layer_weighting in ("last", "weighted"),
+                f"{p}layer_weighting must be 'last' or 'weighted', not {self.layer_weighting!r}",
+            ),
+            (
+                weighted or not self.layer_stats,
+                f"{p}layer_stats needs {p}layer_weighting 'weighted' (it reads every layer)",
+            ),
+            (
+                not self.layer_stats or 0 <= self.ecapa_drop < 1,
+                f"{p}ecapa_drop must be in [0, 1), got {self.ecapa_drop}",
+            ),
+            (
+                weighted or not self.linear_head,
+                f"{p}linear_head needs {p}layer_weighting 'weighted' (it reads every layer)",
+            ),
+            (
+                0 <= self.lora_layers <= self.encoder_layers,
+                f"{p}lora_layers must be in [0, {self.encoder_layers}], got {self.lora_layers}",
+            ),
+            (
+                not (cached and self.lora_r > 0 and not self.lora_layers),
+                f"mode frozen_cached caches the encoder's outputs: LoRA there needs {p}lora_layers "
+                f"(the top layers it re-runs), or set {p}lora_r to 0",
+            ),
+            (
+                not (cached and self.lora_r > 0 and self.lora_layers) or weighted,
+                f"{p}lora_layers on cached outputs needs {p}layer_weighting 'weighted' (every layer cached)",
+            ),
+        ]
+        problem = next((message for ok, message in rules if not ok), None)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 @dataclass
@@ -517,21 +558,14 @@ class SERModel(nn.Module):
     def __init__(self, config: SERConfig):
         super().__init__()
         self.config = config
+        config.check()
         self.whisper = _Whisper(config)
         if config.layer_weighting == "weighted":
             self.layer_weights = nn.Parameter(torch.zeros(config.encoder_layers + 1))
-        elif config.layer_weighting != "last":
-            raise ValueError(f"layer_weighting must be 'last' or 'weighted', not {config.layer_weighting!r}")
         self.downstream_model = ECAPADownstream(config)
         if config.layer_stats:
-            if config.layer_weighting != "weighted":
-                raise ValueError("layer_stats needs layer_weighting 'weighted' (it reads every layer)")
-            if not 0 <= config.ecapa_drop < 1:
-                raise ValueError(f"ecapa_drop must be in [0, 1), got {config.ecapa_drop}")
             self.layer_stats = LayerStatistics(config)
         if config.linear_head:
-            if config.layer_weighting != "weighted":
-                raise ValueError("linear_head needs layer_weighting 'weighted' (it reads every layer)")
             self.linear_head = LinearHead(config)
         e = config.embed_dim
         self.dim_layer = nn.Sequential(
@@ -541,8 +575,6 @@ class SERModel(nn.Module):
         self.emotion_classification_layer = nn.Sequential(
             RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes))
         )
-        if not 0 <= config.lora_layers <= config.encoder_layers:
-            raise ValueError(f"lora_layers must be in [0, {config.encoder_layers}], got {config.lora_layers}")
         if config.lora_r > 0:
             self._add_lora()
 

@@ -251,5 +251,5 @@ def test_lora_on_top_layers_re_runs_them_from_a_frozen_encoder_cache():
 
 
 def test_unknown_config_key_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown config keys: bogus"):
+    with pytest.raises(ValueError, match="unknown setting bogus"):
         SERConfig.from_dict({"bogus": 1})

@@ -8,6 +8,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
+from serval.settings import STRICT
 from serval.windows import WindowSpec
 
 # What one request holds, counted when its limits come from `memory_budget` (docs/serving.md, "Memory"):
@@ -29,6 +30,8 @@ BUDGETED = (
 @dataclass
 class ServerConfig:
     """Limits and batching of one server; every field is a `serval serve` option."""
+
+    __pydantic_config__ = STRICT
 
     host: str = "127.0.0.1"
     port: int = 8000
