@@ -44,6 +44,12 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+def setting(default, help: str, **argument):
+    """A dataclass field with a default and a help text (and `argument`: `parse`, `metavar`), for the
+    command-line options made from a config's fields (`serval.serve.cli`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **argument})
+
+
 def parse_yaml(text: str):
     """YAML text as plain values (numbers read as YAML 1.2 reads them)."""
     return yaml.load(text, Loader=YamlLoader)
