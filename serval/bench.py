@@ -466,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
         )
         return _write(report, args.json)
-    from serval.model import WHISPER_SIZES
+    from serval.model_config import WHISPER_SIZES
 
     if args.size not in WHISPER_SIZES:
         raise ValueError(f"--size must be one of {', '.join(WHISPER_SIZES)}, not {args.size!r}")

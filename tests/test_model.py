@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serval.model import SERConfig, SERModel, halve_time, merge_lora_state_dict
+from serval.masks import halve_time
+from serval.model import SERConfig, SERModel, merge_lora_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "meralion-ser-v1-state-dict.tsv"
 
