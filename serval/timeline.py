@@ -310,6 +310,17 @@ def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str 
     return out
 
 
+# WindowSpec's fields that are timeline options, with their help texts
+GRID_OPTIONS = {
+    "window": "window length in seconds",
+    "hop": "seconds between window starts",
+    "min_length": "shortest end remainder that still gets its own end-aligned window, in seconds",
+    "vad_threshold": "Silero speech probability at which a 32 ms frame turns to speech",
+    "min_speech": "fraction of a window's frames that must be speech for it to be scored (with --vad)",
+    "max_segment": "longest merged segment in seconds",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from serval.onnx_engine import add_engine_arguments
 
@@ -318,39 +329,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         help="default (the bundled model, when omitted), a model directory, hub id or meralion:PATH",
     )
-    defaults = WindowSpec  # the defaults are WindowSpec's, so the CLI and the API agree
-    p.add_argument(
-        "--window", type=float, default=defaults.window, help="window length in seconds (default %(default)g)"
-    )
-    p.add_argument(
-        "--hop", type=float, default=defaults.hop, help="seconds between window starts (default %(default)g)"
-    )
-    p.add_argument(
-        "--min-length",
-        type=float,
-        default=defaults.min_length,
-        help="shortest end remainder that still gets its own end-aligned window (default %(default)g s)",
-    )
-    p.add_argument("--vad", action="store_true", help="leave windows without speech unscored (Silero VAD)")
-    p.add_argument(
-        "--vad-threshold",
-        type=float,
-        default=defaults.vad_threshold,
-        help="Silero speech probability at which a 32 ms frame turns to speech (default %(default)g)",
-    )
-    p.add_argument(
-        "--min-speech",
-        type=float,
-        default=defaults.min_speech,
-        help="fraction of a window's frames that must be speech for it to be scored (with --vad; "
-        "default %(default)g)",
-    )
-    p.add_argument(
-        "--max-segment",
-        type=float,
-        default=defaults.max_segment,
-        help="longest merged segment in seconds (default %(default)g)",
-    )
+    for name, text in GRID_OPTIONS.items():  # the defaults are WindowSpec's, so the CLI and the API agree
+        if name == "vad_threshold":
+            p.add_argument(
+                "--vad", action="store_true", help="leave windows without speech unscored (Silero VAD)"
+            )
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            default=getattr(WindowSpec, name),
+            help=f"{text} (default %(default)g)",
+        )
     p.add_argument(
         "--segments",
         metavar="TURNS",
@@ -429,15 +418,7 @@ def _plan(args: argparse.Namespace) -> tuple[WindowSpec, float, list[Turn] | Non
     """The grid, the recording's duration and the turns (None: the grid mode), checked before any work."""
     from serval.audio import audio_info
 
-    spec = WindowSpec(
-        window=args.window,
-        hop=args.hop,
-        min_length=args.min_length,
-        vad=args.vad,
-        vad_threshold=args.vad_threshold,
-        min_speech=args.min_speech,
-        max_segment=args.max_segment,
-    )
+    spec = WindowSpec(**{name: getattr(args, name) for name in GRID_OPTIONS}, vad=args.vad)
     duration = audio_info(args.file).duration
     if not args.segments:
         spec.check_count(duration)  # too fine a grid for the recording: refused before any work

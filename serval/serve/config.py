@@ -57,29 +57,18 @@ class ServerConfig:
     min_upload_rate: float = setting(
         8192.0, "bytes/s an upload must average after its first --upload-timeout seconds (408 below; 0: off)"
     )
-    max_receiving: int = setting(
-        256, "uploads being received at once, which bounds their memory; more get 503"
-    )
-    max_clip_seconds: float = setting(
-        60.0, "longest audio for /v1/emotion, 413 beyond; over 30 s is pooled over <= 30 s pieces"
-    )
+    max_receiving: int = setting(256, "uploads being received at once (bounds their memory); more get 503")
+    max_clip_seconds: float = setting(60.0, "longest audio for /v1/emotion, 413 beyond (over 30 s: pooled)")
     max_timeline_seconds: float = setting(4 * 3600.0, "longest audio for /v1/timeline; 413 beyond")
     max_stream_seconds: float = setting(4 * 3600.0, "longest WebSocket stream")
     max_windows: int = setting(20_000, "windows of one timeline or stream (400 / close 1008 beyond)")
     max_batch: int = setting(16, "waveforms per model call; 1 disables batching")
-    max_long_batch: int = setting(16, "timeline waveforms per model call at most (short requests go first)")
-    long_call_ms: float = setting(
-        100.0, "model time a call with timeline windows should take (0: no bound), so a clip waits little"
-    )
-    timeline_nice: int = setting(
-        10,
-        "how much nicer timeline threads (decoding, VAD) run than the rest, 0..19 (Linux), so clips get the CPU first",
-    )
+    max_long_batch: int = setting(16, "timeline waveforms per model call at most (short requests first)")
+    long_call_ms: float = setting(100.0, "model time a call with timeline windows should take (0: no bound)")
+    timeline_nice: int = setting(10, "how much nicer timeline threads run, 0..19 (Linux): clips first")
     max_wait_ms: float = setting(10.0, "how long a request waits for others to share its model call")
-    max_queue: int = setting(
-        64, "clips decoded and waiting for the model before new ones get 503 + Retry-After"
-    )
-    max_timelines: int = setting(16, "timelines being worked on before new ones get 503 + Retry-After")
+    max_queue: int = setting(64, "clips decoded and waiting for the model; more get 503 + Retry-After")
+    max_timelines: int = setting(16, "timelines being worked on; more get 503 + Retry-After")
     max_streams: int = setting(64, "open WebSocket streams; more are closed (1013)")
     stream_idle_seconds: float = setting(30.0, "a stream that sends nothing for this long is closed (1008)")
     retry_after: int = setting(1, "seconds, in a 503's Retry-After header")
