@@ -1,4 +1,4 @@
-"""What every shipped config reads as, with the type of each value: tests/golden/configs.json.
+"""What every shipped config reads as, with the type of each value: tests/snapshots/configs.json.
 
     python benchmarks/config_snapshot.py           # compare with the recorded snapshot (exit 1 if it differs)
     python benchmarks/config_snapshot.py --write   # record it again (only after a change meant to alter it)
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAPSHOT = ROOT / "tests" / "golden" / "configs.json"
+SNAPSHOT = ROOT / "tests" / "snapshots" / "configs.json"  # not tests/golden/: benchmarks/golden.py owns that
 DEFAULT_CONFIG = "serval/assets/default/config.json"
 
 
