@@ -8,13 +8,12 @@ import sys
 import typing
 from dataclasses import fields
 
+from serval.onnx_engine import add_model_arguments
 from serval.serve.config import BUDGETED, ServerConfig, format_size
 from serval.settings import read
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.onnx_engine import add_model_arguments
-
     add_model_arguments(p)
     p.add_argument(
         "--compile",
