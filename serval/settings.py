@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import re
+import types
 import typing
 from collections.abc import Mapping
 
@@ -81,15 +82,17 @@ def describe(cls: type, error: Mapping) -> str:
         names.append(where.pop(0))
         hint = typing.get_type_hints(owner)[names[-1]]
         owner = _dataclass_of(hint)
-    name = ".".join(names) + "".join(f"[{i}]" for i in where if isinstance(i, int))
     got = error["input"]
     if error["type"] == "unexpected_keyword_argument":
         fields = ", ".join(sorted(f.name for f in dataclasses.fields(owner)))
         return f"unknown setting {'.'.join([*names, str(where[0])])} (known: {fields})"
-    if any(isinstance(i, str) for i in where):  # an arm of a union: say what the setting may be
-        return f"{name}: {got!r} is none of {_type_name(hint)}"
-    if error["type"] == "missing":  # a tuple of fixed length, given too few
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and where and isinstance(where[0], str):
+        return f"{'.'.join(names)}: {got!r} is none of {_type_name(hint)}"  # where[0] names the arm
+    name = ".".join(names) + "".join(f"[{i!r}]" if isinstance(i, str) else f"[{i}]" for i in where)
+    if error["type"] == "missing" and where:  # a tuple of fixed length, given too few
         return f"{'.'.join(names)}: too few values, got {got!r}"
+    if error["type"] == "missing":
+        return f"{name}: missing (it has no default)"
     expected = _EXPECTED.get(error["type"], error["msg"][0].lower() + error["msg"][1:])
     return f"{name}: {expected}, got {got!r}"
 
