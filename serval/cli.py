@@ -11,7 +11,7 @@ from serval.version import __version__
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("serval.batch", "emotion of audio files, folders, manifests and datasets"),
+    "predict": ("serval.predict", "emotion of audio files, folders, manifests and datasets"),
     "timeline": ("serval.timeline", "emotion over time in a long recording"),
     "train": ("serval.train.command", "train a model from a YAML config"),
     "eval": ("serval.evaluate", "score models on a manifest, side by side"),

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from serval.audio import AudioError
-from serval.batch import item_file, item_info, load_item, read_rows
+from serval.io.hf_datasets import read_rows
+from serval.io.inputs import item_file, item_info, load_item
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
 from serval.progress import progress_bar
 from serval.report import existing_reports, slug, write_report

@@ -1,4 +1,4 @@
-"""Inference: a `Predictor` turns audio into emotion records (`serval predict` is in `serval.batch`).
+"""Inference: a `Predictor` turns audio into emotion records (`serval predict` is in `serval.predict`).
 
 The model (`serval.model`) knows nothing of files, batching or devices; this module does.
 Clips are grouped by length so that a batch carries little padding, the encoder runs at

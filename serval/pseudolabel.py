@@ -213,24 +213,14 @@ def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
 
 
 def collect_sources(inputs: Sequence[str]) -> list[Source]:
-    """Audio files (directories searched recursively) and manifest rows (.csv/.jsonl), in the given order."""
-    from serval.batch import expand_inputs
+    """Audio files (directories searched recursively, paths resolved) and manifest rows (.csv/.jsonl, with
+    their columns), in the given order."""
+    from serval.io.inputs import iter_inputs
 
-    sources: list[Source] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_file() and p.suffix.lower() in (".csv", ".jsonl"):
-            from serval.manifest import read_manifest
-
-            for row in read_manifest(p):
-                meta = {
-                    k: v
-                    for k, v in row.to_dict().items()
-                    if v is not None and k not in ("path", "start", "end")
-                }
-                sources.append(Source(row.path, row.start, row.end, meta))
-        else:
-            sources.extend(Source(str(Path(f).resolve())) for f in expand_inputs([item]))
+    sources = []
+    for row in iter_inputs(inputs, datasets=False, resolve=True):
+        meta = {k: v for k, v in row.to_dict().items() if v is not None and k not in ("path", "start", "end")}
+        sources.append(Source(row.path, row.start, row.end, meta))
     return sources
 
 
@@ -335,7 +325,7 @@ def pseudolabel(
     Without teachers: the second pass alone, relabelling every row of the input manifests (the output of
     an earlier first pass) with the `relabel` model. Returns counts {"sources", "failed", "utterances",
     "kept"}. Resumes an interrupted run with the same settings; a recording that fails is recorded and
-    skipped. `ray` (`serval.batch.RaySettings`): the first pass runs on a Ray cluster's actors.
+    skipped. `ray` (`serval.io.ray_pool.RaySettings`): the first pass runs on a Ray cluster's actors.
     """
     from serval.audio import AudioError
     from serval.inference import load
@@ -410,7 +400,7 @@ class RayTeachers:
 
 def first_pass_on_ray(todo, state: Progress, teachers, cfg: PseudoLabelConfig, device, ray, progress, log):
     """The first pass by a pool of `RayTeachers` actors; each finished recording goes to the log as it comes."""
-    from serval.batch import ray_map
+    from serval.io.ray_pool import ray_map
 
     rows = [json.dumps(asdict(src)) for src in todo]
     kwargs = {"teachers": list(teachers), "cfg": asdict(cfg), "device": device}
@@ -627,7 +617,7 @@ def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> Non
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.batch import add_ray_arguments
+    from serval.io.ray_pool import add_ray_arguments
 
     p.add_argument(
         "inputs",
@@ -680,7 +670,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serval.batch import ray_settings
+    from serval.io.ray_pool import ray_settings
 
     cfg = PseudoLabelConfig(
         window=args.window,

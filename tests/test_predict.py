@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import serval
-from serval import batch
+from serval import predict
 from serval.audio import AudioError, load_audio
 from serval.cli import main
+from serval.io import decoder, hf_datasets, inputs
 
 
 @pytest.fixture()
@@ -85,10 +86,10 @@ def test_dataset_rows_for_eval(model_dir, clips, tmp_path):
     ).cast_column("audio", datasets.Audio())
     ds = ds.cast_column("label", datasets.ClassLabel(names=["neutral", "anger", "sad"]))
     ds.save_to_disk(str(tmp_path / "ds"))
-    rows = batch.read_rows(tmp_path / "ds")
+    rows = hf_datasets.read_rows(tmp_path / "ds")
     assert [r.label for r in rows] == ["neutral", "angry", "sad", "angry"]
     assert [r.speaker for r in rows] == ["a", "b", "c", "d"]
-    assert np.array_equal(batch.load_item(rows[2].path), load_audio(files[2]))
+    assert np.array_equal(inputs.load_item(rows[2].path), load_audio(files[2]))
     out = tmp_path / "report"
     code = main(
         ["eval", str(tmp_path / "ds"), "--model", str(model_dir), "-o", str(out)]
@@ -117,9 +118,9 @@ def test_decoding_runs_ahead_by_a_bounded_amount(emodb_clips):
     def items():
         for i in range(40):
             pulled.append(i)
-            yield batch.Item(str(emodb_clips[i % len(emodb_clips)]))
+            yield inputs.Item(str(emodb_clips[i % len(emodb_clips)]))
 
-    stream = batch.decoded(items(), depth=4)
+    stream = decoder.decoded(items(), depth=4)
     first = next(stream)
     threading.Event().wait(0.5)  # give the decoder every chance to run ahead
     assert isinstance(first[1], np.ndarray) and len(pulled) <= 1 + 4 + 2
@@ -132,7 +133,7 @@ def test_decode_errors_are_records_and_bad_manifests_raise(model_dir, clips, tmp
     bad = [r for r in records if "error" in r]
     assert code == 1 and len(bad) == 1 and "corrupt.wav" in bad[0]["error"]
     with pytest.raises(AudioError):
-        batch.load_item(str(clips / "corrupt.wav"))
+        inputs.load_item(str(clips / "corrupt.wav"))
     manifest = tmp_path / "bad.csv"
     manifest.write_text("path,start\nx.flac,soon\n")
     assert main(["predict", str(manifest)]) == 2
@@ -173,7 +174,7 @@ def test_other_formats_are_never_overwritten_without_overwrite(model_dir, emodb_
 def test_windows_give_the_records_of_predict(model_dir, clips):
     predictor = serval.load(model_dir)
     files = sorted(str(f) for f in clips.iterdir())
-    windows = list(batch.predict_items(predictor, [batch.Item(f) for f in files], batch_size=2, window=4))
+    windows = list(predict.predict_items(predictor, [inputs.Item(f) for f in files], batch_size=2, window=4))
     assert [len(w) for w in windows] == [4, 4, 2]
     records = [r for w in windows for r in w]
     want = predictor.predict(files, batch_size=2)
