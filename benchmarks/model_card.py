@@ -33,7 +33,8 @@ import torch
 
 from serval.audio import load_audio
 from serval.checkpoint import model_from_backbone
-from serval.evaluate import evaluate, write_report
+from serval.evaluate import evaluate
+from serval.report import write_report
 from serval.features import compute_features
 from serval.inference import DEFAULT_MODEL, load
 from serval.manifest import read_manifest

@@ -227,7 +227,8 @@ def class_scores(rows: Sequence, systems: Sequence, cache_dir: Path, bootstrap: 
 
 def dim_scores(rows: Sequence, systems: Sequence, cache_dir: Path, bootstrap: int) -> dict:
     """{(corpus, dimension): {system name: (ccc, ci, n)}} on the rows that have the dimension."""
-    from serval.evaluate import make_units, predict_all, unique_names
+    from serval.eval_predictions import predict_all, unique_names
+    from serval.eval_segments import make_units
 
     units = [u for u in make_units(rows, "utterance") if np.isfinite(u.dims).any()]
     names = unique_names(systems)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from serval.atomic import atomic_write
+from serval.fingerprint import fingerprint
 from serval.locations import DEFAULT_MODEL
 
 GRAPH_DIR = DEFAULT_MODEL / "onnx"
@@ -40,11 +41,7 @@ class DefaultGraphError(ValueError):
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes, read in 4 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return fingerprint([Path(path)])
 
 
 def shipped_manifest(folder: str | os.PathLike) -> dict | None:
@@ -71,10 +68,7 @@ def shipped_manifest(folder: str | os.PathLike) -> dict | None:
 
 def graph_name(manifest: dict) -> str:
     """The cache name of the shipped graph: a hash of its structure and of the weights it reads."""
-    h = hashlib.sha256(b"serval-onnx-shipped\n")
-    h.update(GRAPH.read_bytes())
-    h.update(manifest["weights"]["sha256"].encode())
-    return f"{h.hexdigest()}.onnx"
+    return fingerprint(["serval-onnx-shipped\n", GRAPH, manifest["weights"]["sha256"]]) + ".onnx"
 
 
 def filled_graph(folder: str | os.PathLike, manifest: dict, cache: str | os.PathLike) -> Path:

@@ -1,0 +1,162 @@
+"""`serval eval`'s segmentations: manifest rows -> the items that are scored (section 6 of the paper).
+
+- "utterance": each row as it is;
+- "2s": each row cut into fixed 2 s segments carrying the row's gold label;
+- "merged": adjacent rows of one file with the same gold label and touching spans merged, up to 15 s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from serval.audio import AudioError
+from serval.io.inputs import item_info
+
+SEGMENTATIONS = ("utterance", "2s", "merged")
+SEGMENT_SECONDS = 2.0
+MIN_TAIL_SECONDS = 1.0  # a row's last piece shorter than this is not scored under "2s"
+MERGE_MAX_SECONDS = 15.0
+TOUCH_TOLERANCE = 0.01  # seconds between spans that still count as adjacent
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One scored item: a span of a file, its gold label and dims, and the manifest rows it covers."""
+
+    path: str
+    start: float | None
+    end: float | None
+    label: str | None
+    dims: tuple[float, float, float]  # NaN where not annotated
+    language: str | None
+    corpus: str | None
+    rows: tuple[int, ...]
+
+    @property
+    def span(self) -> tuple[str, float | None, float | None]:
+        return (self.path, self.start, self.end)
+
+
+def _dims(row) -> tuple[float, float, float]:
+    return tuple(float(v) if v is not None else math.nan for v in (row.arousal, row.valence, row.dominance))
+
+
+def _unit(row, i: int, start=None, end=None, whole: bool = True) -> Unit:
+    start, end = (row.start, row.end) if whole else (round(start, 6), round(end, 6))
+    return Unit(str(row.path), start, end, row.label, _dims(row), row.language, row.corpus, (i,))
+
+
+def _file_duration(path: str) -> float | None:
+    try:
+        return item_info(path).duration
+    except AudioError:
+        return None  # the load of the whole row will then fail and report why
+
+
+def make_units(
+    rows: Sequence, segmentation: str, duration: Callable[[str], float | None] = _file_duration
+) -> list[Unit]:
+    """Manifest rows -> the items scored under `segmentation` ("utterance", "2s" or "merged")."""
+    if segmentation == "utterance":
+        return [_unit(r, i) for i, r in enumerate(rows)]
+    if segmentation == "2s":
+        return _two_second_units(rows, duration)
+    if segmentation == "merged":
+        return _merged_units(rows)
+    raise ValueError(f"unknown segmentation {segmentation!r}; choose from {', '.join(SEGMENTATIONS)}")
+
+
+def _two_second_units(rows: Sequence, duration: Callable[[str], float | None]) -> list[Unit]:
+    units = []
+    for i, row in enumerate(rows):
+        start = row.start or 0.0
+        end = row.end if row.end is not None else duration(str(row.path))
+        if end is None or end - start <= SEGMENT_SECONDS + TOUCH_TOLERANCE:
+            units.append(_unit(row, i))  # already a 2 s segment (or shorter): scored as it is
+            continue
+        n_full = int(math.floor((end - start) / SEGMENT_SECONDS + 1e-6))
+        for k in range(n_full):
+            a = start + k * SEGMENT_SECONDS
+            units.append(_unit(row, i, a, a + SEGMENT_SECONDS, whole=False))
+        tail = end - (start + n_full * SEGMENT_SECONDS)
+        if tail >= MIN_TAIL_SECONDS - 1e-6:
+            units.append(_unit(row, i, start + n_full * SEGMENT_SECONDS, end, whole=False))
+    return units
+
+
+def _merged_units(rows: Sequence) -> list[Unit]:
+    by_file: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_file.setdefault(str(row.path), []).append(i)
+    groups: list[list[int]] = []
+    for indices in by_file.values():
+        indices.sort(key=lambda i: (rows[i].start or 0.0, i))
+        current: list[int] = []
+        for i in indices:
+            row = rows[i]
+            if current and _can_merge(rows[current[0]], rows[current[-1]], row):
+                current.append(i)
+            else:
+                if current:
+                    groups.append(current)
+                current = [i]
+        groups.append(current)
+    groups.sort(key=lambda g: g[0])
+    units = []
+    for g in groups:
+        first, last = rows[g[0]], rows[g[-1]]
+        if len(g) == 1:
+            units.append(_unit(first, g[0]))
+            continue
+        lengths = np.array([rows[i].end - rows[i].start for i in g])
+        dims = np.array([_dims(rows[i]) for i in g])
+        # duration-weighted mean; NaN as soon as one merged row lacks the dimension
+        merged_dims = tuple(float(v) for v in (lengths[:, None] * dims).sum(0) / lengths.sum())
+        units.append(
+            Unit(
+                str(first.path),
+                first.start,
+                last.end,
+                first.label,
+                merged_dims,
+                first.language,
+                first.corpus,
+                tuple(g),
+            )
+        )
+    return units
+
+
+def _can_merge(first, last, row) -> bool:
+    return (
+        row.label is not None
+        and row.label == last.label
+        and last.end is not None
+        and row.start is not None
+        and row.end is not None
+        and first.start is not None
+        and abs(row.start - last.end) <= TOUCH_TOLERANCE
+        and row.end - first.start <= MERGE_MAX_SECONDS + TOUCH_TOLERANCE
+        and (row.language, row.corpus) == (last.language, last.corpus)
+    )
+
+
+def same_segmentations(valid: dict[str, list[Unit]]) -> dict[str, str]:
+    """{segmentation: an earlier one with exactly its items}, whose scores it therefore repeats: merged =
+    utterance when no two rows of a file merge, 2s = utterance when no row is longer than 2 s."""
+    same: dict[str, str] = {}
+    order = list(valid)
+    for i, seg in enumerate(order):
+        twin = next((e for e in order[:i] if e not in same and valid[e] == valid[seg]), None)
+        if twin is not None:
+            same[seg] = twin
+    return same
+
+
+def scorable(u: Unit) -> bool:
+    """A unit with a label or a dimension: one that can be scored (and so is run)."""
+    return u.label is not None or bool(np.isfinite(u.dims).any())
