@@ -115,7 +115,7 @@ def predict_all(
     order), "scores" (DIMENSIONS order; NaN where the system gave none or its output for the
     dimension was not trained) and the system's "detail", if any.
     """
-    spans = list(dict.fromkeys(u.span for u in units))
+    spans = list(dict.fromkeys(u.key for u in units))
     file_ids = {p: _file_id(p) for p in dict.fromkeys(s[0] for s in spans)}
     # the cache file is named by the system, not its display name, which depends on the other models
     caches = [

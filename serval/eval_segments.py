@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from serval.audio import AudioError
+from serval.clip import Clip
 from serval.io.inputs import item_info
 
 SEGMENTATIONS = ("utterance", "2s", "merged")
@@ -23,31 +23,27 @@ MERGE_MAX_SECONDS = 15.0
 TOUCH_TOLERANCE = 0.01  # seconds between spans that still count as adjacent
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One scored item: a span of a file, its gold label and dims, and the manifest rows it covers."""
-
-    path: str
-    start: float | None
-    end: float | None
-    label: str | None
-    dims: tuple[float, float, float]  # NaN where not annotated
-    language: str | None
-    corpus: str | None
-    rows: tuple[int, ...]
-
-    @property
-    def span(self) -> tuple[str, float | None, float | None]:
-        return (self.path, self.start, self.end)
-
-
-def _dims(row) -> tuple[float, float, float]:
-    return tuple(float(v) if v is not None else math.nan for v in (row.arousal, row.valence, row.dominance))
+def segment(row, rows: tuple[int, ...], start=None, end=None, dims=None) -> Clip:
+    """A scored item: a span of a row's file with its gold label and dims, and in `extra["rows"]` the
+    indices of the manifest rows it covers (a failed one excludes them all)."""
+    a, v, d = dims if dims is not None else (row.arousal, row.valence, row.dominance)
+    return Clip(
+        str(row.path),
+        start,
+        end,
+        row.label,
+        a,
+        v,
+        d,
+        language=row.language,
+        corpus=row.corpus,
+        extra={"rows": rows},
+    )
 
 
-def _unit(row, i: int, start=None, end=None, whole: bool = True) -> Unit:
+def _unit(row, i: int, start=None, end=None, whole: bool = True) -> Clip:
     start, end = (row.start, row.end) if whole else (round(start, 6), round(end, 6))
-    return Unit(str(row.path), start, end, row.label, _dims(row), row.language, row.corpus, (i,))
+    return segment(row, (i,), start, end)
 
 
 def _file_duration(path: str) -> float | None:
@@ -59,7 +55,7 @@ def _file_duration(path: str) -> float | None:
 
 def make_units(
     rows: Sequence, segmentation: str, duration: Callable[[str], float | None] = _file_duration
-) -> list[Unit]:
+) -> list[Clip]:
     """Manifest rows -> the items scored under `segmentation` ("utterance", "2s" or "merged")."""
     if segmentation == "utterance":
         return [_unit(r, i) for i, r in enumerate(rows)]
@@ -70,7 +66,7 @@ def make_units(
     raise ValueError(f"unknown segmentation {segmentation!r}; choose from {', '.join(SEGMENTATIONS)}")
 
 
-def _two_second_units(rows: Sequence, duration: Callable[[str], float | None]) -> list[Unit]:
+def _two_second_units(rows: Sequence, duration: Callable[[str], float | None]) -> list[Clip]:
     units = []
     for i, row in enumerate(rows):
         start = row.start or 0.0
@@ -88,7 +84,7 @@ def _two_second_units(rows: Sequence, duration: Callable[[str], float | None]) -
     return units
 
 
-def _merged_units(rows: Sequence) -> list[Unit]:
+def _merged_units(rows: Sequence) -> list[Clip]:
     by_file: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         by_file.setdefault(str(row.path), []).append(i)
@@ -113,20 +109,11 @@ def _merged_units(rows: Sequence) -> list[Unit]:
             units.append(_unit(first, g[0]))
             continue
         lengths = np.array([rows[i].end - rows[i].start for i in g])
-        dims = np.array([_dims(rows[i]) for i in g])
-        # duration-weighted mean; NaN as soon as one merged row lacks the dimension
-        merged_dims = tuple(float(v) for v in (lengths[:, None] * dims).sum(0) / lengths.sum())
+        dims = np.array([rows[i].dims for i in g], dtype=float)  # NaN where not annotated
+        # duration-weighted mean; None as soon as one merged row lacks the dimension
+        merged = [float(v) for v in (lengths[:, None] * dims).sum(0) / lengths.sum()]
         units.append(
-            Unit(
-                str(first.path),
-                first.start,
-                last.end,
-                first.label,
-                merged_dims,
-                first.language,
-                first.corpus,
-                tuple(g),
-            )
+            segment(first, tuple(g), first.start, last.end, [v if np.isfinite(v) else None for v in merged])
         )
     return units
 
@@ -145,7 +132,7 @@ def _can_merge(first, last, row) -> bool:
     )
 
 
-def same_segmentations(valid: dict[str, list[Unit]]) -> dict[str, str]:
+def same_segmentations(valid: dict[str, list[Clip]]) -> dict[str, str]:
     """{segmentation: an earlier one with exactly its items}, whose scores it therefore repeats: merged =
     utterance when no two rows of a file merge, 2s = utterance when no row is longer than 2 s."""
     same: dict[str, str] = {}
@@ -157,6 +144,6 @@ def same_segmentations(valid: dict[str, list[Unit]]) -> dict[str, str]:
     return same
 
 
-def scorable(u: Unit) -> bool:
+def scorable(u: Clip) -> bool:
     """A unit with a label or a dimension: one that can be scored (and so is run)."""
-    return u.label is not None or bool(np.isfinite(u.dims).any())
+    return u.label is not None or any(v is not None for v in u.dims)

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from serval.clip import Clip
 from serval.eval_predictions import predict_all, system_fingerprint, unique_names
 from serval.eval_segments import (
     MERGE_MAX_SECONDS,
     SEGMENT_SECONDS,
     SEGMENTATIONS,
-    Unit,
     make_units,
     same_segmentations,
     scorable,
@@ -94,10 +94,10 @@ def evaluate(
     # a row with neither a label nor a dimension cannot be scored: it is not run either
     all_units = [u for seg in segmentations for u in units[seg] if scorable(u)]
     predictions, failures = predict_all(all_units, systems, names, cache_dir, batch_size, progress)
-    failed_rows = {i for u in all_units if u.span in failures for i in u.rows}
+    failed_rows = {i for u in all_units if u.key in failures for i in u.extra["rows"]}
     labels_of = corpus_labels(rows)
     valid = {
-        seg: [u for u in units[seg] if scorable(u) and not failed_rows.intersection(u.rows)]
+        seg: [u for u in units[seg] if scorable(u) and not failed_rows.intersection(u.extra["rows"])]
         for seg in segmentations
     }
     results = _results(valid, protocols, names, predictions, labels_of, corpus_classes, bootstrap, seed)
@@ -174,7 +174,7 @@ def corpus_labels(rows: Sequence) -> dict[str | None, set]:
 
 
 def score_protocol(
-    units: Sequence[Unit],
+    units: Sequence[Clip],
     classes: Sequence[str],
     names: Sequence[str],
     predictions: Sequence[dict],
@@ -194,10 +194,10 @@ def score_protocol(
         for c in {u.corpus for u in items}
     }
     gold = [u.label for u in items]
-    groups = [u.rows[0] for u in items]
+    groups = [u.extra["rows"][0] for u in items]
     out = {}
     for name, table in zip(names, predictions):
-        pred = [_restricted_label(table[u.span]["probs"], allowed[u.corpus]) for u in items]
+        pred = [_restricted_label(table[u.key]["probs"], allowed[u.corpus]) for u in items]
         entry = {"overall": _scores(gold, pred, classes, groups, bootstrap, seed)}
         for attr in ("language", "corpus"):
             values = sorted({getattr(u, attr) for u in items}, key=lambda v: (v is None, str(v)))
@@ -218,15 +218,15 @@ def score_protocol(
     return out
 
 
-def score_dimensions(units: Sequence[Unit], names: Sequence[str], predictions: Sequence[dict]) -> dict:
+def score_dimensions(units: Sequence[Clip], names: Sequence[str], predictions: Sequence[dict]) -> dict:
     """{model: CCC, Pearson r and MAE per dimension} over the units with annotated dimensions."""
-    dim_items = [u for u in units if np.isfinite(u.dims).any()]
+    dim_items = [u for u in units if any(v is not None for v in u.dims)]
     out: dict = {}
     if not dim_items:
         return out
-    gold = np.array([u.dims for u in dim_items])
+    gold = np.array([u.dims for u in dim_items], dtype=float)  # NaN where not annotated
     for name, table in zip(names, predictions):
-        pred = np.array([table[u.span]["scores"] for u in dim_items])
+        pred = np.array([table[u.key]["scores"] for u in dim_items])
         if not np.isfinite(pred).any():
             continue  # no dimensional head (emotion2vec, LLMs), or none of its outputs trained
         out[name] = regression_scores(gold, pred, DIMENSIONS)

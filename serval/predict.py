@@ -21,9 +21,10 @@ import numpy as np
 
 from serval.atomic import atomic_write_text
 from serval.audio import AudioError
+from serval.clip import Clip
 from serval.io.decoder import decoded
 from serval.io.formats import format_records
-from serval.io.inputs import Item, iter_items, record_key
+from serval.io.inputs import iter_inputs, record_key
 from serval.io.jsonl import JsonlLog, iter_records
 from serval.io.ray_pool import RaySettings, add_ray_arguments, ray_map, ray_settings
 from serval.longform import WINDOW_BATCHES, LongAudio, count_pieces, pooling_note, speech_of
@@ -45,7 +46,7 @@ def limit_primitive_cache() -> None:
 
 def predict_items(
     predictor,
-    items: Iterable[Item],
+    items: Iterable[Clip],
     batch_size: int = 16,
     classes: Sequence[str] | None = None,
     window: int | None = None,
@@ -60,7 +61,7 @@ def predict_items(
     limit_primitive_cache()
     keep = class_subset(classes, predictor.classes)
     window = window or batch_size * WINDOW_BATCHES
-    pending: list[tuple[Item, np.ndarray | AudioError]] = []
+    pending: list[tuple[Clip, np.ndarray | AudioError]] = []
     for pair in decoded(items, depth=window):
         pending.append(pair)
         if len(pending) >= window:
@@ -118,8 +119,8 @@ def _predict_window(predictor, pending: list, batch_size: int, keep, label_no_sp
     return records
 
 
-def _head(item: Item, wave: np.ndarray | LongAudio | AudioError) -> dict:
-    head: dict = {"file": item.file}
+def _head(item: Clip, wave: np.ndarray | LongAudio | AudioError) -> dict:
+    head: dict = {"file": item.path}
     if item.start is not None or item.end is not None:
         head.update(start=item.start, end=item.end)
     if isinstance(wave, AudioError):
@@ -164,7 +165,7 @@ class RayPredictor:
         self.batch_size, self.classes, self.label_no_speech = batch_size, classes, label_no_speech
 
     def __call__(self, batch: dict) -> dict:
-        items = [Item(*json.loads(x)) for x in batch["x"]]
+        items = [Clip(*json.loads(x)) for x in batch["x"]]
         windows = predict_items(
             self.predictor, items, self.batch_size, self.classes, label_no_speech=self.label_no_speech
         )
@@ -173,7 +174,7 @@ class RayPredictor:
 
 
 def ray_predict(
-    items: Sequence[Item],
+    items: Sequence[Clip],
     output: str | os.PathLike,
     model: str | None,
     settings: RaySettings,
@@ -214,7 +215,7 @@ def ray_predict(
             threads=int(max(1, settings.cpus_per_actor)),
             label_no_speech=label_no_speech,
         )
-        rows = [json.dumps([it.file, it.start, it.end]) for it in todo]
+        rows = [json.dumps([it.path, it.start, it.end]) for it in todo]
         shards: dict[int, dict[int, str]] = {}
         bar = progress_bar(total=len(todo), enabled=progress, unit=" clip", desc="predict")
         for i, record in ray_map(rows, RayPredictor, kwargs, window, settings):
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     prog, fmt = "serval predict", _format(args)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     try:
-        items = list(iter_items(args.inputs))
+        items = list(iter_inputs(args.inputs))
         if not items:
             print(f"{prog}: no audio files found in the given paths", file=sys.stderr)
             return 2
@@ -332,7 +333,7 @@ def _load(args: argparse.Namespace):
     return predictor
 
 
-def _run_local(args: argparse.Namespace, items: list[Item], fmt: str, classes) -> list[dict]:
+def _run_local(args: argparse.Namespace, items: list[Clip], fmt: str, classes) -> list[dict]:
     stream = fmt == "jsonl"
     out = None
     if args.output and stream:
@@ -382,7 +383,7 @@ def _run_local(args: argparse.Namespace, items: list[Item], fmt: str, classes) -
     return failed
 
 
-def _run_ray(args: argparse.Namespace, items: list[Item], fmt: str, classes) -> list[dict]:
+def _run_ray(args: argparse.Namespace, items: list[Clip], fmt: str, classes) -> list[dict]:
     if not args.output or fmt != "jsonl":
         raise ValueError("--ray writes JSONL shards: give -o FILE.jsonl")
     # a bad model spec or class subset fails here, in one line, not in every actor

@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from serval import vocab
+from serval.clip import Clip
 from serval.progress import progress_bar
-from serval.pseudolabel_outputs import Progress, output_paths, write_outputs
+from serval.pseudolabel_outputs import Progress, job_key, output_paths, write_outputs
 from serval.vocab import EMOTIONS, class_name
 from serval.windows import WindowSpec, iter_windows
 
@@ -146,21 +147,7 @@ def teacher_labels(teacher, waves: list[np.ndarray], batch_size: int) -> tuple[l
 # ---------------------------------------------------------------------------- one recording
 
 
-@dataclass
-class Source:
-    """One recording (or manifest span) to label; `row` carries the input manifest's metadata."""
-
-    path: str
-    start: float | None = None
-    end: float | None = None
-    row: dict | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.path}|{self.start if self.start is not None else ''}|{self.end if self.end is not None else ''}"
-
-
-def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
+def label_source(src: Clip, teachers: dict, cfg: PseudoLabelConfig) -> dict:
     """First pass for one recording: its utterances, every window's teacher labels and the decisions.
 
     Audio errors propagate (`serval.audio.AudioError`), naming the file.
@@ -171,7 +158,7 @@ def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
     end = src.end if src.end is not None else audio_info(src.path).duration
     spans = plan_utterances(start, end, cfg.min_utterance, cfg.max_utterance)
     result: dict = {
-        "key": src.key,
+        "key": job_key(src),
         "path": src.path,
         "start": round(start, 3),
         "end": round(end, 3),
@@ -212,16 +199,12 @@ def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
 # ---------------------------------------------------------------------------- the run
 
 
-def collect_sources(inputs: Sequence[str]) -> list[Source]:
+def collect_sources(inputs: Sequence[str]) -> list[Clip]:
     """Audio files (directories searched recursively, paths resolved) and manifest rows (.csv/.jsonl, with
     their columns), in the given order."""
     from serval.io.inputs import iter_inputs
 
-    sources = []
-    for row in iter_inputs(inputs, datasets=False, resolve=True):
-        meta = {k: v for k, v in row.to_dict().items() if v is not None and k not in ("path", "start", "end")}
-        sources.append(Source(row.path, row.start, row.end, meta))
-    return sources
+    return list(iter_inputs(inputs, datasets=False, resolve=True))
 
 
 def pseudolabel(
@@ -262,9 +245,9 @@ def pseudolabel(
     state = Progress(paths["progress"], settings, restart=restart)
     if not teachers:  # second pass only: every input row is one selected utterance
         for src in sources:
-            if src.key not in state.done:
-                state.done[src.key] = given_utterance(src)
-    todo = [s for s in sources if s.key not in state.done]
+            if job_key(src) not in state.done:
+                state.done[job_key(src)] = given_utterance(src)
+    todo = [s for s in sources if job_key(s) not in state.done]
     if len(todo) < len(sources) and teachers:
         log(f"resuming: {len(sources) - len(todo)} of {len(sources)} recordings already labelled")
     if todo and ray is not None:
@@ -296,14 +279,14 @@ def _check_run(cfg: PseudoLabelConfig, teachers, relabel, paths: dict[str, Path]
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
 
 
-def first_pass_record(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
+def first_pass_record(src: Clip, teachers: dict, cfg: PseudoLabelConfig) -> dict:
     """`label_source`'s record, or the error record of a recording that cannot be read."""
     from serval.audio import AudioError
 
     try:
         return label_source(src, teachers, cfg)
     except (AudioError, OSError) as e:
-        return {"key": src.key, "path": src.path, "error": str(e)}
+        return {"key": job_key(src), "path": src.path, "error": str(e)}
 
 
 class RayTeachers:
@@ -317,8 +300,7 @@ class RayTeachers:
 
     def __call__(self, batch: dict) -> dict:
         out = [
-            json.dumps(first_pass_record(Source(**json.loads(x)), self.teachers, self.cfg))
-            for x in batch["x"]
+            json.dumps(first_pass_record(Clip(**json.loads(x)), self.teachers, self.cfg)) for x in batch["x"]
         ]
         return {"i": batch["i"], "y": np.array(out, dtype=object)}
 
@@ -341,12 +323,11 @@ def first_pass_on_ray(todo, state: Progress, teachers, cfg: PseudoLabelConfig, d
         bar.close()
 
 
-def given_utterance(src: Source) -> dict:
+def given_utterance(src: Clip) -> dict:
     """A manifest row as a selected utterance (second-pass-only runs); the whole file when it has no span."""
-    row = src.row or {}
-    label = row.get("label")
+    label = src.label
     return {
-        "key": src.key,
+        "key": job_key(src),
         "path": src.path,
         "start": src.start,
         "end": src.end,
@@ -376,9 +357,9 @@ def second_pass(
     todo = [
         s
         for s in sources
-        if s.key in state.done
-        and s.key not in state.relabelled
-        and any(u["kept"] for u in state.done[s.key]["utterances"])
+        if job_key(s) in state.done
+        and job_key(s) not in state.relabelled
+        and any(u["kept"] for u in state.done[job_key(s)]["utterances"])
     ]
     if not todo:
         return
@@ -389,18 +370,25 @@ def second_pass(
         jobs, records = [], {}
         for src in group:
             try:
-                for u in state.done[src.key]["utterances"]:
+                for u in state.done[job_key(src)]["utterances"]:
                     if u["kept"]:
                         jobs.append((src, u, load_audio(src.path, u["start"], u["end"])))
             except (AudioError, OSError) as e:
                 jobs = [j for j in jobs if j[0] is not src]
-                records[src.key] = {"relabel": src.key, "model": relabel, "error": str(e), "utterances": []}
+                records[job_key(src)] = {
+                    "relabel": job_key(src),
+                    "model": relabel,
+                    "error": str(e),
+                    "utterances": [],
+                }
                 log(f"serval pseudolabel: second pass: {e}")
         probs, scores = (
             model.predict_waveforms([x for _, _, x in jobs], batch_size=cfg.batch_size) if jobs else ([], [])
         )
         for (src, u, _), p, s in zip(jobs, np.asarray(probs, np.float64), np.asarray(scores, np.float64)):
-            rec = records.setdefault(src.key, {"relabel": src.key, "model": relabel, "utterances": []})
+            rec = records.setdefault(
+                job_key(src), {"relabel": job_key(src), "model": relabel, "utterances": []}
+            )
             rec["utterances"].append(
                 {
                     "start": u["start"],
@@ -416,7 +404,7 @@ def second_pass(
                 }
             )
         for src in group:
-            state.add(records[src.key])
+            state.add(records[job_key(src)])
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from serval.atomic import atomic_write, atomic_write_text
+from serval.clip import Clip
 from serval.io.jsonl import JsonlLog
-from serval.manifest import COLUMNS, ManifestRow, write_manifest
+from serval.manifest import ManifestRow, write_manifest
 from serval.vocab import EMOTIONS
 
 
@@ -67,6 +68,12 @@ class Progress:
         return [u["windows"] for u in self.log.read_at(self.offsets[key])["utterances"]]
 
 
+def job_key(src: Clip) -> str:
+    """A recording's key in the log: its path and span as text."""
+    start, end = ("" if v is None else v for v in (src.start, src.end))
+    return f"{src.path}|{start}|{end}"
+
+
 def output_paths(output: str | os.PathLike) -> dict[str, Path]:
     """The files of a run writing the manifest `output`: the manifest, its windows, decisions and progress log."""
     out = Path(output)
@@ -84,10 +91,10 @@ def write_outputs(sources, state: Progress, paths: dict[str, Path], teachers, re
     rows, decisions = [], []
     failed, utterances = set(), 0
     for src in sources:
-        rec = state.done.get(src.key)
+        rec = state.done.get(job_key(src))
         if rec is None:
-            failed.add(src.key)
-            reason = "error: " + state.errors.get(src.key, "not labelled")
+            failed.add(job_key(src))
+            reason = "error: " + state.errors.get(job_key(src), "not labelled")
             decisions.append(
                 {"path": src.path, "start": src.start, "end": src.end, "kept": False, "reason": reason}
             )
@@ -102,15 +109,15 @@ def write_outputs(sources, state: Progress, paths: dict[str, Path], teachers, re
                     "reason": rec["reason"],
                 }
             )
-        second = state.relabelled.get(src.key)
+        second = state.relabelled.get(job_key(src))
         by_span = {(u["start"], u["end"]): u for u in (second or {}).get("utterances", [])}
         for u in rec["utterances"]:
             utterances += 1
             relabelled = by_span.get((u["start"], u["end"]))
             decision = _decision(src, u)
             if u["kept"] and relabel and relabelled is None:
-                failed.add(src.key)
-                reason = "error in the second pass: " + state.errors.get(src.key, "not relabelled")
+                failed.add(job_key(src))
+                reason = "error in the second pass: " + state.errors.get(job_key(src), "not relabelled")
                 decision.update(kept=False, reason=reason)
             if decision["kept"]:
                 rows.append(_row(src, u, relabelled, teachers, relabel))
@@ -136,8 +143,7 @@ def _row(src, u: dict, relabelled: dict | None, teachers, relabel) -> ManifestRo
     """A kept utterance as a manifest row: the second pass's label and scores if any, else the first's."""
     label = relabelled["label"] if relabelled else u["label"]
     dims = relabelled["scores"] if relabelled else {}
-    meta = src.row or {}
-    extra = {k: v for k, v in meta.items() if k not in COLUMNS}
+    extra = {k: v for k, v in src.extra.items() if v is not None}
     extra.update(
         {
             "first_pass_label": u["label"],
@@ -157,10 +163,10 @@ def _row(src, u: dict, relabelled: dict | None, teachers, relabel) -> ManifestRo
         dims.get("arousal"),
         dims.get("valence"),
         dims.get("dominance"),
-        meta.get("language"),
-        meta.get("speaker"),
-        meta.get("corpus"),
-        meta.get("split"),
+        src.language,
+        src.speaker,
+        src.corpus,
+        src.split,
         extra=extra,
     )
 
@@ -171,10 +177,10 @@ def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> Non
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for src in sources:
-                rec = state.done.get(src.key)
+                rec = state.done.get(job_key(src))
                 if rec is None:
                     continue
-                for u, windows in zip(rec["utterances"], state.windows(src.key)):
+                for u, windows in zip(rec["utterances"], state.windows(job_key(src))):
                     for w in windows:
                         record = {
                             "path": src.path,

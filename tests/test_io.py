@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from serval.fingerprint import fingerprint
-from serval.io.inputs import iter_inputs, iter_items
+from serval.io.inputs import iter_inputs
 from serval.io.jsonl import JsonlLog, iter_records
 
 
@@ -57,7 +57,7 @@ def test_one_discovery_for_files_folders_manifests_and_datasets(emodb_clips, tmp
     assert (rows[2].start, rows[2].speaker, rows[2].extra) == (0.5, "s1", {"mood": "x"})
     resolved = list(iter_inputs(["clips"], resolve=True))
     assert [Path(r.path) for r in resolved] == sorted(f.resolve() for f in folder.glob("*.flac"))
-    assert [(i.file, i.start) for i in iter_items([str(manifest)])] == [(str(emodb_clips[3]), 0.5)]
+    assert [c.key for c in iter_inputs([str(manifest)])] == [(str(emodb_clips[3]), 0.5, None)]
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 

@@ -14,6 +14,7 @@ import serval
 from serval import predict
 from serval.audio import AudioError, load_audio
 from serval.cli import main
+from serval.clip import Clip
 from serval.io import decoder, hf_datasets, inputs
 
 
@@ -118,7 +119,7 @@ def test_decoding_runs_ahead_by_a_bounded_amount(emodb_clips):
     def items():
         for i in range(40):
             pulled.append(i)
-            yield inputs.Item(str(emodb_clips[i % len(emodb_clips)]))
+            yield Clip(str(emodb_clips[i % len(emodb_clips)]))
 
     stream = decoder.decoded(items(), depth=4)
     first = next(stream)
@@ -174,7 +175,7 @@ def test_other_formats_are_never_overwritten_without_overwrite(model_dir, emodb_
 def test_windows_give_the_records_of_predict(model_dir, clips):
     predictor = serval.load(model_dir)
     files = sorted(str(f) for f in clips.iterdir())
-    windows = list(predict.predict_items(predictor, [inputs.Item(f) for f in files], batch_size=2, window=4))
+    windows = list(predict.predict_items(predictor, [Clip(f) for f in files], batch_size=2, window=4))
     assert [len(w) for w in windows] == [4, 4, 2]
     records = [r for w in windows for r in w]
     want = predictor.predict(files, batch_size=2)

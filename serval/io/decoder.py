@@ -9,11 +9,12 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from serval.audio import AudioError
-from serval.io.inputs import Item, read_item
+from serval.clip import Clip
+from serval.io.inputs import read_item
 from serval.longform import LongAudio
 
 
-def decoded(items: Iterable[Item], depth: int) -> Iterator[tuple[Item, np.ndarray | LongAudio | AudioError]]:
+def decoded(items: Iterable[Clip], depth: int) -> Iterator[tuple[Clip, np.ndarray | LongAudio | AudioError]]:
     """(item, wave or its AudioError), decoded in a background thread at most `depth` ahead.
 
     Audio longer than one 30 s piece is not decoded here: it comes as a LongAudio (see `read_item`)."""

@@ -1,37 +1,24 @@
 """What the user names as input: audio files, folders (searched recursively), manifests and datasets.
 
-An input is an `Item`: a file, a span of one (a manifest row), or a row of a local dataset (a
-`save_to_disk` folder or Parquet files with an `Audio` column), named `DATAFILE#ROW`.
+Each input is a `serval.clip.Clip`: a file, a span of one (a manifest row), or a row of a local dataset
+(a `save_to_disk` folder or Parquet files with an `Audio` column), named `DATAFILE#ROW`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from serval.audio import AudioError, audio_info, load_audio
+from serval.clip import Clip
 from serval.io.hf_datasets import ROW_SEP, audio_column, dataset_files, is_dataset, open_table
 from serval.longform import LongAudio, read_audio
-from serval.manifest import ManifestRow, read_manifest
+from serval.manifest import read_manifest
 from serval.vocab import AUDIO_EXTENSIONS
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input: `file` (a path, or DATAFILE#ROW for a dataset row), optionally a span of it."""
-
-    file: str
-    start: float | None = None
-    end: float | None = None
-
-    @property
-    def key(self) -> tuple:
-        return (self.file, self.start, self.end)
 
 
 def record_key(record: dict) -> tuple:
@@ -51,8 +38,8 @@ def expand_inputs(items: Iterable[str]) -> list[str]:
     return out
 
 
-def iter_inputs(inputs: Iterable[str], datasets: bool = True, resolve: bool = False) -> Iterator[ManifestRow]:
-    """Every clip the inputs name, in order, as a manifest row: a file (its path as given, or resolved with
+def iter_inputs(inputs: Iterable[str], datasets: bool = True, resolve: bool = False) -> Iterator[Clip]:
+    """Every clip the inputs name, in order: a file (its path as given, or resolved with
     `resolve`), each row of a manifest (.csv/.jsonl, with its columns), each row of a dataset (DATAFILE#ROW;
     without `datasets`, a dataset is taken as a file). Folders are searched recursively.
 
@@ -62,17 +49,12 @@ def iter_inputs(inputs: Iterable[str], datasets: bool = True, resolve: bool = Fa
         p = Path(name)
         if datasets and is_dataset(p):
             for datafile, n in dataset_files(p):
-                yield from (ManifestRow(f"{datafile}{ROW_SEP}{i}") for i in range(n))
+                yield from (Clip(f"{datafile}{ROW_SEP}{i}") for i in range(n))
         elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
             yield from read_manifest(p)
         else:
             files = expand_inputs([name])
-            yield from (ManifestRow(str(Path(f).resolve()) if resolve else f) for f in files)
-
-
-def iter_items(inputs: Iterable[str]) -> Iterator[Item]:
-    """The items of audio files, folders (recursively), manifests (.csv/.jsonl) and datasets, in order."""
-    return (Item(str(r.path), r.start, r.end) for r in iter_inputs(inputs))
+            yield from (Clip(str(Path(f).resolve()) if resolve else f) for f in files)
 
 
 def audio_source(file: str) -> tuple[str | bytes, str]:
@@ -110,7 +92,7 @@ def load_item(file: str, start: float | None = None, end: float | None = None) -
     return load_audio(source, start, end, name=name)
 
 
-def read_item(item: Item) -> np.ndarray | LongAudio:
-    """An item's samples; audio longer than one 30 s piece is a LongAudio, read piece by piece when scored."""
-    source, name = audio_source(item.file)
-    return read_audio(source, item.start, item.end, name=name)
+def read_item(clip: Clip) -> np.ndarray | LongAudio:
+    """A clip's samples; audio longer than one 30 s piece is a LongAudio, read piece by piece when scored."""
+    source, name = audio_source(clip.path)
+    return read_audio(source, clip.start, clip.end, name=name)
