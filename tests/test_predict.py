@@ -181,3 +181,21 @@ def test_windows_give_the_records_of_predict(model_dir, clips):
     want = predictor.predict(files, batch_size=2)
     assert [r["duration"] for r in records] == [r["duration"] for r in want]
     _same(records, want)
+
+
+def test_importing_the_io_modules_changes_nothing_and_predict_limits_the_cache():
+    """No side effects at import: oneDNN's cache limit is set by `serval predict`, before its first model call."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    code = (
+        "import os, serval.predict, serval.io.inputs, serval.io.decoder, serval.io.ray_pool, serval.evaluate, "
+        "serval.pseudolabel; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+    code = "import os, serval.predict as p; p.limit_primitive_cache(); print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "8"
