@@ -199,3 +199,17 @@ def test_importing_the_io_modules_changes_nothing_and_predict_limits_the_cache()
     code = "import os, serval.predict as p; p.limit_primitive_cache(); print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "8"
+
+
+def test_clips_in_memory_give_the_records_of_their_files(model_dir, emodb_clips):
+    predictor = serval.load(model_dir)
+    files = [str(f) for f in emodb_clips[:2]]
+    on_disk = [Clip(files[0]), Clip(files[1], 0.5, 1.5)]
+    in_memory = [Clip("a", audio=load_audio(files[0])), Clip("b", 0.5, 1.5, audio=load_audio(files[1]))]
+    in_memory.append(Clip("tiny", audio=np.zeros(800, np.float32)))  # 50 ms: too short, named
+    want = [r for w in predict.predict_items(predictor, on_disk, batch_size=2) for r in w]
+    got = [r for w in predict.predict_items(predictor, in_memory, batch_size=2) for r in w]
+    assert [r["file"] for r in got] == ["a", "b", "tiny"] and got[1]["start"] == 0.5
+    assert [r["duration"] for r in got[:2]] == [r["duration"] for r in want]
+    _same([{**r, "file": w["file"]} for r, w in zip(got, want)], want)
+    assert got[2]["error"].startswith("tiny: audio is 0.050 s, shorter than the minimum")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from serval.audio import AudioError, audio_info, load_audio
+from serval.audio import MIN_DURATION, AudioError, AudioTooShortError, audio_info, load_array, load_audio
 from serval.clip import Clip
 from serval.io.hf_datasets import ROW_SEP, audio_column, dataset_files, is_dataset, open_table
-from serval.longform import LongAudio, read_audio
+from serval.longform import LongAudio, count_pieces, read_audio
 from serval.manifest import read_manifest
-from serval.vocab import AUDIO_EXTENSIONS
+from serval.vocab import AUDIO_EXTENSIONS, SAMPLE_RATE
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
@@ -93,6 +93,24 @@ def load_item(file: str, start: float | None = None, end: float | None = None) -
 
 
 def read_item(clip: Clip) -> np.ndarray | LongAudio:
-    """A clip's samples; audio longer than one 30 s piece is a LongAudio, read piece by piece when scored."""
+    """A clip's samples; audio longer than one 30 s piece is a LongAudio, read piece by piece when scored.
+
+    A clip with samples in memory (`audio`, 16 kHz) gives them, cut to its span; its `path` names it."""
+    if clip.audio is not None:
+        return _in_memory(clip)
     source, name = audio_source(clip.path)
     return read_audio(source, clip.start, clip.end, name=name)
+
+
+def _in_memory(clip: Clip) -> np.ndarray | LongAudio:
+    wave = load_array(clip.audio, name=clip.path or "<array>")
+    first = round((clip.start or 0.0) * SAMPLE_RATE)
+    wave = wave[first : None if clip.end is None else round(clip.end * SAMPLE_RATE)]
+    if len(wave) < MIN_DURATION * SAMPLE_RATE:
+        seconds = len(wave) / SAMPLE_RATE
+        raise AudioTooShortError(
+            clip.path or "<array>", f"audio is {seconds:.3f} s, shorter than the minimum {MIN_DURATION} s"
+        )
+    if count_pieces(len(wave)) == 1:
+        return wave
+    return LongAudio(clip.path, len(wave), lambda: iter([wave]))
