@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from serval.atomic import atomic_write
+from serval.fingerprint import fingerprint
 from serval.inference import ensemble_forward
 from serval.locations import DEFAULT_MODEL
 from serval.model import SERConfig, SERModel, shared_trained_dimensions
@@ -265,7 +266,7 @@ def _ct2_spans(spec: str) -> tuple[dict, dict[str, dict]]:
 
 def _digest(value) -> str:
     a = np.ascontiguousarray(np.asarray(value, np.float32))
-    return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
+    return fingerprint([f"{a.shape}", a.tobytes()])
 
 
 def _weight_source(
