@@ -647,11 +647,12 @@ def _load_systems(args: argparse.Namespace, rows: Sequence, prog: str) -> list |
 
 
 def run(args: argparse.Namespace) -> int:
-    import matplotlib  # noqa: F401  (the report's plots: a missing package stops us before predicting, not after)
-
     from serval.manifest import ManifestError
+    from serval.report import plots_unavailable
 
     prog = "serval eval"
+    if why := plots_unavailable():  # said before predicting, not after
+        print(f"{prog}: no confusion plots ({why})", file=sys.stderr)
     args.model = args.model or ["default"]
     try:
         segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")

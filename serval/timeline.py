@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -470,8 +469,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(formats) - {"json", "csv", "png"})
     if unknown or not formats:
         return fail(f"--formats takes json, csv, png; got {args.formats!r}")
-    if args.output and "png" in formats and importlib.util.find_spec("matplotlib") is None:
-        return fail("the PNG plot needs matplotlib, which is not installed: pip install matplotlib")
+    from serval.report import plots_unavailable
+
+    if args.output and "png" in formats and (why := plots_unavailable()):
+        if formats == ["png"]:
+            return fail(f"the PNG plot needs matplotlib ({why})")
+        formats.remove("png")
+        print(f"serval timeline: no PNG plot ({why})", file=sys.stderr)
     try:
         spec = WindowSpec(
             window=args.window,
