@@ -22,6 +22,17 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from serval.audio_errors import (  # defined apart, used and re-exported here
+    AudioError,
+    AudioNotFoundError,
+    AudioSpanError,
+    AudioTooShortError,
+    EmptyAudioError,
+    NonFiniteAudioError,
+    TruncatedAudioError,
+    UnsupportedAudioError,
+    ZeroLengthAudioError,
+)
 from serval.vocab import SAMPLE_RATE  # re-exported: `from serval.audio import SAMPLE_RATE` keeps working
 
 MIN_DURATION = 0.1  # seconds; shorter clips raise AudioTooShortError
@@ -33,50 +44,6 @@ _RESAMPLE_CONTEXT = 0.05  # seconds
 _STREAM_BLOCK = 10.0  # seconds of input decoded per read in iter_chunks
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
-
-
-class AudioError(ValueError):
-    """An input that cannot be used as audio; `str(e)` is "<path>: <cause>"."""
-
-    def __init__(self, path: str | os.PathLike, cause: str):
-        self.path = str(path)
-        self.cause = cause
-        super().__init__(f"{self.path}: {cause}")
-
-    def __reduce__(self):  # keeps the (path, cause) signature picklable across worker processes
-        return (type(self), (self.path, self.cause))
-
-
-class AudioNotFoundError(AudioError):
-    """The path does not exist (or is not a file)."""
-
-
-class EmptyAudioError(AudioError):
-    """The file has 0 bytes."""
-
-
-class UnsupportedAudioError(AudioError):
-    """Not audio, or a format libsndfile cannot decode."""
-
-
-class TruncatedAudioError(AudioError):
-    """The file ends (or breaks) before the samples its header announces."""
-
-
-class ZeroLengthAudioError(AudioError):
-    """A valid header with no samples."""
-
-
-class NonFiniteAudioError(AudioError):
-    """NaN or infinite samples (float files)."""
-
-
-class AudioTooShortError(AudioError):
-    """Shorter than the minimum duration."""
-
-
-class AudioSpanError(AudioError):
-    """A start/end span that does not fit the audio."""
 
 
 @dataclass(frozen=True)
@@ -350,60 +317,15 @@ def _open(source: AudioSource, name: str | None) -> Iterator[tuple[sf.SoundFile,
     """Open `source` with libsndfile after the checks libsndfile does not make, mapping its errors."""
     label = _label(source, name)
     if isinstance(source, str | os.PathLike):
-        path = Path(source)
-        if not path.exists():
-            if _loops(path):
-                raise AudioNotFoundError(label, "symlink loop: the link leads back to itself")
-            raise AudioNotFoundError(label, "no such file")
-        if path.is_dir():
-            raise AudioNotFoundError(label, "is a directory, not an audio file")
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as fh:
-                head = fh.read(16)
-                short = _wav_shortfall(fh, size) if head[:4] == b"RIFF" else 0
-        except OSError as e:
-            raise AudioError(label, f"cannot read: {e.strerror or e}") from e
-        target: str | BinaryIO = str(path)
+        target, size, head, short = _inspect_path(Path(source), label)
     else:
-        if isinstance(source, bytes | bytearray | memoryview):
-            fh = io.BytesIO(bytes(source))
-        elif hasattr(source, "read"):
-            fh = source
-            if not (getattr(fh, "seekable", lambda: False)()):
-                fh = io.BytesIO(fh.read())  # libsndfile needs to seek; an upload stream cannot
-        else:
-            raise TypeError(f"audio source must be a path, bytes or a binary file object, not {type(source)}")
-        begin = fh.tell()
-        size = fh.seek(0, io.SEEK_END) - begin
-        fh.seek(begin)
-        head = fh.read(16)
-        if isinstance(head, str):
-            raise TypeError(f"{label}: file object is in text mode; open it with 'rb'")
-        fh.seek(begin)
-        short = _wav_shortfall(fh, size, begin) if head[:4] == b"RIFF" else 0
-        fh.seek(begin)
-        target = fh
+        target, size, head, short = _inspect_stream(source, label)
     if size == 0:
         raise EmptyAudioError(label, "empty file (0 bytes)")
-    kind = sniff_format(head)
     try:
         f = sf.SoundFile(target)
     except (sf.LibsndfileError, RuntimeError) as e:
-        msg = _sf_message(e)
-        if kind == "MP3" and "MP3" not in sf.available_formats():
-            raise UnsupportedAudioError(
-                label,
-                f"MP3 needs libsndfile >= 1.1 (this one is {sf.__libsndfile_version__}); convert to FLAC/WAV",
-            ) from None
-        if kind is not None and size < 4096:  # too small for a header plus audio: cut inside the header
-            raise TruncatedAudioError(label, f"{kind} header is truncated or corrupt ({msg})") from None
-        if kind is not None:
-            raise UnsupportedAudioError(label, f"cannot decode this {kind} file ({msg})") from None
-        raise UnsupportedAudioError(
-            label,
-            f"not a supported audio file ({msg}); use wav, flac, ogg/opus or mp3, or convert with ffmpeg",
-        ) from None
+        raise _undecodable(label, sniff_format(head), size, _sf_message(e)) from None
     with f:
         if short > 0:
             have = f.frames / f.samplerate
@@ -417,6 +339,62 @@ def _open(source: AudioSource, name: str | None) -> Iterator[tuple[sf.SoundFile,
         if f.samplerate <= 0 or f.channels <= 0:
             raise UnsupportedAudioError(label, f"invalid header ({f.samplerate} Hz, {f.channels} channels)")
         yield f, label
+
+
+def _inspect_path(path: Path, label: str) -> tuple[str, int, bytes, int]:
+    """A file's name for libsndfile, its size, its first bytes and the bytes its WAV header overstates."""
+    if not path.exists():
+        if _loops(path):
+            raise AudioNotFoundError(label, "symlink loop: the link leads back to itself")
+        raise AudioNotFoundError(label, "no such file")
+    if path.is_dir():
+        raise AudioNotFoundError(label, "is a directory, not an audio file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            short = _wav_shortfall(fh, size) if head[:4] == b"RIFF" else 0
+    except OSError as e:
+        raise AudioError(label, f"cannot read: {e.strerror or e}") from e
+    return str(path), size, head, short
+
+
+def _inspect_stream(source, label: str) -> tuple[BinaryIO, int, bytes, int]:
+    """`_inspect_path` for bytes or a binary file object (read whole when it cannot seek), left at its start."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        fh = io.BytesIO(bytes(source))
+    elif hasattr(source, "read"):
+        fh = source
+        if not (getattr(fh, "seekable", lambda: False)()):
+            fh = io.BytesIO(fh.read())  # libsndfile needs to seek; an upload stream cannot
+    else:
+        raise TypeError(f"audio source must be a path, bytes or a binary file object, not {type(source)}")
+    begin = fh.tell()
+    size = fh.seek(0, io.SEEK_END) - begin
+    fh.seek(begin)
+    head = fh.read(16)
+    if isinstance(head, str):
+        raise TypeError(f"{label}: file object is in text mode; open it with 'rb'")
+    fh.seek(begin)
+    short = _wav_shortfall(fh, size, begin) if head[:4] == b"RIFF" else 0
+    fh.seek(begin)
+    return fh, size, head, short
+
+
+def _undecodable(label: str, kind: str | None, size: int, msg: str) -> AudioError:
+    """Why libsndfile could not open a file of the format its first bytes announce (`kind`)."""
+    if kind == "MP3" and "MP3" not in sf.available_formats():
+        return UnsupportedAudioError(
+            label,
+            f"MP3 needs libsndfile >= 1.1 (this one is {sf.__libsndfile_version__}); convert to FLAC/WAV",
+        )
+    if kind is not None and size < 4096:  # too small for a header plus audio: cut inside the header
+        return TruncatedAudioError(label, f"{kind} header is truncated or corrupt ({msg})")
+    if kind is not None:
+        return UnsupportedAudioError(label, f"cannot decode this {kind} file ({msg})")
+    return UnsupportedAudioError(
+        label, f"not a supported audio file ({msg}); use wav, flac, ogg/opus or mp3, or convert with ffmpeg"
+    )
 
 
 def _wav_shortfall(fh: BinaryIO, size: int, begin: int = 0) -> int:

@@ -64,6 +64,23 @@ class Baseline(AudioClassifier):
             body["label"] = None
         return body
 
+    def predict_waveforms(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int = 16,
+        progress: bool = False,
+        *,
+        check_finite: bool = True,
+        sampling_rate: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Waveforms (16 kHz, or `sampling_rate`) -> (probs [N, 7], NaN scores [N, 3]); no dimensional head."""
+        waves = _at_16k(waves, sampling_rate, check_finite)
+        return self.probabilities(waves), np.full((len(waves), len(DIMENSIONS)), np.nan, np.float32)
+
+    def probabilities(self, waves: list[np.ndarray]) -> np.ndarray:
+        """The class probabilities [N, 7] of 16 kHz waveforms (all zero: no answer)."""
+        raise NotImplementedError
+
 
 def _at_16k(waves: Sequence[np.ndarray], sampling_rate: int | None, check_finite: bool) -> list[np.ndarray]:
     """The waves as float32 at 16 kHz, each checked finite unless the caller did already."""
@@ -147,17 +164,8 @@ class Emotion2Vec(Baseline):
         self.fingerprint = hashlib.sha1(f"emotion2vec\n{model_id}".encode()).hexdigest()
         self.details = None
 
-    def predict_waveforms(
-        self,
-        waves: Sequence[np.ndarray],
-        batch_size: int = 16,
-        progress: bool = False,
-        *,
-        check_finite: bool = True,
-        sampling_rate: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Waveforms (16 kHz, or `sampling_rate`) -> (probs [N, 7], NaN scores [N, 3]); no dimensional head."""
-        waves = _at_16k(waves, sampling_rate, check_finite)
+    def probabilities(self, waves: list[np.ndarray]) -> np.ndarray:
+        """The 7 class probabilities [N, 7] of 16 kHz waveforms, one FunASR call each."""
         probs = np.zeros((len(waves), len(EMOTIONS)), np.float32)
         for i, wave in enumerate(waves):
             result = self.model.generate(
@@ -167,7 +175,7 @@ class Emotion2Vec(Baseline):
                 disable_pbar=True,
             )[0]
             probs[i] = emotion2vec_probabilities(result["labels"], result["scores"])
-        return probs, np.full((len(waves), len(DIMENSIONS)), np.nan, np.float32)
+        return probs
 
 
 # ----------------------------------------------------------------------------- audio LLMs
@@ -294,17 +302,8 @@ class AudioLLM(Baseline):
         reply = reply if isinstance(reply, str) else ""
         return {"reply": reply, "label": parse_emotion_label(reply)}
 
-    def predict_waveforms(
-        self,
-        waves: Sequence[np.ndarray],
-        batch_size: int = 16,
-        progress: bool = False,
-        *,
-        check_finite: bool = True,
-        sampling_rate: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One request per clip (in parallel) -> (one-hot probs [N, 7], NaN scores [N, 3]); details per clip."""
-        waves = _at_16k(waves, sampling_rate, check_finite)
+    def probabilities(self, waves: list[np.ndarray]) -> np.ndarray:
+        """One request per clip (in parallel) -> one-hot probabilities [N, 7]; `details` per clip."""
         with ThreadPoolExecutor(self.concurrency) as pool:
             details = list(pool.map(self.ask, waves))
         probs = np.zeros((len(waves), len(EMOTIONS)), np.float32)
@@ -312,4 +311,4 @@ class AudioLLM(Baseline):
             if d.get("label"):
                 probs[i, EMOTIONS.index(d["label"])] = 1.0
         self.details = details
-        return probs, np.full((len(waves), len(DIMENSIONS)), np.nan, np.float32)
+        return probs

@@ -95,7 +95,7 @@ def load_model(directory: str | os.PathLike, fold_lora: bool = False, **override
             f"{path}: not a serval model directory (for a MERaLiON-SER checkpoint use meralion:{path})"
         )
     meta = {k: v for k, v in meta.items() if k not in (*HF_CONFIG_KEYS, TRAINING_DATA)}
-    config = SERConfig.from_dict({**meta, **overrides})
+    config = SERConfig.from_dict({**meta, **overrides}, source=str(config_file))
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors")

@@ -80,14 +80,7 @@ def meralion_config(
             "downstream_model.pooling.segment.level_attentions.", published.hierarchy_levels
         ),
     )
-    n_classes = size("emotion_classification_layer.2.weight", 0, len(published.classes))
-    if n_classes != len(published.classes):
-        raise ValueError(
-            f"checkpoint has {n_classes} classes; the published model has {len(published.classes)}"
-        )
-    n_dims = size("dim_layer.3.weight", 0, len(MERALION_DIMENSIONS))
-    if n_dims != len(MERALION_DIMENSIONS):
-        raise ValueError(f"checkpoint has {n_dims} dimensional scores, expected {len(MERALION_DIMENSIONS)}")
+    _check_outputs(shapes, len(published.classes))
     settings = dict(
         found,
         backbone=None,
@@ -98,6 +91,16 @@ def meralion_config(
         name=NAME,
     )
     return SERConfig(**{**settings, **overrides})
+
+
+def _check_outputs(shapes: dict[str, tuple[int, ...]], n_published: int) -> None:
+    """ValueError unless the heads give the published model's classes and dimensional scores."""
+    n_classes = shapes.get("emotion_classification_layer.2.weight", (n_published,))[0]
+    if n_classes != n_published:
+        raise ValueError(f"checkpoint has {n_classes} classes; the published model has {n_published}")
+    n_dims = shapes.get("dim_layer.3.weight", (len(MERALION_DIMENSIONS),))[0]
+    if n_dims != len(MERALION_DIMENSIONS):
+        raise ValueError(f"checkpoint has {n_dims} dimensional scores, expected {len(MERALION_DIMENSIONS)}")
 
 
 def _lora_scaling(directory: Path | None, hf_config: dict, r: int, given: float | None) -> float | None:

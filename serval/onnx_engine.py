@@ -250,6 +250,12 @@ def optimised_graph(graph: Path) -> Path:
     return target
 
 
+def add_model_arguments(p) -> None:
+    """--model (default: the bundled model) and `add_engine_arguments`: the model options of the servers."""
+    p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
+    add_engine_arguments(p)
+
+
 def add_engine_arguments(p) -> None:
     """--device and --engine auto|torch|onnx, the same on every command that runs a model."""
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")

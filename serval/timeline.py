@@ -17,109 +17,21 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from serval import vocab
 from serval.atomic import atomic_write, atomic_write_text
+from serval.turns import Turn, TurnsError, read_turns, score_spans
 from serval.windows import (
     Segment,
     WindowResult,
     WindowSpec,
     merge_windows,
     no_speech_spans,
-    score_spans,
     sliding_windows,
 )
-
-
-@dataclass
-class Turn:
-    """One speaker turn: [start, end) seconds."""
-
-    start: float
-    end: float
-    speaker: str
-
-
-class TurnsError(ValueError):
-    pass
-
-
-def read_turns(path: str | os.PathLike) -> list[Turn]:
-    """Speaker turns from an RTTM file (SPEAKER lines) or a CSV of start,end,speaker, sorted by start.
-
-    A CSV may have a header naming the columns start, end, speaker (any order); without one the
-    first three columns are taken in that order. Errors name the file and line.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise TurnsError(f"{path}: cannot read turns ({e.strerror or e})") from e
-    lines = [
-        (i, line)
-        for i, line in enumerate(text.splitlines(), 1)
-        if line.strip() and not line.lstrip().startswith(("#", ";;"))
-    ]
-    if not lines:
-        raise TurnsError(f"{path}: no speaker turns in the file")
-    turns = (
-        _read_rttm(path, lines)
-        if lines[0][1].split()[0].isupper() and "," not in lines[0][1]
-        else (_read_csv(path, lines))
-    )
-    if not turns:
-        raise TurnsError(f"{path}: no speaker turns in the file")
-    return sorted(turns, key=lambda t: (t.start, t.end, t.speaker))
-
-
-def _read_rttm(path: Path, lines: list[tuple[int, str]]) -> list[Turn]:
-    turns = []
-    for i, line in lines:
-        f = line.split()
-        if f[0] != "SPEAKER":
-            continue  # other RTTM record types (SPKR-INFO, LEXEME, …) carry no turns
-        if len(f) < 8:
-            raise TurnsError(f"{path}:{i}: RTTM SPEAKER line needs at least 8 fields, got {len(f)}")
-        start, dur = _number(path, i, f[3], "onset"), _number(path, i, f[4], "duration")
-        turns.append(_turn(path, i, start, start + dur, f[7]))
-    return turns
-
-
-def _read_csv(path: Path, lines: list[tuple[int, str]]) -> list[Turn]:
-    rows = list(csv.reader(io.StringIO("\n".join(line for _, line in lines))))
-    header = [c.strip().lower() for c in rows[0]]
-    cols = (0, 1, 2)
-    if {"start", "end", "speaker"} <= set(header):
-        cols = (header.index("start"), header.index("end"), header.index("speaker"))
-        rows, lines = rows[1:], lines[1:]
-    turns = []
-    for (i, _), row in zip(lines, rows):
-        if len(row) <= max(cols):
-            raise TurnsError(f"{path}:{i}: expected start,end,speaker, got {row}")
-        start, end = _number(path, i, row[cols[0]], "start"), _number(path, i, row[cols[1]], "end")
-        turns.append(_turn(path, i, start, end, row[cols[2]].strip()))
-    return turns
-
-
-def _number(path: Path, line: int, text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise TurnsError(f"{path}:{line}: {what} {text!r} is not a number") from None
-    if not np.isfinite(value) or value < 0:
-        raise TurnsError(f"{path}:{line}: {what} {text!r} must be a finite number >= 0")
-    return value
-
-
-def _turn(path: Path, line: int, start: float, end: float, speaker: str) -> Turn:
-    if end <= start:
-        raise TurnsError(f"{path}:{line}: turn end {end:g} s is not after start {start:g} s")
-    return Turn(start, end, speaker or "unknown")
-
 
 # ---------------------------------------------------------------------------- records
 
@@ -166,6 +78,17 @@ def segment_record(
     }
 
 
+def _about(source, predictor, trained: Sequence[str]) -> dict:
+    """What a timeline's JSON opens with: the file, the model, its classes and dimensions."""
+    return {
+        "file": source_name(source),
+        "model": predictor.name,
+        "classes": list(predictor.classes),
+        "dimensions": list(predictor.dimensions),
+        "trained_dimensions": list(trained),
+    }
+
+
 def grid_timeline(
     source, predictor, spec: WindowSpec = WindowSpec(), batch_size: int = 16, progress: bool = False
 ) -> dict:
@@ -175,11 +98,7 @@ def grid_timeline(
     results = list(sliding_windows(source, predictor, spec, batch_size, progress=progress))
     segments = merge_windows(results, classes, spec.max_segment)
     return {
-        "file": source_name(source),
-        "model": predictor.name,
-        "classes": list(classes),
-        "dimensions": list(dims),
-        "trained_dimensions": list(trained),
+        **_about(source, predictor, trained),
         "grid": {"window": spec.window, "hop": spec.hop, "min_length": spec.min_length},
         "vad": {"threshold": spec.vad_threshold, "min_speech": spec.min_speech} if spec.vad else None,
         "max_segment": spec.max_segment,
@@ -213,11 +132,7 @@ def turns_timeline(
             rec["clipped_from"] = turn.end
         records.append(rec)
     return {
-        "file": source_name(source),
-        "model": predictor.name,
-        "classes": list(classes),
-        "dimensions": list(dims),
-        "trained_dimensions": list(trained),
+        **_about(source, predictor, trained),
         "max_window": max_window,
         "turns": records,
         "speakers": speaker_summary(records, classes, dims, trained),
@@ -394,6 +309,17 @@ def outputs(result: dict, prefix: str, formats: Sequence[str]) -> dict[str, str 
     return out
 
 
+# WindowSpec's fields that are timeline options, with their help texts
+GRID_OPTIONS = {
+    "window": "window length in seconds",
+    "hop": "seconds between window starts",
+    "min_length": "shortest end remainder that still gets its own end-aligned window, in seconds",
+    "vad_threshold": "Silero speech probability at which a 32 ms frame turns to speech",
+    "min_speech": "fraction of a window's frames that must be speech for it to be scored (with --vad)",
+    "max_segment": "longest merged segment in seconds",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from serval.onnx_engine import add_engine_arguments
 
@@ -402,39 +328,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         help="default (the bundled model, when omitted), a model directory, hub id or meralion:PATH",
     )
-    defaults = WindowSpec  # the defaults are WindowSpec's, so the CLI and the API agree
-    p.add_argument(
-        "--window", type=float, default=defaults.window, help="window length in seconds (default %(default)g)"
-    )
-    p.add_argument(
-        "--hop", type=float, default=defaults.hop, help="seconds between window starts (default %(default)g)"
-    )
-    p.add_argument(
-        "--min-length",
-        type=float,
-        default=defaults.min_length,
-        help="shortest end remainder that still gets its own end-aligned window (default %(default)g s)",
-    )
-    p.add_argument("--vad", action="store_true", help="leave windows without speech unscored (Silero VAD)")
-    p.add_argument(
-        "--vad-threshold",
-        type=float,
-        default=defaults.vad_threshold,
-        help="Silero speech probability at which a 32 ms frame turns to speech (default %(default)g)",
-    )
-    p.add_argument(
-        "--min-speech",
-        type=float,
-        default=defaults.min_speech,
-        help="fraction of a window's frames that must be speech for it to be scored (with --vad; "
-        "default %(default)g)",
-    )
-    p.add_argument(
-        "--max-segment",
-        type=float,
-        default=defaults.max_segment,
-        help="longest merged segment in seconds (default %(default)g)",
-    )
+    for name, text in GRID_OPTIONS.items():  # the defaults are WindowSpec's, so the CLI and the API agree
+        if name == "vad_threshold":
+            p.add_argument(
+                "--vad", action="store_true", help="leave windows without speech unscored (Silero VAD)"
+            )
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            default=getattr(WindowSpec, name),
+            help=f"{text} (default %(default)g)",
+        )
     p.add_argument(
         "--segments",
         metavar="TURNS",
@@ -457,52 +361,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serval.audio import AudioError, audio_info
+    from serval.audio import AudioError
     from serval.locations import NoDefaultModelError
     from serval.onnx_engine import load_engine
 
-    def fail(message: str, code: int = 2) -> int:
-        print(f"serval timeline: {message}", file=sys.stderr)
-        return code
-
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = sorted(set(formats) - {"json", "csv", "png"})
-    if unknown or not formats:
-        return fail(f"--formats takes json, csv, png; got {args.formats!r}")
-    from serval.report import plots_unavailable
-
-    if args.output and "png" in formats and (why := plots_unavailable()):
-        if formats == ["png"]:
-            return fail(f"the PNG plot needs matplotlib ({why})")
-        formats.remove("png")
-        print(f"serval timeline: no PNG plot ({why})", file=sys.stderr)
     try:
-        spec = WindowSpec(
-            window=args.window,
-            hop=args.hop,
-            min_length=args.min_length,
-            vad=args.vad,
-            vad_threshold=args.vad_threshold,
-            min_speech=args.min_speech,
-            max_segment=args.max_segment,
-        )
-        duration = audio_info(args.file).duration
-        if not args.segments:
-            spec.check_count(duration)  # too fine a grid for the recording: refused before any work
-        turns = read_turns(args.segments) if args.segments else None
+        formats = _formats(args)
+        spec, duration, turns = _plan(args)
+        _refuse_overwrite(args, formats, turns)
     except (AudioError, TurnsError, ValueError) as e:
-        return fail(str(e))
-    planned: dict[str, str | None] = {}
-    if args.output:  # refuse before any work if an output would be replaced
-        dummy = (
-            {"classes": [], "dimensions": [], "turns": [], "speakers": {}}
-            if turns
-            else {"classes": [], "dimensions": [], "windows": [], "segments": []}
-        )
-        planned = outputs(dummy, args.output, formats)
-        existing = [p for p in planned if Path(p).exists()]
-        if existing and not args.overwrite:
-            return fail(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+        return _fail(str(e))
     try:
         predictor = load_engine(args.model, args.engine, device=args.device)
         if turns is not None:
@@ -512,31 +380,83 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = grid_timeline(args.file, predictor, spec, args.batch_size, progress=not args.no_progress)
     except AudioError as e:
-        return fail(str(e), 1)
+        return _fail(str(e), 1)
     except (NoDefaultModelError, FileNotFoundError, ValueError, RuntimeError) as e:
-        return fail(str(e))
+        return _fail(str(e))
     result["duration"] = round(duration, 3)
-    if not args.output:
-        sys.stdout.write(json.dumps(result, indent=1) + "\n")
-    else:
-        for path, text in outputs(result, args.output, formats).items():
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if text is None:
-                atomic_write(target, lambda tmp: plot(result, tmp))
-            else:
-                atomic_write_text(target, text, overwrite=True)
-            print(f"wrote {target}", file=sys.stderr)
+    _write(result, args, formats)
     failed = [r for r in result.get("turns", []) if "error" in r]
     for r in failed:
         print(
             f"serval timeline: turn {r['start']}-{r['end']} ({r['speaker']}): {r['error']}", file=sys.stderr
         )
     if not any("probabilities" in r for r in result.get("windows", result.get("turns", []))):
-        return fail(
+        return _fail(
             f"{args.file}: nothing was scored (audio shorter than {args.min_length:g} s, or no speech)", 1
         )
     return 1 if failed else 0
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"serval timeline: {message}", file=sys.stderr)
+    return code
+
+
+def _formats(args: argparse.Namespace) -> list[str]:
+    """The --formats asked for; ValueError for an unknown one, or for only a PNG without matplotlib
+    (serval[plot]; beside other formats the PNG is dropped, with a one-line note)."""
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(formats) - {"json", "csv", "png"})
+    if unknown or not formats:
+        raise ValueError(f"--formats takes json, csv, png; got {args.formats!r}")
+    from serval.report import plots_unavailable
+
+    if args.output and "png" in formats and (why := plots_unavailable()):
+        if formats == ["png"]:
+            raise ValueError(f"the PNG plot needs matplotlib ({why})")
+        formats.remove("png")
+        print(f"serval timeline: no PNG plot ({why})", file=sys.stderr)
+    return formats
+
+
+def _plan(args: argparse.Namespace) -> tuple[WindowSpec, float, list[Turn] | None]:
+    """The grid, the recording's duration and the turns (None: the grid mode), checked before any work."""
+    from serval.audio import audio_info
+
+    spec = WindowSpec(**{name: getattr(args, name) for name in GRID_OPTIONS}, vad=args.vad)
+    duration = audio_info(args.file).duration
+    if not args.segments:
+        spec.check_count(duration)  # too fine a grid for the recording: refused before any work
+    return spec, duration, read_turns(args.segments) if args.segments else None
+
+
+def _refuse_overwrite(args: argparse.Namespace, formats: list[str], turns: list[Turn] | None) -> None:
+    """ValueError, before any work, if an output would replace a file and --overwrite was not given."""
+    if not args.output:
+        return
+    dummy = (
+        {"classes": [], "dimensions": [], "turns": [], "speakers": {}}
+        if turns
+        else {"classes": [], "dimensions": [], "windows": [], "segments": []}
+    )
+    existing = [p for p in outputs(dummy, args.output, formats) if Path(p).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+
+
+def _write(result: dict, args: argparse.Namespace, formats: list[str]) -> None:
+    """The JSON on standard output, or each of the outputs under -o PREFIX."""
+    if not args.output:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    for path, text in outputs(result, args.output, formats).items():
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            atomic_write(target, lambda tmp: plot(result, tmp))
+        else:
+            atomic_write_text(target, text, overwrite=True)
+        print(f"wrote {target}", file=sys.stderr)
 
 
 __all__ = [

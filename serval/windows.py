@@ -73,7 +73,7 @@ class WindowSpec:
         if not 0.1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be between 0.1 and {MAX_WINDOW:g} s, got {window:g}")
         # checked in samples too: a hop that rounds to no samples would never move the grid on
-        if not MIN_HOP <= hop <= window or _samples(hop) < 1:
+        if not MIN_HOP <= hop <= window or seconds_to_samples(hop) < 1:
             raise ValueError(f"hop must be between {MIN_HOP:g} s and the window ({window:g} s), got {hop:g}")
         if not 0.1 <= min_length <= window:
             raise ValueError(
@@ -95,10 +95,10 @@ class WindowSpec:
     def count(self, duration: float) -> int:
         """How many windows the grid puts over `duration` seconds of audio (without making them)."""
         n, w, h, least = (
-            _samples(duration),
-            _samples(self.window),
-            _samples(self.hop),
-            _samples(self.min_length),
+            seconds_to_samples(duration),
+            seconds_to_samples(self.window),
+            seconds_to_samples(self.hop),
+            seconds_to_samples(self.min_length),
         )
         if n < w:
             return int(n >= least)
@@ -155,14 +155,15 @@ class WindowResult:
         return None if self.probs is None else classes[int(np.argmax(self.probs))]
 
 
-def _samples(seconds: float) -> int:
+def seconds_to_samples(seconds: float) -> int:
+    """Seconds as a whole number of 16 kHz samples (rounded)."""
     return int(round(seconds * SAMPLE_RATE))
 
 
 def window_grid(duration: float, spec: WindowSpec = WindowSpec()) -> list[tuple[float, float]]:
     """(start, end) seconds of every window over `duration` seconds of audio (see the module doc)."""
     w = StreamingWindower(spec)
-    n = _samples(duration)
+    n = seconds_to_samples(duration)
     spans = [(a, b) for a, b in w._grid_until(n)]
     spans += w._final(n, spans[-1][1] if spans else None)
     return [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in spans]
@@ -178,7 +179,11 @@ class StreamingWindower:
 
     def __init__(self, spec: WindowSpec = WindowSpec(), offset: float = 0.0):
         self.spec, self.offset = spec, offset
-        self._w, self._h, self._min = _samples(spec.window), _samples(spec.hop), _samples(spec.min_length)
+        self._w, self._h, self._min = (
+            seconds_to_samples(spec.window),
+            seconds_to_samples(spec.hop),
+            seconds_to_samples(spec.min_length),
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -259,8 +264,8 @@ def iter_windows(
     windower = StreamingWindower(spec, offset=start)
     if isinstance(source, np.ndarray):
         wave = np.asarray(source, np.float32).reshape(-1)
-        wave = wave[_samples(start) : None if end is None else _samples(end)]
-        chunks: Iterable[np.ndarray] = _array_chunks(wave, _samples(chunk_seconds))
+        wave = wave[seconds_to_samples(start) : None if end is None else seconds_to_samples(end)]
+        chunks: Iterable[np.ndarray] = _array_chunks(wave, seconds_to_samples(chunk_seconds))
     else:
         from serval.audio import iter_chunks
 
@@ -485,7 +490,7 @@ def merge_windows(
     return segments
 
 
-# ---------------------------------------------------------------------------- spans (speaker turns)
+# ---------------------------------------------------------------------------- spans (speaker turns: serval.turns)
 
 
 def split_span(start: float, end: float, max_len: float = MAX_WINDOW) -> list[tuple[float, float]]:
@@ -493,70 +498,3 @@ def split_span(start: float, end: float, max_len: float = MAX_WINDOW) -> list[tu
     n = max(1, int(np.ceil((end - start) / max_len - 1e-9)))
     edges = np.linspace(start, end, n + 1)
     return [(float(a), float(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-def score_spans(
-    source: Source,
-    spans: Iterable[tuple[float, float]],
-    predictor,
-    max_window: float = MAX_WINDOW,
-    batch_size: int = 16,
-) -> Iterator[WindowResult]:
-    """One pooled result per (start, end) span, in order: spans longer than `max_window` are cut
-    into equal pieces whose outputs are averaged, weighted by duration.
-
-    Each piece is read on its own, so a long span never sits in memory whole. A span that cannot
-    be read (too short, past the end of the file, …) gives a result with `error` set.
-    """
-    from serval.audio import AudioError, load_audio
-
-    def read(a: float, b: float) -> np.ndarray:
-        if isinstance(source, np.ndarray):
-            x = np.asarray(source, np.float32).reshape(-1)[_samples(a) : _samples(b)]
-            if len(x) < _samples(0.1):
-                raise AudioError(
-                    "<array>",
-                    f"span {a:.3f}-{b:.3f} s has {len(x) / SAMPLE_RATE:.3f} s of audio (shorter than 0.1 s)",
-                )
-            return x
-        return load_audio(source, a, b)
-
-    queue: list[tuple[WindowResult, list[WindowResult]]] = []
-    waiting: list[tuple[WindowResult, np.ndarray]] = []
-
-    def run_batch() -> None:
-        if waiting:
-            probs, scores = predictor.predict_waveforms([x for _, x in waiting], batch_size=batch_size)
-            for (piece, _), p, s in zip(waiting, probs, scores):
-                piece.probs, piece.scores = np.asarray(p, np.float32), np.asarray(s, np.float32)
-            waiting.clear()
-
-    def finished() -> Iterator[WindowResult]:
-        while queue and all(p.scored for p in queue[0][1]):
-            result, pieces = queue.pop(0)
-            if pieces:
-                result.probs, result.scores = pool(pieces)
-            yield result
-
-    for a, b in spans:
-        result = WindowResult(round(float(a), 3), round(float(b), 3))
-        pieces = []
-        if b <= a:
-            result.error = f"span {a:g}-{b:g} s is empty"
-        else:
-            try:
-                for pa, pb in split_span(a, b, max_window):
-                    piece = WindowResult(pa, pb)
-                    waiting.append((piece, read(pa, pb)))
-                    pieces.append(piece)
-            except (AudioError, ValueError) as e:
-                result.error = str(e)
-                waiting[len(waiting) - len(pieces) :] = []
-                pieces = []
-        result.pieces = len(pieces)
-        queue.append((result, pieces))
-        if len(waiting) >= batch_size:
-            run_batch()
-            yield from finished()
-    run_batch()
-    yield from finished()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serval.model import SERConfig, SERModel, halve_time, merge_lora_state_dict
+from serval.masks import halve_time
+from serval.model import SERConfig, SERModel, merge_lora_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "meralion-ser-v1-state-dict.tsv"
 
@@ -251,5 +252,5 @@ def test_lora_on_top_layers_re_runs_them_from_a_frozen_encoder_cache():
 
 
 def test_unknown_config_key_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown config keys: bogus"):
+    with pytest.raises(ValueError, match="unknown setting bogus"):
         SERConfig.from_dict({"bogus": 1})

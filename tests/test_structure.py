@@ -68,7 +68,8 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_model_imports_no_loading_code():
-    assert serval_imports(PACKAGE / "model.py") <= {"serval.vocab", "serval.features"}
+    network = {"serval.model_config", "serval.ecapa", "serval.masks"}  # split from model.py
+    assert serval_imports(PACKAGE / "model.py") <= {"serval.vocab", "serval.features", *network}
 
 
 def test_no_function_is_longer_than_100_lines():

@@ -16,7 +16,8 @@ from serval.checkpoint import load_model, save_model
 from serval.cli import main
 from serval.inference import Predictor, load
 from serval.model import SERConfig, SERModel
-from serval.timeline import Turn, TurnsError, figure, grid_timeline, outputs, plot, read_turns, turns_timeline
+from serval.timeline import figure, grid_timeline, outputs, plot, turns_timeline
+from serval.turns import Turn, TurnsError, read_turns
 from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import WindowSpec, split_span
 

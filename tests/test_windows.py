@@ -18,6 +18,7 @@ from serval import windows  # noqa: E402
 from serval.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from serval.inference import Predictor  # noqa: E402
 from serval.model import EMOTIONS, SERConfig, SERModel  # noqa: E402
+from serval.turns import score_spans  # noqa: E402
 from serval.vad import FRAME, SileroVAD  # noqa: E402
 from serval.windows import (  # noqa: E402
     StreamingWindower,
@@ -28,7 +29,6 @@ from serval.windows import (  # noqa: E402
     no_speech_spans,
     owned_spans,
     pool,
-    score_spans,
     sliding_windows,
     split_span,
     window_grid,

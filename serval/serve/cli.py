@@ -1,172 +1,54 @@
-"""`serval serve`: its options (one per `ServerConfig` field) and the uvicorn server."""
+"""`serval serve`: its options (one per `ServerConfig` field, made from the fields) and the uvicorn server."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from dataclasses import asdict
+import typing
+from dataclasses import fields
 
-from serval.serve.config import BUDGETED, ServerConfig, format_size, parse_size
+from serval.onnx_engine import add_model_arguments
+from serval.serve.config import BUDGETED, ServerConfig, format_size
+from serval.settings import read
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.onnx_engine import add_engine_arguments
-
-    d = ServerConfig()
-    p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
-    add_engine_arguments(p)
+    add_model_arguments(p)
     p.add_argument(
         "--compile",
         action="store_true",
         help="torch engine: compile small batches at bucketed shapes (CUDA graphs on a GPU), at start-up",
     )
-    p.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=None,
-        help=f"largest request body (413 beyond; default {d.max_upload_mb:g}, or from --memory-budget)",
-    )
-    p.add_argument(
-        "--upload-timeout",
-        type=float,
-        default=d.upload_timeout,
-        help="seconds an upload may send nothing before it is answered 408",
-    )
-    p.add_argument(
-        "--min-upload-rate",
-        type=float,
-        default=d.min_upload_rate,
-        help="bytes/s an upload must average after its first --upload-timeout seconds (408 below; 0: off)",
-    )
-    p.add_argument(
-        "--max-receiving",
-        type=int,
-        default=None,
-        help=f"uploads being received at once; more get 503 (default {d.max_receiving}, or fewer from "
-        "--memory-budget)",
-    )
-    _audio_limit_arguments(p, d)
-    _batching_arguments(p, d)
-    p.add_argument("--window", type=float, default=d.window, help="default timeline/stream window (s)")
-    p.add_argument("--hop", type=float, default=d.hop, help="default timeline/stream hop (s)")
-    p.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=d.graceful_timeout,
-        help="seconds in-flight requests get to finish on shutdown",
-    )
-    p.add_argument(
-        "--label-no-speech",
-        action="store_true",
-        help="/v1/emotion labels clips without speech too (default: label null; no_speech says why)",
-    )
+    add_config_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def _audio_limit_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
-    """How much audio one request or stream may bring, and the memory budget that can set it."""
-    p.add_argument(
-        "--max-clip-seconds",
-        type=float,
-        default=None,
-        help=f"longest audio for /v1/emotion (413 beyond; default {d.max_clip_seconds:g}, or from "
-        "--memory-budget)",
-    )
-    p.add_argument(
-        "--max-timeline-seconds",
-        type=float,
-        default=None,
-        help=f"longest audio for /v1/timeline (413 beyond; default {d.max_timeline_seconds:g}, or from "
-        "--memory-budget)",
-    )
-    p.add_argument(
-        "--max-stream-seconds", type=float, default=d.max_stream_seconds, help="longest WebSocket stream"
-    )
-    p.add_argument(
-        "--max-streams",
-        type=int,
-        default=d.max_streams,
-        help="open WebSocket streams; more are closed (1013)",
-    )
-    p.add_argument(
-        "--stream-idle-seconds",
-        type=float,
-        default=d.stream_idle_seconds,
-        help="a stream that sends nothing for this long is closed (1008)",
-    )
-    p.add_argument(
-        "--max-windows",
-        type=int,
-        default=d.max_windows,
-        help="windows of one timeline or stream (400 / close 1008 beyond)",
-    )
-    p.add_argument(
-        "--memory-budget",
-        type=parse_size,
-        metavar="SIZE",
-        help="memory one request may hold, e.g. 2G: sets the upload, duration and concurrency limits not "
-        "given by hand (docs/serving.md, Memory)",
-    )
-    p.add_argument(
-        "--max-requests",
-        type=int,
-        help="requests holding audio at once (received, queued, worked on); more get 503 "
-        "(default: none, or from --memory-budget)",
-    )
-
-
-def _batching_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
-    """The model queue's options: batch sizes, lanes, waiting and admission limits."""
-    p.add_argument(
-        "--max-batch", type=int, default=d.max_batch, help="waveforms per model call; 1 disables batching"
-    )
-    p.add_argument(
-        "--max-long-batch",
-        type=int,
-        default=d.max_long_batch,
-        help="timeline waveforms per model call at most (short requests go first)",
-    )
-    p.add_argument(
-        "--long-call-ms",
-        type=float,
-        default=d.long_call_ms,
-        help="model time a call with timeline windows should take (0: no bound), so a clip waits little",
-    )
-    p.add_argument(
-        "--timeline-nice",
-        type=int,
-        default=d.timeline_nice,
-        help="how much nicer timeline threads (decoding, VAD) run than the rest, 0..19 (Linux)",
-    )
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=d.max_wait_ms,
-        help="how long a request waits for others to share its model call",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=None,
-        help=f"clips decoded and waiting for the model before new ones get 503 (default {d.max_queue}, "
-        "or fewer from --memory-budget)",
-    )
-    p.add_argument(
-        "--max-timelines",
-        type=int,
-        default=None,
-        help=f"timelines being worked on before new ones get 503 (default {d.max_timelines}, or fewer from "
-        "--memory-budget)",
-    )
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per `ServerConfig` field, named after it, with its default and help text; a limit a
+    memory budget may set defaults to None (unset), so that the budget knows it was not given."""
+    hints = typing.get_type_hints(ServerConfig)
+    for f in fields(ServerConfig):
+        flag, text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
+        if hints[f.name] is bool:
+            p.add_argument(flag, action="store_true", help=text)
+            continue
+        default = f.default
+        if f.name in BUDGETED:
+            fewer = "fewer " if f.name in ("max_receiving", "max_queue", "max_timelines") else ""
+            default, text = None, f"{text} (default {f.default:g}, or {fewer}from --memory-budget)"
+        kind = f.metadata.get("parse") or next(
+            t for t in (int, float, str) if t in (hints[f.name], *typing.get_args(hints[f.name]))
+        )
+        p.add_argument(flag, type=kind, default=default, metavar=f.metadata.get("metavar"), help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The options as a ServerConfig; an option left out (None) keeps the config's default."""
-    names = set(asdict(ServerConfig()))
-    return ServerConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    names = {f.name for f in fields(ServerConfig)}
+    return read(
+        ServerConfig, {k: v for k, v in vars(args).items() if k in names and v is not None}, "serval serve"
+    )
 
 
 def given_limits(args: argparse.Namespace) -> set[str]:

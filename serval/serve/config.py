@@ -1,4 +1,4 @@
-"""The limits and batching of one server: every field is a `serval serve` option."""
+"""The limits and batching of one server: every field is a `serval serve` option, its help text the field's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
+from serval.settings import STRICT, setting
 from serval.windows import WindowSpec
 
 # What one request holds, counted when its limits come from `memory_budget` (docs/serving.md, "Memory"):
@@ -26,39 +27,71 @@ BUDGETED = (
 )
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """ "2G", "512M", "1.5GiB", "300000000" -> bytes (binary units, as `free -h` shows them)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"a size is a positive number with an optional K, M, G or T (e.g. 2G), not {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_size(size: float) -> str:
+    """Bytes as the largest binary unit that keeps a number >= 1: 2147483648 -> "2G"."""
+    unit = next(u for u in ("T", "G", "M", "K", "") if size >= _UNITS[u] or u == "")
+    return f"{size / _UNITS[unit]:.3g}{unit}"
+
+
 @dataclass
 class ServerConfig:
     """Limits and batching of one server; every field is a `serval serve` option."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_upload_mb: float = 100.0  # whole request body, multipart envelope included
-    upload_timeout: float = 10.0  # seconds an upload may send nothing before it is answered 408
-    min_upload_rate: float = 8192.0  # bytes/s an upload must average once upload_timeout has passed
-    max_receiving: int = 256  # uploads being received at once; more get 503 (bounds their memory)
-    max_clip_seconds: float = 60.0  # /v1/emotion; longer clips are pooled over <= 30 s pieces
-    max_timeline_seconds: float = 4 * 3600.0  # /v1/timeline
-    max_stream_seconds: float = 4 * 3600.0  # one WebSocket stream
-    max_windows: int = 20_000  # windows of one timeline or stream (400 / close 1008 beyond)
-    max_batch: int = 16  # waveforms per model call (1 = no micro-batching)
-    max_long_batch: int = 16  # timeline waveforms per model call at most
-    long_call_ms: float = 100.0  # model time a call with timeline windows should take, at most one window
-    # timeline threads (decoding, VAD) run this much nicer (Linux), so clips get the CPU first
-    timeline_nice: int = 10
-    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
-    max_queue: int = 64  # clips decoded and waiting for the model; more get 503 + Retry-After
-    max_timelines: int = 16  # timelines being worked on at once; more get 503 + Retry-After
-    max_streams: int = 64  # open WebSocket streams; more are closed with 1013
-    stream_idle_seconds: float = 30.0  # a stream that sends nothing for this long is closed (1008)
-    retry_after: int = 1  # seconds, in the 503's Retry-After header
-    window: float = 4.0  # default timeline/stream window and hop (seconds)
-    hop: float = 2.0
-    min_length: float = 0.5  # shortest final window of a timeline or stream
-    max_segment: float = 15.0  # longest merged segment
-    graceful_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
-    memory_budget: int | None = None  # bytes one request may hold; sets the `BUDGETED` limits (`budgeted`)
-    max_requests: int | None = None  # requests holding audio at once (received, queued, worked on)
-    label_no_speech: bool = False  # /v1/emotion labels a clip without speech too (default: label null)
+    __pydantic_config__ = STRICT
+
+    host: str = setting("127.0.0.1", "address to bind (default: loopback only)")
+    port: int = setting(8000, "port to listen on")
+    max_upload_mb: float = setting(100.0, "largest request body, multipart envelope included; 413 beyond")
+    upload_timeout: float = setting(10.0, "seconds an upload may send nothing before it is answered 408")
+    min_upload_rate: float = setting(
+        8192.0, "bytes/s an upload must average after its first --upload-timeout seconds (408 below; 0: off)"
+    )
+    max_receiving: int = setting(256, "uploads being received at once (bounds their memory); more get 503")
+    max_clip_seconds: float = setting(60.0, "longest audio for /v1/emotion, 413 beyond (over 30 s: pooled)")
+    max_timeline_seconds: float = setting(4 * 3600.0, "longest audio for /v1/timeline; 413 beyond")
+    max_stream_seconds: float = setting(4 * 3600.0, "longest WebSocket stream")
+    max_windows: int = setting(20_000, "windows of one timeline or stream (400 / close 1008 beyond)")
+    max_batch: int = setting(16, "waveforms per model call; 1 disables batching")
+    max_long_batch: int = setting(16, "timeline waveforms per model call at most (short requests first)")
+    long_call_ms: float = setting(100.0, "model time a call with timeline windows should take (0: no bound)")
+    timeline_nice: int = setting(10, "how much nicer timeline threads run, 0..19 (Linux): clips first")
+    max_wait_ms: float = setting(10.0, "how long a request waits for others to share its model call")
+    max_queue: int = setting(64, "clips decoded and waiting for the model; more get 503 + Retry-After")
+    max_timelines: int = setting(16, "timelines being worked on; more get 503 + Retry-After")
+    max_streams: int = setting(64, "open WebSocket streams; more are closed (1013)")
+    stream_idle_seconds: float = setting(30.0, "a stream that sends nothing for this long is closed (1008)")
+    retry_after: int = setting(1, "seconds, in a 503's Retry-After header")
+    window: float = setting(4.0, "default timeline/stream window (s)")
+    hop: float = setting(2.0, "default timeline/stream hop (s)")
+    min_length: float = setting(0.5, "shortest final window of a timeline or stream (s)")
+    max_segment: float = setting(15.0, "longest merged segment of a timeline or stream (s)")
+    graceful_timeout: float = setting(30.0, "seconds in-flight requests get to finish on shutdown")
+    memory_budget: int | None = setting(
+        None,
+        "memory one request may hold, e.g. 2G: sets the upload, duration and concurrency limits not "
+        "given by hand (docs/serving.md, Memory)",
+        parse=parse_size,
+        metavar="SIZE",
+    )
+    max_requests: int | None = setting(
+        None,
+        "requests holding audio at once (received, queued, worked on); more get 503 "
+        "(default: none, or from --memory-budget)",
+    )
+    label_no_speech: bool = setting(
+        False, "/v1/emotion labels clips without speech too (default: label null; no_speech says why)"
+    )
 
     @property
     def max_upload_bytes(self) -> int:
@@ -140,23 +173,6 @@ class ServerConfig:
         for name in ("upload_timeout", "stream_idle_seconds", "max_upload_mb"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0")
-
-
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """ "2G", "512M", "1.5GiB", "300000000" -> bytes (binary units, as `free -h` shows them)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"a size is a positive number with an optional K, M, G or T (e.g. 2G), not {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def format_size(size: float) -> str:
-    """Bytes as the largest binary unit that keeps a number >= 1: 2147483648 -> "2G"."""
-    unit = next(u for u in ("T", "G", "M", "K", "") if size >= _UNITS[u] or u == "")
-    return f"{size / _UNITS[unit]:.3g}{unit}"
 
 
 def memory_available() -> int:

@@ -294,10 +294,9 @@ def build_server(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.onnx_engine import add_engine_arguments
+    from serval.onnx_engine import add_model_arguments
 
-    p.add_argument("--model", help="model directory, hub id or meralion:PATH (default: the bundled model)")
-    add_engine_arguments(p)
+    add_model_arguments(p)
     p.add_argument(
         "--root",
         action="append",

@@ -80,26 +80,19 @@ class Metrics:
         self.model_seconds.observe(seconds)
 
     def render(self, queue_depth: int) -> str:
-        out = [
-            "# HELP serval_requests_total HTTP requests and WebSocket streams, by endpoint and status.",
-            "# TYPE serval_requests_total counter",
-        ]
+        out = _family(
+            "serval_requests_total", "HTTP requests and WebSocket streams, by endpoint and status.", "counter"
+        )
         out += [
             f'serval_requests_total{{endpoint="{e}",status="{s}"}} {n}'
             for (e, s), n in sorted(self.requests.items())
         ]
-        out += [
-            "# HELP serval_errors_total Failed requests by endpoint and error type.",
-            "# TYPE serval_errors_total counter",
-        ]
+        out += _family("serval_errors_total", "Failed requests by endpoint and error type.", "counter")
         out += [
             f'serval_errors_total{{endpoint="{e}",type="{t}"}} {n}'
             for (e, t), n in sorted(self.errors.items())
         ]
-        out += [
-            "# HELP serval_request_duration_seconds Time from request to response.",
-            "# TYPE serval_request_duration_seconds histogram",
-        ]
+        out += _family("serval_request_duration_seconds", "Time from request to response.", "histogram")
         for e, h in sorted(self.latency.items()):
             out += h.lines("serval_request_duration_seconds", f'endpoint="{e}"')
         for name, h, text in (
@@ -107,19 +100,21 @@ class Metrics:
             ("serval_batch_requests", self.batch_requests, "Requests sharing one model call."),
             ("serval_model_seconds", self.model_seconds, "Duration of one model call."),
         ):
-            out += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *h.lines(name)]
+            out += [*_family(name, text, "histogram"), *h.lines(name)]
         for name, value, text in (
             ("serval_queue_depth", queue_depth, "Requests waiting for the model."),
             ("serval_in_flight_requests", self.in_flight, "HTTP requests being handled."),
             ("serval_open_streams", self.streams, "Open WebSocket streams."),
         ):
-            out += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
-        out += [
-            "# HELP serval_stream_windows_total Windows scored for WebSocket streams.",
-            "# TYPE serval_stream_windows_total counter",
-            f"serval_stream_windows_total {self.stream_windows}",
-        ]
+            out += [*_family(name, text, "gauge"), f"{name} {value}"]
+        out += _family("serval_stream_windows_total", "Windows scored for WebSocket streams.", "counter")
+        out.append(f"serval_stream_windows_total {self.stream_windows}")
         return "\n".join(out) + "\n"
+
+
+def _family(name: str, text: str, kind: str) -> list[str]:
+    """The HELP and TYPE lines that open a Prometheus metric family."""
+    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
 
 
 class Observe:

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from serval.model import SERConfig
+from serval.settings import STRICT, parse_yaml, read
 
 
 @dataclass
 class DataConfig:
+    __pydantic_config__ = STRICT
+
     train: str = ""  # manifest (CSV or JSONL); relative paths are relative to the working directory
     dev: str | None = None  # dev manifest (may be the same file with another split)
     test: str | None = None  # scored once with the final model
@@ -33,6 +34,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    __pydantic_config__ = STRICT
+
     ce_weight: float = 1.0
     ccc_weight: float = 0.5
     label_smoothing: float = 0.1
@@ -41,6 +44,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    __pydantic_config__ = STRICT
+
     epochs: int = 15
     batch_size: int = 32  # global: all devices and accumulation steps together
     grad_accum: int = 1
@@ -57,6 +62,8 @@ class OptimConfig:
 
 @dataclass
 class AugmentConfig:
+    __pydantic_config__ = STRICT
+
     mixup_prob: float = 0.5  # per batch
     mixup_alpha: float = 0.3  # lambda ~ Beta(alpha, alpha)
     noise_dir: str | None = None  # a MUSAN-style folder, or any folder of audio; None: no noise
@@ -73,6 +80,8 @@ class AugmentConfig:
 
 @dataclass
 class SelectConfig:
+    __pydantic_config__ = STRICT
+
     metric: str = "ce"  # ce (dev categorical loss, the paper) | uar (minus dev UAR): what ranks checkpoints
     patience: int = 3  # epochs without a better dev figure before stopping
     keep_best: int = 4
@@ -85,6 +94,8 @@ class SelectConfig:
 
 @dataclass
 class CacheConfig:
+    __pydantic_config__ = STRICT
+
     dir: str | None = None  # default: <out_dir>/cache; share one between runs to encode once
     dtype: str = "float16"
     augmented_copies: int = 0  # N seeded speed/noise variants cached per training clip
@@ -93,6 +104,8 @@ class CacheConfig:
 
 @dataclass
 class TrainConfig:
+    __pydantic_config__ = STRICT
+
     out_dir: str = "runs/serval"
     mode: str = "lora"  # lora | frozen_cached
     seed: int = 1337
@@ -113,69 +126,16 @@ class TrainConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError for settings that cannot work together."""
-        checks = [
-            (
-                self.mode in ("lora", "frozen_cached"),
-                f"mode must be 'lora' or 'frozen_cached', not {self.mode!r}",
-            ),
-            (
-                self.resume in ("auto", "force", "never"),
-                f"resume must be auto, force or never, not {self.resume!r}",
-            ),
-            (bool(self.data.train), "data.train: no training manifest given"),
-            (
-                self.optim.epochs > 0 and self.optim.batch_size > 0 and self.optim.grad_accum > 0,
-                "optim.epochs, optim.batch_size and optim.grad_accum must be positive",
-            ),
-            (0.0 <= self.optim.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)"),
-            (self.optim.precision in ("auto", "bf16", "fp32"), "optim.precision must be auto, bf16 or fp32"),
-            (
-                self.select.average in ("auto", "predictions", "weights"),
-                "select.average must be auto, predictions or weights",
-            ),
-            (self.select.keep_best >= 1, "select.keep_best must be at least 1"),
-            (
-                not self.select.linear_head or self.model.layer_weighting == "weighted",
-                "select.linear_head needs model.layer_weighting 'weighted' (it reads every layer)",
-            ),
-            (self.select.metric in ("ce", "uar"), "select.metric must be ce or uar"),
-            (self.augment.snr_db[0] <= self.augment.snr_db[1], "augment.snr_db must be (low, high)"),
-            (
-                all(f > 0 for f in self.augment.speed_factors) and self.augment.speed_factors,
-                "augment.speed_factors must be positive numbers",
-            ),
-            (self.augment.mixup_alpha > 0, "augment.mixup_alpha must be positive"),
-            (self.augment.crop_seconds >= 0, "augment.crop_seconds must be 0 (off) or positive"),
-            (
-                min(self.augment.time_masks, self.augment.channel_masks) >= 0
-                and min(self.augment.time_mask_frames, self.augment.channel_mask_width) >= 1,
-                "augment.time_masks and channel_masks must be >= 0, their widths >= 1",
-            ),
-            (
-                self.data.balance in ("none", "corpus", "language") and self.data.balance_power >= 0,
-                "data.balance must be none, corpus or language, data.balance_power >= 0",
-            ),
-            (0.0 < self.data.max_seconds <= 30.0, "data.max_seconds must be in (0, 30]: one encoder pass"),
-            (
-                not (self.mode == "frozen_cached" and self.model.lora_r > 0 and not self.model.lora_layers),
-                "mode frozen_cached caches the encoder's outputs: LoRA there needs model.lora_layers "
-                "(the top layers it re-runs), or set model.lora_r to 0",
-            ),
-            (
-                not (self.mode == "frozen_cached" and self.model.lora_layers and self.model.lora_r > 0)
-                or self.model.layer_weighting == "weighted",
-                "model.lora_layers on cached outputs needs model.layer_weighting 'weighted' (every layer cached)",
-            ),
-            (
-                isinstance(self.loss.class_weights, list)
-                or self.loss.class_weights in (None, "auto", "none"),
-                "loss.class_weights must be 'auto', 'none' or a list of numbers",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        """Raise ValueError naming the first setting out of range, or settings that cannot work together."""
+        problem = next((message for ok, message in _rules(self) if not ok), None)
+        if problem:
+            raise ValueError(problem)
+        self.model.check(cached=self.mode == "frozen_cached", prefix="model.")
+        if self.select.linear_head:  # the model it fits must be one the model's rules allow
+            try:
+                dataclasses.replace(self.model, linear_head=True).check(prefix="model.")
+            except ValueError as e:
+                raise ValueError(f"select.linear_head: {e}") from None
         if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(
             self.model.classes
         ):
@@ -198,109 +158,95 @@ def _plain(x):
     return x
 
 
-def _coerce(value, hint, name: str):
-    """`value` checked (and converted: list -> tuple, int -> float) against the type `hint`."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        arms = typing.get_args(hint)
-        if value is None and type(None) in arms:
-            return None
-        errors = []
-        for arm in arms:
-            if arm is type(None):
-                continue
-            try:
-                return _coerce(value, arm, name)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(f"{name}: {value!r} is none of {hint}")
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping of settings, got {value!r}")
-        return from_dict(hint, value, name)
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{name}: expected a list, got {value!r}")
-        args = typing.get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"{name}: expected {len(args)} values, got {len(value)}")
-            items = [_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            arg = args[0] if args else typing.Any
-            items = [_coerce(v, arg, f"{name}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if hint is typing.Any:
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: expected a string, got {value!r}")
-        return value
-    raise ValueError(f"{name}: unsupported setting type {hint}")
+def _rules(c: TrainConfig) -> list[tuple[bool, str]]:
+    """The training settings' ranges and choices, each with the message naming it (the model's own
+    rules are `SERConfig.check`'s)."""
+    a, o = c.augment, c.optim
+    return [
+        (c.mode in ("lora", "frozen_cached"), f"mode must be 'lora' or 'frozen_cached', not {c.mode!r}"),
+        (c.resume in ("auto", "force", "never"), f"resume must be auto, force or never, not {c.resume!r}"),
+        (bool(c.data.train), "data.train: no training manifest given"),
+        (
+            o.epochs > 0 and o.batch_size > 0 and o.grad_accum > 0,
+            "optim.epochs, optim.batch_size and optim.grad_accum must be positive",
+        ),
+        (0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)"),
+        (o.precision in ("auto", "bf16", "fp32"), "optim.precision must be auto, bf16 or fp32"),
+        (
+            c.select.average in ("auto", "predictions", "weights"),
+            "select.average must be auto, predictions or weights",
+        ),
+        (c.select.keep_best >= 1, "select.keep_best must be at least 1"),
+        (c.select.metric in ("ce", "uar"), "select.metric must be ce or uar"),
+        (a.snr_db[0] <= a.snr_db[1], "augment.snr_db must be (low, high)"),
+        (
+            all(f > 0 for f in a.speed_factors) and bool(a.speed_factors),
+            "augment.speed_factors must be positive numbers",
+        ),
+        (a.mixup_alpha > 0, "augment.mixup_alpha must be positive"),
+        (a.crop_seconds >= 0, "augment.crop_seconds must be 0 (off) or positive"),
+        (
+            min(a.time_masks, a.channel_masks) >= 0 and min(a.time_mask_frames, a.channel_mask_width) >= 1,
+            "augment.time_masks and channel_masks must be >= 0, their widths >= 1",
+        ),
+        (
+            c.data.balance in ("none", "corpus", "language") and c.data.balance_power >= 0,
+            "data.balance must be none, corpus or language, data.balance_power >= 0",
+        ),
+        (0.0 < c.data.max_seconds <= 30.0, "data.max_seconds must be in (0, 30]: one encoder pass"),
+        (
+            isinstance(c.loss.class_weights, list) or c.loss.class_weights in (None, "auto", "none"),
+            "loss.class_weights must be 'auto', 'none' or a list of numbers",
+        ),
+    ]
 
 
-def from_dict(cls, values: dict, where: str = ""):
-    """A dataclass `cls` built from a (nested) dict; unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ValueError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
+def from_dict(cls, values: dict, source: str = ""):
+    """A dataclass `cls` built from a (nested) dict by pydantic; an unknown name or a wrong type is a
+    ValueError naming the setting (and `source`, the file, when given)."""
+    return read(cls, values, source)
 
 
 def set_value(cfg: TrainConfig, dotted: str, value) -> None:
     """Set one setting by its dotted name (`optim.lr_head`), type-checked."""
+    values = cfg.to_dict()
+    _set(values, dotted, value)
+    checked = read(TrainConfig, values, f"--set {dotted}")
+    for f in dataclasses.fields(TrainConfig):
+        setattr(cfg, f.name, getattr(checked, f.name))
+
+
+def _set(values: dict, dotted: str, value) -> None:
+    """`values` (a config as plain values) with the setting `dotted` set; an unknown section is left to
+    pydantic, which names it."""
     *parents, leaf = dotted.split(".")
-    target, where = cfg, ""
     for part in parents:
-        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+        values = values.setdefault(part, {})
+        if not isinstance(values, dict):
             raise ValueError(f"unknown setting {dotted}")
-        target, where = getattr(target, part), f"{where}.{part}" if where else part
-    if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-        raise ValueError(f"unknown setting {dotted}")
-    hint = typing.get_type_hints(type(target))[leaf]
-    setattr(target, leaf, _coerce(value, hint, dotted))
+    values[leaf] = value
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
-    """The YAML file `path` (or the defaults) with `key=value` overrides applied (values parsed as YAML)."""
+    """The YAML file `path` (or the defaults) with `key=value` overrides applied (values parsed as YAML);
+    ValueError naming the setting and the file (or the --set) it came from."""
     raw = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = parse_yaml(Path(path).read_text()) or {}
         except OSError as e:
             raise ValueError(f"{path}: cannot read the config ({e.strerror or e})") from e
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping of settings")
-    try:
-        cfg = from_dict(TrainConfig, raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    cfg = read(TrainConfig, raw, str(path) if path is not None else "")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r}: expected key=value")
-        set_value(cfg, key.strip(), yaml.safe_load(text) if text.strip() else None)
-    return cfg.validate()
+        set_value(cfg, key.strip(), parse_yaml(text) if text.strip() else None)
+    try:
+        return cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path is not None else str(e)) from None

@@ -58,8 +58,7 @@ def fit_linear_head(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    if model.config.layer_weighting != "weighted":
-        raise ValueError("select.linear_head needs model.layer_weighting 'weighted' (it reads every layer)")
+    dataclasses.replace(model.config, linear_head=True).check()  # the model it makes must be a valid one
     x, y = statistics(model, clean(dataset), device, batch_size)
     if len(set(y.tolist())) < 2:
         raise ValueError(
