@@ -36,11 +36,11 @@ PIP_NAMES: dict[str, str] = {
     "funasr": "serval[funasr]",
     "ctranslate2": "serval[ct2]",
     "sklearn": "serval[train]",
+    "yaml": "serval[train]",  # training configs only
+    "matplotlib": "serval[plot]",
     "multipart": "python-multipart",
     "python_multipart": "python-multipart",
     "silero_vad": "silero-vad",
-    "yaml": "pyyaml",
-    "PIL": "pillow",
 }
 
 

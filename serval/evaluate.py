@@ -354,11 +354,12 @@ def _load_systems(args: argparse.Namespace, rows: Sequence, prog: str) -> list |
 
 
 def run(args: argparse.Namespace) -> int:
-    import matplotlib  # noqa: F401  (the report's plots: a missing package stops us before predicting, not after)
-
     from serval.predict import limit_primitive_cache
+    from serval.report import plots_unavailable
 
     prog = "serval eval"
+    if why := plots_unavailable():  # said before predicting, not after
+        print(f"{prog}: no confusion plots ({why})", file=sys.stderr)
     limit_primitive_cache()
     args.model = args.model or ["default"]
     try:
