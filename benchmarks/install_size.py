@@ -57,16 +57,15 @@ def venv_facts(venv: Path) -> dict:
     """Size, distributions and whether torch imports, in the venv."""
     py = str(venv / "bin" / "python")
     sizes = sizes_mb(site_packages(venv))
-    count = (
-        "import importlib.metadata as m; print(len({d.metadata['Name'].lower() for d in m.distributions()}))"
-    )
-    dists = int(subprocess.run([py, "-c", count], capture_output=True, text=True, check=True).stdout)
+    names = "import importlib.metadata as m; print(' '.join(sorted({d.metadata['Name'].lower() for d in m.distributions()})))"
+    dists = subprocess.run([py, "-c", names], capture_output=True, text=True, check=True).stdout.split()
     torch = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True, cwd=venv)
     largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:10]
     return {
         "site_packages_mb": round(sum(sizes.values()), 1),
         "goal_mb": GOAL_MB,
-        "distributions": dists,
+        "distributions": len(dists),
+        "names": dists,
         "import_torch_fails": torch.returncode != 0,
         "largest_mb": {k: round(v, 1) for k, v in largest},
     }

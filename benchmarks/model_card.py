@@ -33,11 +33,12 @@ import torch
 
 from serval.audio import load_audio
 from serval.checkpoint import model_from_backbone
-from serval.evaluate import evaluate, write_report
+from serval.evaluate import evaluate
 from serval.features import compute_features
 from serval.inference import DEFAULT_MODEL, load
 from serval.manifest import read_manifest
 from serval.model import SERConfig
+from serval.report import write_report
 from serval.train.cache import EncoderCache, encoder_settings
 from serval.vocab import DIMENSIONS, EMOTIONS
 

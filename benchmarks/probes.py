@@ -227,24 +227,25 @@ def class_scores(rows: Sequence, systems: Sequence, cache_dir: Path, bootstrap: 
 
 def dim_scores(rows: Sequence, systems: Sequence, cache_dir: Path, bootstrap: int) -> dict:
     """{(corpus, dimension): {system name: (ccc, ci, n)}} on the rows that have the dimension."""
-    from serval.evaluate import make_units, predict_all, unique_names
+    from serval.eval_predictions import predict_all, unique_names
+    from serval.eval_segments import make_units
 
-    units = [u for u in make_units(rows, "utterance") if np.isfinite(u.dims).any()]
+    units = [u for u in make_units(rows, "utterance") if np.isfinite(np.array(u.dims, float)).any()]
     names = unique_names(systems)
     if not units:
         return {}
     tables, failures = predict_all(units, systems, names, cache_dir)
-    units = [u for u in units if u.span not in failures]
+    units = [u for u in units if u.key not in failures]
     out: dict = {}
     for corpus in sorted({u.corpus for u in units}, key=str):
         mine = [u for u in units if u.corpus == corpus]
         for k, dim in enumerate(DIMENSIONS):
-            rated = [u for u in mine if np.isfinite(u.dims[k])]
+            rated = [u for u in mine if u.dims[k] is not None]
             if len(rated) < 2:
                 continue
             gold = np.array([u.dims[k] for u in rated])
             for name, table in zip(names, tables):
-                pred = np.array([table[u.span]["scores"][k] for u in rated])
+                pred = np.array([table[u.key]["scores"][k] for u in rated])
                 if not np.isfinite(pred).all():
                     out.setdefault((corpus, dim), {})[name] = (None, None, len(rated))
                     continue

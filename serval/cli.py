@@ -11,7 +11,7 @@ from serval.version import __version__
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("serval.batch", "emotion of audio files, folders, manifests and datasets"),
+    "predict": ("serval.predict", "emotion of audio files, folders, manifests and datasets"),
     "timeline": ("serval.timeline", "emotion over time in a long recording"),
     "train": ("serval.train.command", "train a model from a YAML config"),
     "eval": ("serval.evaluate", "score models on a manifest, side by side"),
@@ -37,11 +37,11 @@ PIP_NAMES: dict[str, str] = {
     "funasr": "serval[funasr]",
     "ctranslate2": "serval[ct2]",
     "sklearn": "serval[train]",
+    "yaml": "serval[train]",  # training configs only
+    "matplotlib": "serval[plot]",
     "multipart": "python-multipart",
     "python_multipart": "python-multipart",
     "silero_vad": "silero-vad",
-    "yaml": "pyyaml",
-    "PIL": "pillow",
 }
 
 

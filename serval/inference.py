@@ -1,4 +1,4 @@
-"""Inference: a `Predictor` turns audio into emotion records (`serval predict` is in `serval.batch`).
+"""Inference: a `Predictor` turns audio into emotion records (`serval predict` is in `serval.predict`).
 
 The model (`serval.model`) knows nothing of files, batching or devices; this module does.
 Clips are grouped by length so that a batch carries little padding, the encoder runs at
@@ -7,7 +7,6 @@ each batch's own length, and the model runs in bf16 on a GPU and fp32 on a CPU.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from serval.backbones import fetch_from_hub, is_hub_id
 from serval.baselines import AudioLLM, Emotion2Vec
 from serval.checkpoint import is_serval_dir, load_model
 from serval.features import compute_features
+from serval.fingerprint import fingerprint
 from serval.locations import DEFAULT_MODEL, NoDefaultModelError  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from serval.meralion import NAME as MERALION_NAME
 from serval.meralion import import_meralion_checkpoint
@@ -204,25 +204,26 @@ def _audio_llm(spec: str, options: dict) -> AudioLLM:
 
 def weights_fingerprint(models: Sequence[SERModel]) -> str:
     """A hash of models built in memory: their configs and every tensor (the same one `serval.evaluate` used)."""
-    h = hashlib.sha1(b"serval-in-memory")
-    for m in models:
-        h.update(json.dumps(m.config.to_dict(), sort_keys=True).encode())
-        for name, t in m.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
+
+    def parts():
+        yield "serval-in-memory"
+        for m in models:
+            yield json.dumps(m.config.to_dict(), sort_keys=True)
+            for name, t in m.state_dict().items():
+                yield name
+                yield t.detach().float().cpu().numpy().tobytes()
+
+    return fingerprint(parts())
 
 
 def files_fingerprint(kind: str, path: str | os.PathLike) -> str:
     """A hash of a model's files (name, size, mtime; config files by content): changes when the model does."""
     path = Path(path)
-    h = hashlib.sha1(f"{kind}\n{path.resolve()}\n".encode())
+    parts: list[str | Path] = [f"{kind}\n{path.resolve()}\n"]
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         st = f.stat()
-        h.update(
-            f"{f.relative_to(path) if path.is_dir() else f.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
-        )
+        parts.append(f"{f.relative_to(path) if path.is_dir() else f.name}\t{st.st_size}\t{st.st_mtime_ns}\n")
         if f.suffix in (".json", ".yaml", ".yml") and st.st_size < 1_000_000:
-            h.update(f.read_bytes())
-    return h.hexdigest()
+            parts.append(f)
+    return fingerprint(parts)

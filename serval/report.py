@@ -6,6 +6,7 @@ confusion/*.png; it never replaces an existing report unless asked to.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -248,6 +249,13 @@ def _span(r: dict) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
+def plots_unavailable() -> str | None:
+    """Why plots cannot be drawn here (matplotlib is the `serval[plot]` extra), or None when they can."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed: pip install 'serval[plot]'"
+    return None
+
+
 def plot_confusions(report: dict, directory: str | os.PathLike) -> list[Path]:
     """One PNG per model and distinct view (segmentation, protocol): the row-normalised confusion matrix
     with counts; a segmentation with the same items as an earlier one (`same_segments`) gets none."""
@@ -307,7 +315,8 @@ def existing_reports(output: str | os.PathLike) -> list[Path]:
 def write_report(
     report: dict, output: str | os.PathLike, overwrite: bool = False, title: str = "serval eval"
 ) -> dict:
-    """Write report.json, report.md and confusion/*.png into `output`; refuses to replace a report unless overwrite."""
+    """Write report.json, report.md and confusion/*.png (where matplotlib is installed) into `output`;
+    refuses to replace a report unless overwrite."""
     output = Path(output)
     existing = existing_reports(output)
     if existing and not overwrite:
@@ -317,7 +326,7 @@ def write_report(
     if overwrite and (output / "confusion").is_dir():
         for old in (output / "confusion").glob("*.png"):
             old.unlink()  # stale plots of models no longer compared would mislead
-    pngs = plot_confusions(report, output / "confusion")
+    pngs = [] if plots_unavailable() else plot_confusions(report, output / "confusion")
     atomic_write_text(output / "report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
     atomic_write_text(output / "report.md", markdown_report(report, title), overwrite=True)
     return {"json": output / "report.json", "markdown": output / "report.md", "png": pngs}

@@ -15,7 +15,6 @@ import types
 import typing
 from collections.abc import Mapping
 
-import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -34,15 +33,20 @@ _EXPECTED = {
 }
 
 
-class YamlLoader(yaml.SafeLoader):
+@functools.cache
+def _yaml_loader() -> type:
     """PyYAML's safe loader with YAML 1.2's numbers: `5e-5` is a float, not the string YAML 1.1 makes it."""
+    import yaml  # only training configs are YAML: pyyaml is serval[train], not the base install
 
+    class YamlLoader(yaml.SafeLoader):
+        pass
 
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+    YamlLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return YamlLoader
 
 
 def setting(default, help: str, **argument):
@@ -53,7 +57,9 @@ def setting(default, help: str, **argument):
 
 def parse_yaml(text: str):
     """YAML text as plain values (numbers read as YAML 1.2 reads them)."""
-    return yaml.load(text, Loader=YamlLoader)
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
 
 
 @functools.cache

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -404,13 +403,19 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _formats(args: argparse.Namespace) -> list[str]:
-    """The --formats asked for; ValueError for an unknown one, or a PNG without matplotlib."""
+    """The --formats asked for; ValueError for an unknown one, or for only a PNG without matplotlib
+    (serval[plot]; beside other formats the PNG is dropped, with a one-line note)."""
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = sorted(set(formats) - {"json", "csv", "png"})
     if unknown or not formats:
         raise ValueError(f"--formats takes json, csv, png; got {args.formats!r}")
-    if args.output and "png" in formats and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("the PNG plot needs matplotlib, which is not installed: pip install matplotlib")
+    from serval.report import plots_unavailable
+
+    if args.output and "png" in formats and (why := plots_unavailable()):
+        if formats == ["png"]:
+            raise ValueError(f"the PNG plot needs matplotlib ({why})")
+        formats.remove("png")
+        print(f"serval timeline: no PNG plot ({why})", file=sys.stderr)
     return formats
 
 

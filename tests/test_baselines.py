@@ -28,7 +28,8 @@ from serval.baselines import (
     parse_emotion_label,
 )
 from serval.checkpoint import save_model
-from serval.evaluate import evaluate, predict_all
+from serval.eval_predictions import predict_all
+from serval.evaluate import evaluate
 from serval.inference import Predictor, load
 from serval.manifest import ManifestRow
 from serval.model import SERConfig, SERModel
@@ -345,7 +346,7 @@ def test_meralion_checkpoint_through_the_importer(tmp_path, ravdess_clips):
 
 
 def rows_to_units(rows):
-    from serval.evaluate import make_units
+    from serval.eval_segments import make_units
 
     return make_units(rows, "utterance")
 

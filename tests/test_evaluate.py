@@ -16,7 +16,8 @@ from conftest import DATA, RAVDESS_CODES, clips
 from serval import cli
 from serval.audio import load_audio
 from serval.checkpoint import save_model
-from serval.evaluate import evaluate, make_units
+from serval.eval_segments import make_units
+from serval.evaluate import evaluate
 from serval.inference import load
 from serval.manifest import ManifestRow, read_manifest, write_manifest
 from serval.metrics import classification_scores
@@ -458,7 +459,7 @@ def test_eval_command_bad_arguments(tmp_path, two_models, capsys):
 
 
 def test_in_memory_predictor_is_keyed_by_its_weights(tmp_path, four_clips):
-    from serval.evaluate import fingerprint
+    from serval.eval_predictions import system_fingerprint as fingerprint
     from serval.inference import Predictor
 
     rows, _ = four_clips
@@ -479,7 +480,9 @@ def test_in_memory_predictor_is_keyed_by_its_weights(tmp_path, four_clips):
 
 @pytest.mark.slow
 def test_eval_does_not_score_untrained_outputs(trained_dims_models, tmp_path):
-    from serval.evaluate import make_units, predict_all, score_dimensions
+    from serval.eval_predictions import predict_all
+    from serval.eval_segments import make_units
+    from serval.evaluate import score_dimensions
 
     gold = [(0.2, 0.7, 0.4), (0.4, 0.5, 0.5), (0.6, 0.3, 0.7), (0.8, 0.6, 0.6)]
     rows = [ManifestRow(str(p), None, None, "sad", *g) for p, g in zip(clips("ravdess", n=4), gold)]

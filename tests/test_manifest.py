@@ -208,8 +208,11 @@ def test_cli_check(tmp_path, ravdess_clips, capsys):
 
 
 def test_row_fields_are_the_columns():
+    from serval.vocab import DIMENSIONS
+
     names = tuple(f.name for f in dataclasses.fields(ManifestRow))
-    assert names == (*COLUMNS, "extra")
+    assert names == (*COLUMNS, "extra", "audio")  # a row is a clip (serval.clip.Clip): in memory, its samples
+    assert COLUMNS[4:7] == DIMENSIONS
 
 
 def test_labels_are_the_shared_vocabulary(tmp_path, ravdess_clips):

