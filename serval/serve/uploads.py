@@ -127,7 +127,7 @@ async def read_limited(
         raise too_big
     loop = asyncio.get_running_loop()
     # Written into one growing buffer, which `getvalue` hands over without a copy: a list of chunks
-    # joined at the end held the body twice, and left its freed chunks in the heap.
+    # joined at the end held the body twice.
     start, body, size = loop.time(), io.BytesIO(), 0
     stream = request.stream().__aiter__()
     while True:
