@@ -90,7 +90,7 @@ def scores(models: list, dataset: CachedDataset, cfg: TrainConfig) -> dict:
     out: dict = {}
     groups = {"pooled": list(range(len(exs)))}
     for k, ex in enumerate(exs):
-        groups.setdefault(ex.corpus, []).append(k)
+        groups.setdefault((ex.clip.corpus or ""), []).append(k)
     # as serval eval and the model card score: each clip's argmax over the classes its corpus has
     own = {
         c: sorted({exs[k].label for k in ks if exs[k].label >= 0})
@@ -98,7 +98,9 @@ def scores(models: list, dataset: CachedDataset, cfg: TrainConfig) -> dict:
         if c != "pooled"
     }
     guesses = {
-        k: own[ex.corpus][int(probs[k][own[ex.corpus]].argmax())] for k, ex in enumerate(exs) if ex.label >= 0
+        k: own[(ex.clip.corpus or "")][int(probs[k][own[(ex.clip.corpus or "")]].argmax())]
+        for k, ex in enumerate(exs)
+        if ex.label >= 0
     }
     for name, members in groups.items():
         row = {}

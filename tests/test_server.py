@@ -754,6 +754,36 @@ def test_uploads_being_received_hold_no_place_in_the_model_queue(predictor, ravd
         assert c.post("/v1/emotion", content=body, headers={"content-type": "audio/flac"}).status_code == 200
 
 
+UPLOAD_PEAK = """
+import asyncio, os
+from starlette.requests import Request
+from serval.serve.uploads import read_limited
+chunk, n = os.urandom(65536), 512  # a 32 MiB body in the 64 KiB chunks a server receives
+sent = [0]
+async def receive():
+    sent[0] += 1
+    return {"type": "http.request", "body": bytes(memoryview(chunk)), "more_body": sent[0] < n}
+def peak_kib():  # this process's own peak: ru_maxrss starts from the parent's (pytest's) after a fork
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+async def read():  # measured inside the loop: asyncio.run's teardown has a peak of its own
+    before = peak_kib()
+    body = await read_limited(Request({"type": "http", "method": "POST", "headers": []}, receive), 2**30)
+    assert len(body) == n * len(chunk)
+    print((peak_kib() - before) / 1024)
+asyncio.run(read())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_an_upload_is_held_once_while_it_is_read():
+    # a 40-minute FLAC is 31 MB: reading it must add about that much, not the body twice (chunks + join)
+    done = subprocess.run(
+        [sys.executable, "-c", UPLOAD_PEAK], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    added_mib = float(done.stdout.split()[-1])
+    assert 28 < added_mib < 1.3 * 32, f"reading a 32 MiB upload added {added_mib:.0f} MiB"
+
+
 def test_shutdown_finishes_in_flight_requests(predictor, ravdess_clips):
     gated = GatedPredictor(predictor)
     app = create_app(gated, ServerConfig())

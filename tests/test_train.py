@@ -23,6 +23,7 @@ from conftest import DATA, RAVDESS_CODES, REPO, clips
 from safetensors.torch import load_file
 
 from serval.checkpoint import save_model
+from serval.clip import Clip
 from serval.model import SERConfig, SERModel
 from serval.train import (
     BucketBatchSampler,
@@ -283,7 +284,7 @@ def test_bad_clips_are_skipped_with_the_file_and_cause(tmp_path, caplog):
     ]
     with caplog.at_level("WARNING", logger="serval.train"):
         kept = check_rows(rows, ("neutral", "happy", "sad"), ("arousal", "valence", "dominance"), "m.csv")
-    assert [(k.path, k.label) for k in kept] == [(str(good[0]), 1)]
+    assert [(k.clip.path, k.label) for k in kept] == [(str(good[0]), 1)]
     text = caplog.text
     assert "skipping 5 of 6" in text and "gone.flac" in text and "empty.wav" in text and "'bored'" in text
     assert "after the end" in text and "no categorical label" in text
@@ -788,8 +789,8 @@ def test_feature_augmentation_crops_and_masks_cached_outputs():
 
 
 def test_balanced_sampling_evens_out_corpora_and_class_weights_follow():
-    exs = [Example("a", None, None, 1.0, 0, None, "big", "am") for _ in range(90)]
-    exs += [Example("b", None, None, 1.0, 1, None, "small", "en") for _ in range(10)]
+    exs = [Example(Clip("a", corpus="big", language="am"), 1.0, 0, None) for _ in range(90)]
+    exs += [Example(Clip("b", corpus="small", language="en"), 1.0, 1, None) for _ in range(10)]
     w = balance_weights(exs, "corpus", 1.0)
     assert w[:90].sum() == pytest.approx(0.5) and w[90:].sum() == pytest.approx(0.5)
     root = balance_weights(exs, "language", 0.5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serval.clip import Clip
 from serval.model import SERConfig, SERModel
 from serval.progress import progress_bar
 from serval.train.augment import NoiseBank, augment_features, augment_wave, seeded_rng
@@ -21,20 +22,21 @@ log = logging.getLogger("serval.train")
 
 @dataclass
 class Example:
-    """A manifest row that passed the once-only check."""
+    """A manifest clip that passed the once-only check, with the targets training reads off it."""
 
-    path: str
-    start: float | None
-    end: float | None
+    clip: (
+        Clip  # where the audio is and who and what it is (corpus, language, speaker for balance and records)
+    )
     duration: float  # of the span, seconds
-    label: int  # class index, -1 when the row has no categorical label
-    dims: tuple[float | None, ...] | None  # per dimension, None where the row has no value; None: none at all
-    corpus: str = ""  # what `data.balance` can balance over
-    language: str = ""
-    speaker: str = ""  # recorded in the model's training data (serval.training_data)
+    label: int  # index into the model's classes, -1 when the clip has no categorical label
+    dims: (
+        tuple[float | None, ...] | None
+    )  # in the model's dimension order, None where unrated; None: none at all
 
 
-def check_rows(rows, classes: tuple[str, ...], dimensions: tuple[str, ...], where: str) -> list[Example]:
+def check_rows(
+    rows: list[Clip], classes: tuple[str, ...], dimensions: tuple[str, ...], where: str
+) -> list[Example]:
     """Keep the rows whose audio opens and whose span and labels are usable; log the rest with the cause."""
     from serval.audio import MIN_DURATION, AudioError, audio_info
 
@@ -62,8 +64,7 @@ def check_rows(rows, classes: tuple[str, ...], dimensions: tuple[str, ...], wher
             if row.label is None and dims is None:
                 raise ValueError("no categorical label and no dimensional labels")
             label = index.get(row.label, -1)
-            where_from = (row.corpus or "", row.language or "", row.speaker or "")
-            good.append(Example(row.path, row.start, row.end, end - start, label, dims, *where_from))
+            good.append(Example(row, end - start, label, dims))
         except (AudioError, ValueError) as e:
             bad.append(f"{row.path}: {e}" if not isinstance(e, AudioError) else str(e))
     if bad:
@@ -99,7 +100,7 @@ def balance_weights(examples: list[Example], by: str, power: float) -> np.ndarra
     """
     if by == "none":
         return None
-    groups = [getattr(ex, by) for ex in examples]
+    groups = [getattr(ex.clip, by) or "" for ex in examples]
     counts = {g: groups.count(g) for g in set(groups)}
     w = np.array([counts[g] ** -power for g in groups], dtype=np.float64)
     return w / w.sum()
@@ -117,12 +118,13 @@ def load_example(ex: Example, max_seconds: float, rng: np.random.Generator | Non
     """The clip's span, reading at most what a `max_seconds` crop (before a 0.9x speed change) needs."""
     from serval.audio import load_audio
 
-    start = ex.start or 0.0
+    clip = ex.clip
+    start = clip.start or 0.0
     window = max_seconds / 0.9 + 0.1  # slack so that a slowed-down crop still fills max_seconds
     if ex.duration > window:
         offset = float(rng.uniform(0.0, ex.duration - window)) if rng is not None else 0.0
-        return load_audio(ex.path, start + offset, start + offset + window)
-    return load_audio(ex.path, ex.start, ex.end)
+        return load_audio(clip.path, start + offset, start + offset + window)
+    return load_audio(clip.path, clip.start, clip.end)
 
 
 class ClipDataset(torch.utils.data.Dataset):

@@ -349,7 +349,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     splits = load_splits(cfg, model.config)  # bad data stops the run before its folder is touched
     run, resume_from = claim_folder(cfg, dist, overwrite)
     run.training_data = merge_records(
-        make_record(splits["train"], splits.get("dev", ())),
+        make_record([ex.clip for ex in splits["train"]], [ex.clip for ex in splits.get("dev", ())]),
         record_of_spec(cfg.init_from) if cfg.init_from else None,
     )
     model.config = dataclasses.replace(
