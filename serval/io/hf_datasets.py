@@ -115,7 +115,7 @@ def read_rows(
                 label = names[label]
             meta = {k: values[k] for k in COLUMNS if k in values and k not in ("path", "label")}
             rows.append(
-                ManifestRow(path=f"{datafile}{ROW_SEP}{i}", label=_emotion(label, datafile, i), **meta)
+                ManifestRow(path=f"{datafile}{ROW_SEP}{i}", label=_label(label, labels, datafile, i), **meta)
             )
     return rows
 
@@ -126,10 +126,14 @@ def _class_names(table, column: str) -> list[str] | None:
     return feature.get("names") if feature.get("_type") == "ClassLabel" else None
 
 
-def _emotion(label, datafile: str, row: int) -> str | None:
+def _label(label, labels: Sequence[str] | None, datafile: str, row: int) -> str | None:
+    """A row's label as a class name: one of `labels` (its aliases too), or any name when None."""
     if label is None or label == "":
         return None
-    name = class_name(str(label))
-    if name not in EMOTIONS:
-        raise DatasetError(f"{datafile}#{row}: label {label!r} is not one of {', '.join(EMOTIONS)}")
+    own = str(label).strip().lower()  # as a manifest reads a label
+    if labels is None or own in labels:
+        return own
+    name = class_name(own)  # "anger", "生气/angry": serval's names
+    if name not in labels:
+        raise DatasetError(f"{datafile}#{row}: label {label!r} is not one of {', '.join(labels)}")
     return name
