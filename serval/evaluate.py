@@ -61,9 +61,14 @@ def protocol_classes(protocol: str, systems: Sequence) -> tuple[str, ...]:
 
 def labels_problem(rows: Sequence, protocols: Sequence[str], systems: Sequence) -> str | None:
     """Why `rows` cannot be scored under `protocols` by `systems`: the first row whose label is in no
-    protocol's classes ("row N (path): ..."), or models that do not share their classes; else None."""
+    protocol's classes ("row N (path): ..."), or models that do not share their classes; else None.
+
+    A fixed protocol (7class, 4class) takes any of the 7 classes: it scores the rows of its own and
+    leaves the others out, as the report says; the model protocol takes the models' classes only."""
     try:
-        known = set().union(*(protocol_classes(p, systems) for p in protocols))
+        known = set().union(
+            *(EMOTIONS if p in PROTOCOLS else protocol_classes(p, systems) for p in protocols)
+        )
     except ValueError as e:
         return str(e)
     for i, r in enumerate(rows, 1):

@@ -17,7 +17,7 @@ from serval import cli
 from serval.audio import load_audio
 from serval.checkpoint import save_model
 from serval.eval_segments import make_units
-from serval.evaluate import evaluate
+from serval.evaluate import evaluate, labels_problem
 from serval.inference import load
 from serval.manifest import ManifestRow, read_manifest, write_manifest
 from serval.metrics import classification_scores
@@ -610,3 +610,14 @@ def test_eval_warns_when_the_manifest_holds_the_default_models_training_speakers
     assert "warning" not in err
     assert report["models"][0]["training_overlap"] == {"train": {}, "dev": {}, "rows": 0}
     assert "## Training speakers in this manifest" not in (out / "report.md").read_text()
+
+
+def test_a_fixed_protocol_leaves_out_the_seven_it_does_not_score_and_the_model_protocol_refuses_them():
+    from types import SimpleNamespace
+
+    rows = [ManifestRow("a.wav", label="angry"), ManifestRow("b.wav", label="fearful")]
+    seven, calm = SimpleNamespace(classes=EMOTIONS), SimpleNamespace(classes=("calm", "angry"))
+    assert labels_problem(rows, ["4class"], [seven]) is None  # fearful: outside 4class, left out of it
+    assert labels_problem(rows, ["4class", "model"], [seven]) is None
+    problem = labels_problem(rows, ["model"], [calm])
+    assert problem == "row 2 (b.wav): label 'fearful' is not one of angry, calm"
