@@ -942,6 +942,33 @@ def test_batcher_round_robins_long_requests():
     assert all(len(c) <= 4 for c in calls)
 
 
+def test_the_long_lanes_first_call_measures_the_model_with_one_window():
+    import asyncio
+
+    def sizes(long_call: float | None) -> list[int]:
+        calls: list[int] = []
+
+        def predict(waves):
+            calls.append(len(waves))
+            x = np.array([[w[0]] for w in waves], np.float32)
+            return x, x
+
+        async def main():
+            b = MicroBatcher(predict, max_batch=16, max_wait=0, max_long_batch=16, long_call=long_call)
+            b.start()
+            probs, _ = await b.submit([np.full(10, i, np.float32) for i in range(16)], "long")
+            await b.stop()
+            np.testing.assert_array_equal(probs[:, 0], np.arange(16))
+
+        asyncio.run(main())
+        return calls
+
+    # the model's speed unknown, one window; then what a (here generous) time bound allows, so a
+    # recording's first call has the same size whatever its length
+    assert sizes(10.0) == [1, 15]
+    assert sizes(None) == [16]  # without a time bound, max_long_batch at once
+
+
 def test_batcher_waits_only_for_requests_on_their_way():
     import asyncio
 
