@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mcp": ("serval.serve.mcp", "MCP tool server for agents (stdio)"),
     "bench": ("serval.bench", "speed and memory benchmarks"),
     "export": ("serval.export", "export a model as an ONNX graph"),
+    "benchmark": ("serval.emobox", "standard benchmarks: EmoBox's folds, trained and tested per fold"),
 }
 
 

@@ -111,8 +111,8 @@ def predict_all(
 ) -> tuple[list[dict], dict[Span, str]]:
     """Predictions of every system for every distinct span (cached), and the spans that failed to decode.
 
-    Returns ([{span: record}] per system, {span: error}). A record holds "probs" (EMOTIONS
-    order), "scores" (DIMENSIONS order; NaN where the system gave none or its output for the
+    Returns ([{span: record}] per system, {span: error}). A record holds "probs" (`class_order`
+    of the systems), "scores" (DIMENSIONS order; NaN where the system gave none or its output for the
     dimension was not trained) and the system's "detail", if any.
     """
     spans = list(dict.fromkeys(u.key for u in units))
@@ -125,7 +125,8 @@ def predict_all(
     keys = [{s: c.key(s, file_ids[s[0]]) for s in spans} for c in caches]
     todo = [s for s in spans if any(k[s] is None or k[s] not in c.records for c, k in zip(caches, keys))]
     failures = _predict_missing(todo, systems, caches, keys, batch_size, progress)
-    predictions = [_table(s, c, k, spans, failures) for s, c, k in zip(systems, caches, keys)]
+    order = class_order(systems)
+    predictions = [_table(s, c, k, spans, failures, order) for s, c, k in zip(systems, caches, keys)]
     for s in spans:  # a file we could not stat is never cached and fails to load above
         if s not in failures and any(s not in t for t in predictions):
             failures[s] = f"{s[0]}: no prediction (file could not be read)"
@@ -174,8 +175,13 @@ def _predict_into(system, cache: PredictionCache, key: dict, jobs: list, batch_s
     cache.flush()
 
 
-def _table(system, cache: PredictionCache, key: dict, spans: list[Span], failures: dict) -> dict:
-    """{span: {"probs", "scores", "detail"}} of one system, in serval's class and dimension order."""
+def class_order(systems: Sequence) -> tuple[str, ...]:
+    """The order of every prediction's probabilities: the 7 classes, then any other class a system has."""
+    return tuple(dict.fromkeys([*EMOTIONS, *(c for s in systems for c in s.classes)]))
+
+
+def _table(system, cache: PredictionCache, key: dict, spans: list[Span], failures: dict, order) -> dict:
+    """{span: {"probs", "scores", "detail"}} of one system, in `order` of classes and serval's of dimensions."""
     trained = trained_dimensions(system)
     table = {}
     for s in spans:
@@ -183,7 +189,7 @@ def _table(system, cache: PredictionCache, key: dict, spans: list[Span], failure
             continue
         r = cache.records[key[s]]
         table[s] = {
-            "probs": _to_serval_order(r["probs"], r["classes"], EMOTIONS, 0.0),
+            "probs": _to_serval_order(r["probs"], r["classes"], order, 0.0),
             # an untrained output is no prediction: NaN, so it is never scored (its CCC is n/a)
             "scores": _to_serval_order(
                 [v if d in trained else None for d, v in zip(r["dimensions"], r["scores"])],

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from serval.clip import Clip
-from serval.eval_predictions import predict_all, system_fingerprint, unique_names
+from serval.eval_predictions import class_order, predict_all, system_fingerprint, unique_names
 from serval.eval_segments import (
     MERGE_MAX_SECONDS,
     SEGMENT_SECONDS,
@@ -46,10 +46,37 @@ from serval.training_data import overlap, overlap_warning, record_of_spec
 from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4
 
 PROTOCOLS = {"7class": EMOTIONS, "4class": PRIMARY4}
+MODEL_PROTOCOL = "model"  # the models' own classes (a model trained on any label set; all must share them)
 
 
-def _restricted_label(probs: np.ndarray, allowed: Sequence[str]) -> str | None:
-    values = probs[[EMOTIONS.index(c) for c in allowed]]
+def protocol_classes(protocol: str, systems: Sequence) -> tuple[str, ...]:
+    """The classes a protocol scores: its fixed set, or for "model" the classes every system shares."""
+    if protocol != MODEL_PROTOCOL:
+        return PROTOCOLS[protocol]
+    own = {tuple(s.classes) for s in systems}
+    if len(own) != 1:
+        raise ValueError(f"protocol {MODEL_PROTOCOL!r} needs models with the same classes, not {sorted(own)}")
+    return own.pop()
+
+
+def labels_problem(rows: Sequence, protocols: Sequence[str], systems: Sequence) -> str | None:
+    """Why `rows` cannot be scored under `protocols` by `systems`: the first row whose label is in no
+    protocol's classes ("row N (path): ..."), or models that do not share their classes; else None."""
+    try:
+        known = set().union(*(protocol_classes(p, systems) for p in protocols))
+    except ValueError as e:
+        return str(e)
+    for i, r in enumerate(rows, 1):
+        if r.label is not None and r.label not in known:
+            names = [c for c in class_order(systems) if c in known]
+            return f"row {i} ({r.path}): label {r.label!r} is not one of {', '.join(names)}"
+    return None
+
+
+def _restricted_label(
+    probs: np.ndarray, allowed: Sequence[str], order: Sequence[str] = EMOTIONS
+) -> str | None:
+    values = probs[[list(order).index(c) for c in allowed]]
     if not len(values) or not np.nanmax(values) > 0:
         return None  # the system's answer lies outside the allowed classes, or it gave none
     return allowed[int(np.nanargmax(values))]
@@ -100,7 +127,9 @@ def evaluate(
         seg: [u for u in units[seg] if scorable(u) and not failed_rows.intersection(u.extra["rows"])]
         for seg in segmentations
     }
-    results = _results(valid, protocols, names, predictions, labels_of, corpus_classes, bootstrap, seed)
+    classes = {p: protocol_classes(p, systems) for p in protocols}
+    order = class_order(systems)
+    results = _results(valid, classes, names, predictions, labels_of, corpus_classes, bootstrap, seed, order)
     models = [
         model_entry(name, spec, system, table, training_record(spec, system), rows)
         for name, spec, system, table in zip(names, specs or [None] * len(systems), systems, predictions)
@@ -113,8 +142,7 @@ def evaluate(
         "n_items": {seg: len(valid[seg]) for seg in segmentations},
         "same_segments": same_segmentations(valid),
         "corpus_labels": {
-            str(k) if k is not None else "(none)": [c for c in EMOTIONS if c in v]
-            for k, v in labels_of.items()
+            str(k) if k is not None else "(none)": [c for c in order if c in v] for k, v in labels_of.items()
         },
         "models": models,
         "excluded": [{"file": s[0], "start": s[1], "end": s[2], "error": e} for s, e in failures.items()],
@@ -124,14 +152,17 @@ def evaluate(
     return _json_ready(report)
 
 
-def _results(valid: dict, protocols, names, predictions, labels_of, corpus_classes, bootstrap, seed) -> dict:
-    """{segmentation: {protocol: score_protocol's scores}}."""
+def _results(
+    valid: dict, classes: dict, names, predictions, labels_of, corpus_classes, bootstrap, seed, order
+) -> dict:
+    """{segmentation: {protocol: score_protocol's scores}}; `classes`: {protocol: its classes}; `order`:
+    that of the predictions' probabilities (`class_order` of the systems)."""
     return {
         seg: {
             proto: score_protocol(
-                units, PROTOCOLS[proto], names, predictions, labels_of, corpus_classes, bootstrap, seed
+                units, known, names, predictions, labels_of, corpus_classes, bootstrap, seed, order
             )
-            for proto in protocols
+            for proto, known in classes.items()
         }
         for seg, units in valid.items()
     }
@@ -139,8 +170,8 @@ def _results(valid: dict, protocols, names, predictions, labels_of, corpus_class
 
 def _check_options(protocols: Sequence[str], corpus_classes: str) -> None:
     for p in protocols:
-        if p not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+        if p not in PROTOCOLS and p != MODEL_PROTOCOL:
+            raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}, {MODEL_PROTOCOL}")
     if corpus_classes not in ("own", "all"):
         raise ValueError("corpus_classes must be 'own' or 'all'")
 
@@ -182,8 +213,10 @@ def score_protocol(
     corpus_classes: str,
     bootstrap: int,
     seed: int,
+    order: Sequence[str] = EMOTIONS,
 ) -> dict:
-    """{model: {"overall", "by_language", "by_corpus"}} over the units whose gold label is in `classes`.
+    """{model: {"overall", "by_language", "by_corpus"}} over the units whose gold label is in `classes`
+    (`order`: the order of the predictions' probabilities, `class_order` of the systems).
 
     A unit's prediction is the argmax over the classes its corpus has (`corpus_classes="own"`)
     or over all of `classes` ("all").
@@ -197,7 +230,7 @@ def score_protocol(
     groups = [u.extra["rows"][0] for u in items]
     out = {}
     for name, table in zip(names, predictions):
-        pred = [_restricted_label(table[u.key]["probs"], allowed[u.corpus]) for u in items]
+        pred = [_restricted_label(table[u.key]["probs"], allowed[u.corpus], order) for u in items]
         entry = {"overall": _scores(gold, pred, classes, groups, bootstrap, seed)}
         for attr in ("language", "corpus"):
             values = sorted({getattr(u, attr) for u in items}, key=lambda v: (v is None, str(v)))
@@ -299,7 +332,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {', '.join(SEGMENTATIONS)} (default: all)",
     )
     p.add_argument(
-        "--protocols", default=",".join(PROTOCOLS), help="comma-separated: 7class,4class (default: both)"
+        "--protocols",
+        default=",".join(PROTOCOLS),
+        help="comma-separated: 7class,4class (default: both), model (the models' own classes: any label set)",
     )
     p.add_argument(
         "--corpus-classes",
@@ -350,6 +385,12 @@ def _load_systems(args: argparse.Namespace, rows: Sequence, prog: str) -> list |
         except (ImportError, OSError, ValueError, KeyError) as e:
             print(f"{prog}: --model {spec}: {e}", file=sys.stderr)
             return None
+    problem = labels_problem(
+        rows, _split_list(args.protocols, (*PROTOCOLS, MODEL_PROTOCOL), "--protocols"), systems
+    )
+    if problem:
+        print(f"{prog}: {args.manifest}: {problem}", file=sys.stderr)
+        return None
     return systems
 
 
@@ -404,8 +445,8 @@ def run(args: argparse.Namespace) -> int:
 def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list]:
     """The segmentations, protocols and manifest rows asked for; ValueError saying what is wrong."""
     segmentations = _split_list(args.segments, SEGMENTATIONS, "--segments")
-    protocols = _split_list(args.protocols, tuple(PROTOCOLS), "--protocols")
-    rows = read_rows(args.manifest)
+    protocols = _split_list(args.protocols, (*PROTOCOLS, MODEL_PROTOCOL), "--protocols")
+    rows = read_rows(args.manifest, labels=None if MODEL_PROTOCOL in protocols else EMOTIONS)
     if args.split:
         rows = [r for r in rows if r.split == args.split]
     if not rows:

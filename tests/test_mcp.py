@@ -363,7 +363,7 @@ def test_mcp_timeline_output_schema_is_typed():
 @pytest.mark.slow
 def test_mcp_tool_answers_and_schema_say_null(trained_dims_models, ravdess_clips, one_actor_talk):
     pytest.importorskip("mcp")
-    from serval.serve.mcp import RECOGNIZE_DESCRIPTION, AudioInput, EmotionResult, EmotionTools
+    from serval.serve.mcp import AudioInput, EmotionResult, EmotionTools, recognize_description
 
     for trained in [(), ("arousal",)]:
         tools = EmotionTools(load(trained_dims_models[trained], device="cpu"), AudioInput(cwd="/"), 600, 3600)
@@ -376,4 +376,4 @@ def test_mcp_tool_answers_and_schema_say_null(trained_dims_models, ravdess_clips
     assert (
         vocab.UNTRAINED in prop["description"] and {"type": "null"} in prop["additionalProperties"]["anyOf"]
     )
-    assert "not trained" in RECOGNIZE_DESCRIPTION
+    assert "not trained" in recognize_description(tools.predictor)

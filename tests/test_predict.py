@@ -103,6 +103,22 @@ def test_dataset_rows_for_eval(model_dir, clips, tmp_path):
     assert overall["n"] == 4 and overall["support"] == support
 
 
+def test_dataset_rows_of_another_label_set(clips, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    files = sorted(str(f) for f in clips.iterdir())[:3]
+    ds = datasets.Dataset.from_dict({"audio": files, "label": ["Calm", "bored", "tense"]})
+    ds.cast_column("audio", datasets.Audio()).save_to_disk(str(tmp_path / "ds"))
+    rows = hf_datasets.read_rows(tmp_path / "ds", labels=("calm", "bored", "tense"))
+    assert [r.label for r in rows] == ["calm", "bored", "tense"]  # as a manifest reads them
+    assert [r.label for r in hf_datasets.read_rows(tmp_path / "ds", labels=None)] == [
+        "calm",
+        "bored",
+        "tense",
+    ]
+    with pytest.raises(hf_datasets.DatasetError, match=r"#0: label 'Calm' is not one of neutral"):
+        hf_datasets.read_rows(tmp_path / "ds")  # the 7 classes by default
+
+
 def test_a_bad_dataset_is_named(tmp_path, capsys):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from serval.manifest import COLUMNS, ManifestRow, read_manifest
@@ -92,14 +93,16 @@ def _find_audio_column(table, datafile: str) -> str:
     raise DatasetError(f"{datafile}: no Audio column (a struct of bytes and path)")
 
 
-def read_rows(path: str | os.PathLike, label_column: str = "label") -> list[ManifestRow]:
+def read_rows(
+    path: str | os.PathLike, label_column: str = "label", labels: Sequence[str] | None = EMOTIONS
+) -> list[ManifestRow]:
     """Manifest rows of a manifest, or of a dataset's rows for `serval eval`.
 
     A dataset row's path is DATAFILE#ROW; its `label_column` (text, or a ClassLabel index) and any
     manifest columns it has (language, speaker, corpus, split, dimensions) are carried over.
     """
     if not is_dataset(path):
-        return read_manifest(path)
+        return read_manifest(path, labels=labels)  # labels: a manifest's label set (None: any name)
     rows = []
     for datafile, _ in dataset_files(path):
         table = open_table(datafile)
@@ -112,7 +115,7 @@ def read_rows(path: str | os.PathLike, label_column: str = "label") -> list[Mani
                 label = names[label]
             meta = {k: values[k] for k in COLUMNS if k in values and k not in ("path", "label")}
             rows.append(
-                ManifestRow(path=f"{datafile}{ROW_SEP}{i}", label=_emotion(label, datafile, i), **meta)
+                ManifestRow(path=f"{datafile}{ROW_SEP}{i}", label=_label(label, labels, datafile, i), **meta)
             )
     return rows
 
@@ -123,10 +126,14 @@ def _class_names(table, column: str) -> list[str] | None:
     return feature.get("names") if feature.get("_type") == "ClassLabel" else None
 
 
-def _emotion(label, datafile: str, row: int) -> str | None:
+def _label(label, labels: Sequence[str] | None, datafile: str, row: int) -> str | None:
+    """A row's label as a class name: one of `labels` (its aliases too), or any name when None."""
     if label is None or label == "":
         return None
-    name = class_name(str(label))
-    if name not in EMOTIONS:
-        raise DatasetError(f"{datafile}#{row}: label {label!r} is not one of {', '.join(EMOTIONS)}")
+    own = str(label).strip().lower()  # as a manifest reads a label
+    if labels is None or own in labels:
+        return own
+    name = class_name(own)  # "anger", "生气/angry": serval's names
+    if name not in labels:
+        raise DatasetError(f"{datafile}#{row}: label {label!r} is not one of {', '.join(labels)}")
     return name

@@ -51,7 +51,7 @@ def iter_inputs(inputs: Iterable[str], datasets: bool = True, resolve: bool = Fa
             for datafile, n in dataset_files(p):
                 yield from (Clip(f"{datafile}{ROW_SEP}{i}") for i in range(n))
         elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
-            yield from read_manifest(p)
+            yield from read_manifest(p, labels=None)  # labels are not read here: any label set is input
         else:
             files = expand_inputs([name])
             yield from (Clip(str(Path(f).resolve()) if resolve else f) for f in files)

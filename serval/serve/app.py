@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from serval import __version__, vocab
+from serval import __version__
 from serval.serve.config import ServerConfig
 from serval.serve.errors import add_error_handlers
 from serval.serve.metrics import Metrics, Observe
@@ -37,8 +37,9 @@ def create_app(predictor, config: ServerConfig | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         description=(
-            f"Speech emotion recognition: {len(vocab.EMOTIONS)} emotion classes and "
-            f"{len(vocab.DIMENSIONS)} dimensional scores."
+            f"Speech emotion recognition: {len(predictor.classes)} emotion classes "
+            f"({', '.join(predictor.classes)}) and {len(predictor.dimensions)} dimensional scores"
+            f"{' (' + ', '.join(predictor.dimensions) + ')' if predictor.dimensions else ''}."
         ),
     )
     app.state.config = config

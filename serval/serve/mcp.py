@@ -32,23 +32,37 @@ from serval.longform import count_pieces, read_audio, speech_of
 from serval.serve.records import Timeline
 from serval.vad import LABEL_TEXT, NO_SPEECH_TEXT, SPEECH_FRACTION_TEXT, speech_fields
 
-_DIMS = "/".join(vocab.DIMENSIONS)
-INSTRUCTIONS = (
-    f"serval recognises emotion in speech: {len(vocab.EMOTIONS)} classes ({', '.join(vocab.EMOTIONS)}) "
-    f"with probabilities, and {_DIMS} scores in [0, 1] (null where this model's output for the "
-    "dimension was not trained). Use recognize_emotion for one utterance "
-    "(up to a few minutes) and emotion_timeline for a longer recording (windows over time merged "
-    "into segments). Give audio as a file path or as base64 bytes."
-)
-RECOGNIZE_DESCRIPTION = (
-    "Recognise the emotion in one speech clip (any common audio format, any sample rate).\n\n"
-    "Give `path` (a local audio file) or `audio_base64` (the file's bytes, base64-encoded; `filename` "
-    f"names it in the result). `classes` restricts the answer to a subset, e.g. {json.dumps(vocab.PRIMARY4)}, "
-    "with probabilities renormalised over it. Returns the label, the probability of each class, "
-    f"{_DIMS} scores in [0, 1] (each null where this model's output for the dimension was not trained), "
-    "`speech_fraction` (how much of the clip Silero VAD calls speech) and `no_speech`; a clip without "
-    "speech has label null, its probabilities and scores still given."
-)
+
+def instructions(predictor) -> str:
+    """The server's instructions: what this model recognises, in its own class and dimension names."""
+    classes, dims = predictor.classes, "/".join(predictor.dimensions) or "no dimensional"
+    return (
+        f"serval recognises emotion in speech: {len(classes)} classes ({', '.join(classes)}) "
+        f"with probabilities, and {dims} scores in [0, 1] (null where this model's output for the "
+        "dimension was not trained). Use recognize_emotion for one utterance "
+        "(up to a few minutes) and emotion_timeline for a longer recording (windows over time merged "
+        "into segments). Give audio as a file path or as base64 bytes."
+    )
+
+
+def recognize_description(predictor) -> str:
+    """recognize_emotion's description, naming this model's classes and dimensions."""
+    classes, dims = list(predictor.classes), "/".join(predictor.dimensions) or "no dimensional"
+    example = (
+        [c for c in vocab.PRIMARY4 if c in classes] if set(vocab.PRIMARY4) <= set(classes) else classes[:2]
+    )
+    return (
+        "Recognise the emotion in one speech clip (any common audio format, any sample rate).\n\n"
+        "Give `path` (a local audio file) or `audio_base64` (the file's bytes, base64-encoded; `filename` "
+        f"names it in the result). The classes are {', '.join(classes)}. `classes` restricts the answer "
+        f"to a subset, e.g. {json.dumps(example)}, with probabilities renormalised over it. Returns the "
+        f"label, the probability of each class, {dims} scores in [0, 1] (each null where this model's "
+        "output for the dimension was not trained), `speech_fraction` (how much of the clip Silero VAD "
+        "calls speech) and `no_speech`; a clip without speech has label null, its probabilities and "
+        "scores still given."
+    )
+
+
 TIMELINE_DESCRIPTION = (
     "Emotion over time in a longer recording: windows of `window` seconds every `hop` seconds, "
     "adjacent windows with the same label merged into segments of at most `max_segment` seconds.\n\n"
@@ -68,7 +82,7 @@ class EmotionResult(BaseModel):
     label: str | None = Field(description=LABEL_TEXT)
     probabilities: dict[str, float] = Field(description="probability of each emotion class")
     scores: dict[str, float | None] = Field(
-        description=f"{', '.join(vocab.DIMENSIONS[:-1])} and {vocab.DIMENSIONS[-1]} in [0, 1]; "
+        description="each dimensional score (arousal, valence, dominance for the default model) in [0, 1]; "
         + vocab.UNTRAINED
     )
     speech_fraction: float = Field(description=SPEECH_FRACTION_TEXT)
@@ -284,8 +298,10 @@ def build_server(
     tools = EmotionTools(
         predictor, AudioInput(roots), max_clip_seconds, max_timeline_seconds, label_no_speech
     )
-    server = MCPServer("serval", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING")
-    server.add_tool(tools.recognize_emotion, description=RECOGNIZE_DESCRIPTION)
+    server = MCPServer(
+        "serval", instructions=instructions(predictor), version=__version__, log_level="WARNING"
+    )
+    server.add_tool(tools.recognize_emotion, description=recognize_description(predictor))
     server.add_tool(tools.emotion_timeline, description=TIMELINE_DESCRIPTION)
     return server
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -23,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a setting, dotted for nested ones (optim.lr_head=3e-4); repeatable",
+    )
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from this model (default: the bundled one; a model dir; none: from the backbone): its "
+        "encoder adapters and network, with the classifier rows of the classes it shares with `labels`",
     )
     again = p.add_mutually_exclusive_group()
     again.add_argument(
@@ -52,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     try:
-        cfg = load_config(args.config, args.overrides + (["resume=force"] if args.resume else []))
+        cfg = load_config(
+            args.config,
+            [*init_override(args.init), *args.overrides] + (["resume=force"] if args.resume else []),
+        )
     except ValueError as e:
         print(f"serval train: {e}", file=sys.stderr)
         return 2
@@ -66,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(best)
     return 0
+
+
+def init_override(spec: str | None) -> list[str]:
+    """`--init MODEL` as a `--set` override of `init_from` ("none": train from the backbone)."""
+    if spec is None:
+        return []
+    return ["init_from=null" if spec.lower() == "none" else f"init_from={json.dumps(spec)}"]
 
 
 def _print_config(cfg) -> int:

@@ -111,6 +111,12 @@ class TrainConfig:
     seed: int = 1337
     resume: str = "auto"  # auto (same config only) | force (config may differ: --resume) | never
     init_from: str | None = None  # a serval model dir to start from instead of `model` + its backbone
+    # the class names the model learns, in output order (None: model.classes, default the 7; with init_from,
+    # the starting model's); classes it shares by name with init_from keep their classifier rows
+    labels: list[str] | None = None
+    # the dimensional scores the model outputs (None: model.dimensions, or init_from's); [] for none,
+    # or a subset such as [arousal]; those shared by name with init_from keep their rows
+    dimensions: list[str] | None = None
     zero_init_residual: bool = True  # new downstream blocks start as identity maps (not with init_from)
     device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
     threads: int | None = None  # CPU threads for torch (None: torch's default); 1 on a busy shared machine
@@ -127,6 +133,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first setting out of range, or settings that cannot work together."""
+        if self.labels is not None:
+            self.labels = [str(c).strip().lower() for c in self.labels]  # as manifests compare them
         problem = next((message for ok, message in _rules(self) if not ok), None)
         if problem:
             raise ValueError(problem)
@@ -136,12 +144,10 @@ class TrainConfig:
                 dataclasses.replace(self.model, linear_head=True).check(prefix="model.")
             except ValueError as e:
                 raise ValueError(f"select.linear_head: {e}") from None
-        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(
-            self.model.classes
-        ):
+        classes = self.labels or self.model.classes
+        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(classes):
             raise ValueError(
-                f"loss.class_weights has {len(self.loss.class_weights)} numbers for "
-                f"{len(self.model.classes)} classes"
+                f"loss.class_weights has {len(self.loss.class_weights)} numbers for {len(classes)} classes"
             )
         return self
 
@@ -194,6 +200,10 @@ def _rules(c: TrainConfig) -> list[tuple[bool, str]]:
             "data.balance must be none, corpus or language, data.balance_power >= 0",
         ),
         (0.0 < c.data.max_seconds <= 30.0, "data.max_seconds must be in (0, 30]: one encoder pass"),
+        (
+            c.labels is None or (all(c.labels) and len(set(c.labels)) == len(c.labels) > 0),
+            f"labels must be one or more distinct class names, not {c.labels!r}",
+        ),
         (
             isinstance(c.loss.class_weights, list) or c.loss.class_weights in (None, "auto", "none"),
             "loss.class_weights must be 'auto', 'none' or a list of numbers",

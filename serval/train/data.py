@@ -80,7 +80,9 @@ def read_split(path: str, split: str | None, model_cfg: SERConfig) -> list[Examp
     """The checked examples of one manifest, restricted to one split (or "train,dev": several) when given."""
     from serval.manifest import read_manifest
 
-    rows = read_manifest(path)
+    # a label outside the model's classes stops the run, naming the row and the set (a typo, or a
+    # corpus label the config's `labels:` does not list), rather than training on less than asked
+    rows = read_manifest(path, labels=model_cfg.classes)
     if split is not None:
         wanted = {s.strip() for s in split.split(",")}
         rows = [r for r in rows if r.split in wanted]

@@ -19,26 +19,9 @@ log = logging.getLogger("serval.train")
 
 def build_model(cfg: TrainConfig) -> SERModel:
     """The model to train: from `init_from`, from `model.backbone`, or random (tests only)."""
-    model_cfg = dataclasses.replace(cfg.model)
+    model_cfg = own_names(cfg, dataclasses.replace(cfg.model))
     if cfg.init_from:
-        from serval.inference import load  # any model spec: serval dir, MERaLiON checkpoint, Hub id
-
-        start = load(cfg.init_from, device="cpu").model
-        # Training choices come from this config; the architecture comes from the checkpoint.
-        keep = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "gradient_checkpointing", "proj_dropout",
-                "layer_stats_dropout", "ecapa_drop",
-                "embed_dropouts")  # fmt: skip
-        model_cfg = dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep})
-        # a fitted linear head is not trained on; select.linear_head fits a new one at the end
-        model_cfg.linear_head = False
-        model = SERModel(model_cfg)
-        merged = {k: v for k, v in start.merged_state_dict().items() if not k.startswith("linear_head.")}
-        prefix = "whisper.encoder."
-        model.load_backbone_state({k[len(prefix) :]: v for k, v in merged.items() if k.startswith(prefix)})
-        rest = {k: v for k, v in merged.items() if not k.startswith("whisper.")}
-        missing, unexpected = model.load_state_dict(rest, strict=False)
-        if unexpected or any(not k.startswith("whisper.") for k in missing):
-            raise KeyError(f"{cfg.init_from}: does not fit the model (unexpected {unexpected[:5]})")
+        model = start_from(cfg)
     else:
         if model_cfg.backbone:
             model = model_from_backbone(model_cfg)
@@ -51,6 +34,71 @@ def build_model(cfg: TrainConfig) -> SERModel:
     for p in model.lora_parameters():
         p.requires_grad_(True)
     return model
+
+
+def own_names(cfg: TrainConfig, model_cfg):
+    """`model_cfg` with the config's `labels` and `dimensions` where it gives them; the trained
+    dimensions are kept only where the model still has them."""
+    if cfg.labels:
+        model_cfg.classes = tuple(cfg.labels)
+    if cfg.dimensions is not None:
+        model_cfg.dimensions = tuple(cfg.dimensions)
+        model_cfg.trained_dimensions = tuple(d for d in model_cfg.trained_dimensions if d in cfg.dimensions)
+    return model_cfg
+
+
+# The output layers whose rows are classes (dimensions): rows are matched by name, not by position.
+HEAD_ROWS = {"emotion_classification_layer.2.": "classes", "dim_layer.3.": "dimensions"}
+
+
+def start_from(cfg: TrainConfig) -> SERModel:
+    """A model built from `init_from` (any model spec: serval dir, "default", MERaLiON checkpoint, Hub id):
+    its encoder (adapters merged) and network; `labels` that it shares by name keep their classifier rows."""
+    from serval.inference import load
+
+    start = load(cfg.init_from, device="cpu").model
+    # Training choices come from this config; the architecture comes from the checkpoint.
+    keep = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "gradient_checkpointing", "proj_dropout",
+            "layer_stats_dropout", "ecapa_drop",
+            "embed_dropouts")  # fmt: skip
+    model_cfg = own_names(cfg, dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep}))
+    # a fitted linear head is not trained on; select.linear_head fits a new one at the end
+    model_cfg.linear_head = False
+    model = SERModel(model_cfg)
+    merged = {k: v for k, v in start.merged_state_dict().items() if not k.startswith("linear_head.")}
+    prefix = "whisper.encoder."
+    model.load_backbone_state({k[len(prefix) :]: v for k, v in merged.items() if k.startswith(prefix)})
+    rest = {k: v for k, v in merged.items() if not k.startswith("whisper.")}
+    rest = match_rows(rest, model, start.config)
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    if unexpected or any(not k.startswith("whisper.") for k in missing):
+        raise KeyError(f"{cfg.init_from}: does not fit the model (unexpected {unexpected[:5]})")
+    shared = [c for c in model_cfg.classes if c in start.config.classes]
+    new = [c for c in model_cfg.classes if c not in start.config.classes]
+    log.info(
+        "init from %s: classifier rows kept for %s; new, initialised fresh: %s",
+        cfg.init_from, ", ".join(shared) or "none", ", ".join(new) or "none",
+    )  # fmt: skip
+    return model
+
+
+def match_rows(state: dict[str, Tensor], model: SERModel, start_cfg) -> dict[str, Tensor]:
+    """`state` with each output layer's rows moved to the new model's order of names; a name the
+    start model lacks keeps the new model's fresh initialisation."""
+    own = model.state_dict()
+    out = dict(state)
+    for prefix, field in HEAD_ROWS.items():
+        before, after = list(getattr(start_cfg, field)), list(getattr(model.config, field))
+        if before == after:
+            continue
+        for part in ("weight", "bias"):
+            key = prefix + part
+            rows = own[key].clone()
+            for i, name in enumerate(after):
+                if name in before:
+                    rows[i] = state[key][before.index(name)]
+            out[key] = rows
+    return out
 
 
 def build(cfg: TrainConfig) -> tuple[TrainConfig, SERModel]:
