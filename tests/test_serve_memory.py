@@ -46,9 +46,9 @@ def test_sizes_are_read_and_written_in_binary_units():
 def test_the_budget_sets_sizes_durations_and_concurrency():
     cfg = ServerConfig(memory_budget=2 * GiB).budgeted(available=8 * GiB)
     room = 2 * GiB - REQUEST_BYTES
-    assert cfg.max_upload_mb == pytest.approx(room / 2 / MiB)  # the body, and its copy while it is read
-    assert cfg.max_clip_seconds == int(room / 2 / UPLOAD_BYTES_PER_SECOND) == 5417  # 90 min of 48 kHz stereo
-    assert 5000 < cfg.max_timeline_seconds < cfg.max_clip_seconds
+    assert cfg.max_upload_mb == pytest.approx(room / MiB)  # the body, held once (beyond 1 MiB on disk)
+    assert cfg.max_clip_seconds == int(room / UPLOAD_BYTES_PER_SECOND) == 10835  # 3 h of 48 kHz stereo
+    assert 10000 < cfg.max_timeline_seconds < cfg.max_clip_seconds  # the windows' results too
     assert cfg.max_requests == (8 * GiB - MODEL_CALL_BYTES) // (2 * GiB) == 3
     assert cfg.max_receiving == cfg.max_queue == cfg.max_timelines == 3
     # a smaller budget: shorter audio, more requests at once (never more than the limits' own defaults)
@@ -73,7 +73,7 @@ def test_the_cli_leaves_limits_given_by_hand(capsys):
     assert cfg.memory_budget == GiB and cfg.max_clip_seconds == 120.0
     assert serve_cli.given_limits(args) == {"max_clip_seconds"}
     budgeted = cfg.budgeted(serve_cli.given_limits(args), available=4 * GiB)
-    assert budgeted.max_clip_seconds == 120.0 and budgeted.max_upload_mb == pytest.approx(480.0)
+    assert budgeted.max_clip_seconds == 120.0 and budgeted.max_upload_mb == pytest.approx(960.0)
     assert "memory budget 1G per request" in serve_cli.budget_summary(budgeted)
     # without a budget every default is the config's own
     assert serve_cli.config_from_args(p.parse_args([])) == ServerConfig()
@@ -112,7 +112,7 @@ def budget_server(model_dir, tmp_path_factory):
     from test_server import start_cli_server
 
     log = tmp_path_factory.mktemp("log") / "server.log"
-    base, proc = start_cli_server(model_dir, log, "--memory-budget", "100M")
+    base, proc = start_cli_server(model_dir, log, "--memory-budget", "80M")
     yield base, log
     proc.send_signal(signal.SIGTERM)
     try:
@@ -124,22 +124,21 @@ def budget_server(model_dir, tmp_path_factory):
 
 def test_a_budgeted_server_answers_413_with_its_limit(budget_server, recordings):
     base, log = budget_server
-    limit = (100 * MiB - REQUEST_BYTES) // 2 // UPLOAD_BYTES_PER_SECOND  # 98 s
-    assert "memory budget 100M per request" in log.read_text() and f"up to {limit} s" in log.read_text()
+    limit = (80 * MiB - REQUEST_BYTES) // UPLOAD_BYTES_PER_SECOND  # 87 s
+    assert "memory budget 80M per request" in log.read_text() and f"up to {limit} s" in log.read_text()
     flac = {"content-type": "audio/flac"}
     with httpx.Client(base_url=base, timeout=120) as c:
         limits = c.get("/v1/model").json()["limits"]
-        assert limits["memory_budget"] == 100 * MiB and limits["max_clip_seconds"] == limit
-        for endpoint in ("/v1/emotion", "/v1/timeline"):
+        assert limits["memory_budget"] == 80 * MiB and limits["max_clip_seconds"] == limit
+        # a timeline's windows count too: 86 s
+        for endpoint, most in (("/v1/emotion", limit), ("/v1/timeline", limits["max_timeline_seconds"])):
             r = c.post(endpoint, content=recordings[1].read_bytes(), headers=flac)
             assert r.status_code == 413, r.text
             message = r.json()["error"]["message"]
-            assert f"120.0 s of audio; this endpoint takes at most {limit} s" in message
-            assert "(the memory budget of 100M per request)" in message
-        r = c.post("/v1/emotion", content=b"\0" * (19 * MiB), headers=flac)
-        assert (
-            r.status_code == 413 and "the memory budget of 100M per request" in r.json()["error"]["message"]
-        )
+            assert f"120.0 s of audio; this endpoint takes at most {most:g} s" in message
+            assert "(the memory budget of 80M per request)" in message
+        r = c.post("/v1/emotion", content=b"\0" * (17 * MiB), headers=flac)  # the limit: 16 MiB
+        assert r.status_code == 413 and "the memory budget of 80M per request" in r.json()["error"]["message"]
 
 
 @pytest.mark.slow

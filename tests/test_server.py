@@ -755,7 +755,7 @@ def test_uploads_being_received_hold_no_place_in_the_model_queue(predictor, ravd
 
 
 UPLOAD_PEAK = """
-import asyncio, os
+import asyncio, os, sys
 from starlette.requests import Request
 from serval.serve.uploads import read_limited
 chunk, n = os.urandom(65536), 512  # a 32 MiB body in the 64 KiB chunks a server receives
@@ -768,20 +768,81 @@ def peak_kib():  # this process's own peak: ru_maxrss starts from the parent's (
 async def read():  # measured inside the loop: asyncio.run's teardown has a peak of its own
     before = peak_kib()
     body = await read_limited(Request({"type": "http", "method": "POST", "headers": []}, receive), 2**30)
-    assert len(body) == n * len(chunk)
-    print((peak_kib() - before) / 1024)
+    added = (peak_kib() - before) / 1024
+    with body:
+        assert body.size == n * len(chunk) and os.path.dirname(body.path) == sys.argv[1]
+        with body.open("upload") as fh:  # the file holds the body as it was sent
+            assert all(fh.read(len(chunk)) == chunk for _ in range(n)) and fh.read() == b""
+    assert not os.path.exists(body.path)
+    print(added)
 asyncio.run(read())
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
-def test_an_upload_is_held_once_while_it_is_read():
-    # a 40-minute FLAC is 31 MB: reading it must add about that much, not the body twice (chunks + join)
+def test_a_large_upload_is_spooled_to_a_file_not_held_in_memory(tmp_path):
+    # a 40-minute FLAC is 31 MB: reading it must add far less than its size (it goes to a file in
+    # TMPDIR as it arrives), and the file is the body, removed when the upload is closed
     done = subprocess.run(
-        [sys.executable, "-c", UPLOAD_PEAK], capture_output=True, text=True, cwd=REPO, check=True
+        [sys.executable, "-c", UPLOAD_PEAK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     added_mib = float(done.stdout.split()[-1])
-    assert 28 < added_mib < 1.3 * 32, f"reading a 32 MiB upload added {added_mib:.0f} MiB"
+    assert added_mib < 8, f"reading a 32 MiB upload added {added_mib:.0f} MiB"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def spooled(monkeypatch, tmp_path):
+    """Where uploads are spooled during a test (a folder of its own), and every file made there."""
+    import tempfile
+
+    made = []
+    mkstemp = tempfile.mkstemp
+
+    def recorded(*args, **kwargs):
+        fd, path = mkstemp(*args, **{**kwargs, "dir": tmp_path})
+        made.append(Path(path))
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", recorded)
+    return made
+
+
+def test_a_spooled_upload_gives_the_results_of_one_held_in_memory(predictor, spooled, monkeypatch):
+    from serval.serve import uploads
+
+    # 40 s of 16-bit WAV is 1.3 MB, past the 1 MiB kept in memory: both endpoints read it from a file
+    body = wav_bytes(np.tile(speech(3), 4)[: 40 * SAMPLE_RATE])
+    with ThreadServer(create_app(predictor, ServerConfig())) as srv:
+        answers = {}
+        for spool in (2 * len(body), uploads.SPOOL_BYTES):  # in memory, then (as by default) in a file
+            monkeypatch.setattr(uploads, "SPOOL_BYTES", spool)
+            answers[spool] = [
+                httpx.post(
+                    f"{srv.base}{path}", content=body, headers={"content-type": "audio/wav"}, timeout=120
+                )
+                for path in ("/v1/emotion", "/v1/timeline")
+            ]
+        # a WAV cut short (its header announces 80 s, 1.5 MB are sent): 422, and its file removed too
+        broken = wav_bytes(np.tile(speech(3), 8)[: 80 * SAMPLE_RATE])[:1_500_000]
+        bad = httpx.post(f"{srv.base}/v1/timeline", content=broken, headers={"content-type": "audio/wav"})
+    in_memory, on_disk = answers.values()
+    assert len(spooled) == 3 and not any(p.exists() for p in spooled)  # two good uploads, one broken
+    assert [r.status_code for r in on_disk + in_memory] == [200] * 4 and bad.status_code == 422
+    assert "serval-upload" not in bad.text and "upload" in bad.json()["error"]["message"]  # named as sent
+    clip, memo = on_disk[0].json(), in_memory[0].json()
+    assert clip["pieces"] == 2 and clip["duration"] == memo["duration"] == 40.0
+    np.testing.assert_allclose(probs_of(clip, predictor.classes), probs_of(memo, predictor.classes), atol=TOL)
+    timeline, memo = on_disk[1].json(), in_memory[1].json()
+    assert len(timeline["windows"]) == len(memo["windows"]) == 19
+    for w, m in zip(timeline["windows"], memo["windows"], strict=True):
+        assert (w["start"], w["end"]) == (m["start"], m["end"])
+        np.testing.assert_allclose(probs_of(w, predictor.classes), probs_of(m, predictor.classes), atol=TOL)
 
 
 def test_shutdown_finishes_in_flight_requests(predictor, ravdess_clips):
@@ -879,6 +940,33 @@ def test_batcher_round_robins_long_requests():
     assert calls[0] == [0, 1, 2, 3] and calls[1] == [100, 101, 4, 5]
     assert sorted(sum(calls, [])) == [*range(10), 100, 101]
     assert all(len(c) <= 4 for c in calls)
+
+
+def test_the_long_lanes_first_call_measures_the_model_with_one_window():
+    import asyncio
+
+    def sizes(long_call: float | None) -> list[int]:
+        calls: list[int] = []
+
+        def predict(waves):
+            calls.append(len(waves))
+            x = np.array([[w[0]] for w in waves], np.float32)
+            return x, x
+
+        async def main():
+            b = MicroBatcher(predict, max_batch=16, max_wait=0, max_long_batch=16, long_call=long_call)
+            b.start()
+            probs, _ = await b.submit([np.full(10, i, np.float32) for i in range(16)], "long")
+            await b.stop()
+            np.testing.assert_array_equal(probs[:, 0], np.arange(16))
+
+        asyncio.run(main())
+        return calls
+
+    # the model's speed unknown, one window; then what a (here generous) time bound allows, so a
+    # recording's first call has the same size whatever its length
+    assert sizes(10.0) == [1, 15]
+    assert sizes(None) == [16]  # without a time bound, max_long_batch at once
 
 
 def test_batcher_waits_only_for_requests_on_their_way():

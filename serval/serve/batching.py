@@ -6,7 +6,7 @@ within `max_wait` into one model call of at most `max_batch` waveforms, so throu
 load instead of requests queueing one by one. Requests come in two lanes: "short" (clips, stream
 windows) fill a call first, "long" (the windows of a timeline) take what room is left: at most
 `max_long_batch` waveforms, and no more audio than recent calls say the model gets through in
-`long_call` seconds. So a short clip arriving while long work runs waits for at most one short
+`long_call` seconds (one waveform, before any call has shown the model's speed). So a short clip arriving while long work runs waits for at most one short
 model call, on a slow CPU as on a fast GPU.
 """
 
@@ -138,8 +138,11 @@ class MicroBatcher:
         # long waveforms of `job` that fit beside the `n` taken: within max_long_batch, and
         # within the long_call budget of audio (always at least one, so long work moves on)
         room = min(self.max_batch - n, self.max_long_batch - n_long)
-        if self.long_call is None or self._per_sample is None:
+        if self.long_call is None:
             return room
+        if self._per_sample is None:  # the model's speed is not known yet: one waveform measures it,
+            # so a long recording's first call is no larger than a short one's (not max_long_batch)
+            return min(room, 1 - n_long)
         budget, k = self.long_call / self._per_sample, 0
         while k < room and job.taken + k < len(job.waves):
             samples += len(job.waves[job.taken + k])

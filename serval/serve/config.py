@@ -12,8 +12,13 @@ from serval.settings import STRICT, setting
 from serval.windows import WindowSpec
 
 # What one request holds, counted when its limits come from `memory_budget` (docs/serving.md, "Memory"):
-UPLOAD_BYTES_PER_SECOND = 192_000  # its upload, as 16-bit PCM at 48 kHz stereo (compressed audio holds less)
-REQUEST_BYTES = 64 * 2**20  # what does not grow with its audio: a piece or chunk being decoded, its results
+# its upload, as 16-bit PCM at 48 kHz stereo (compressed audio holds less): in memory up to 1 MiB
+# (`uploads.SPOOL_BYTES`), beyond that in a temporary file, counted once, since the temp dir may
+# itself be memory (tmpfs)
+UPLOAD_BYTES_PER_SECOND = 192_000
+# what does not grow with its audio: the part of its upload kept in memory, a piece or chunk being
+# decoded, its results
+REQUEST_BYTES = 64 * 2**20
 WINDOW_BYTES = 2048  # a timeline window's result, and its JSON
 # one model call at a time, at most one 30 s piece of work (serval.longform): 330 MB on whisper-base
 MODEL_CALL_BYTES = 512 * 2**20
@@ -110,16 +115,13 @@ class ServerConfig:
         if self.memory_budget is None:
             return self
         self.check()
-        room = self.memory_budget - REQUEST_BYTES
-        upload = room // 2  # the body, and while it is read, its chunks joined into one
+        room = upload = self.memory_budget - REQUEST_BYTES  # the body is held once, mostly on disk
         available = memory_available() if available is None else available
         n = max(1, (available - MODEL_CALL_BYTES) // self.memory_budget)
         limits = {
             "max_upload_mb": upload / 2**20,
             "max_clip_seconds": math.floor(upload / UPLOAD_BYTES_PER_SECOND),
-            "max_timeline_seconds": math.floor(
-                room / (2 * UPLOAD_BYTES_PER_SECOND + WINDOW_BYTES / self.hop)
-            ),
+            "max_timeline_seconds": math.floor(room / (UPLOAD_BYTES_PER_SECOND + WINDOW_BYTES / self.hop)),
             "max_requests": n,
             "max_receiving": min(self.max_receiving, n),
             "max_queue": min(self.max_queue, n),

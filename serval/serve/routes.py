@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, WebSocket
@@ -74,9 +73,30 @@ async def emotion(
     cfg, predictor = service.config, service.predictor
     keep = class_subset(classes, predictor.classes)
     with service.receiving_body():  # admitted by the `shed` middleware before this ran
-        data, name = await read_upload(
+        upload, name = await read_upload(
             request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate, cfg.limit_note
         )
+    with upload:  # a spooled body's file is removed when the answer is known, or on an error
+        probs, scores, fraction, samples = await _score_clip(request, service, upload.source, name)
+    return {
+        "file": name,
+        "duration": round(samples / vocab.SAMPLE_RATE, 3),
+        "pieces": count_pieces(samples),
+        **vocab.label_body(
+            probs[0],
+            scores[0],
+            predictor.classes,
+            predictor.dimensions,
+            keep,
+            trained=vocab.trained_dimensions(predictor),
+            speech=speech_fields(fraction),
+            label_no_speech=cfg.label_no_speech,
+        ),
+    }
+
+
+async def _score_clip(request: Request, service: Service, data: bytes | str, name: str) -> tuple:
+    """(probabilities, scores, speech fraction, samples) of one /v1/emotion clip."""
     with service.decoding_body():
         wave = await service.clip(data, name)  # a LongAudio beyond one 30 s piece, decoded as it is scored
     # the speech measure runs beside the model; a long clip's streamed a block at a time, as its pieces
@@ -90,21 +110,7 @@ async def emotion(
         fraction = await speech
     except AudioError as e:  # a long file that breaks part-way through
         raise audio_error(e) from None
-    return {
-        "file": name,
-        "duration": round(len(wave) / vocab.SAMPLE_RATE, 3),
-        "pieces": count_pieces(len(wave)),
-        **vocab.label_body(
-            probs[0],
-            scores[0],
-            predictor.classes,
-            predictor.dimensions,
-            keep,
-            trained=vocab.trained_dimensions(predictor),
-            speech=speech_fields(fraction),
-            label_no_speech=cfg.label_no_speech,
-        ),
-    }
+    return probs, scores, fraction, len(wave)
 
 
 def _seconds(description: str, **limits) -> Query:
@@ -141,16 +147,17 @@ async def timeline(
     except ValueError as e:
         raise ApiError(400, "invalid_request", str(e)) from None
     with service.receiving_body():
-        data, name = await read_upload(
+        upload, name = await read_upload(
             request, filename, cfg.max_upload_bytes, cfg.upload_timeout, cfg.min_upload_rate, cfg.limit_note
         )
-    with service.timeline():
-        duration = await check_audio(data, name, cfg.max_timeline_seconds, spec.min_length, cfg.limit_note)
+    with upload, service.timeline():  # a spooled body's file is removed when the timeline is done
+        limit = cfg.max_timeline_seconds
+        duration = await check_audio(upload.source, name, limit, spec.min_length, cfg.limit_note)
         try:
             spec.check_count(duration)
         except ValueError as e:
             raise ApiError(400, "too_many_windows", f"{name}: {e}") from None
-        result = await _grid_timeline(request, service, data, name, spec)
+        result = await _grid_timeline(request, service, upload.open(name), spec)
     overall = pooled(result["windows"], service.predictor)
     return {**result, "file": name, "duration": round(duration, 3), "overall": overall}
 
@@ -174,14 +181,13 @@ def pooled(windows: list[dict], predictor) -> dict | None:
     return vocab.label_body(*pool(scored), classes, dims, trained=vocab.trained_dimensions(predictor))
 
 
-async def _grid_timeline(
-    request: Request, service: Service, data: bytes, name: str, spec: WindowSpec
-) -> dict:
-    audio = io.BytesIO(data)
-    audio.name = name  # decoded chunk by chunk, so a long recording never sits in memory as samples
+async def _grid_timeline(request: Request, service: Service, audio: BinaryIO, spec: WindowSpec) -> dict:
+    # `audio` (named for error messages) is decoded chunk by chunk, so a long recording never sits in
+    # memory as samples
 
     def work(gone: threading.Event) -> dict:  # its model calls go through the batcher, a batch at a time
-        return grid_timeline(audio, service.threaded(gone), spec, batch_size=service.config.max_batch)
+        with audio:
+            return grid_timeline(audio, service.threaded(gone), spec, batch_size=service.config.max_batch)
 
     return await _in_worker(request, service, work)
 

@@ -155,9 +155,10 @@ class Service:
         except QueueFullError:
             raise self.busy() from None
 
-    async def clip(self, data: bytes, name: str) -> np.ndarray | LongAudio:
-        """An upload for /v1/emotion, checked from its header (413 beyond `max_clip_seconds`): its samples,
-        or, beyond one 30 s piece, a LongAudio over its bytes, decoded piece by piece as it is scored."""
+    async def clip(self, data: bytes | str, name: str) -> np.ndarray | LongAudio:
+        """An upload for /v1/emotion (its bytes or spooled file, `Upload.source`), checked from its header
+        (413 beyond `max_clip_seconds`): its samples, or, beyond one 30 s piece, a LongAudio over it,
+        decoded piece by piece as it is scored."""
         limit = self.config.max_clip_seconds
         duration = await check_audio(data, name, limit, note=self.config.limit_note)
         if count_pieces(round(duration * SAMPLE_RATE)) == 1:

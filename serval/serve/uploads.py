@@ -2,13 +2,17 @@
 and the audio's duration checked from its header before anything is decoded.
 
 The API takes audio bytes only, never a path: no request can make the server read a file from
-its disk.
+its disk. A body larger than `SPOOL_BYTES` is written, as it arrives, to a temporary file of the
+server's own (`Upload`), removed when the request ends, so a long recording is not held in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import os
+import tempfile
+from typing import BinaryIO
 
 import numpy as np
 from fastapi import Request
@@ -23,6 +27,70 @@ AUDIO_TYPES = ("audio/", "application/ogg")  # declared audio: decoded as it is
 GENERIC_TYPES = ("", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
+SPOOL_BYTES = 2**20  # a body up to this size stays in memory; a larger one goes to a temporary file
+
+
+class Upload:
+    """A request body: in memory up to `spool` bytes, beyond that in a temporary file in the system's
+    temp dir (`TMPDIR`), removed by `close` (`with upload:` closes it, on errors and cancellation too)."""
+
+    def __init__(self, spool: int | None = None):
+        self.spool, self.size = SPOOL_BYTES if spool is None else spool, 0
+        self.path: str | None = None  # the temporary file, once the body outgrew `spool`
+        self._sink: BinaryIO | None = io.BytesIO()
+        self._data = b""
+
+    def write(self, chunk: bytes) -> None:
+        if self.path is None and self.size + len(chunk) > self.spool:
+            fd, self.path = tempfile.mkstemp(prefix="serval-upload-")
+            held, self._sink = self._sink, os.fdopen(fd, "wb")
+            self._sink.write(held.getbuffer())
+        self._sink.write(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> Upload:
+        """Done writing: the body can now be read (`source`, `open`)."""
+        if self._sink is not None:
+            if self.path is None:
+                self._data = self._sink.getvalue()  # no copy: the buffer is handed over
+            self._sink.close()
+            self._sink = None
+        return self
+
+    @property
+    def source(self) -> bytes | str:
+        """What `serval.audio` reads: the bytes, or the temporary file's path (each reading opens its own)."""
+        return self._data if self.path is None else self.path
+
+    def open(self, name: str) -> BinaryIO:
+        """A new reader of the body, its `name` set to `name` (for error messages)."""
+        fh = io.BytesIO(self._data) if self.path is None else io.FileIO(self.path)
+        fh.name = name
+        return fh if self.path is None else io.BufferedReader(fh)
+
+    def head(self, n: int = 16) -> bytes:
+        with self.open("") as fh:
+            return fh.read(n)
+
+    def close(self) -> None:
+        """Drop the body: the temporary file is removed (readers still open keep reading, on POSIX)."""
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        self._data = b""
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _declares_audio(mime: str) -> bool:
     return any(mime == t or (t.endswith("/") and mime.startswith(t)) for t in AUDIO_TYPES)
 
@@ -34,8 +102,9 @@ async def read_upload(
     timeout: float = 10.0,
     min_rate: float = 0.0,
     note: str = "",
-) -> tuple[bytes, str]:
-    """The uploaded audio's bytes and its name: a raw audio body or the 'file' of a multipart form.
+) -> tuple[Upload, str]:
+    """The uploaded audio (an `Upload`; the caller closes it) and its name: a raw audio body or the
+    'file' of a multipart form.
 
     A body over `limit` bytes is a 413 (its message ends with `note`); one that stalls (see
     `read_limited`) a 408; one with a generic or no content type whose bytes are not audio (see
@@ -50,26 +119,32 @@ async def read_upload(
             "application/octet-stream or with no content type, or as the 'file' field of multipart/form-data",
         )
     body = await read_limited(request, limit, timeout, min_rate, note)
-    if mime == "multipart/form-data":
-        body, name, mime = await _multipart_file(request, body)
-        name = filename or name or "upload"
-    else:
-        name = filename or "upload"
-    if mime in GENERIC_TYPES:
-        await recognise(body, name, mime)
+    try:
+        if mime == "multipart/form-data":
+            with body:
+                body, name, mime = await _multipart_file(request, body)
+            name = filename or name or "upload"
+        else:
+            name = filename or "upload"
+        if mime in GENERIC_TYPES:
+            await recognise(body, name, mime)
+    except BaseException:
+        body.close()
+        raise
     return body, name
 
 
-async def recognise(data: bytes, name: str, mime: str) -> None:
+async def recognise(data: Upload, name: str, mime: str) -> None:
     """415 unless `data`, sent with a generic content type `mime` (or none), is audio: its first bytes
     are a RIFF/WAVE, fLaC, OggS, ID3, FORM or MPEG frame header, or libsndfile reads it.
 
     Bytes that announce audio pass even when broken, so their decoding error (422) says what is wrong.
     """
-    if not data or sniff_format(data[:16]) is not None:
+    head = data.head()
+    if not head or sniff_format(head) is not None:
         return
     try:
-        await asyncio.to_thread(audio_info, data, name=name)
+        await asyncio.to_thread(audio_info, data.source, name=name)
     except EmptyAudioError:
         return
     except AudioError as e:
@@ -77,42 +152,53 @@ async def recognise(data: bytes, name: str, mime: str) -> None:
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"{name}: sent with {declared}, and its bytes are not audio: they begin {data[:8]!r}, not a "
+            f"{name}: sent with {declared}, and its bytes are not audio: they begin {head[:8]!r}, not a "
             f"RIFF/WAVE, fLaC, OggS, ID3 or MP3 frame header, and libsndfile says: {e.cause}",
         ) from None
 
 
-async def _multipart_file(request: Request, body: bytes) -> tuple[bytes, str | None, str]:
-    """The multipart form's file: its bytes, its file name and its own content type."""
+async def _multipart_file(request: Request, body: Upload) -> tuple[Upload, str | None, str]:
+    """The multipart form's file (an `Upload`, spooled as the body is), its file name and its own content type."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def chunks():
-        yield body
+        with body.open("") as fh:
+            while chunk := fh.read(2**16):
+                yield chunk
 
     try:
         form = await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=16).parse()
     except MultiPartException as e:
         raise ApiError(400, "invalid_request", f"malformed multipart body: {e.message}") from None
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        upload = next((v for v in form.values() if isinstance(v, UploadFile)), None)
-    if upload is None:
-        raise ApiError(400, "invalid_request", "the multipart body has no 'file' field with the audio")
-    part = (upload.content_type or "").split(";")[0].strip().lower()
-    if not (_declares_audio(part) or part in GENERIC_TYPES):
-        raise ApiError(
-            415, "unsupported_media_type", f"the uploaded file's content type {part!r} is not audio"
-        )
-    data = await upload.read()
-    await upload.close()
-    return data, upload.filename, part
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            upload = next((v for v in form.values() if isinstance(v, UploadFile)), None)
+        if upload is None:
+            raise ApiError(400, "invalid_request", "the multipart body has no 'file' field with the audio")
+        part = (upload.content_type or "").split(";")[0].strip().lower()
+        if not (_declares_audio(part) or part in GENERIC_TYPES):
+            raise ApiError(
+                415, "unsupported_media_type", f"the uploaded file's content type {part!r} is not audio"
+            )
+        data = Upload(body.spool)
+        try:
+            while chunk := await upload.read(2**16):
+                data.write(chunk)
+        except BaseException:
+            data.close()
+            raise
+        return data.finish(), upload.filename, part
+    finally:
+        await form.close()
 
 
 async def read_limited(
     request: Request, limit: int, timeout: float = 10.0, min_rate: float = 0.0, note: str = ""
-) -> bytes:
-    """The request body, or 413 once it passes `limit` bytes (the rest is drained, not stored).
+) -> Upload:
+    """The request body (an `Upload`: beyond `SPOOL_BYTES`, in a temporary file), or 413 once it
+    passes `limit` bytes (the rest is drained, not stored).
 
     408 when no bytes come for `timeout` seconds, or when after the first `timeout` seconds the body
     arrives slower than `min_rate` bytes/s on average: a stalled upload cannot hold its
@@ -125,10 +211,19 @@ async def read_limited(
     if declared.isdigit() and int(declared) > limit:
         await _drain(request, limit, timeout)
         raise too_big
+    body = Upload()
+    try:
+        return await _receive(request, body, limit, timeout, min_rate, too_big)
+    except BaseException:  # a refusal, a stall, a client gone or a cancelled request: the file goes too
+        body.close()
+        raise
+
+
+async def _receive(
+    request: Request, body: Upload, limit: int, timeout: float, min_rate: float, too_big: ApiError
+) -> Upload:
     loop = asyncio.get_running_loop()
-    # Written into one growing buffer, which `getvalue` hands over without a copy: a list of chunks
-    # joined at the end held the body twice.
-    start, body, size = loop.time(), io.BytesIO(), 0
+    start, size = loop.time(), 0
     stream = request.stream().__aiter__()
     while True:
         wait = timeout
@@ -153,7 +248,7 @@ async def read_limited(
             await _drain(request, limit, timeout)
             raise too_big
         body.write(chunk)
-    return body.getvalue()
+    return body.finish()
 
 
 async def _drain(request: Request, limit: int, timeout: float) -> None:
@@ -170,7 +265,7 @@ async def _drain(request: Request, limit: int, timeout: float) -> None:
 
 
 async def check_audio(
-    data: bytes, name: str, max_seconds: float, min_seconds: float = 0.0, note: str = ""
+    data: bytes | str, name: str, max_seconds: float, min_seconds: float = 0.0, note: str = ""
 ) -> float:
     """The audio's duration from its header; 413 when longer than `max_seconds` (the message ends
     with `note`), 422 when not audio."""
@@ -193,7 +288,7 @@ async def check_audio(
     return info.duration
 
 
-async def decode(data: bytes, name: str, max_seconds: float) -> np.ndarray:
+async def decode(data: bytes | str, name: str, max_seconds: float) -> np.ndarray:
     """The audio as 16 kHz samples, refused (413) from its header alone when longer than `max_seconds`."""
     await check_audio(data, name, max_seconds)
     try:
