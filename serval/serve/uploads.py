@@ -223,12 +223,12 @@ async def _receive(
     request: Request, body: Upload, limit: int, timeout: float, min_rate: float, too_big: ApiError
 ) -> Upload:
     loop = asyncio.get_running_loop()
-    start, size = loop.time(), 0
+    start = loop.time()
     stream = request.stream().__aiter__()
     while True:
         wait = timeout
-        if min_rate > 0:  # the time by which `size` bytes would be too slow an average
-            wait = min(wait, start + timeout + size / min_rate - loop.time())
+        if min_rate > 0:  # the time by which the bytes so far would be too slow an average
+            wait = min(wait, start + timeout + body.size / min_rate - loop.time())
         try:
             chunk = await asyncio.wait_for(anext(stream), max(wait, 0.0))
         except StopAsyncIteration:
@@ -239,12 +239,11 @@ async def _receive(
             raise ApiError(
                 408,
                 "upload_timeout",
-                f"the upload stalled: {size} bytes in {loop.time() - start:.1f} s (the server needs "
+                f"the upload stalled: {body.size} bytes in {loop.time() - start:.1f} s (the server needs "
                 f"data at least every {timeout:g} s and {min_rate / 1024:g} KiB/s on average)",
                 {"Connection": "close"},
             ) from None
-        size += len(chunk)
-        if size > limit:
+        if body.size + len(chunk) > limit:
             await _drain(request, limit, timeout)
             raise too_big
         body.write(chunk)
