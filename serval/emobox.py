@@ -31,7 +31,7 @@ REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune-cpu.ya
 
 
 @dataclass
-class Clip:
+class FoldLine:
     """One line of a fold file: EmoBox's key, its path under EmoBox's downloads/, its label."""
 
     key: str
@@ -62,7 +62,7 @@ def label_map(folds_dir: Path, corpus: str) -> dict[str, str]:
     return {str(k): class_name(v) for k, v in json.loads(path.read_text()).items()}
 
 
-def read_clips(path: Path, labels: dict[str, str]) -> list[Clip]:
+def read_clips(path: Path, labels: dict[str, str]) -> list[FoldLine]:
     """The clips of one fold file; a bad line is an error naming the file and the line."""
     clips = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -71,7 +71,7 @@ def read_clips(path: Path, labels: dict[str, str]) -> list[Clip]:
         try:
             item = json.loads(line)
             emo = str(item["emo"])
-            clips.append(Clip(str(item["key"]), str(item["wav"]), labels.get(emo, class_name(emo))))
+            clips.append(FoldLine(str(item["key"]), str(item["wav"]), labels.get(emo, class_name(emo))))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: not an EmoBox fold line ({e})") from None
     return clips
@@ -141,18 +141,6 @@ def validation_split(n: int) -> list[str]:
     return ["dev" if i in dev else "train" for i in range(n)]
 
 
-def write_fold_manifest(fold: Fold, path: Path) -> None:
-    """The fold's found clips as a serval manifest (path, label, split)."""
-    import csv
-    import io
-
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "label", "split"])
-    writer.writerows(fold.rows)
-    atomic_write_text(path, text.getvalue(), overwrite=True)
-
-
 def corpus_classes(folds: Sequence[Fold], labels: dict[str, str]) -> list[str]:
     """The corpus's classes: the label map's order where there is one, else sorted; only those present."""
     present = {label for fold in folds for _, label, _ in fold.rows}
@@ -164,12 +152,15 @@ def train_fold(
     fold: Fold, classes: list[str], out: Path, config: str | None, init: str, overrides: list[str]
 ):
     """Train on the fold's train and dev rows; returns the model folder (the run's best/)."""
+    from serval.clip import Clip
+    from serval.manifest import write_manifest
     from serval.train.config import load_config
     from serval.train.loop import train
 
     manifest = out / f"fold_{fold.number}" / "manifest.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    write_fold_manifest(fold, manifest)
+    rows = [Clip(path, label=label, split=split) for path, label, split in fold.rows]
+    write_manifest(rows, manifest, overwrite=True, labels=classes)
     sets = [
         f"labels={json.dumps(classes)}",
         f"init_from={'null' if init == 'none' else json.dumps(init)}",
