@@ -15,6 +15,12 @@ cached in `--probe-cache` (default runs/probe-cache), so reruns only pay for the
     python benchmarks/model_card.py --manifest runs/default/all.csv --model serval/assets/default -o runs/model-card \
         --cache-dir runs/cache/whisper-base --extra-model last-layer=runs/default/cpu-last/best
     python benchmarks/model_card.py --manifest runs/default/all.csv -o runs/model-card --probes-only
+
+`--protocol loco` writes the leave-one-corpus-out tables instead (benchmarks/loco.py; MODEL_CARD.md's
+first table): every head fitted on the other corpora, and each `--extra-model` scored per corpus.
+
+    python benchmarks/model_card.py --protocol loco --manifest runs/default/all.csv -o runs/loco \
+        --cache-dir runs/cache/whisper-base --extra-model previous-default=runs/s/old-default
 """
 
 from __future__ import annotations
@@ -43,6 +49,16 @@ from serval.train.cache import EncoderCache, encoder_settings
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loco import (
+    HEADS,
+    ClipStats,
+    arousal_folds,
+    arousal_table,
+    model_folds,
+    recall_table,
+    run_folds,
+    uar_table,
+)  # noqa: E402
 from probes import LinearProbe, PooledFeatures, class_scores, dim_scores, markdown  # noqa: E402
 from variants import CachedHead  # noqa: E402
 
@@ -178,6 +194,35 @@ def probe_section(rows, models: list, out: Path, args: argparse.Namespace) -> st
     return text
 
 
+def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
+    """The LOCO tables (Markdown, also written to `out/loco.md`, the numbers to `out/loco.json`)."""
+    stats, kept = {}, rows
+    for front_end, gain in (("whisper", False), ("gain-invariant", True)):
+        pooled = ClipStats(args.loco_cache, gain_invariant=gain, reuse_dir=args.cache_dir if gain else None)
+        stats[front_end], kept = pooled.rows(rows)
+    folds = run_folds(kept, stats, HEADS, args.bootstrap)
+    arousal = arousal_folds(kept, stats, HEADS[:2] + HEADS[5:6], args.bootstrap)
+    names = [h.name for h in HEADS]
+    for spec in [*args.fold_model, *args.extra_model]:
+        name, _, path = spec.rpartition("=")
+        name = name or Path(path).name
+        for corpus, cell in model_folds(kept, path, name, args.bootstrap).items():
+            folds.setdefault(corpus, {}).update(cell)
+        names.append(name)
+    md = ["## Leave one corpus out: UAR [95 % CI]", "", *uar_table(folds, names), ""]
+    for name in (names[0], names[5], *names[len(HEADS) :]):
+        md += [f"### Per-class recall: {name}", "", *recall_table(folds, name), ""]
+    md += [
+        "## Leave one corpus out: arousal CCC [95 % CI]",
+        "",
+        *arousal_table(arousal, [h.name for h in HEADS[:2] + HEADS[5:6]]),
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loco.json").write_text(json.dumps({"classes": folds, "arousal": arousal}, indent=1) + "\n")
+    (out / "loco.md").write_text("\n".join(md) + "\n")
+    return "\n".join(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifest", required=True, help="manifest with train/dev/test splits")
@@ -207,10 +252,22 @@ def main() -> None:
         action="store_true",
         help="score the serval models by their head on --cache-dir's encoder outputs (benchmarks/variants.py)",
     )
+    ap.add_argument("--protocol", choices=("splits", "loco"), default="splits", help="speaker splits or LOCO")
+    ap.add_argument(
+        "--fold-model",
+        action="append",
+        default=[],
+        metavar="NAME=PATTERN",
+        help="LOCO fold models, e.g. runs/loco/frozen/{corpus}/best (benchmarks/loco_folds.py)",
+    )
+    ap.add_argument("--loco-cache", default="runs/loco-cache", help="pooled LOCO stats (default %(default)s)")
     args = ap.parse_args()
 
     out = Path(args.output)
     rows = read_manifest(args.manifest)
+    if args.protocol == "loco":
+        print(loco_section(rows, out, args))
+        return
     if args.probes_only:
         print(probe_section(rows, [], out, args))
         return

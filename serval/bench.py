@@ -98,7 +98,11 @@ def time_inference(
 
     def step():
         feats, lengths = compute_features(
-            waves, n_mels=model.config.n_mels, pad_to_30s=model.config.pad_to_30s, device=device
+            waves,
+            n_mels=model.config.n_mels,
+            pad_to_30s=model.config.pad_to_30s,
+            device=device,
+            gain_invariant=model.config.gain_invariant,
         )
         frames.append(int(feats.shape[-1]))
         with torch.inference_mode(), autocast:

@@ -63,13 +63,9 @@ def graph_metadata(models: Sequence[SERModel], name: str | None = None) -> dict[
     """The graph's metadata: what an engine needs to feed it and to name its outputs."""
     cfg = models[0].config
     for m in models[1:]:
-        if (m.config.classes, m.config.dimensions, m.config.n_mels, m.config.pad_to_30s) != (
-            cfg.classes,
-            cfg.dimensions,
-            cfg.n_mels,
-            cfg.pad_to_30s,
-        ):
-            raise ValueError("ensemble members must share classes, dimensions, n_mels and pad_to_30s")
+        front = ("classes", "dimensions", "n_mels", "pad_to_30s", "gain_invariant")
+        if any(getattr(m.config, f) != getattr(cfg, f) for f in front):
+            raise ValueError(f"ensemble members must share {', '.join(front)}")
     return {
         "serval_version": __version__,
         "name": name or cfg.name,
@@ -79,6 +75,7 @@ def graph_metadata(models: Sequence[SERModel], name: str | None = None) -> dict[
         "trained_dimensions": json.dumps(list(shared_trained_dimensions(models))),
         "n_mels": str(cfg.n_mels),
         "pad_to_30s": json.dumps(bool(cfg.pad_to_30s)),
+        "gain_invariant": json.dumps(bool(cfg.gain_invariant)),  # a graph without it: false
         "members": str(len(models)),
     }
 

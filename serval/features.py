@@ -28,6 +28,9 @@ HOP_LENGTH = 160
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000 samples in a 30 s window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames in a 30 s window
+# The gain-invariant front end moves each clip's log-mel peak here (log10 power): the median peak of
+# the training corpora, so a typical clip's features stay where Whisper was trained to read them.
+PEAK_LOG10 = 0.8
 
 _PAD = N_FFT // 2  # the centred STFT's reflect padding on each side
 _FILTERS: dict[tuple[int, str], torch.Tensor] = {}
@@ -115,6 +118,13 @@ def _row_index(n: int, width: int) -> np.ndarray:
     return np.where(q < n, q, -1)
 
 
+def _floor(gain_invariant: bool) -> float:
+    """The power below which the log-mel is clamped: Whisper's 1e-10, or for the gain-invariant front end
+    one low enough that only the relative floor (the peak - 8) acts, whatever the level (a quiet clip's
+    peak can be below -2, where Whisper's absolute floor would cut it)."""
+    return 1e-30 if gain_invariant else 1e-10
+
+
 # ---------------------------------------------------------------------------- torch
 
 
@@ -126,13 +136,15 @@ def compute_features(
     *,
     max_frames: int = N_FRAMES,
     check_finite: bool = True,
+    gain_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features `[B, n_mels, F]` float32 and valid frame counts `[B]` of 16 kHz clips.
 
     `pad_to_30s`: every clip cut/padded to 30 s (F = 3000). Otherwise F = each clip's `len // 160`
     (at most `max_frames`), the batch is as wide as the longest clip rounded up to an even number of
     frames, and frames past a clip's own length are 0.0. `check_finite=False` skips the NaN/inf check
-    (for clips already checked when they were read).
+    (for clips already checked when they were read). `gain_invariant`: each clip's log-mel is shifted
+    so its peak is `PEAK_LOG10`, which makes the features the same whatever the recording level.
     """
     import torch
 
@@ -148,11 +160,13 @@ def compute_features(
     stft = torch.stft(rows, N_FFT, HOP_LENGTH, window=_window(device), center=False, return_complex=True)
     power = stft[..., :width].abs() ** 2
     mel = mel_filters(n_mels, device) @ power
-    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.clamp(mel, min=_floor(gain_invariant)).log10()
 
     valid = torch.arange(width, device=device)[None, None, :] < frame_lengths[:, None, None]
     peak = log_spec.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
+    if gain_invariant:  # a gain g adds 2 log10 g to every value: taking the peak off removes it
+        log_spec = log_spec - peak + PEAK_LOG10
     feats = ((log_spec + 4.0) / 4.0).masked_fill(~valid, 0.0)
     return feats, frame_lengths
 
@@ -208,6 +222,7 @@ def log_mel(
     *,
     max_frames: int = N_FRAMES,
     check_finite: bool = True,
+    gain_invariant: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`compute_features` in numpy (no torch): features `[B, n_mels, F]` float32, frame counts `[B]` int64.
 
@@ -221,12 +236,14 @@ def log_mel(
     windows = np.lib.stride_tricks.sliding_window_view(rows, N_FFT, axis=-1)[:, ::HOP_LENGTH]
     power = np.abs(np.fft.rfft(windows * _hann(), axis=-1)) ** 2  # [B, F, 201]
     mel = _mel_matrix(n_mels) @ power.astype(np.float32).transpose(0, 2, 1)
-    log_spec = np.log10(np.maximum(mel, np.float32(1e-10)))
+    log_spec = np.log10(np.maximum(mel, np.float32(_floor(gain_invariant))))
 
     frame_lengths = np.asarray(frames, dtype=np.int64)
     valid = np.arange(width)[None, None, :] < frame_lengths[:, None, None]
     peak = np.where(valid, log_spec, -np.inf).max(axis=(1, 2), keepdims=True)
     log_spec = np.maximum(log_spec, peak - np.float32(8.0))
+    if gain_invariant:
+        log_spec = log_spec - peak + np.float32(PEAK_LOG10)
     feats = np.where(valid, (log_spec + np.float32(4.0)) / np.float32(4.0), np.float32(0.0))
     return feats.astype(np.float32), frame_lengths
 

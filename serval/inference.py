@@ -132,6 +132,7 @@ class Predictor(AudioClassifier):
             pad_to_30s=self.config.pad_to_30s,
             device=self.device,
             check_finite=check_finite,
+            gain_invariant=self.config.gain_invariant,
         )
         if self.static is not None:
             probs, scores = self.static(feats, lengths.to(self.device))

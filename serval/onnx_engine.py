@@ -79,12 +79,15 @@ class OnnxPredictor(AudioClassifier):
         self.trained_dimensions: tuple[str, ...] = tuple(json.loads(meta.get("trained_dimensions", "[]")))
         self.n_mels = int(meta["n_mels"])
         self.pad_to_30s = bool(json.loads(meta["pad_to_30s"]))
+        self.gain_invariant = bool(json.loads(meta.get("gain_invariant", "false")))
         self.name = name or meta.get("name", self.graph.stem)
         self.fingerprint = f"onnx:{self.graph.stem}"
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def _forward(self, waves: list[np.ndarray], check_finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        feats, lengths = log_mel(waves, self.n_mels, self.pad_to_30s, check_finite=check_finite)
+        feats, lengths = log_mel(
+            waves, self.n_mels, self.pad_to_30s, check_finite=check_finite, gain_invariant=self.gain_invariant
+        )
         feeds = {"features": feats, "frame_lengths": lengths}
         probs, scores = self.session.run(
             ["probabilities", "scores"], {k: v for k, v in feeds.items() if k in self._inputs}

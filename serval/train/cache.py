@@ -59,7 +59,7 @@ def encoder_settings(model, dtype: str) -> dict:
         "pad_to_30s": cfg.pad_to_30s,
         "layer_weighting": cfg.layer_weighting,
         "dtype": dtype,
-    }
+    } | ({"gain_invariant": True} if cfg.gain_invariant else {})  # earlier caches keep their keys
 
 
 class EncoderCache:
@@ -145,6 +145,7 @@ class EncoderCache:
                 n_mels=model.config.n_mels,
                 pad_to_30s=model.config.pad_to_30s,
                 device=device,
+                gain_invariant=model.config.gain_invariant,
             )
             with torch.inference_mode():
                 hidden, token_lengths = model.encode(feats.to(device), frame_lengths.to(device))

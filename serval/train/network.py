@@ -155,7 +155,8 @@ def model_inputs(batch: dict, model: SERModel, cached: bool, device: torch.devic
     from serval.features import compute_features
 
     waves = [w[:n] for w, n in zip(batch["input"], batch["lengths"].tolist())]
+    cfg = model.config
     feats, frames = compute_features(
-        waves, n_mels=model.config.n_mels, pad_to_30s=model.config.pad_to_30s, device=device
+        waves, n_mels=cfg.n_mels, pad_to_30s=cfg.pad_to_30s, device=device, gain_invariant=cfg.gain_invariant
     )
     return feats, frames.to(device)

@@ -1,0 +1,320 @@
+"""Leave-one-corpus-out (LOCO), the protocol that chooses the default model's recipe (issue 24).
+
+For each corpus of the manifest, a head is fitted on every clip of the other corpora and scored on
+every clip of that corpus: the nearest thing here to a language, a studio and speakers never heard.
+Dev speakers of a corpus the model trains on say little about that; LOCO does.
+
+The heads read whisper-base's 7 encoder outputs pooled once per clip (`ClipStats`, cached on disk per
+front end, or pooled from a training run's all-layer encoder cache), so a fold costs a head fit only:
+- `probe`: each layer's mean, standardised, logistic regression (balanced, C = 1): the issue's floor,
+  benchmarks/probes.py's probe;
+- `linear head`: each layer-normed layer's mean and std, the same regression: the default model's
+  linear head (serval.train.linear_head), and variants of it (regularisation, corpus balance, layers,
+  per-speaker standardisation, the gain-invariant front end).
+Dimensions: a ridge regression (alpha by leave-one-out) per dimension, fitted where the other corpora
+have it: arousal on TAVA from BAVED's levels and on BAVED from TAVA's ratings; valence and dominance
+exist in TAVA alone, so they have no LOCO fold.
+
+A corpus is scored as serval.evaluate scores it: the argmax over the classes its gold labels use.
+Per corpus: UAR with a 95 % bootstrap interval (clips resampled), per-class recall, and the share of
+its clips given the most frequent answer (a head that sends one corpus to one class learnt the corpus).
+
+    python benchmarks/model_card.py --protocol loco --manifest runs/default/all.csv -o runs/loco
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from serval.atomic import atomic_write, atomic_write_text
+from serval.audio import AudioError, load_audio
+from serval.checkpoint import model_from_backbone
+from serval.features import compute_features
+from serval.metrics import bootstrap_ci, ccc, classification_scores
+from serval.model import SERConfig, layer_statistics
+from serval.train.cache import EncoderCache, encoder_settings
+from serval.vocab import EMOTIONS
+
+STATS_VERSION = 1
+LAYERS, WIDTH = 7, 512  # whisper-base: the input embedding and 6 layers, d 512
+COLUMNS = {"raw": slice(0, LAYERS * WIDTH), "normed": slice(LAYERS * WIDTH, 3 * LAYERS * WIDTH)}
+
+
+class ClipStats:
+    """Per clip: whisper-base's 7 outputs' means (raw) and their layer-normed means and stds, cached."""
+
+    def __init__(self, cache_dir: str | Path, gain_invariant: bool, reuse_dir: str | Path | None = None):
+        config = SERConfig.for_whisper(
+            "base", backbone="pypi:whisper-base", layer_weighting="weighted", gain_invariant=gain_invariant
+        )
+        self.encoder = model_from_backbone(config).eval()
+        # a training run's encoder cache (float16) holds these outputs: pooled, not encoded again
+        self.reuse = EncoderCache(reuse_dir, encoder_settings(self.encoder, "float16")) if reuse_dir else None
+        settings = {**encoder_settings(self.encoder, "float32"), "stats_version": STATS_VERSION}
+        self._prefix = json.dumps(settings, sort_keys=True).encode()
+        self.root = Path(cache_dir) / hashlib.sha256(self._prefix).hexdigest()[:16]
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.root / "settings.json", json.dumps(settings, indent=2) + "\n", overwrite=True)
+
+    def _path(self, wave: np.ndarray) -> Path:
+        h = hashlib.sha256(self._prefix)
+        h.update(np.ascontiguousarray(wave, dtype=np.float32).tobytes())
+        key = h.hexdigest()
+        return self.root / key[:2] / f"{key}.npy"
+
+    @staticmethod
+    def pool(hidden: torch.Tensor) -> np.ndarray:
+        """One clip's outputs [7, T, d] -> [raw means, layer-normed means and stds] (3 x 7 x d)."""
+        hidden = hidden.float()
+        normed = layer_statistics(F.layer_norm(hidden, (hidden.shape[-1],))[None], None)[0]
+        return torch.cat([hidden.mean(1).flatten(), normed]).numpy()
+
+    @torch.inference_mode()
+    def _encode(self, wave: np.ndarray) -> np.ndarray:
+        if self.reuse is not None and self.reuse.readable(key := self.reuse.key(wave)):
+            return self.pool(self.reuse.get(key)[0])
+        cfg = self.encoder.config
+        feats, lengths = compute_features([wave], n_mels=cfg.n_mels, gain_invariant=cfg.gain_invariant)
+        hidden, token_lengths = self.encoder.encode(feats, lengths)
+        return self.pool(hidden[0, :, : int(token_lengths[0])])
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        path = self._path(wave)
+        try:
+            return np.load(path)
+        except (OSError, ValueError):  # missing or damaged: pooled again
+            vec = self._encode(wave)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: np.save(tmp, vec), overwrite=True)
+            return vec
+
+    def rows(self, rows: Sequence, progress: bool = True) -> tuple[np.ndarray, list]:
+        """Stats of the manifest rows that decode, and those rows (a clip that fails is named and left out)."""
+        out, kept = [], []
+        for i, row in enumerate(rows):
+            try:
+                out.append(self(load_audio(row.path, row.start, row.end)))
+                kept.append(row)
+            except AudioError as e:
+                print(f"loco: skipped {e}", file=sys.stderr)
+            if progress and (i + 1) % 500 == 0:
+                print(f"loco: {i + 1}/{len(rows)} clips pooled", file=sys.stderr, flush=True)
+        return np.stack(out).astype(np.float32), kept
+
+
+# ---------------------------------------------------------------------------------------- heads
+
+
+@dataclass(frozen=True)
+class Head:
+    """One LOCO contender: which stats it reads, how it is regularised and weighted."""
+
+    name: str
+    front_end: str = "whisper"  # or "gain-invariant"
+    columns: str = "normed"  # "raw": the probe's means; "normed": the linear head's means and stds
+    c: float = 1.0
+    corpus_balance: float = 0.0  # a clip of a corpus of n clips weighs n^-power (0: not at all)
+    per_speaker: bool = False  # standardise each speaker's stats by its own clips (needs several per speaker)
+    layers: tuple[int, ...] | None = None  # the layers read (None: all 7)
+
+    def features(self, x: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
+        x = x[:, COLUMNS[self.columns]]
+        if self.layers is not None:
+            blocks = x.reshape(len(x), -1, LAYERS, WIDTH)
+            x = blocks[:, :, list(self.layers)].reshape(len(x), -1)
+        if self.per_speaker:
+            x = x.copy()
+            for s in set(speakers):
+                idx = [i for i, v in enumerate(speakers) if v == s]
+                x[idx] = (x[idx] - x[idx].mean(0)) / (x[idx].std(0) + 1e-5)
+        return x
+
+
+HEADS = (
+    Head("probe (layer means)", columns="raw"),
+    Head("linear head (layer-normed means and stds)"),
+    Head("linear head, C = 0.1", c=0.1),
+    Head("linear head, corpus-balanced", corpus_balance=0.5),
+    Head("linear head, layers 3-6", layers=(3, 4, 5, 6)),
+    Head("linear head, gain-invariant front end", front_end="gain-invariant"),
+    Head("linear head, gain-invariant, C = 0.1", front_end="gain-invariant", c=0.1),
+    Head("linear head, per-speaker standardised (not single-clip)", per_speaker=True),
+)
+
+
+def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], corpora: Sequence[str]):
+    """The standardised, balanced logistic regression of `head` on labelled training clips."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    weights = None
+    if head.corpus_balance:
+        counts = Counter(corpora)
+        weights = np.array([counts[c] ** -head.corpus_balance for c in corpora])
+        weights *= len(weights) / weights.sum()
+    clf = make_pipeline(
+        StandardScaler(), LogisticRegression(C=head.c, max_iter=3000, class_weight="balanced")
+    )
+    return clf.fit(x, list(labels), logisticregression__sample_weight=weights)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray):
+    """The ridge probe of one dimension: standardised, alpha by leave-one-out."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 6, 17))).fit(x, y)
+
+
+# -------------------------------------------------------------------------------------- scoring
+
+
+def corpus_scores(gold: Sequence[str], probs: np.ndarray, classes: Sequence[str], bootstrap: int) -> dict:
+    """UAR (argmax over the corpus's own classes) with its CI, per-class recall, the top answer's share."""
+    own = [c for c in EMOTIONS if c in set(gold)]
+    cols = [list(classes).index(c) if c in classes else None for c in own]
+    masked = np.stack([probs[:, j] if j is not None else np.zeros(len(probs)) for j in cols], axis=1)
+    pred = [own[k] for k in masked.argmax(1)]
+    scores = classification_scores(gold, pred, own)
+    top, n_top = Counter(pred).most_common(1)[0]
+    return {
+        "n": len(gold),
+        "uar": scores["uar"],
+        "ci": bootstrap_ci(gold, pred, own, n_resamples=bootstrap) if bootstrap else None,
+        "recall": {c: r for c, r in scores["recall"].items() if r is not None},
+        "confusion": scores["confusion"],
+        "classes": own,
+        "top": [top, n_top / len(pred)],
+    }
+
+
+def run_folds(
+    rows: Sequence, stats: dict[str, np.ndarray], heads: Sequence[Head], bootstrap: int, log: Callable = print
+) -> dict:
+    """{corpus: {head name: scores}} for every corpus with at least two classes, one fold each."""
+    corpora = sorted({r.corpus for r in rows})
+    labels = np.array([r.label or "" for r in rows])
+    corpus_of = np.array([r.corpus for r in rows])
+    speakers = [r.speaker or r.corpus for r in rows]
+    out: dict = {}
+    for corpus in corpora:
+        test = corpus_of == corpus
+        train = ~test & (labels != "")
+        scored = test & (labels != "")
+        if len(set(labels[scored])) < 2:
+            continue
+        for head in heads:
+            x = head.features(stats[head.front_end], speakers)
+            clf = fit_classes(head, x[train], labels[train], corpus_of[train])
+            probs = clf.predict_proba(x[scored])
+            out.setdefault(corpus, {})[head.name] = corpus_scores(
+                list(labels[scored]), probs, list(clf.classes_), bootstrap
+            )
+            log(f"loco {corpus}: {head.name}: UAR {100 * out[corpus][head.name]['uar']:.1f}")
+    return out
+
+
+def arousal_folds(
+    rows: Sequence, stats: dict[str, np.ndarray], heads: Sequence[Head], bootstrap: int
+) -> dict:
+    """{corpus: {head name: (CCC, CI, n)}}: arousal of each rated corpus from a ridge fitted on the others."""
+    from probes import ccc_ci
+
+    gold = np.array([np.nan if r.arousal is None else r.arousal for r in rows], dtype=np.float64)
+    corpus_of = np.array([r.corpus for r in rows])
+    speakers = [r.speaker or r.corpus for r in rows]
+    out: dict = {}
+    for corpus in sorted({c for c, g in zip(corpus_of, gold) if np.isfinite(g)}):
+        test, train = (corpus_of == corpus) & np.isfinite(gold), (corpus_of != corpus) & np.isfinite(gold)
+        if train.sum() < 10:
+            continue
+        for head in heads:
+            x = head.features(stats[head.front_end], speakers)
+            pred = np.clip(fit_ridge(x[train], gold[train]).predict(x[test]), 0.0, 1.0)
+            scores = (ccc(gold[test], pred), ccc_ci(gold[test], pred, bootstrap), int(test.sum()))
+            out.setdefault(corpus, {})[head.name] = scores
+    return out
+
+
+def model_folds(rows: Sequence, spec: str, name: str, bootstrap: int, batch_size: int = 16) -> dict:
+    """{corpus: {name: scores}} of trained models on every corpus. `spec` may hold `{corpus}`: then each
+    corpus is scored by its own fold's model (benchmarks/loco_folds.py), which never trained on it."""
+    import serval
+
+    out: dict = {}
+    model = None if "{corpus}" in spec else serval.load(spec, engine="torch")
+    for corpus in sorted({r.corpus for r in rows}):
+        mine = [r for r in rows if r.corpus == corpus and r.label]
+        path = spec.format(corpus=corpus)
+        if len({r.label for r in mine}) < 2 or not Path(path).exists() and model is None:
+            continue
+        system = model or serval.load(path, engine="torch")
+        waves = [load_audio(r.path, r.start, r.end) for r in mine]
+        probs = [
+            system.predict_waveforms(waves[i : i + batch_size])[0] for i in range(0, len(waves), batch_size)
+        ]
+        gold = [r.label for r in mine]
+        out[corpus] = {name: corpus_scores(gold, np.concatenate(probs), list(system.classes), bootstrap)}
+    return out
+
+
+# ------------------------------------------------------------------------------------- markdown
+
+
+def _cell(s: dict | None) -> str:
+    if not s:
+        return "–"
+    ci = s.get("ci")
+    return f"{100 * s['uar']:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def uar_table(folds: dict, names: Sequence[str]) -> list[str]:
+    """Corpus x system UAR table with the mean over the corpora every system has."""
+    lines = ["| corpus | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for corpus, cell in folds.items():
+        lines.append(f"| {corpus} | " + " | ".join(_cell(cell.get(n)) for n in names) + " |")
+    means = []
+    for n in names:
+        have = [cell[n]["uar"] for cell in folds.values() if n in cell]
+        means.append(f"**{100 * np.mean(have):.1f}** ({len(have)})" if have else "–")
+    lines.append("| mean (corpora) | " + " | ".join(means) + " |")
+    return lines
+
+
+def recall_table(folds: dict, name: str) -> list[str]:
+    """Per-class recall of one system on each corpus, and the share of its most frequent answer."""
+    lines = [
+        f"| corpus | {' | '.join(EMOTIONS)} | most frequent answer |",
+        "| --- |" + " --- |" * (len(EMOTIONS) + 1),
+    ]
+    for corpus, cell in folds.items():
+        if name not in cell:
+            continue
+        s = cell[name]
+        recall = [f"{100 * s['recall'][c]:.0f}" if c in s["recall"] else "–" for c in EMOTIONS]
+        lines.append(f"| {corpus} | " + " | ".join(recall) + f" | {s['top'][0]} {100 * s['top'][1]:.0f} % |")
+    return lines
+
+
+def arousal_table(folds: dict, names: Sequence[str]) -> list[str]:
+    lines = ["| corpus (clips) | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for corpus, cell in folds.items():
+        n = next(iter(cell.values()))[2]
+        row = []
+        for name in names:
+            value, ci, _ = cell[name]
+            row.append(f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+        lines.append(f"| {corpus} ({n}) | " + " | ".join(row) + " |")
+    return lines

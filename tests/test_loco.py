@@ -1,0 +1,99 @@
+"""Leave-one-corpus-out (benchmarks/loco.py, loco_folds.py): folds that never see their corpus, the scores."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import loco  # noqa: E402
+from loco import COLUMNS, LAYERS, WIDTH, ClipStats, Head, corpus_scores, run_folds  # noqa: E402
+from loco_folds import fold_manifests  # noqa: E402
+
+from serval.audio import load_audio  # noqa: E402
+from serval.clip import Clip  # noqa: E402
+from serval.manifest import read_manifest, write_manifest  # noqa: E402
+
+
+def synthetic(n_per: int = 30, seed: int = 0) -> tuple[list[Clip], np.ndarray]:
+    """Three corpora of two speakers; the class shows in every corpus's stats, the corpus as an offset."""
+    rng = np.random.default_rng(seed)
+    rows, stats = [], []
+    classes = {"a": ["happy", "sad", "angry"], "b": ["happy", "sad"], "c": ["sad", "angry", "neutral"]}
+    for k, (corpus, labels) in enumerate(classes.items()):
+        for i in range(n_per):
+            label = labels[i % len(labels)]
+            vec = rng.normal(size=3 * LAYERS * WIDTH).astype(np.float32) + 0.05 * k
+            vec[::7] += 3 * ["happy", "sad", "angry", "neutral"].index(label)
+            stats.append(vec)
+            rows.append(Clip(path=f"{corpus}{i}.flac", label=label, corpus=corpus, speaker=f"{corpus}-{i % 2}"))
+    return rows, np.stack(stats)
+
+
+def test_a_fold_never_trains_on_its_corpus(monkeypatch):
+    rows, stats = synthetic()
+    fitted = []
+    real_fit = loco.fit_classes
+
+    def spy(head, x, labels, corpora):
+        fitted.append(set(corpora))
+        return real_fit(head, x, labels, corpora)
+
+    monkeypatch.setattr(loco, "fit_classes", spy)
+    heads = (Head("probe", columns="raw"), Head("balanced", corpus_balance=0.5))
+    folds = run_folds(rows, {"whisper": stats}, heads, bootstrap=50, log=lambda _: None)
+    assert list(folds) == ["a", "b", "c"] and fitted == [{"b", "c"}] * 2 + [{"a", "c"}] * 2 + [{"a", "b"}] * 2
+    for corpus, cell in folds.items():
+        own = sorted({r.label for r in rows if r.corpus == corpus})
+        for s in cell.values():
+            assert sorted(s["recall"]) == own and s["n"] == 30  # scored over the corpus's own classes
+            assert 0.0 <= s["ci"][0] <= s["uar"] <= s["ci"][1] <= 1.0
+    assert folds["b"]["probe"]["uar"] > 0.9  # happy and sad are learnt from corpora a and c
+
+
+def test_corpus_scores_take_the_argmax_over_the_corpus_classes():
+    probs = np.array([[0.1, 0.5, 0.4], [0.6, 0.1, 0.3], [0.2, 0.3, 0.5]])  # columns: angry, happy, sad
+    s = corpus_scores(["sad", "sad", "happy"], probs, ["angry", "happy", "sad"], bootstrap=0)
+    # angry is not among the gold labels, so row 1 is called sad (0.3 > 0.1), not angry (0.6)
+    assert s["classes"] == ["happy", "sad"] and s["recall"] == {"happy": 0.0, "sad": 0.5}
+    assert s["uar"] == pytest.approx(0.25) and s["top"] == ["sad", 2 / 3] and s["ci"] is None
+
+
+def test_head_features_pick_layers_and_standardise_per_speaker():
+    rows, stats = synthetic(n_per=6)
+    speakers = [r.speaker for r in rows]
+    top = Head("top", layers=(6,)).features(stats, speakers)
+    normed = stats[:, COLUMNS["normed"]].reshape(len(stats), 2, LAYERS, WIDTH)
+    assert np.array_equal(top, normed[:, :, 6].reshape(len(stats), -1))
+    per = Head("per speaker", per_speaker=True).features(stats, speakers)
+    for s in set(speakers):
+        mine = per[[i for i, v in enumerate(speakers) if v == s]]
+        assert np.allclose(mine.mean(0), 0, atol=1e-4) and np.allclose(mine.std(0), 1, atol=1e-2)
+
+
+def test_clip_stats_are_pooled_once_per_clip(ravdess_clips, tmp_path, one_thread):
+    stats = ClipStats(tmp_path / "loco-cache", gain_invariant=True)
+    rows = [Clip(path=str(p)) for p in ravdess_clips[:2]] + [Clip(path=str(tmp_path / "missing.flac"))]
+    x, kept = stats.rows(rows, progress=False)
+    assert x.shape == (2, 3 * LAYERS * WIDTH) and kept == rows[:2] and np.isfinite(x).all()
+    assert np.allclose(x[:, COLUMNS["normed"]].reshape(2, 2, LAYERS, WIDTH)[:, 0].mean(-1), 0, atol=1e-4)
+    stats._encode = lambda wave: pytest.fail("a pooled clip was encoded again")
+    assert np.array_equal(stats.rows(rows[:2], progress=False)[0], x)
+    louder = ClipStats(tmp_path / "loco-cache", gain_invariant=True)
+    wave = load_audio(ravdess_clips[0])
+    assert np.abs(louder._encode(wave * 3) - x[0]).max() < 1e-3  # the gain-invariant front end
+
+
+def test_fold_manifests_leave_one_corpus_out(tmp_path):
+    rows, _ = synthetic(n_per=4)
+    for r in rows:
+        r.path = str(tmp_path / r.path)
+    write_manifest(rows, tmp_path / "all.csv")
+    folds = fold_manifests(str(tmp_path / "all.csv"), tmp_path / "out", None)
+    assert list(folds) == ["a", "b", "c"]
+    for corpus, path in folds.items():
+        assert {r.corpus for r in read_manifest(path)} == {"a", "b", "c"} - {corpus}
+    assert list(fold_manifests(str(tmp_path / "all.csv"), tmp_path / "out", ["b"])) == ["b"]
