@@ -40,6 +40,7 @@ from serval.atomic import atomic_write, atomic_write_text
 from serval.audio import AudioError, load_audio
 from serval.checkpoint import model_from_backbone
 from serval.features import compute_features
+from serval.fingerprint import fingerprint
 from serval.metrics import bootstrap_ci, ccc, classification_scores
 from serval.model import SERConfig, layer_statistics
 from serval.train.cache import EncoderCache, encoder_settings
@@ -150,6 +151,7 @@ HEADS = (
     Head("linear head, gain-invariant, C = 0.1", front_end="gain-invariant", c=0.1),
     Head("linear head, per-speaker standardised (not single-clip)", per_speaker=True),
 )
+AROUSAL_HEADS = (HEADS[0], HEADS[1], HEADS[5])  # the ridge probe, and on the linear head's stats
 
 
 def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], corpora: Sequence[str]):
@@ -246,6 +248,25 @@ def arousal_folds(
             scores = (ccc(gold[test], pred), ccc_ci(gold[test], pred, bootstrap), int(test.sum()))
             out.setdefault(corpus, {})[head.name] = scores
     return out
+
+
+def head_folds(
+    rows: Sequence, stats: dict[str, np.ndarray], bootstrap: int, cache: Path
+) -> tuple[dict, dict]:
+    """`run_folds` of HEADS and `arousal_folds` of AROUSAL_HEADS, kept in `cache` (a JSON file per rows,
+    heads and settings), so that a rerun which only adds trained models does not fit the heads again."""
+    described = [[r.path, r.start, r.end, r.label, r.corpus, r.speaker, r.arousal] for r in rows]
+    key = fingerprint(
+        [json.dumps(described), repr(HEADS), repr(AROUSAL_HEADS), f"{bootstrap} {STATS_VERSION}"]
+    )
+    path = cache / f"heads-{key[:16]}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["classes"], saved["arousal"]
+    classes = run_folds(rows, stats, HEADS, bootstrap)
+    arousal = arousal_folds(rows, stats, AROUSAL_HEADS, bootstrap)
+    atomic_write_text(path, json.dumps({"classes": classes, "arousal": arousal}) + "\n", overwrite=True)
+    return classes, arousal
 
 
 def model_folds(rows: Sequence, spec: str, name: str, bootstrap: int, batch_size: int = 16) -> dict:

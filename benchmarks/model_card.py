@@ -49,16 +49,16 @@ from serval.train.cache import EncoderCache, encoder_settings
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loco import (
+from loco import (  # noqa: E402
+    AROUSAL_HEADS,
     HEADS,
     ClipStats,
-    arousal_folds,
     arousal_table,
+    head_folds,
     model_folds,
     recall_table,
-    run_folds,
     uar_table,
-)  # noqa: E402
+)
 from probes import LinearProbe, PooledFeatures, class_scores, dim_scores, markdown  # noqa: E402
 from variants import CachedHead  # noqa: E402
 
@@ -200,8 +200,7 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
     for front_end, gain in (("whisper", False), ("gain-invariant", True)):
         pooled = ClipStats(args.loco_cache, gain_invariant=gain, reuse_dir=args.cache_dir if gain else None)
         stats[front_end], kept = pooled.rows(rows)
-    folds = run_folds(kept, stats, HEADS, args.bootstrap)
-    arousal = arousal_folds(kept, stats, HEADS[:2] + HEADS[5:6], args.bootstrap)
+    folds, arousal = head_folds(kept, stats, args.bootstrap, Path(args.loco_cache))
     names = [h.name for h in HEADS]
     for spec in [*args.fold_model, *args.extra_model]:
         name, _, path = spec.rpartition("=")
@@ -215,7 +214,7 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
     md += [
         "## Leave one corpus out: arousal CCC [95 % CI]",
         "",
-        *arousal_table(arousal, [h.name for h in HEADS[:2] + HEADS[5:6]]),
+        *arousal_table(arousal, [h.name for h in AROUSAL_HEADS]),
     ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "loco.json").write_text(json.dumps({"classes": folds, "arousal": arousal}, indent=1) + "\n")
