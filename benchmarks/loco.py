@@ -269,26 +269,80 @@ def head_folds(
     return classes, arousal
 
 
-def model_folds(rows: Sequence, spec: str, name: str, bootstrap: int, batch_size: int = 16) -> dict:
-    """{corpus: {name: scores}} of trained models on every corpus. `spec` may hold `{corpus}`: then each
-    corpus is scored by its own fold's model (benchmarks/loco_folds.py), which never trained on it."""
+LINEAR_WEIGHTS = {
+    "network alone": 0.0,
+    "linear weight 0.25": 0.25,
+    "linear weight 0.75": 0.75,
+    "linear head alone": 1.0,
+}
+
+
+def _predict(
+    system, waves: list[np.ndarray], batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(probabilities, the network's alone where the model has a linear head, else None, scores)."""
+    probs, scores, alone = [], [], []
+    models = getattr(system, "models", [])
+    split = len(models) == 1 and models[0].config.linear_head and getattr(system, "static", None) is None
+    for i in range(0, len(waves), batch_size):
+        p, s = system.predict_waveforms(waves[i : i + batch_size])
+        probs.append(p)
+        scores.append(s)
+        if split:  # the head adds its probabilities in `SERModel.head` only while the config says so
+            models[0].config.linear_head = False
+            try:
+                alone.append(system.predict_waveforms(waves[i : i + batch_size])[0])
+            finally:
+                models[0].config.linear_head = True
+    return np.concatenate(probs), (np.concatenate(alone) if split else None), np.concatenate(scores)
+
+
+def mixtures(probs: np.ndarray, network: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The model's probabilities, and with a linear head the other weightings of its two heads: the model
+    averages them, so the head's own are 2 x the model's - the network's."""
+    out = {"": probs}
+    if network is not None:
+        linear = np.clip(2 * probs - network, 0.0, 1.0)
+        for label, w in LINEAR_WEIGHTS.items():
+            out[f" ({label})"] = (1 - w) * network + w * linear
+    return out
+
+
+def model_folds(
+    rows: Sequence, spec: str, name: str, bootstrap: int, batch_size: int = 16
+) -> tuple[dict, dict]:
+    """({corpus: {name: scores}}, {corpus: {name: arousal (CCC, CI, n)}}) of trained models on every corpus.
+    `spec` may hold `{corpus}`: then each corpus is scored by its own fold's model
+    (benchmarks/loco_folds.py), which never trained on it."""
+    from probes import ccc_ci
+
     import serval
 
-    out: dict = {}
+    classes: dict = {}
+    arousal: dict = {}
     model = None if "{corpus}" in spec else serval.load(spec, engine="torch")
     for corpus in sorted({r.corpus for r in rows}):
-        mine = [r for r in rows if r.corpus == corpus and r.label]
+        mine = [r for r in rows if r.corpus == corpus and (r.label or r.arousal is not None)]
         path = spec.format(corpus=corpus)
-        if len({r.label for r in mine}) < 2 or not Path(path).exists() and model is None:
+        if not mine or model is None and not Path(path).exists():
             continue
         system = model or serval.load(path, engine="torch")
-        waves = [load_audio(r.path, r.start, r.end) for r in mine]
-        probs = [
-            system.predict_waveforms(waves[i : i + batch_size])[0] for i in range(0, len(waves), batch_size)
-        ]
-        gold = [r.label for r in mine]
-        out[corpus] = {name: corpus_scores(gold, np.concatenate(probs), list(system.classes), bootstrap)}
-    return out
+        probs, network, scores = _predict(
+            system, [load_audio(r.path, r.start, r.end) for r in mine], batch_size
+        )
+        labelled = [i for i, r in enumerate(mine) if r.label]
+        gold = [mine[i].label for i in labelled]
+        if len(set(gold)) >= 2:
+            parts = mixtures(probs[labelled], None if network is None else network[labelled])
+            classes[corpus] = {
+                name + k: corpus_scores(gold, p, list(system.classes), bootstrap) for k, p in parts.items()
+            }
+        rated = [i for i, r in enumerate(mine) if r.arousal is not None]
+        if rated and "arousal" in system.trained_dimensions:
+            truth = np.array([mine[i].arousal for i in rated])
+            pred = scores[rated, list(system.dimensions).index("arousal")]
+            arousal[corpus] = {name: (ccc(truth, pred), ccc_ci(truth, pred, bootstrap), len(rated))}
+    return classes, arousal
 
 
 # ------------------------------------------------------------------------------------- markdown
@@ -335,7 +389,7 @@ def arousal_table(folds: dict, names: Sequence[str]) -> list[str]:
         n = next(iter(cell.values()))[2]
         row = []
         for name in names:
-            value, ci, _ = cell[name]
-            row.append(f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+            value, ci, _ = cell.get(name, (None, None, None))
+            row.append("–" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
         lines.append(f"| {corpus} ({n}) | " + " | ".join(row) + " |")
     return lines

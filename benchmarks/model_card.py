@@ -201,21 +201,20 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
         pooled = ClipStats(args.loco_cache, gain_invariant=gain, reuse_dir=args.cache_dir if gain else None)
         stats[front_end], kept = pooled.rows(rows)
     folds, arousal = head_folds(kept, stats, args.bootstrap, Path(args.loco_cache))
-    names = [h.name for h in HEADS]
+    names, arousal_names = [h.name for h in HEADS], [h.name for h in AROUSAL_HEADS]
     for spec in [*args.fold_model, *args.extra_model]:
         name, _, path = spec.rpartition("=")
         name = name or Path(path).name
-        for corpus, cell in model_folds(kept, path, name, args.bootstrap).items():
-            folds.setdefault(corpus, {}).update(cell)
-        names.append(name)
+        classes, rated = model_folds(kept, path, name, args.bootstrap)
+        for table, new in ((folds, classes), (arousal, rated)):
+            for corpus, cell in new.items():
+                table.setdefault(corpus, {}).update(cell)
+        names += sorted({n for cell in classes.values() for n in cell}, key=lambda n: (n != name, n))
+        arousal_names += [name] if rated else []
     md = ["## Leave one corpus out: UAR [95 % CI]", "", *uar_table(folds, names), ""]
-    for name in (names[0], names[5], *names[len(HEADS) :]):
+    for name in (names[0], names[5], *(n for n in names[len(HEADS) :] if "(" not in n)):
         md += [f"### Per-class recall: {name}", "", *recall_table(folds, name), ""]
-    md += [
-        "## Leave one corpus out: arousal CCC [95 % CI]",
-        "",
-        *arousal_table(arousal, [h.name for h in AROUSAL_HEADS]),
-    ]
+    md += ["## Leave one corpus out: arousal CCC [95 % CI]", "", *arousal_table(arousal, arousal_names)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "loco.json").write_text(json.dumps({"classes": folds, "arousal": arousal}, indent=1) + "\n")
     (out / "loco.md").write_text("\n".join(md) + "\n")

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loco  # noqa: E402
-from loco import COLUMNS, LAYERS, WIDTH, ClipStats, Head, corpus_scores, run_folds  # noqa: E402
+from loco import COLUMNS, LAYERS, WIDTH, ClipStats, Head, corpus_scores, mixtures, run_folds  # noqa: E402
 from loco_folds import fold_manifests  # noqa: E402
 
 from serval.audio import load_audio  # noqa: E402
@@ -29,7 +29,9 @@ def synthetic(n_per: int = 30, seed: int = 0) -> tuple[list[Clip], np.ndarray]:
             vec = rng.normal(size=3 * LAYERS * WIDTH).astype(np.float32) + 0.05 * k
             vec[::7] += 3 * ["happy", "sad", "angry", "neutral"].index(label)
             stats.append(vec)
-            rows.append(Clip(path=f"{corpus}{i}.flac", label=label, corpus=corpus, speaker=f"{corpus}-{i % 2}"))
+            rows.append(
+                Clip(path=f"{corpus}{i}.flac", label=label, corpus=corpus, speaker=f"{corpus}-{i % 2}")
+            )
     return rows, np.stack(stats)
 
 
@@ -97,3 +99,15 @@ def test_fold_manifests_leave_one_corpus_out(tmp_path):
     for corpus, path in folds.items():
         assert {r.corpus for r in read_manifest(path)} == {"a", "b", "c"} - {corpus}
     assert list(fold_manifests(str(tmp_path / "all.csv"), tmp_path / "out", ["b"])) == ["b"]
+
+
+def test_mixtures_recover_each_heads_probabilities():
+    network = np.array([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
+    linear = np.array([[0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
+    parts = mixtures((network + linear) / 2, network)  # what a model with a linear head gives
+    assert np.allclose(parts[" (linear head alone)"], linear) and np.array_equal(
+        parts[" (network alone)"], network
+    )
+    assert np.allclose(parts[" (linear weight 0.25)"], 0.75 * network + 0.25 * linear)
+    assert np.array_equal(parts[""], (network + linear) / 2)
+    assert list(mixtures(linear, None)) == [""]  # a model without a linear head: only itself
