@@ -309,39 +309,66 @@ def mixtures(probs: np.ndarray, network: np.ndarray | None) -> dict[str, np.ndar
 
 
 def model_folds(
-    rows: Sequence, spec: str, name: str, bootstrap: int, batch_size: int = 16
+    rows: Sequence, spec: str, name: str, bootstrap: int, cache: Path | None = None
 ) -> tuple[dict, dict]:
     """({corpus: {name: scores}}, {corpus: {name: arousal (CCC, CI, n)}}) of trained models on every corpus.
     `spec` may hold `{corpus}`: then each corpus is scored by its own fold's model
-    (benchmarks/loco_folds.py), which never trained on it."""
-    from probes import ccc_ci
-
+    (benchmarks/loco_folds.py), which never trained on it. A model folder's scores are kept in `cache`,
+    keyed by its files and the clips, so a rerun scores only new or changed models."""
     import serval
 
     classes: dict = {}
     arousal: dict = {}
-    model = None if "{corpus}" in spec else serval.load(spec, engine="torch")
+    model = None
     for corpus in sorted({r.corpus for r in rows}):
         mine = [r for r in rows if r.corpus == corpus and (r.label or r.arousal is not None)]
-        path = spec.format(corpus=corpus)
-        if not mine or model is None and not Path(path).exists():
+        path = Path(spec.format(corpus=corpus))
+        if not mine or "{corpus}" in spec and not path.exists():
             continue
-        system = model or serval.load(path, engine="torch")
-        probs, network, scores = _predict(
-            system, [load_audio(r.path, r.start, r.end) for r in mine], batch_size
-        )
-        labelled = [i for i, r in enumerate(mine) if r.label]
-        gold = [mine[i].label for i in labelled]
-        if len(set(gold)) >= 2:
-            parts = mixtures(probs[labelled], None if network is None else network[labelled])
-            classes[corpus] = {
-                name + k: corpus_scores(gold, p, list(system.classes), bootstrap) for k, p in parts.items()
-            }
-        rated = [i for i, r in enumerate(mine) if r.arousal is not None]
-        if rated and "arousal" in system.trained_dimensions:
-            truth = np.array([mine[i].arousal for i in rated])
-            pred = scores[rated, list(system.dimensions).index("arousal")]
-            arousal[corpus] = {name: (ccc(truth, pred), ccc_ci(truth, pred, bootstrap), len(rated))}
+        key = None
+        if cache is not None and (path / "model.safetensors").is_file():
+            described = json.dumps([[r.path, r.start, r.end, r.label, r.arousal] for r in mine])
+            parts = [path / "model.safetensors", path / "config.json", described, f"{name} {bootstrap}"]
+            key = cache / "models" / f"{fingerprint(parts)[:24]}.json"
+            if key.is_file():
+                saved = json.loads(key.read_text())
+                classes.update(saved["classes"])
+                arousal.update(saved["arousal"])
+                continue
+        if "{corpus}" in spec or model is None:
+            model = serval.load(str(path) if path.exists() else spec, engine="torch")
+        # as JSON gives them back, so a cached and a fresh result look the same (lists, not tuples)
+        mine_classes, mine_arousal = json.loads(json.dumps(score_model(model, corpus, mine, name, bootstrap)))
+        classes.update(mine_classes)
+        arousal.update(mine_arousal)
+        if key is not None:
+            key.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                key, json.dumps({"classes": mine_classes, "arousal": mine_arousal}), overwrite=True
+            )
+    return classes, arousal
+
+
+def score_model(
+    system, corpus: str, rows: Sequence, name: str, bootstrap: int, batch_size: int = 16
+) -> tuple[dict, dict]:
+    """One corpus's ({corpus: {name (+ head mixture): scores}}, {corpus: {name: arousal}}) of one model."""
+    from probes import ccc_ci
+
+    probs, network, scores = _predict(system, [load_audio(r.path, r.start, r.end) for r in rows], batch_size)
+    classes, arousal = {}, {}
+    labelled = [i for i, r in enumerate(rows) if r.label]
+    gold = [rows[i].label for i in labelled]
+    if len(set(gold)) >= 2:
+        parts = mixtures(probs[labelled], None if network is None else network[labelled])
+        classes[corpus] = {
+            name + k: corpus_scores(gold, p, list(system.classes), bootstrap) for k, p in parts.items()
+        }
+    rated = [i for i, r in enumerate(rows) if r.arousal is not None]
+    if rated and "arousal" in system.trained_dimensions:
+        truth = np.array([rows[i].arousal for i in rated])
+        pred = scores[rated, list(system.dimensions).index("arousal")]
+        arousal[corpus] = {name: (ccc(truth, pred), ccc_ci(truth, pred, bootstrap), len(rated))}
     return classes, arousal
 
 

@@ -205,7 +205,7 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
     for spec in [*args.fold_model, *args.extra_model]:
         name, _, path = spec.rpartition("=")
         name = name or Path(path).name
-        classes, rated = model_folds(kept, path, name, args.bootstrap)
+        classes, rated = model_folds(kept, path, name, args.bootstrap, Path(args.loco_cache))
         for table, new in ((folds, classes), (arousal, rated)):
             for corpus, cell in new.items():
                 table.setdefault(corpus, {}).update(cell)

@@ -111,3 +111,32 @@ def test_mixtures_recover_each_heads_probabilities():
     assert np.allclose(parts[" (linear weight 0.25)"], 0.75 * network + 0.25 * linear)
     assert np.array_equal(parts[""], (network + linear) / 2)
     assert list(mixtures(linear, None)) == [""]  # a model without a linear head: only itself
+
+
+def test_fold_models_score_their_own_corpus_once(tmp_path, ravdess_clips, emodb_clips, monkeypatch):
+    import torch
+
+    from serval.checkpoint import save_model
+    from serval.model import SERConfig, SERModel
+
+    torch.manual_seed(0)
+    for corpus in ("ravdess", "emodb"):  # each fold's model: a tiny random one with a linear head
+        save_model(
+            SERModel(SERConfig.tiny(layer_weighting="weighted", linear_head=True)).eval(), tmp_path / corpus
+        )
+    labels = ["angry", "sad", "happy"]
+    rows = [Clip(path=str(p), label=labels[i % 3], corpus="ravdess") for i, p in enumerate(ravdess_clips[:6])]
+    rows += [Clip(path=str(p), label=labels[i % 2], corpus="emodb") for i, p in enumerate(emodb_clips[:4])]
+    rows += [Clip(path=str(ravdess_clips[7]), corpus="other")]  # no class, no rating: not scored
+    classes, arousal = loco.model_folds(rows, str(tmp_path / "{corpus}"), "tiny", 20, tmp_path / "cache")
+    assert sorted(classes) == ["emodb", "ravdess"] and not arousal  # a tiny model trains no dimension
+    assert set(classes["ravdess"]) == {"tiny", *(f"tiny ({k})" for k in loco.LINEAR_WEIGHTS)}
+    assert classes["emodb"]["tiny"]["n"] == 4 and sorted(classes["emodb"]["tiny"]["recall"]) == [
+        "angry",
+        "sad",
+    ]
+    monkeypatch.setattr(loco, "score_model", lambda *a, **k: pytest.fail("a cached fold was scored again"))
+    assert loco.model_folds(rows, str(tmp_path / "{corpus}"), "tiny", 20, tmp_path / "cache") == (
+        classes,
+        arousal,
+    )
