@@ -281,20 +281,36 @@ def _predict(
     system, waves: list[np.ndarray], batch_size: int
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(probabilities, the network's alone where the model has a linear head, else None, scores)."""
-    probs, scores, alone = [], [], []
     models = getattr(system, "models", [])
-    split = len(models) == 1 and models[0].config.linear_head and getattr(system, "static", None) is None
-    for i in range(0, len(waves), batch_size):
-        p, s = system.predict_waveforms(waves[i : i + batch_size])
-        probs.append(p)
-        scores.append(s)
-        if split:  # the head adds its probabilities in `SERModel.head` only while the config says so
-            models[0].config.linear_head = False
-            try:
-                alone.append(system.predict_waveforms(waves[i : i + batch_size])[0])
-            finally:
-                models[0].config.linear_head = True
-    return np.concatenate(probs), (np.concatenate(alone) if split else None), np.concatenate(scores)
+    if not (len(models) == 1 and models[0].config.linear_head):
+        parts = [
+            system.predict_waveforms(waves[i : i + batch_size]) for i in range(0, len(waves), batch_size)
+        ]
+        return np.concatenate([p for p, _ in parts]), None, np.concatenate([s for _, s in parts])
+    out = [_two_heads(models[0], waves[i : i + batch_size]) for i in range(0, len(waves), batch_size)]
+    return tuple(np.concatenate([o[k] for o in out]) for k in range(3))
+
+
+@torch.inference_mode()
+def _two_heads(model, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One encoder pass, then the head with and without the linear head (`SERModel.head` adds the
+    linear head's probabilities only while the config says so)."""
+    cfg = model.config
+    feats, lengths = compute_features(
+        waves, n_mels=cfg.n_mels, pad_to_30s=cfg.pad_to_30s, gain_invariant=cfg.gain_invariant
+    )
+    hidden, token_lengths = model.encode(feats, lengths)
+    both = model.head(hidden, token_lengths)
+    cfg.linear_head = False
+    try:
+        network = model.head(hidden, token_lengths)
+    finally:
+        cfg.linear_head = True
+    return (
+        both.logits.float().softmax(-1).numpy(),
+        network.logits.float().softmax(-1).numpy(),
+        both.scores.float().numpy(),
+    )
 
 
 def mixtures(probs: np.ndarray, network: np.ndarray | None) -> dict[str, np.ndarray]:
