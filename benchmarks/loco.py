@@ -411,6 +411,30 @@ def uar_table(folds: dict, names: Sequence[str]) -> list[str]:
     return lines
 
 
+def summary_table(folds: dict, model: str, floor: str, others: Sequence[str] = ()) -> list[str]:
+    """`model` against `floor` per corpus: both UARs with CIs, the difference, and `others` beside them."""
+    lines = [f"| corpus | {model} | {floor} | difference | " + " | ".join(others) + " |"]
+    lines.append("| --- |" + " --- |" * (3 + len(others)))
+    diffs = []
+    for corpus, cell in folds.items():
+        if model not in cell or floor not in cell:
+            continue
+        diffs.append(100 * (cell[model]["uar"] - cell[floor]["uar"]))
+        rest = [_cell(cell.get(n)) for n in others]
+        lines.append(
+            f"| {corpus} | {_cell(cell[model])} | {_cell(cell[floor])} | {diffs[-1]:+.1f} | "
+            + " | ".join(rest)
+            + " |"
+        )
+    ahead = sum(d > 0 for d in diffs)
+    means = [np.mean([c[n]["uar"] for c in folds.values() if model in c and n in c]) for n in (model, floor)]
+    lines.append(
+        f"| mean ({len(diffs)} corpora; ahead on {ahead}) | **{100 * means[0]:.1f}** | **{100 * means[1]:.1f}** | "
+        f"**{np.mean(diffs):+.1f}** | " + " | ".join("" for _ in others) + " |"
+    )
+    return lines
+
+
 def recall_table(folds: dict, name: str) -> list[str]:
     """Per-class recall of one system on each corpus, and the share of its most frequent answer."""
     lines = [

@@ -57,6 +57,7 @@ from loco import (  # noqa: E402
     head_folds,
     model_folds,
     recall_table,
+    summary_table,
     uar_table,
 )
 from probes import LinearProbe, PooledFeatures, class_scores, dim_scores, markdown  # noqa: E402
@@ -211,7 +212,13 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
                 table.setdefault(corpus, {}).update(cell)
         names += sorted({n for cell in classes.values() for n in cell}, key=lambda n: (n != name, n))
         arousal_names += [name] if rated else []
-    md = ["## Leave one corpus out: UAR [95 % CI]", "", *uar_table(folds, names), ""]
+    md = []
+    if args.fold_model:  # the first fold model against the probe, the floor
+        first = args.fold_model[0].rpartition("=")[0]
+        others = [n for n in names[len(HEADS) :] if n != first and not n.startswith(first)]
+        md += ["## The recipe against the probe, leave one corpus out: UAR [95 % CI]", ""]
+        md += [*summary_table(folds, first, HEADS[0].name, [HEADS[5].name, *others]), ""]
+    md += ["## Leave one corpus out: UAR [95 % CI]", "", *uar_table(folds, names), ""]
     for name in (names[0], names[5], *(n for n in names[len(HEADS) :] if "(" not in n)):
         md += [f"### Per-class recall: {name}", "", *recall_table(folds, name), ""]
     md += ["## Leave one corpus out: arousal CCC [95 % CI]", "", *arousal_table(arousal, arousal_names)]

@@ -140,3 +140,23 @@ def test_fold_models_score_their_own_corpus_once(tmp_path, ravdess_clips, emodb_
         classes,
         arousal,
     )
+
+
+def test_summary_table_counts_the_corpora_ahead():
+    def cell(uar):
+        return {"uar": uar, "ci": [uar - 0.05, uar + 0.05]}
+
+    folds = {
+        "a": {"m": cell(0.6), "p": cell(0.5)},
+        "b": {"m": cell(0.4), "p": cell(0.45)},
+        "c": {"p": cell(0.9)},
+    }
+    lines = loco.summary_table(folds, "m", "p", ["x"])
+    assert lines[2].startswith("| a | 60.0 [55.0, 65.0] | 50.0 [45.0, 55.0] | +10.0 | –")
+    assert lines[3].split(" | ")[3] == "-5.0" and len(lines) == 5  # c lacks the model: left out
+    assert (
+        "ahead on 1" in lines[4]
+        and "**50.0**" in lines[4]
+        and "**47.5**" in lines[4]
+        and "**+2.5**" in lines[4]
+    )
