@@ -54,7 +54,7 @@ def labels(model, waves: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
 
 
 def unchanged(model, rows) -> dict:
-    """{corpus: {gain: share unchanged}} plus "all", and the share of clipped samples at +12 dB."""
+    """{corpus: {gain or "mean": share of labels unchanged}}, with "all" for every clip together."""
     waves = [load_audio(r.path, r.start, r.end) for r in rows]
     corpora = np.array([r.corpus for r in rows])
     base = labels(model, waves)

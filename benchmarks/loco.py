@@ -151,7 +151,8 @@ HEADS = (
     Head("linear head, gain-invariant, C = 0.1", front_end="gain-invariant", c=0.1),
     Head("linear head, per-speaker standardised (not single-clip)", per_speaker=True),
 )
-AROUSAL_HEADS = (HEADS[0], HEADS[1], HEADS[5])  # the ridge probe, and on the linear head's stats
+PROBE, GAIN_INVARIANT_HEAD = HEADS[0], HEADS[5]  # the floor; the shipped model's front end
+AROUSAL_HEADS = (PROBE, HEADS[1], GAIN_INVARIANT_HEAD)  # the ridge probe, and on the linear head's stats
 
 
 def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], corpora: Sequence[str]):
@@ -210,20 +211,18 @@ def run_folds(
     labels = np.array([r.label or "" for r in rows])
     corpus_of = np.array([r.corpus for r in rows])
     speakers = [r.speaker or r.corpus for r in rows]
-    out: dict = {}
+    labelled, folds = labels != "", []  # (corpus, the rows trained on, the rows scored)
     for corpus in corpora:
         test = corpus_of == corpus
-        train = ~test & (labels != "")
-        scored = test & (labels != "")
-        if len(set(labels[scored])) < 2:
-            continue
-        for head in heads:
-            x = head.features(stats[head.front_end], speakers)
+        if len(set(labels[test & labelled])) >= 2:
+            folds.append((corpus, ~test & labelled, test & labelled))
+    out: dict = {c: {} for c, _, _ in folds}
+    for head in heads:
+        x = head.features(stats[head.front_end], speakers)  # the same in every fold: made once per head
+        for corpus, train, scored in folds:
             clf = fit_classes(head, x[train], labels[train], corpus_of[train])
             probs = clf.predict_proba(x[scored])
-            out.setdefault(corpus, {})[head.name] = corpus_scores(
-                list(labels[scored]), probs, list(clf.classes_), bootstrap
-            )
+            out[corpus][head.name] = corpus_scores(list(labels[scored]), probs, list(clf.classes_), bootstrap)
             log(f"loco {corpus}: {head.name}: UAR {100 * out[corpus][head.name]['uar']:.1f}")
     return out
 
@@ -237,16 +236,18 @@ def arousal_folds(
     gold = np.array([np.nan if r.arousal is None else r.arousal for r in rows], dtype=np.float64)
     corpus_of = np.array([r.corpus for r in rows])
     speakers = [r.speaker or r.corpus for r in rows]
-    out: dict = {}
-    for corpus in sorted({c for c, g in zip(corpus_of, gold) if np.isfinite(g)}):
-        test, train = (corpus_of == corpus) & np.isfinite(gold), (corpus_of != corpus) & np.isfinite(gold)
-        if train.sum() < 10:
-            continue
-        for head in heads:
-            x = head.features(stats[head.front_end], speakers)
+    rated, folds = np.isfinite(gold), []  # (corpus, the rows scored, the rows trained on)
+    for corpus in sorted(set(corpus_of[rated])):
+        test, train = (corpus_of == corpus) & rated, (corpus_of != corpus) & rated
+        if train.sum() >= 10:
+            folds.append((corpus, test, train))
+    out: dict = {c: {} for c, _, _ in folds}
+    for head in heads:
+        x = head.features(stats[head.front_end], speakers)  # the same in every fold: made once per head
+        for corpus, test, train in folds:
             pred = np.clip(fit_ridge(x[train], gold[train]).predict(x[test]), 0.0, 1.0)
             scores = (ccc(gold[test], pred), ccc_ci(gold[test], pred, bootstrap), int(test.sum()))
-            out.setdefault(corpus, {})[head.name] = scores
+            out[corpus][head.name] = scores
     return out
 
 

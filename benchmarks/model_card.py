@@ -51,7 +51,9 @@ from serval.vocab import DIMENSIONS, EMOTIONS
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loco import (  # noqa: E402
     AROUSAL_HEADS,
+    GAIN_INVARIANT_HEAD,
     HEADS,
+    PROBE,
     ClipStats,
     arousal_table,
     head_folds,
@@ -217,9 +219,9 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
         first = args.fold_model[0].rpartition("=")[0]
         others = [n for n in names[len(HEADS) :] if not n.startswith(first) and "(" not in n]
         md += ["## The recipe against the probe, leave one corpus out: UAR [95 % CI]", ""]
-        md += [*summary_table(folds, first, HEADS[0].name, [HEADS[5].name, *others]), ""]
+        md += [*summary_table(folds, first, PROBE.name, [GAIN_INVARIANT_HEAD.name, *others]), ""]
     md += ["## Leave one corpus out: UAR [95 % CI]", "", *uar_table(folds, names), ""]
-    for name in (names[0], names[5], *(n for n in names[len(HEADS) :] if "(" not in n)):
+    for name in (PROBE.name, GAIN_INVARIANT_HEAD.name, *(n for n in names[len(HEADS) :] if "(" not in n)):
         md += [f"### Per-class recall: {name}", "", *recall_table(folds, name), ""]
     md += ["## Leave one corpus out: arousal CCC [95 % CI]", "", *arousal_table(arousal, arousal_names)]
     out.mkdir(parents=True, exist_ok=True)
