@@ -274,10 +274,19 @@ class SERModel(nn.Module):
                 embedding = embedding * keep.to(embedding.dtype) / (1 - p)
             embedding = embedding + skip
         logits = self.emotion_classification_layer(self.emotion_layer(embedding))
-        if linear is not None:  # the log of the two heads' mean probability: softmax gives that mean
-            both = torch.stack([logits.float().log_softmax(-1), linear.log_softmax(-1)])
-            logits = (torch.logsumexp(both, dim=0) - math.log(2)).to(logits.dtype)
+        if linear is not None:
+            logits = self._mix(logits, linear)
         return SEROutput(logits=logits, scores=self.dim_layer(embedding), embedding=embedding)
+
+    def _mix(self, network: Tensor, linear: Tensor) -> Tensor:
+        """The log of the two heads' weighted mean probability (softmax gives that mean back)."""
+        w = self.config.linear_weight
+        if w == 1:
+            return linear.log_softmax(-1).to(network.dtype)
+        both = torch.stack(
+            [network.float().log_softmax(-1) + math.log(1 - w), linear.log_softmax(-1) + math.log(w)]
+        )
+        return torch.logsumexp(both, dim=0).to(network.dtype)
 
     def forward(self, features: Tensor, frame_lengths: Tensor | None = None) -> SEROutput:
         return self.head(*self.encode(features, frame_lengths))

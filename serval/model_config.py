@@ -55,8 +55,10 @@ class SERConfig:
     # up, as in stochastic depth), so the statistics branch must stand alone; inference is unchanged.
     ecapa_drop: float = 0.0
     # A linear classifier on the same statistics (needs "weighted"), fitted once after training
-    # (serval.train.linear_head); the class probabilities are the mean of its and the network's.
+    # (serval.train.linear_head); the class probabilities are a weighted mean of its and the network's,
+    # this head's weight `linear_weight` (1: the linear head alone decides the class).
     linear_head: bool = False
+    linear_weight: float = 0.5
     # downstream ECAPA-TDNN variant
     channels: int = 512
     embed_dim: int = 256
@@ -130,6 +132,10 @@ class SERConfig:
             (
                 weighted or not self.linear_head,
                 f"{p}linear_head needs {p}layer_weighting 'weighted' (it reads every layer)",
+            ),
+            (
+                0 < self.linear_weight <= 1,
+                f"{p}linear_weight must be in (0, 1], got {self.linear_weight}",
             ),
             (
                 0 <= self.lora_layers <= self.encoder_layers,

@@ -119,6 +119,14 @@ def test_linear_head_mixes_its_probabilities_with_the_networks_and_takes_no_rand
         out = mixed(feats, lengths)
     assert torch.allclose(out.logits.softmax(-1), (net + linear) / 2, atol=1e-6)
     assert torch.equal(out.scores, plain(feats, lengths).scores)  # the scores stay the network's
+    for w in (0.75, 1.0):  # the linear head's share (model.linear_weight); at 1 it alone decides
+        mixed.config.linear_weight = w
+        with torch.no_grad():
+            weighted = mixed(feats, lengths).logits.softmax(-1)
+        assert torch.allclose(weighted, (1 - w) * net + w * linear, atol=1e-6)
+    for w in (0.0, 1.5):
+        with pytest.raises(ValueError, match="linear_weight must be in"):
+            SERConfig.tiny(layer_weighting="weighted", linear_head=True, linear_weight=w).check()
 
 
 def test_weighted_sum_chooses_layers_not_magnitudes():

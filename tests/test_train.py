@@ -836,3 +836,29 @@ def test_best_and_checkpoint_folders_follow_the_umask(tmp_path, umask_022):
     best = _write_best(run, TrainConfig(), "single", [], [SERModel(SERConfig.tiny())])
     assert best == run.out / "best" and (best / "model.safetensors").is_file()
     assert stat.S_IMODE(best.stat().st_mode) == 0o755
+
+
+def test_the_linear_heads_regularisation_is_the_configs(tmp_path):
+    """select.linear_head_c is the logistic regression's C: a smaller C, smaller weights on the same clips."""
+    from serval.train.data import ClipDataset, read_split
+    from serval.train.linear_head import fit_linear_head
+    from serval.train.network import build_model
+
+    found = [f for f in clips("ravdess", "Actor_01/*.flac") if f.stem.split("-")[2] in ("01", "05")][:8]
+    path = tmp_path / "two.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "end", "label", "split"])
+        w.writerows([clip, 1.5, RAVDESS_CODES[clip.stem.split("-")[2]], "train"] for clip in found)
+    norms = {}
+    for c in (1.0, 0.01):
+        sets = [*TINY, f"data.train={path}", f"out_dir={tmp_path / 'run'}", "model.layer_weighting=weighted"]
+        cfg = load_config(None, [*sets, "select.linear_head=true", f"select.linear_head_c={c}"])
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        dataset = ClipDataset(read_split(str(path), "train", cfg.model), cfg, train=True)
+        fitted = fit_linear_head(model, dataset, cfg, torch.device("cpu"), batch_size=4)
+        norms[c] = fitted.linear_head.weight.norm().item()
+    assert 0 < norms[0.01] < norms[1.0] / 2
+    with pytest.raises(ValueError, match="select.linear_head_c must be positive"):
+        load_config(None, [*TINY, f"data.train={path}", "select.linear_head_c=0"])

@@ -88,8 +88,9 @@ class SelectConfig:
     average: str = "auto"  # predictions | weights | auto (whichever scores the higher dev UAR)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: at epoch ends only)
     # then fit a linear classifier on the training clips' layer statistics and average its class
-    # probabilities with the network's (model.linear_head; serval.train.linear_head)
+    # probabilities with the network's (model.linear_head, model.linear_weight; serval.train.linear_head)
     linear_head: bool = False
+    linear_head_c: float = 1.0  # its inverse L2 strength (scikit-learn's C): smaller, more regularised
 
 
 @dataclass
@@ -184,6 +185,7 @@ def _rules(c: TrainConfig) -> list[tuple[bool, str]]:
         ),
         (c.select.keep_best >= 1, "select.keep_best must be at least 1"),
         (c.select.metric in ("ce", "uar"), "select.metric must be ce or uar"),
+        (c.select.linear_head_c > 0, f"select.linear_head_c must be positive, got {c.select.linear_head_c}"),
         (a.snr_db[0] <= a.snr_db[1], "augment.snr_db must be (low, high)"),
         (
             all(f > 0 for f in a.speed_factors) and bool(a.speed_factors),

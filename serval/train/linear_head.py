@@ -2,9 +2,9 @@
 
 A logistic regression on each training clip's layer statistics (`SERModel.clip_statistics`: every
 layer, layer-normed, its mean and std over the whole clip), as benchmarks/probes.py fits its probe:
-standardised features, balanced class weights, L2 with C = 1. The model carries the scaler and
-the weights (`model.LinearHead`), and its class probabilities become the mean of the network's and
-this head's. The network's training is not changed by it.
+standardised features, balanced class weights, L2 with C = `select.linear_head_c`. The model carries
+the scaler and the weights (`model.LinearHead`), and its class probabilities become the weighted mean
+of the network's and this head's (`model.linear_weight`). The network's training is not changed by it.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def fit_linear_head(
             f"select.linear_head: the training clips have {len(set(y.tolist()))} class(es), need 2"
         )
     scaler = StandardScaler().fit(x)
-    clf = LogisticRegression(max_iter=3000, class_weight="balanced", random_state=cfg.seed)
+    clf = LogisticRegression(
+        C=cfg.select.linear_head_c, max_iter=3000, class_weight="balanced", random_state=cfg.seed
+    )
     clf.fit(scaler.transform(x), y)
     coef = clf.coef_ if len(clf.classes_) > 2 else np.concatenate([-clf.coef_, clf.coef_]) / 2
     bias = clf.intercept_ if len(clf.classes_) > 2 else np.concatenate([-clf.intercept_, clf.intercept_]) / 2
