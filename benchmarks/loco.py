@@ -150,6 +150,11 @@ HEADS = (
     Head("linear head, gain-invariant front end", front_end="gain-invariant"),
     Head("linear head, gain-invariant, C = 0.1", front_end="gain-invariant", c=0.1),
     Head("linear head, per-speaker standardised (not single-clip)", per_speaker=True),
+    Head("linear head, gain-invariant, C = 0.03", front_end="gain-invariant", c=0.03),
+    Head(
+        "linear head, gain-invariant, C = 0.1, corpus-balanced", "gain-invariant", c=0.1, corpus_balance=0.5
+    ),
+    Head("probe, gain-invariant front end", front_end="gain-invariant", columns="raw"),
 )
 PROBE, GAIN_INVARIANT_HEAD = HEADS[0], HEADS[5]  # the issue's floor; the shipped model's front end
 AROUSAL_HEADS = (PROBE, HEADS[1], GAIN_INVARIANT_HEAD)  # the ridge probe, and on the linear head's stats
@@ -314,12 +319,12 @@ def _two_heads(model, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, 
     )
 
 
-def mixtures(probs: np.ndarray, network: np.ndarray | None) -> dict[str, np.ndarray]:
+def mixtures(probs: np.ndarray, network: np.ndarray | None, weight: float = 0.5) -> dict[str, np.ndarray]:
     """The model's probabilities, and with a linear head the other weightings of its two heads: the model
-    averages them, so the head's own are 2 x the model's - the network's."""
+    gives the head `weight` (its config's linear_weight), so the head's own are recovered from the two."""
     out = {"": probs}
     if network is not None:
-        linear = np.clip(2 * probs - network, 0.0, 1.0)
+        linear = probs if weight == 1 else np.clip((probs - (1 - weight) * network) / weight, 0.0, 1.0)
         for label, w in LINEAR_WEIGHTS.items():
             out[f" ({label})"] = (1 - w) * network + w * linear
     return out
@@ -377,7 +382,8 @@ def score_model(
     labelled = [i for i, r in enumerate(rows) if r.label]
     gold = [rows[i].label for i in labelled]
     if len(set(gold)) >= 2:
-        parts = mixtures(probs[labelled], None if network is None else network[labelled])
+        weight = system.models[0].config.linear_weight if network is not None else 0.5
+        parts = mixtures(probs[labelled], None if network is None else network[labelled], weight)
         classes[corpus] = {
             name + k: corpus_scores(gold, p, list(system.classes), bootstrap) for k, p in parts.items()
         }

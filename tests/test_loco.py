@@ -113,6 +113,9 @@ def test_mixtures_recover_each_heads_probabilities():
     assert np.allclose(parts[" (linear weight 0.25)"], 0.75 * network + 0.25 * linear)
     assert np.array_equal(parts[""], (network + linear) / 2)
     assert list(mixtures(linear, None)) == [""]  # a model without a linear head: only itself
+    heavy = mixtures(0.25 * network + 0.75 * linear, network, weight=0.75)  # model.linear_weight 0.75
+    assert np.allclose(heavy[" (linear head alone)"], linear)
+    assert np.allclose(heavy[" (linear weight 0.25)"], 0.75 * network + 0.25 * linear)
 
 
 def test_fold_models_score_their_own_corpus_once(tmp_path, ravdess_clips, emodb_clips, monkeypatch):
