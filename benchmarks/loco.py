@@ -24,6 +24,7 @@ its clips given the most frequent answer (a head that sends one corpus to one cl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -43,35 +44,72 @@ from serval.features import compute_features
 from serval.fingerprint import fingerprint
 from serval.metrics import bootstrap_ci, ccc, classification_scores
 from serval.model import SERConfig, layer_statistics
+from serval.train.augment import NoiseBank, augment_wave, seeded_rng
 from serval.train.cache import EncoderCache, encoder_settings
+from serval.train.config import AugmentConfig
 from serval.vocab import EMOTIONS
 
 STATS_VERSION = 1
 LAYERS, WIDTH = 7, 512  # whisper-base: the input embedding and 6 layers, d 512
 COLUMNS = {"raw": slice(0, LAYERS * WIDTH), "normed": slice(LAYERS * WIDTH, 3 * LAYERS * WIDTH)}
+# the front ends the heads read: Whisper's log-mel, the shipped gain-invariant one (peak moved to one
+# level), and Whisper's log-mel of the clip moved to one RMS level first (loudness normalisation)
+FRONT_ENDS = ("whisper", "gain-invariant", "loudness-normalised")
+LOUDNESS_DBFS = -23.0  # EBU R 128's programme loudness, near the corpora's median RMS level
+AUGMENTED = " augmented"  # stats[front end + AUGMENTED]: one seeded waveform-augmented copy of each clip
+# that copy: speed 0.9 or 1.1, noise at 5-20 dB SNR on half the clips, Opus or MP3 at a low bitrate on half
+AUGMENTATION = AugmentConfig(
+    noise_prob=0.5, snr_db=(5.0, 20.0), speed_factors=(0.9, 1.1), codecs=("opus", "mp3"), codec_prob=0.5
+)
+
+
+def loudness_normalised(wave: np.ndarray) -> np.ndarray:
+    """`wave` scaled so that its RMS is LOUDNESS_DBFS (silence as it is): a gain-free input for Whisper."""
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    return wave if rms == 0 else (wave * (10 ** (LOUDNESS_DBFS / 20) / rms)).astype(np.float32)
 
 
 class ClipStats:
-    """Per clip: whisper-base's 7 outputs' means (raw) and their layer-normed means and stds, cached."""
+    """Per clip: whisper-base's 7 outputs' means (raw) and their layer-normed means and stds, cached.
 
-    def __init__(self, cache_dir: str | Path, gain_invariant: bool, reuse_dir: str | Path | None = None):
+    `front_end`: one of FRONT_ENDS. `augment`: the stats of each clip's seeded augmented copy instead
+    (AUGMENTATION; its noise from `augment.noise_dir`), drawn from the clip's own samples.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        front_end: str = "whisper",
+        reuse_dir: str | Path | None = None,
+        augment: AugmentConfig | None = None,
+    ):
+        if front_end not in FRONT_ENDS:
+            raise ValueError(f"front end must be one of {FRONT_ENDS}, not {front_end!r}")
+        self.front_end, self.augment = front_end, augment
+        self.noise = NoiseBank(augment.noise_dir) if augment and augment.noise_dir else None
         config = SERConfig.for_whisper(
-            "base", backbone="pypi:whisper-base", layer_weighting="weighted", gain_invariant=gain_invariant
+            "base",
+            backbone="pypi:whisper-base",
+            layer_weighting="weighted",
+            gain_invariant=front_end == "gain-invariant",
         )
         self.encoder = model_from_backbone(config).eval()
         # a training run's encoder cache (float16) holds these outputs: pooled, not encoded again
         self.reuse = EncoderCache(reuse_dir, encoder_settings(self.encoder, "float16")) if reuse_dir else None
         settings = {**encoder_settings(self.encoder, "float32"), "stats_version": STATS_VERSION}
+        if front_end == "loudness-normalised":  # the first two front ends' caches keep their keys
+            settings["loudness_dbfs"] = LOUDNESS_DBFS
+        if augment is not None:
+            settings["augment"] = dataclasses.asdict(augment)
         self._prefix = json.dumps(settings, sort_keys=True).encode()
         self.root = Path(cache_dir) / hashlib.sha256(self._prefix).hexdigest()[:16]
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / "settings.json", json.dumps(settings, indent=2) + "\n", overwrite=True)
 
-    def _path(self, wave: np.ndarray) -> Path:
+    def _key(self, wave: np.ndarray) -> str:
         h = hashlib.sha256(self._prefix)
         h.update(np.ascontiguousarray(wave, dtype=np.float32).tobytes())
-        key = h.hexdigest()
-        return self.root / key[:2] / f"{key}.npy"
+        return h.hexdigest()
 
     @staticmethod
     def pool(hidden: torch.Tensor) -> np.ndarray:
@@ -84,16 +122,21 @@ class ClipStats:
     def _encode(self, wave: np.ndarray) -> np.ndarray:
         if self.reuse is not None and self.reuse.readable(key := self.reuse.key(wave)):
             return self.pool(self.reuse.get(key)[0])
+        if self.front_end == "loudness-normalised":
+            wave = loudness_normalised(wave)
         cfg = self.encoder.config
         feats, lengths = compute_features([wave], n_mels=cfg.n_mels, gain_invariant=cfg.gain_invariant)
         hidden, token_lengths = self.encoder.encode(feats, lengths)
         return self.pool(hidden[0, :, : int(token_lengths[0])])
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
-        path = self._path(wave)
+        key = self._key(wave)
+        path = self.root / key[:2] / f"{key}.npy"
         try:
             return np.load(path)
         except (OSError, ValueError):  # missing or damaged: pooled again
+            if self.augment is not None:  # the same clip gets the same copy, in any order, on any run
+                wave = augment_wave(wave, self.augment, self.noise, seeded_rng(int(key[:15], 16)))
             vec = self._encode(wave)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: np.save(tmp, vec), overwrite=True)
@@ -121,12 +164,18 @@ class Head:
     """One LOCO contender: which stats it reads, how it is regularised and weighted."""
 
     name: str
-    front_end: str = "whisper"  # or "gain-invariant"
+    front_end: str = "whisper"  # one of FRONT_ENDS
     columns: str = "normed"  # "raw": the probe's means; "normed": the linear head's means and stds
     c: float = 1.0
     corpus_balance: float = 0.0  # a clip of a corpus of n clips weighs n^-power (0: not at all)
     per_speaker: bool = False  # standardise each speaker's stats by its own clips (needs several per speaker)
     layers: tuple[int, ...] | None = None  # the layers read (None: all 7)
+    augmented: bool = False  # each training clip's augmented copy (AUGMENTATION) trained on beside it
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        """The keys of the stats it reads: its front end's, and its augmented copies'."""
+        return (self.front_end, self.front_end + AUGMENTED) if self.augmented else (self.front_end,)
 
     def features(self, x: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
         x = x[:, COLUMNS[self.columns]]
@@ -155,6 +204,14 @@ HEADS = (
         "linear head, gain-invariant, C = 0.1, corpus-balanced", "gain-invariant", c=0.1, corpus_balance=0.5
     ),
     Head("probe, gain-invariant front end", front_end="gain-invariant", columns="raw"),
+    Head(
+        "linear head, gain-invariant, C = 0.1, waveform-augmented copies",
+        "gain-invariant",
+        c=0.1,
+        augmented=True,
+    ),
+    Head("linear head, loudness-normalised front end, C = 0.1", front_end="loudness-normalised", c=0.1),
+    Head("probe, loudness-normalised front end", front_end="loudness-normalised", columns="raw"),
 )
 PROBE, GAIN_INVARIANT_HEAD = HEADS[0], HEADS[5]  # the issue's floor; the shipped model's front end
 AROUSAL_HEADS = (PROBE, HEADS[1], GAIN_INVARIANT_HEAD)  # the ridge probe, and on the linear head's stats
@@ -223,10 +280,13 @@ def run_folds(
             folds.append((corpus, ~test & labelled, test & labelled))
     out: dict = {c: {} for c, _, _ in folds}
     for head in heads:
-        x = head.features(stats[head.front_end], speakers)  # the same in every fold: made once per head
+        # the same in every fold: made once per head (x[0] the clips, x[1] their augmented copies)
+        x = [head.features(stats[key], speakers) for key in head.stats]
         for corpus, train, scored in folds:
-            clf = fit_classes(head, x[train], labels[train], corpus_of[train])
-            probs = clf.predict_proba(x[scored])
+            n = len(x)
+            fitted = np.concatenate([part[train] for part in x])
+            clf = fit_classes(head, fitted, np.tile(labels[train], n), np.tile(corpus_of[train], n))
+            probs = clf.predict_proba(x[0][scored])
             out[corpus][head.name] = corpus_scores(list(labels[scored]), probs, list(clf.classes_), bootstrap)
             log(f"loco {corpus}: {head.name}: UAR {100 * out[corpus][head.name]['uar']:.1f}")
     return out

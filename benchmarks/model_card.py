@@ -26,6 +26,7 @@ first table): every head fitted on the other corpora, and each `--extra-model` s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -51,6 +52,8 @@ from serval.vocab import DIMENSIONS, EMOTIONS
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loco import (  # noqa: E402
     AROUSAL_HEADS,
+    AUGMENTATION,
+    AUGMENTED,
     GAIN_INVARIANT_HEAD,
     HEADS,
     PROBE,
@@ -200,9 +203,11 @@ def probe_section(rows, models: list, out: Path, args: argparse.Namespace) -> st
 def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
     """The LOCO tables (Markdown, also written to `out/loco.md`, the numbers to `out/loco.json`)."""
     stats, kept = {}, rows
-    for front_end, gain in (("whisper", False), ("gain-invariant", True)):
-        pooled = ClipStats(args.loco_cache, gain_invariant=gain, reuse_dir=args.cache_dir if gain else None)
-        stats[front_end], kept = pooled.rows(rows)
+    for key in dict.fromkeys(k for head in (*HEADS, *AROUSAL_HEADS) for k in head.stats):
+        front_end, augmented = key.removesuffix(AUGMENTED), key.endswith(AUGMENTED)
+        reuse = args.cache_dir if front_end == "gain-invariant" and not augmented else None
+        augment = dataclasses.replace(AUGMENTATION, noise_dir=args.noise_dir) if augmented else None
+        stats[key], kept = ClipStats(args.loco_cache, front_end, reuse, augment).rows(rows)
     folds, arousal = head_folds(kept, stats, args.bootstrap, Path(args.loco_cache))
     names, arousal_names = [h.name for h in HEADS], [h.name for h in AROUSAL_HEADS]
     for spec in [*args.fold_model, *args.extra_model]:
@@ -268,6 +273,11 @@ def main() -> None:
         help="LOCO fold models, e.g. runs/loco/frozen/{corpus}/best (benchmarks/loco_folds.py)",
     )
     ap.add_argument("--loco-cache", default="runs/loco-cache", help="pooled LOCO stats (default %(default)s)")
+    ap.add_argument(
+        "--noise-dir",
+        default="../shared/data/noise",
+        help="noise for LOCO's waveform-augmented copies (default %(default)s, as the training configs)",
+    )
     args = ap.parse_args()
 
     out = Path(args.output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,7 +11,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loco  # noqa: E402
-from loco import COLUMNS, LAYERS, WIDTH, ClipStats, Head, corpus_scores, mixtures, run_folds  # noqa: E402
+from conftest import DATA  # noqa: E402
+from loco import (  # noqa: E402
+    AUGMENTATION,
+    AUGMENTED,
+    COLUMNS,
+    LAYERS,
+    LOUDNESS_DBFS,
+    WIDTH,
+    ClipStats,
+    Head,
+    corpus_scores,
+    loudness_normalised,
+    mixtures,
+    run_folds,
+)
 from loco_folds import fold_manifests  # noqa: E402
 
 from serval.audio import load_audio  # noqa: E402
@@ -79,16 +94,57 @@ def test_head_features_pick_layers_and_standardise_per_speaker():
 
 
 def test_clip_stats_are_pooled_once_per_clip(ravdess_clips, tmp_path, one_thread):
-    stats = ClipStats(tmp_path / "loco-cache", gain_invariant=True)
+    stats = ClipStats(tmp_path / "loco-cache", "gain-invariant")
     rows = [Clip(path=str(p)) for p in ravdess_clips[:2]] + [Clip(path=str(tmp_path / "missing.flac"))]
     x, kept = stats.rows(rows, progress=False)
     assert x.shape == (2, 3 * LAYERS * WIDTH) and kept == rows[:2] and np.isfinite(x).all()
     assert np.allclose(x[:, COLUMNS["normed"]].reshape(2, 2, LAYERS, WIDTH)[:, 0].mean(-1), 0, atol=1e-4)
     stats._encode = lambda wave: pytest.fail("a pooled clip was encoded again")
     assert np.array_equal(stats.rows(rows[:2], progress=False)[0], x)
-    louder = ClipStats(tmp_path / "loco-cache", gain_invariant=True)
+    louder = ClipStats(tmp_path / "loco-cache", "gain-invariant")
     wave = load_audio(ravdess_clips[0])
     assert np.abs(louder._encode(wave * 3) - x[0]).max() < 1e-3  # the gain-invariant front end
+
+
+def test_an_augmented_head_trains_on_each_clip_and_its_copy_and_scores_the_clean_clips(monkeypatch):
+    rows, stats = synthetic()
+    copies = stats + np.random.default_rng(1).normal(scale=0.1, size=stats.shape).astype(np.float32)
+    fitted = []
+    real_fit = loco.fit_classes
+
+    def spy(head, x, labels, corpora):
+        fitted.append((len(x), list(labels), list(corpora)))
+        return real_fit(head, x, labels, corpora)
+
+    monkeypatch.setattr(loco, "fit_classes", spy)
+    head = Head("augmented", columns="raw", augmented=True)
+    assert head.stats == ("whisper", "whisper" + AUGMENTED)
+    folds = run_folds(rows, {"whisper": stats, "whisper augmented": copies}, [head], 0, lambda _: None)
+    for (n, labels, corpora), corpus in zip(fitted, ["a", "b", "c"]):
+        train = [r for r in rows if r.corpus != corpus]
+        assert n == 2 * len(train) and labels == [r.label for r in train] * 2 and corpus not in corpora
+    assert all(cell["augmented"]["n"] == 30 for cell in folds.values())  # the held-out clips, once each
+
+
+def test_the_loudness_normalised_and_augmented_stats(ravdess_clips, tmp_path, one_thread):
+    wave = load_audio(ravdess_clips[0])
+    rms_db = 10 * np.log10(np.mean(loudness_normalised(wave * 0.1).astype(np.float64) ** 2))
+    assert rms_db == pytest.approx(LOUDNESS_DBFS, abs=0.01)
+    loud = ClipStats(tmp_path / "loco-cache", "loudness-normalised")
+    plain = ClipStats(tmp_path / "loco-cache", "whisper")
+    assert loud.root != plain.root  # a front end of its own, cached apart
+    x = loud(wave)
+    assert np.abs(loud._encode(wave * 4) - x).max() < 1e-3  # a level-free input for Whisper's own log-mel
+    assert np.abs(plain(wave) - x).max() > 0.1  # this RAVDESS clip is far from -23 dBFS
+    augment = dataclasses.replace(AUGMENTATION, noise_dir=str(DATA / "noise"))
+    copies = ClipStats(tmp_path / "loco-cache", "gain-invariant", augment=augment)
+    first = copies(wave)
+    copies.root = tmp_path / "elsewhere"  # pooled again, not read back: the draw is the clip's own
+    assert np.array_equal(copies(wave), first)
+    clean = ClipStats(tmp_path / "loco-cache", "gain-invariant")(wave)
+    assert np.abs(first - clean).max() > 0.1
+    with pytest.raises(ValueError, match="front end must be one of"):
+        ClipStats(tmp_path / "loco-cache", "pcen")
 
 
 def test_fold_manifests_leave_one_corpus_out(tmp_path):

@@ -32,6 +32,7 @@ from serval.train import (
     RunState,
     SelectConfig,
     add_noise,
+    augment_wave,
     average_models,
     balance_weights,
     ccc_loss,
@@ -48,6 +49,7 @@ from serval.train import (
     total_loss,
     train,
 )
+from serval.train.augment import codec_round_trip
 from serval.train.loop import trained_dimensions
 
 TINY = [
@@ -305,6 +307,37 @@ def test_speed_and_noise_augmentation_on_real_audio():
     residual = noisy - wave
     snr = 10 * np.log10(np.mean(wave.astype(np.float64) ** 2) / np.mean(residual.astype(np.float64) ** 2))
     assert snr == pytest.approx(10.0, abs=0.05)
+
+
+def test_codec_augmentation_round_trips_real_audio_at_the_drawn_bitrate():
+    from serval.audio import load_audio
+
+    wave = load_audio(clips("ravdess", n=1)[0])
+    errors = {}
+    for codec in ("opus", "mp3"):
+        for level in (0.0, 1.0):
+            out = codec_round_trip(wave, codec, level)
+            assert out.dtype == np.float32 and len(out) == len(wave)
+            errors[codec, level] = float(np.mean((out - wave) ** 2) / np.mean(wave**2))
+        # a lossy copy of the same speech: changed, more so at the lower bitrate, still close at the higher
+        assert 0 < errors[codec, 0.0] < errors[codec, 1.0] < 1.0
+    on = [
+        "data.train=m.csv",
+        "augment.codecs=[opus, mp3]",
+        "augment.codec_prob=1.0",
+        "augment.speed_factors=[1.0]",
+    ]
+    cfg = load_config(None, on)
+    a = augment_wave(wave, cfg.augment, None, np.random.default_rng(5))
+    b = augment_wave(wave, cfg.augment, None, np.random.default_rng(5))
+    assert np.array_equal(a, b) and not np.array_equal(a, wave)  # seeded: the same copy every time
+    off = load_config(
+        None, ["data.train=m.csv", "augment.speed_factors=[1.0]"]
+    ).augment  # codecs: () by default
+    assert np.array_equal(augment_wave(wave, off, None, np.random.default_rng(5)), wave)
+    for bad in ("augment.codecs=[aac]", "augment.codec_compression=[0.5, 1.5]"):
+        with pytest.raises(ValueError, match="augment.codecs must be opus and/or mp3"):
+            load_config(None, ["data.train=m.csv", bad])
 
 
 def test_noise_bank_errors_name_the_folder(tmp_path):

@@ -121,6 +121,13 @@ def test_frozen_cached_training_encodes_once_and_rekeys_a_changed_span(tmp_path,
     _, message = run("c", _manifest(tmp_path / "m2.csv", files, spans), *noise, "optim.epochs=1")
     assert "2 encoded now, 12 reused" in message and len(entries()) == len(first) + 2
 
+    plain = ("augment.speed_factors=[1.0]", "cache.augmented_copies=1", "optim.epochs=1")
+    codec = ("augment.codecs=[opus]", "augment.codec_prob=1.0")  # a copy through Opus alone is a new one
+    _, message = run("d", manifest, *plain, *codec)
+    assert "6 encoded now, 8 reused" in message and len(entries()) == len(first) + 8
+    with pytest.raises(ValueError, match="cache.augmented_copies needs augmentation"):
+        run("e", manifest, *plain)
+
     import serval
 
     records = serval.load(best).predict([str(files[0])])

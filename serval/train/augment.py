@@ -1,5 +1,5 @@
-"""Waveform augmentation (speed perturbation, additive noise), cropping and masking of cached encoder
-outputs, and MixUp of collated batches.
+"""Waveform augmentation (speed perturbation, additive noise, a lossy codec), cropping and masking of
+cached encoder outputs, and MixUp of collated batches.
 
 Every draw comes from a `numpy` generator the caller seeds, so an augmented clip is reproducible.
 """
@@ -86,14 +86,38 @@ def change_speed(wave: np.ndarray, factor: float) -> np.ndarray:
     return resample(wave, round(SAMPLE_RATE * factor), SAMPLE_RATE)
 
 
+CODECS = {"opus": ("OGG", "OPUS"), "mp3": ("MP3", "MPEG_LAYER_III")}  # libsndfile's names
+
+
+def codec_round_trip(wave: np.ndarray, codec: str, compression: float) -> np.ndarray:
+    """`wave` encoded with `codec` (opus | mp3) at libsndfile's `compression` level and decoded, as long
+    as `wave`. At 16 kHz, level 0 is near-lossless (Opus about 260 kbps, MP3 50 kbps), level 1 the
+    lowest bitrate (Opus about 7 kbps, MP3 19 kbps)."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    fmt, subtype = CODECS[codec]
+    level = min(compression, 0.99) if codec == "mp3" else compression  # libsndfile's MP3 refuses 1.0
+    sf.write(buf, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format=fmt, subtype=subtype, compression_level=level)
+    buf.seek(0)
+    out, _ = sf.read(buf, dtype="float32")
+    # the decoders' priming and padding make the output a few ms longer or shorter
+    return out[: len(wave)] if len(out) >= len(wave) else np.pad(out, (0, len(wave) - len(out)))
+
+
 def augment_wave(
     wave: np.ndarray, aug: AugmentConfig, noise: NoiseBank | None, rng: np.random.Generator
 ) -> np.ndarray:
-    """Speed perturbation, then additive noise, each drawn from `rng`."""
+    """Speed perturbation, then additive noise, then a lossy codec, each drawn from `rng`."""
     factor = float(aug.speed_factors[int(rng.integers(len(aug.speed_factors)))])
     wave = change_speed(wave, factor)
     if noise is not None and rng.random() < aug.noise_prob:
         wave = add_noise(wave, noise.sample(len(wave), rng), float(rng.uniform(*aug.snr_db)))
+    if aug.codecs and rng.random() < aug.codec_prob:
+        codec = aug.codecs[int(rng.integers(len(aug.codecs)))]
+        wave = codec_round_trip(wave, codec, float(rng.uniform(*aug.codec_compression)))
     return wave
 
 

@@ -70,6 +70,9 @@ class AugmentConfig:
     noise_prob: float = 0.5  # per clip
     snr_db: tuple[float, float] = (5.0, 20.0)
     speed_factors: tuple[float, ...] = (0.9, 1.0, 1.1)  # one drawn per clip; (1.0,): off
+    codecs: tuple[str, ...] = ()  # opus and/or mp3: a clip encoded and decoded by one of them; (): off
+    codec_prob: float = 0.5  # per clip
+    codec_compression: tuple[float, float] = (0.6, 1.0)  # libsndfile's level, 1: the lowest bitrate
     # On cached encoder outputs (frozen_cached training clips only), drawn per (seed, epoch, clip):
     crop_seconds: float = 0.0  # a random window of at most this many seconds of encoder frames; 0: whole clip
     time_masks: int = 0  # stretches of frames set to zero (SpecAugment-style, after the encoder)
@@ -99,7 +102,7 @@ class CacheConfig:
 
     dir: str | None = None  # default: <out_dir>/cache; share one between runs to encode once
     dtype: str = "float16"
-    augmented_copies: int = 0  # N seeded speed/noise variants cached per training clip
+    augmented_copies: int = 0  # N seeded speed/noise/codec variants cached per training clip
     batch_size: int = 8
 
 
@@ -190,6 +193,10 @@ def _rules(c: TrainConfig) -> list[tuple[bool, str]]:
         (
             all(f > 0 for f in a.speed_factors) and bool(a.speed_factors),
             "augment.speed_factors must be positive numbers",
+        ),
+        (
+            set(a.codecs) <= {"opus", "mp3"} and 0 <= a.codec_compression[0] <= a.codec_compression[1] <= 1,
+            "augment.codecs must be opus and/or mp3, augment.codec_compression (low, high) within [0, 1]",
         ),
         (a.mixup_alpha > 0, "augment.mixup_alpha must be positive"),
         (a.crop_seconds >= 0, "augment.crop_seconds must be 0 (off) or positive"),

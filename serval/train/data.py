@@ -232,9 +232,10 @@ def prepare_cache(
         cfg.cache.dir or Path(cfg.out_dir) / "cache", encoder_settings(model, cfg.cache.dtype)
     )
     noise = NoiseBank(cfg.augment.noise_dir) if cfg.augment.noise_dir and cfg.cache.augmented_copies else None
-    if cfg.cache.augmented_copies and noise is None and tuple(cfg.augment.speed_factors) == (1.0,):
+    unchanged = noise is None and tuple(cfg.augment.speed_factors) == (1.0,) and not cfg.augment.codecs
+    if cfg.cache.augmented_copies and unchanged:
         raise ValueError(
-            "cache.augmented_copies needs augmentation: set augment.noise_dir or augment.speed_factors"
+            "cache.augmented_copies needs augmentation: set augment.noise_dir, augment.speed_factors or augment.codecs"
         )
     model.to(device)
     keys, encoded, chunk = {}, 0, 64
