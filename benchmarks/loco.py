@@ -167,7 +167,9 @@ class Head:
     front_end: str = "whisper"  # one of FRONT_ENDS
     columns: str = "normed"  # "raw": the probe's means; "normed": the linear head's means and stds
     c: float = 1.0
-    corpus_balance: float = 0.0  # a clip of a corpus of n clips weighs n^-power (0: not at all)
+    corpus_balance: float = 0.0  # a clip of a group of n clips weighs n^-power (0: not at all)
+    balance_by: str = "corpus"  # the groups corpus_balance evens out: "corpus" or "language"
+    per_utterance: bool = False  # each clip's stats standardised over the channels of each block
     per_speaker: bool = False  # standardise each speaker's stats by its own clips (needs several per speaker)
     layers: tuple[int, ...] | None = None  # the layers read (None: all 7)
     augmented: bool = False  # each training clip's augmented copy (AUGMENTATION) trained on beside it
@@ -182,6 +184,10 @@ class Head:
         if self.layers is not None:
             blocks = x.reshape(len(x), -1, LAYERS, WIDTH)
             x = blocks[:, :, list(self.layers)].reshape(len(x), -1)
+        if self.per_utterance:  # a (statistic, layer) block's 512 channels: mean 0, std 1, per clip
+            blocks = x.reshape(len(x), -1, WIDTH)
+            centred = blocks - blocks.mean(-1, keepdims=True)
+            x = (centred / (centred.std(-1, keepdims=True) + 1e-5)).reshape(len(x), -1)
         if self.per_speaker:
             x = x.copy()
             for s in set(speakers):
@@ -212,21 +218,35 @@ HEADS = (
     ),
     Head("linear head, loudness-normalised front end, C = 0.1", front_end="loudness-normalised", c=0.1),
     Head("probe, loudness-normalised front end", front_end="loudness-normalised", columns="raw"),
+    Head(
+        "linear head, gain-invariant, C = 0.1, per-utterance standardised",
+        "gain-invariant",
+        c=0.1,
+        per_utterance=True,
+    ),
+    Head(
+        "linear head, gain-invariant, C = 0.1, language-balanced",
+        "gain-invariant",
+        c=0.1,
+        corpus_balance=0.5,
+        balance_by="language",
+    ),
 )
 PROBE, GAIN_INVARIANT_HEAD = HEADS[0], HEADS[5]  # the issue's floor; the shipped model's front end
 AROUSAL_HEADS = (PROBE, HEADS[1], GAIN_INVARIANT_HEAD)  # the ridge probe, and on the linear head's stats
 
 
-def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], corpora: Sequence[str]):
-    """The standardised, balanced logistic regression of `head` on labelled training clips."""
+def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], groups: Sequence[str]):
+    """The standardised, balanced logistic regression of `head` on labelled training clips (`groups`:
+    each clip's corpus or language, as `head.balance_by` says)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     weights = None
     if head.corpus_balance:
-        counts = Counter(corpora)
-        weights = np.array([counts[c] ** -head.corpus_balance for c in corpora])
+        counts = Counter(groups)
+        weights = np.array([counts[g] ** -head.corpus_balance for g in groups])
         weights *= len(weights) / weights.sum()
     clf = make_pipeline(
         StandardScaler(), LogisticRegression(C=head.c, max_iter=3000, class_weight="balanced")
@@ -272,6 +292,7 @@ def run_folds(
     corpora = sorted({r.corpus for r in rows})
     labels = np.array([r.label or "" for r in rows])
     corpus_of = np.array([r.corpus for r in rows])
+    groups = {"corpus": corpus_of, "language": np.array([r.language or r.corpus for r in rows])}
     speakers = [r.speaker or r.corpus for r in rows]
     labelled, folds = labels != "", []  # (corpus, the rows trained on, the rows scored)
     for corpus in corpora:
@@ -285,7 +306,8 @@ def run_folds(
         for corpus, train, scored in folds:
             n = len(x)
             fitted = np.concatenate([part[train] for part in x])
-            clf = fit_classes(head, fitted, np.tile(labels[train], n), np.tile(corpus_of[train], n))
+            group = groups[head.balance_by][train]
+            clf = fit_classes(head, fitted, np.tile(labels[train], n), np.tile(group, n))
             probs = clf.predict_proba(x[0][scored])
             out[corpus][head.name] = corpus_scores(list(labels[scored]), probs, list(clf.classes_), bootstrap)
             log(f"loco {corpus}: {head.name}: UAR {100 * out[corpus][head.name]['uar']:.1f}")

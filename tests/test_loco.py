@@ -73,6 +73,17 @@ def test_a_fold_never_trains_on_its_corpus(monkeypatch):
     assert folds["b"]["probe"]["uar"] > 0.9  # happy and sad are learnt from corpora a and c
 
 
+def test_a_language_balanced_head_evens_out_languages_not_corpora(monkeypatch):
+    rows, stats = synthetic()
+    for r in rows:
+        r.language = "de" if r.corpus == "c" else "en"
+    seen = []
+    real_fit = loco.fit_classes
+    monkeypatch.setattr(loco, "fit_classes", lambda h, x, y, g: seen.append(list(g)) or real_fit(h, x, y, g))
+    run_folds(rows, {"whisper": stats}, [Head("lang", corpus_balance=1.0, balance_by="language")], 0, print)
+    assert seen[0] == ["en"] * 30 + ["de"] * 30  # the fold of corpus a: b (English) and c (German)
+
+
 def test_corpus_scores_take_the_argmax_over_the_corpus_classes():
     probs = np.array([[0.1, 0.5, 0.4], [0.6, 0.1, 0.3], [0.2, 0.3, 0.5]])  # columns: angry, happy, sad
     s = corpus_scores(["sad", "sad", "happy"], probs, ["angry", "happy", "sad"], bootstrap=0)
@@ -87,6 +98,9 @@ def test_head_features_pick_layers_and_standardise_per_speaker():
     top = Head("top", layers=(6,)).features(stats, speakers)
     normed = stats[:, COLUMNS["normed"]].reshape(len(stats), 2, LAYERS, WIDTH)
     assert np.array_equal(top, normed[:, :, 6].reshape(len(stats), -1))
+    utt = Head("per utterance", per_utterance=True).features(stats, speakers).reshape(len(stats), -1, WIDTH)
+    assert utt.shape[1] == 2 * LAYERS and np.allclose(utt.mean(-1), 0, atol=1e-4)  # single-clip: no speaker
+    assert np.allclose(utt.std(-1), 1, atol=1e-3)
     per = Head("per speaker", per_speaker=True).features(stats, speakers)
     for s in set(speakers):
         mine = per[[i for i, v in enumerate(speakers) if v == s]]
