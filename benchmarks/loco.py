@@ -56,11 +56,30 @@ COLUMNS = {"raw": slice(0, LAYERS * WIDTH), "normed": slice(LAYERS * WIDTH, 3 * 
 # level), and Whisper's log-mel of the clip moved to one RMS level first (loudness normalisation)
 FRONT_ENDS = ("whisper", "gain-invariant", "loudness-normalised")
 LOUDNESS_DBFS = -23.0  # EBU R 128's programme loudness, near the corpora's median RMS level
-AUGMENTED = " augmented"  # stats[front end + AUGMENTED]: one seeded waveform-augmented copy of each clip
-# that copy: speed 0.9 or 1.1, noise at 5-20 dB SNR on half the clips, Opus or MP3 at a low bitrate on half
-AUGMENTATION = AugmentConfig(
-    noise_prob=0.5, snr_db=(5.0, 20.0), speed_factors=(0.9, 1.1), codecs=("opus", "mp3"), codec_prob=0.5
-)
+# stats[front end + suffix]: one seeded waveform-augmented copy of each clip, made by that suffix's config
+AUGMENTED, PITCH_SHIFTED = " augmented", " pitch-shifted"
+COPIES = {
+    # speed 0.9 or 1.1, noise at 5-20 dB SNR on half the clips, Opus or MP3 at a low bitrate on half
+    AUGMENTED: AugmentConfig(
+        noise_prob=0.5, snr_db=(5.0, 20.0), speed_factors=(0.9, 1.1), codecs=("opus", "mp3"), codec_prob=0.5
+    ),
+    # 2 or 3 semitones up or down at the same tempo (serval.train.augment.shift_pitch), nothing else
+    PITCH_SHIFTED: AugmentConfig(
+        noise_prob=0.0, speed_factors=(1.0,), pitch_semitones=(-3.0, -2.0, 2.0, 3.0)
+    ),
+}
+
+
+def copies_config(suffix: str, noise_dir: str | None) -> AugmentConfig:
+    """The augmentation of the copies `suffix` names, its noise (if it adds any) from `noise_dir`."""
+    config = COPIES[suffix]
+    return dataclasses.replace(config, noise_dir=noise_dir) if config.noise_prob > 0 else config
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """A stats key -> (front end, copies suffix or "")."""
+    suffix = next((s for s in COPIES if key.endswith(s)), "")
+    return key.removesuffix(suffix), suffix
 
 
 def loudness_normalised(wave: np.ndarray) -> np.ndarray:
@@ -73,7 +92,7 @@ class ClipStats:
     """Per clip: whisper-base's 7 outputs' means (raw) and their layer-normed means and stds, cached.
 
     `front_end`: one of FRONT_ENDS. `augment`: the stats of each clip's seeded augmented copy instead
-    (AUGMENTATION; its noise from `augment.noise_dir`), drawn from the clip's own samples.
+    (one of COPIES, `copies_config`), drawn from the clip's own samples.
     """
 
     def __init__(
@@ -172,12 +191,12 @@ class Head:
     per_utterance: bool = False  # each clip's stats standardised over the channels of each block
     per_speaker: bool = False  # standardise each speaker's stats by its own clips (needs several per speaker)
     layers: tuple[int, ...] | None = None  # the layers read (None: all 7)
-    augmented: bool = False  # each training clip's augmented copy (AUGMENTATION) trained on beside it
+    copies: str = ""  # a key of COPIES: each training clip's augmented copy trained on beside it ("": none)
 
     @property
     def stats(self) -> tuple[str, ...]:
         """The keys of the stats it reads: its front end's, and its augmented copies'."""
-        return (self.front_end, self.front_end + AUGMENTED) if self.augmented else (self.front_end,)
+        return (self.front_end, self.front_end + self.copies) if self.copies else (self.front_end,)
 
     def features(self, x: np.ndarray, speakers: Sequence[str]) -> np.ndarray:
         x = x[:, COLUMNS[self.columns]]
@@ -214,7 +233,7 @@ HEADS = (
         "linear head, gain-invariant, C = 0.1, waveform-augmented copies",
         "gain-invariant",
         c=0.1,
-        augmented=True,
+        copies=AUGMENTED,
     ),
     Head("linear head, loudness-normalised front end, C = 0.1", front_end="loudness-normalised", c=0.1),
     Head("probe, loudness-normalised front end", front_end="loudness-normalised", columns="raw"),
@@ -230,6 +249,12 @@ HEADS = (
         c=0.1,
         corpus_balance=0.5,
         balance_by="language",
+    ),
+    Head(
+        "linear head, gain-invariant, C = 0.1, pitch-shifted copies",
+        "gain-invariant",
+        c=0.1,
+        copies=PITCH_SHIFTED,
     ),
 )
 PROBE, GAIN_INVARIANT_HEAD = HEADS[0], HEADS[5]  # the issue's floor; the shipped model's front end

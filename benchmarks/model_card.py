@@ -26,7 +26,6 @@ first table): every head fitted on the other corpora, and each `--extra-model` s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import statistics
@@ -52,16 +51,16 @@ from serval.vocab import DIMENSIONS, EMOTIONS
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loco import (  # noqa: E402
     AROUSAL_HEADS,
-    AUGMENTATION,
-    AUGMENTED,
     GAIN_INVARIANT_HEAD,
     HEADS,
     PROBE,
     ClipStats,
     arousal_table,
+    copies_config,
     head_folds,
     model_folds,
     recall_table,
+    split_key,
     summary_table,
     uar_table,
 )
@@ -204,9 +203,9 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
     """The LOCO tables (Markdown, also written to `out/loco.md`, the numbers to `out/loco.json`)."""
     stats, kept = {}, rows
     for key in dict.fromkeys(k for head in (*HEADS, *AROUSAL_HEADS) for k in head.stats):
-        front_end, augmented = key.removesuffix(AUGMENTED), key.endswith(AUGMENTED)
-        reuse = args.cache_dir if front_end == "gain-invariant" and not augmented else None
-        augment = dataclasses.replace(AUGMENTATION, noise_dir=args.noise_dir) if augmented else None
+        front_end, suffix = split_key(key)
+        reuse = args.cache_dir if front_end == "gain-invariant" and not suffix else None
+        augment = copies_config(suffix, args.noise_dir) if suffix else None
         stats[key], kept = ClipStats(args.loco_cache, front_end, reuse, augment).rows(rows)
     folds, arousal = head_folds(kept, stats, args.bootstrap, Path(args.loco_cache))
     names, arousal_names = [h.name for h in HEADS], [h.name for h in AROUSAL_HEADS]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,18 +12,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loco  # noqa: E402
 from conftest import DATA  # noqa: E402
 from loco import (  # noqa: E402
-    AUGMENTATION,
     AUGMENTED,
     COLUMNS,
     LAYERS,
     LOUDNESS_DBFS,
+    PITCH_SHIFTED,
     WIDTH,
     ClipStats,
     Head,
+    copies_config,
     corpus_scores,
     loudness_normalised,
     mixtures,
     run_folds,
+    split_key,
 )
 from loco_folds import fold_manifests  # noqa: E402
 
@@ -131,7 +132,7 @@ def test_an_augmented_head_trains_on_each_clip_and_its_copy_and_scores_the_clean
         return real_fit(head, x, labels, corpora)
 
     monkeypatch.setattr(loco, "fit_classes", spy)
-    head = Head("augmented", columns="raw", augmented=True)
+    head = Head("augmented", columns="raw", copies=AUGMENTED)
     assert head.stats == ("whisper", "whisper" + AUGMENTED)
     folds = run_folds(rows, {"whisper": stats, "whisper augmented": copies}, [head], 0, lambda _: None)
     for (n, labels, corpora), corpus in zip(fitted, ["a", "b", "c"]):
@@ -150,13 +151,22 @@ def test_the_loudness_normalised_and_augmented_stats(ravdess_clips, tmp_path, on
     x = loud(wave)
     assert np.abs(loud._encode(wave * 4) - x).max() < 1e-3  # a level-free input for Whisper's own log-mel
     assert np.abs(plain(wave) - x).max() > 0.1  # this RAVDESS clip is far from -23 dBFS
-    augment = dataclasses.replace(AUGMENTATION, noise_dir=str(DATA / "noise"))
-    copies = ClipStats(tmp_path / "loco-cache", "gain-invariant", augment=augment)
+    copies = ClipStats(
+        tmp_path / "loco-cache", "gain-invariant", augment=copies_config(AUGMENTED, str(DATA / "noise"))
+    )
     first = copies(wave)
     copies.root = tmp_path / "elsewhere"  # pooled again, not read back: the draw is the clip's own
     assert np.array_equal(copies(wave), first)
-    clean = ClipStats(tmp_path / "loco-cache", "gain-invariant")(wave)
+    plain_gi = ClipStats(tmp_path / "loco-cache", "gain-invariant")
+    clean = plain_gi(wave)
     assert np.abs(first - clean).max() > 0.1
+    pitch = copies_config(PITCH_SHIFTED, str(DATA / "noise"))
+    assert pitch.noise_dir is None and pitch.pitch_semitones  # a shift, and no noise on top
+    shifted = ClipStats(tmp_path / "loco-cache", "gain-invariant", augment=pitch)
+    assert len({shifted.root, plain_gi.root, tmp_path / "loco-cache" / copies.root.name}) == 3  # apart
+    assert np.abs(shifted(wave) - clean).max() > 0.1 and np.abs(shifted(wave) - first).max() > 0.1
+    assert split_key("gain-invariant" + PITCH_SHIFTED) == ("gain-invariant", PITCH_SHIFTED)
+    assert split_key("whisper") == ("whisper", "")
     with pytest.raises(ValueError, match="front end must be one of"):
         ClipStats(tmp_path / "loco-cache", "pcen")
 

@@ -49,8 +49,9 @@ from serval.train import (
     total_loss,
     train,
 )
-from serval.train.augment import codec_round_trip
+from serval.train.augment import codec_round_trip, shift_pitch, time_stretch
 from serval.train.loop import trained_dimensions
+from serval.vocab import SAMPLE_RATE
 
 TINY = [
     "model.d_model=64", "model.encoder_layers=2", "model.encoder_attention_heads=2", "model.encoder_ffn_dim=128",
@@ -338,6 +339,48 @@ def test_codec_augmentation_round_trips_real_audio_at_the_drawn_bitrate():
     for bad in ("augment.codecs=[aac]", "augment.codec_compression=[0.5, 1.5]"):
         with pytest.raises(ValueError, match="augment.codecs must be opus and/or mp3"):
             load_config(None, ["data.train=m.csv", bad])
+
+
+def f0_track(wave: np.ndarray, frame: int = 640) -> np.ndarray:
+    """Per 40 ms frame (half overlapping): the autocorrelation pitch in 60-400 Hz where voiced, else nan."""
+    lo, hi, f0 = SAMPLE_RATE // 400, SAMPLE_RATE // 60, []
+    for s in range(0, len(wave) - frame, frame // 2):
+        x = wave[s : s + frame] - wave[s : s + frame].mean()
+        ac = np.correlate(x, x, "full")[frame - 1 :]
+        lag = lo + int(np.argmax(ac[lo:hi]))
+        f0.append(SAMPLE_RATE / lag if ac[0] > 0 and ac[lag] / ac[0] > 0.7 else np.nan)
+    return np.array(f0)
+
+
+def test_pitch_shift_moves_the_pitch_of_real_speech_and_keeps_its_length_and_level():
+    from serval.audio import load_audio
+
+    wave = np.concatenate([load_audio(p) for p in clips("ravdess", "Actor_03/03-01-0[35]-02-*.flac", n=4)])
+    before = f0_track(wave)
+    for semitones in (-2.0, 3.0):
+        out = shift_pitch(wave, semitones)
+        assert out.dtype == np.float32 and len(out) == len(wave)
+        after = f0_track(out)
+        voiced = ~np.isnan(before) & ~np.isnan(after)
+        assert voiced.sum() > 100  # frame by frame: the shift keeps the timing
+        ratio = float(np.median(after[voiced] / before[voiced]))
+        assert ratio == pytest.approx(2 ** (semitones / 12), rel=0.02)
+        level = np.sqrt(np.mean(out**2) / np.mean(wave**2))
+        assert 0.9 < level < 1.1
+    # WSOLA alone: a tone stretched keeps its frequency, and the length follows the rate
+    tone = np.sin(2 * np.pi * 200 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32)
+    for rate in (0.8, 1.25):
+        out = time_stretch(tone, rate)
+        assert len(out) == round(SAMPLE_RATE / rate)
+        spectrum = np.abs(np.fft.rfft(out[1000:-1000] * np.hanning(len(out) - 2000)))
+        assert np.argmax(spectrum) * SAMPLE_RATE / (len(out) - 2000) == pytest.approx(200, abs=2)
+    on = ["data.train=m.csv", "augment.pitch_semitones=[-2, 2]", "augment.speed_factors=[1.0]"]
+    cfg = load_config(None, on)
+    a = augment_wave(wave, cfg.augment, None, np.random.default_rng(5))
+    assert np.array_equal(a, augment_wave(wave, cfg.augment, None, np.random.default_rng(5)))
+    assert not np.array_equal(a, wave)
+    with pytest.raises(ValueError, match="augment.pitch_semitones must be shifts within"):
+        load_config(None, ["data.train=m.csv", "augment.pitch_semitones=[13]"])
 
 
 def test_noise_bank_errors_name_the_folder(tmp_path):

@@ -1,5 +1,5 @@
-"""Waveform augmentation (speed perturbation, additive noise, a lossy codec), cropping and masking of
-cached encoder outputs, and MixUp of collated batches.
+"""Waveform augmentation (speed perturbation, pitch shift, additive noise, a lossy codec), cropping and
+masking of cached encoder outputs, and MixUp of collated batches.
 
 Every draw comes from a `numpy` generator the caller seeds, so an augmented clip is reproducible.
 """
@@ -86,6 +86,42 @@ def change_speed(wave: np.ndarray, factor: float) -> np.ndarray:
     return resample(wave, round(SAMPLE_RATE * factor), SAMPLE_RATE)
 
 
+def time_stretch(wave: np.ndarray, rate: float, frame: int = 512, tolerance: int = 128) -> np.ndarray:
+    """`wave` played `rate` times faster at the same pitch (about len / rate samples long): WSOLA.
+
+    Each output frame (Hann, 50 % overlap) is read near its nominal input place, moved by up to
+    `tolerance` samples to where it best continues the frame before it, so periods stay whole and
+    the pitch does not move (Verhelst and Roelands, 1993).
+    """
+    hop = frame // 2
+    window = np.hanning(frame + 1)[:frame]  # periodic: overlapping by half, the windows sum to 1
+    out_len = max(1, int(round(len(wave) / rate)))
+    n_frames = out_len // hop + 2
+    last_start = int(round((n_frames + 1) * hop * rate))
+    x = np.pad(wave.astype(np.float64), (hop + tolerance, last_start + frame + tolerance - len(wave) + 1))
+    out, norm = np.zeros(n_frames * hop + frame), np.zeros(n_frames * hop + frame)
+    shift = 0
+    for k in range(n_frames):
+        start = int(round(k * hop * rate)) + tolerance + shift
+        out[k * hop : k * hop + frame] += x[start : start + frame] * window
+        norm[k * hop : k * hop + frame] += window
+        natural = x[start + hop : start + hop + frame]  # how the frame just taken goes on
+        nominal = int(round((k + 1) * hop * rate)) + tolerance
+        region = x[nominal - tolerance : nominal + frame + tolerance]
+        shift = int(np.argmax(np.correlate(region, natural, mode="valid"))) - tolerance
+    out = out[hop : hop + out_len] / np.maximum(norm[hop : hop + out_len], 1e-3)
+    return out.astype(np.float32)
+
+
+def shift_pitch(wave: np.ndarray, semitones: float) -> np.ndarray:
+    """`wave` `semitones` higher (lower when negative) and exactly as long: resampled, then stretched back."""
+    if semitones == 0:
+        return wave
+    factor = 2.0 ** (semitones / 12.0)
+    out = time_stretch(change_speed(wave, factor), 1.0 / factor)
+    return out[: len(wave)] if len(out) >= len(wave) else np.pad(out, (0, len(wave) - len(out)))
+
+
 CODECS = {"opus": ("OGG", "OPUS"), "mp3": ("MP3", "MPEG_LAYER_III")}  # libsndfile's names
 
 
@@ -110,9 +146,11 @@ def codec_round_trip(wave: np.ndarray, codec: str, compression: float) -> np.nda
 def augment_wave(
     wave: np.ndarray, aug: AugmentConfig, noise: NoiseBank | None, rng: np.random.Generator
 ) -> np.ndarray:
-    """Speed perturbation, then additive noise, then a lossy codec, each drawn from `rng`."""
+    """Speed perturbation, then a pitch shift, additive noise and a lossy codec, each drawn from `rng`."""
     factor = float(aug.speed_factors[int(rng.integers(len(aug.speed_factors)))])
     wave = change_speed(wave, factor)
+    if aug.pitch_semitones:  # drawn only when on, so that configs without it keep their draws
+        wave = shift_pitch(wave, float(aug.pitch_semitones[int(rng.integers(len(aug.pitch_semitones)))]))
     if noise is not None and rng.random() < aug.noise_prob:
         wave = add_noise(wave, noise.sample(len(wave), rng), float(rng.uniform(*aug.snr_db)))
     if aug.codecs and rng.random() < aug.codec_prob:

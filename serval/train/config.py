@@ -70,6 +70,7 @@ class AugmentConfig:
     noise_prob: float = 0.5  # per clip
     snr_db: tuple[float, float] = (5.0, 20.0)
     speed_factors: tuple[float, ...] = (0.9, 1.0, 1.1)  # one drawn per clip; (1.0,): off
+    pitch_semitones: tuple[float, ...] = ()  # one shift drawn per clip, tempo kept (WSOLA); (): off
     codecs: tuple[str, ...] = ()  # opus and/or mp3: a clip encoded and decoded by one of them; (): off
     codec_prob: float = 0.5  # per clip
     codec_compression: tuple[float, float] = (0.6, 1.0)  # libsndfile's level, 1: the lowest bitrate
@@ -102,7 +103,7 @@ class CacheConfig:
 
     dir: str | None = None  # default: <out_dir>/cache; share one between runs to encode once
     dtype: str = "float16"
-    augmented_copies: int = 0  # N seeded speed/noise/codec variants cached per training clip
+    augmented_copies: int = 0  # N seeded speed/pitch/noise/codec variants cached per training clip
     batch_size: int = 8
 
 
@@ -193,6 +194,10 @@ def _rules(c: TrainConfig) -> list[tuple[bool, str]]:
         (
             all(f > 0 for f in a.speed_factors) and bool(a.speed_factors),
             "augment.speed_factors must be positive numbers",
+        ),
+        (
+            all(-12 <= p <= 12 for p in a.pitch_semitones),
+            "augment.pitch_semitones must be shifts within [-12, 12] semitones",
         ),
         (
             set(a.codecs) <= {"opus", "mp3"} and 0 <= a.codec_compression[0] <= a.codec_compression[1] <= 1,

@@ -232,10 +232,14 @@ def prepare_cache(
         cfg.cache.dir or Path(cfg.out_dir) / "cache", encoder_settings(model, cfg.cache.dtype)
     )
     noise = NoiseBank(cfg.augment.noise_dir) if cfg.augment.noise_dir and cfg.cache.augmented_copies else None
-    unchanged = noise is None and tuple(cfg.augment.speed_factors) == (1.0,) and not cfg.augment.codecs
+    a = cfg.augment
+    unchanged = (
+        noise is None and tuple(a.speed_factors) == (1.0,) and not a.codecs and not any(a.pitch_semitones)
+    )
     if cfg.cache.augmented_copies and unchanged:
         raise ValueError(
-            "cache.augmented_copies needs augmentation: set augment.noise_dir, augment.speed_factors or augment.codecs"
+            "cache.augmented_copies needs augmentation: set augment.noise_dir, augment.speed_factors, "
+            "augment.pitch_semitones or augment.codecs"
         )
     model.to(device)
     keys, encoded, chunk = {}, 0, 64
