@@ -512,16 +512,23 @@ def _cell(s: dict | None) -> str:
     return f"{100 * s['uar']:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
-def uar_table(folds: dict, names: Sequence[str]) -> list[str]:
-    """Corpus x system UAR table with the mean over the corpora every system has."""
-    lines = ["| corpus | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for corpus, cell in folds.items():
-        lines.append(f"| {corpus} | " + " | ".join(_cell(cell.get(n)) for n in names) + " |")
-    means = []
+def contender_table(folds: dict, names: Sequence[str], floor: str) -> list[str]:
+    """System x corpus UAR table [95 % CI]: each system's mean over the corpora it has, and against
+    `floor` on those corpora (how many it is ahead on, the mean difference)."""
+    corpora = list(folds)
+    lines = [f"| system | {' | '.join(corpora)} | mean | against {floor} |"]
+    lines.append("| --- |" + " --- |" * (len(corpora) + 2))
     for n in names:
-        have = [cell[n]["uar"] for cell in folds.values() if n in cell]
-        means.append(f"**{100 * np.mean(have):.1f}** ({len(have)})" if have else "–")
-    lines.append("| mean (corpora) | " + " | ".join(means) + " |")
+        have = [c for c in corpora if n in folds[c]]
+        if not have:
+            continue
+        mean = 100 * np.mean([folds[c][n]["uar"] for c in have])
+        diffs = [100 * (folds[c][n]["uar"] - folds[c][floor]["uar"]) for c in have if floor in folds[c]]
+        against = (
+            f"ahead on {sum(d > 0 for d in diffs)} of {len(diffs)}, {np.mean(diffs):+.1f}" if diffs else "–"
+        )
+        cells = " | ".join(_cell(folds[c].get(n)) for c in corpora)
+        lines.append(f"| {n} | {cells} | **{mean:.1f}** ({len(have)}) | {against if n != floor else '–'} |")
     return lines
 
 

@@ -227,7 +227,7 @@ def test_fold_models_score_their_own_corpus_once(tmp_path, ravdess_clips, emodb_
     )
 
 
-def test_summary_table_counts_the_corpora_ahead():
+def test_the_summary_and_contender_tables_count_the_corpora_ahead():
     def cell(uar):
         return {"uar": uar, "ci": [uar - 0.05, uar + 0.05]}
 
@@ -244,4 +244,14 @@ def test_summary_table_counts_the_corpora_ahead():
         and "**50.0**" in lines[4]
         and "**47.5**" in lines[4]
         and "**+2.5**" in lines[4]
+    )
+    rows = loco.contender_table(folds, ["p", "m", "x"], "p")
+    assert (
+        rows[0] == "| system | a | b | c | mean | against p |" and len(rows) == 4
+    )  # x has no corpus: no row
+    assert rows[2].startswith(
+        "| p | 50.0 [45.0, 55.0] | 45.0 [40.0, 50.0] | 90.0 [85.0, 95.0] | **61.7** (3) | –"
+    )
+    assert (
+        rows[3] == "| m | 60.0 [55.0, 65.0] | 40.0 [35.0, 45.0] | – | **50.0** (2) | ahead on 1 of 2, +2.5 |"
     )
