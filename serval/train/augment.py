@@ -86,6 +86,11 @@ def change_speed(wave: np.ndarray, factor: float) -> np.ndarray:
     return resample(wave, round(SAMPLE_RATE * factor), SAMPLE_RATE)
 
 
+def as_long_as(wave: np.ndarray, n: int) -> np.ndarray:
+    """`wave` cut or zero-padded at its end to exactly `n` samples."""
+    return wave[:n] if len(wave) >= n else np.pad(wave, (0, n - len(wave)))
+
+
 def time_stretch(wave: np.ndarray, rate: float, frame: int = 512, tolerance: int = 128) -> np.ndarray:
     """`wave` played `rate` times faster at the same pitch (about len / rate samples long): WSOLA.
 
@@ -119,7 +124,7 @@ def shift_pitch(wave: np.ndarray, semitones: float) -> np.ndarray:
         return wave
     factor = 2.0 ** (semitones / 12.0)
     out = time_stretch(change_speed(wave, factor), 1.0 / factor)
-    return out[: len(wave)] if len(out) >= len(wave) else np.pad(out, (0, len(wave) - len(out)))
+    return as_long_as(out, len(wave))
 
 
 CODECS = {"opus": ("OGG", "OPUS"), "mp3": ("MP3", "MPEG_LAYER_III")}  # libsndfile's names
@@ -140,7 +145,7 @@ def codec_round_trip(wave: np.ndarray, codec: str, compression: float) -> np.nda
     buf.seek(0)
     out, _ = sf.read(buf, dtype="float32")
     # the decoders' priming and padding make the output a few ms longer or shorter
-    return out[: len(wave)] if len(out) >= len(wave) else np.pad(out, (0, len(wave) - len(out)))
+    return as_long_as(out, len(wave))
 
 
 def augment_wave(
