@@ -44,6 +44,7 @@ from serval.features import compute_features
 from serval.fingerprint import fingerprint
 from serval.metrics import bootstrap_ci, ccc, classification_scores
 from serval.model import SERConfig, layer_statistics
+from serval.session import SHRINK, centre
 from serval.train.augment import NoiseBank, augment_wave, seeded_rng
 from serval.train.cache import EncoderCache, encoder_settings
 from serval.train.config import AugmentConfig
@@ -259,6 +260,7 @@ HEADS = (
 )
 PROBE, GAIN_INVARIANT_HEAD = HEADS[0], HEADS[5]  # the issue's floor; the shipped model's front end
 AROUSAL_HEADS = (PROBE, HEADS[1], GAIN_INVARIANT_HEAD)  # the ridge probe, and on the linear head's stats
+SESSION_HEADS = (PROBE, HEADS[6])  # in session mode too: the floor, and the best single-clip head
 
 
 def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], groups: Sequence[str]):
@@ -310,10 +312,36 @@ def corpus_scores(gold: Sequence[str], probs: np.ndarray, classes: Sequence[str]
     }
 
 
+def sessions(probs: np.ndarray, rows: Sequence) -> dict[str, np.ndarray]:
+    """One corpus's probabilities as scored in session mode (serval.session.centre): the corpus as one
+    group (a folder of clips, no speaker labels), and each speaker's clips as a group."""
+    out = {}
+    for suffix, group_of in SESSIONS.items():
+        groups = [group_of(r) for r in rows]
+        centred = np.empty_like(probs)
+        for g in set(groups):
+            idx = [i for i, v in enumerate(groups) if v == g]
+            centred[idx] = centre(probs[idx])
+        out[suffix] = centred
+    return out
+
+
+SESSIONS = {
+    " (session: each corpus)": lambda r: r.corpus,
+    " (session: each speaker)": lambda r: (r.corpus, r.speaker),
+}
+
+
 def run_folds(
-    rows: Sequence, stats: dict[str, np.ndarray], heads: Sequence[Head], bootstrap: int, log: Callable = print
+    rows: Sequence,
+    stats: dict[str, np.ndarray],
+    heads: Sequence[Head],
+    bootstrap: int,
+    log: Callable = print,
+    session: bool = False,
 ) -> dict:
-    """{corpus: {head name: scores}} for every corpus with at least two classes, one fold each."""
+    """{corpus: {head name: scores}} for every corpus with at least two classes, one fold each;
+    `session`: scored in session mode too (`sessions`), as "name (session: ...)"."""
     corpora = sorted({r.corpus for r in rows})
     labels = np.array([r.label or "" for r in rows])
     corpus_of = np.array([r.corpus for r in rows])
@@ -334,8 +362,13 @@ def run_folds(
             group = groups[head.balance_by][train]
             clf = fit_classes(head, fitted, np.tile(labels[train], n), np.tile(group, n))
             probs = clf.predict_proba(x[0][scored])
-            out[corpus][head.name] = corpus_scores(list(labels[scored]), probs, list(clf.classes_), bootstrap)
+            gold, cls = list(labels[scored]), list(clf.classes_)
+            out[corpus][head.name] = corpus_scores(gold, probs, cls, bootstrap)
             log(f"loco {corpus}: {head.name}: UAR {100 * out[corpus][head.name]['uar']:.1f}")
+            if session:
+                mine = [r for r, keep in zip(rows, scored) if keep]
+                for suffix, centred in sessions(probs, mine).items():
+                    out[corpus][head.name + suffix] = corpus_scores(gold, centred, cls, bootstrap)
     return out
 
 
@@ -380,6 +413,20 @@ def head_folds(
     arousal = arousal_folds(rows, stats, AROUSAL_HEADS, bootstrap)
     atomic_write_text(path, json.dumps({"classes": classes, "arousal": arousal}) + "\n", overwrite=True)
     return classes, arousal
+
+
+def session_folds(rows: Sequence, stats: dict[str, np.ndarray], bootstrap: int, cache: Path) -> dict:
+    """`run_folds` of SESSION_HEADS in session mode, kept in `cache` apart from `head_folds`' file."""
+    described = [[r.path, r.start, r.end, r.label, r.corpus, r.speaker] for r in rows]
+    key = fingerprint(
+        [json.dumps(described), repr(SESSION_HEADS), f"{bootstrap} {STATS_VERSION} {SHRINK} {list(SESSIONS)}"]
+    )
+    path = cache / f"sessions-{key[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    classes = run_folds(rows, stats, SESSION_HEADS, bootstrap, session=True)
+    atomic_write_text(path, json.dumps(classes) + "\n", overwrite=True)
+    return classes
 
 
 LINEAR_WEIGHTS = {
@@ -456,8 +503,9 @@ def model_folds(
             continue
         key = None
         if cache is not None and (path / "model.safetensors").is_file():
-            described = json.dumps([[r.path, r.start, r.end, r.label, r.arousal] for r in mine])
+            described = json.dumps([[r.path, r.start, r.end, r.label, r.arousal, r.speaker] for r in mine])
             parts = [path / "model.safetensors", path / "config.json", described, f"{name} {bootstrap}"]
+            parts.append(f"sessions {list(SESSIONS)} {SHRINK}")  # a new session rule: scored again
             key = cache / "models" / f"{fingerprint(parts)[:24]}.json"
             if key.is_file():
                 saved = json.loads(key.read_text())
@@ -491,6 +539,7 @@ def score_model(
     if len(set(gold)) >= 2:
         weight = system.models[0].config.linear_weight if network is not None else 0.5
         parts = mixtures(probs[labelled], None if network is None else network[labelled], weight)
+        parts.update({k: p for k, p in sessions(probs[labelled], [rows[i] for i in labelled]).items()})
         classes[corpus] = {
             name + k: corpus_scores(gold, p, list(system.classes), bootstrap) for k, p in parts.items()
         }

@@ -54,6 +54,8 @@ from loco import (  # noqa: E402
     GAIN_INVARIANT_HEAD,
     HEADS,
     PROBE,
+    SESSION_HEADS,
+    SESSIONS,
     ClipStats,
     arousal_table,
     contender_table,
@@ -61,6 +63,7 @@ from loco import (  # noqa: E402
     head_folds,
     model_folds,
     recall_table,
+    session_folds,
     split_key,
     summary_table,
 )
@@ -208,7 +211,10 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
         augment = copies_config(suffix, args.noise_dir) if suffix else None
         stats[key], kept = ClipStats(args.loco_cache, front_end, reuse, augment).rows(rows)
     folds, arousal = head_folds(kept, stats, args.bootstrap, Path(args.loco_cache))
+    for corpus, cell in session_folds(kept, stats, args.bootstrap, Path(args.loco_cache)).items():
+        folds[corpus].update({n: s for n, s in cell.items() if n not in folds[corpus]})
     names, arousal_names = [h.name for h in HEADS], [h.name for h in AROUSAL_HEADS]
+    names += [h.name + suffix for h in SESSION_HEADS for suffix in SESSIONS]
     for spec in [*args.fold_model, *args.extra_model]:
         name, _, path = spec.rpartition("=")
         name = name or Path(path).name

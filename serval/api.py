@@ -21,7 +21,7 @@ gets `label: null` (its probabilities and scores are still there) unless `label_
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from serval.longform import (
     speech_of,
 )
 from serval.progress import progress_bar
+from serval.session import calibrate
 from serval.vad import speech_fields
 from serval.vocab import SAMPLE_RATE, class_subset, label_body
 
@@ -132,6 +133,7 @@ class AudioClassifier:
         *,
         sampling_rate: int | None = None,
         label_no_speech: bool = False,
+        session: bool | Sequence[Hashable] = False,
     ) -> dict | list[dict]:
         """One input -> its record (an input that cannot be read raises its AudioError, as `__call__`
         does); a list -> one record each, a bad input giving {"file", "error"} while the rest run.
@@ -140,9 +142,12 @@ class AudioClassifier:
         "no_speech"}; `pieces` is how many <= 30 s pieces it pools (1 within the window); a score is
         None for a dimension this model was not trained on, and the label is None for a clip without
         speech unless `label_no_speech`. `sampling_rate`: the rate of array inputs (see the module's
-        note on rates).
+        note on rates). `session`: calibrate a list's results against each other (`serval.session`):
+        True, the whole list as one group, or each input's group name (e.g. its speaker).
         """
         single = is_single(inputs)
+        if single and session is not False:
+            raise ValueError("session calibrates a list of inputs against each other; give a list")
         keep = class_subset(classes, self.classes)
         records: list[dict] = []
         window: list[tuple[int, np.ndarray | LongAudio]] = []  # (record, samples), scored a window at a time
@@ -169,6 +174,8 @@ class AudioClassifier:
         self._score_window(records, window, **score)
         if bar is not None:
             bar.close()
+        if session is not False:
+            records = calibrate(records, ["all"] * len(records) if session is True else list(session))
         return records[0] if single else records
 
     def _score_window(

@@ -85,6 +85,22 @@ def test_a_language_balanced_head_evens_out_languages_not_corpora(monkeypatch):
     assert seen[0] == ["en"] * 30 + ["de"] * 30  # the fold of corpus a: b (English) and c (German)
 
 
+def test_session_folds_centre_each_corpus_and_each_speaker_and_are_kept(tmp_path, monkeypatch):
+    from serval.session import centre
+
+    rows, stats = synthetic()
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=6)
+    mine = rows[:6]  # corpus a, speakers a-0 and a-1 alternating
+    parts = loco.sessions(probs, mine)
+    assert np.allclose(parts[" (session: each corpus)"], centre(probs))
+    for i in (0, 1):
+        assert np.allclose(parts[" (session: each speaker)"][i::2], centre(probs[i::2]))
+    folds = loco.session_folds(rows, {"whisper": stats, "gain-invariant": stats}, 0, tmp_path)
+    assert set(folds["a"]) == {h.name + k for h in loco.SESSION_HEADS for k in ("", *loco.SESSIONS)}
+    monkeypatch.setattr(loco, "run_folds", lambda *a, **k: pytest.fail("the session folds were fitted again"))
+    assert loco.session_folds(rows, {"whisper": stats, "gain-invariant": stats}, 0, tmp_path) == folds
+
+
 def test_corpus_scores_take_the_argmax_over_the_corpus_classes():
     probs = np.array([[0.1, 0.5, 0.4], [0.6, 0.1, 0.3], [0.2, 0.3, 0.5]])  # columns: angry, happy, sad
     s = corpus_scores(["sad", "sad", "happy"], probs, ["angry", "happy", "sad"], bootstrap=0)
@@ -215,7 +231,11 @@ def test_fold_models_score_their_own_corpus_once(tmp_path, ravdess_clips, emodb_
     rows += [Clip(path=str(ravdess_clips[7]), corpus="other")]  # no class, no rating: not scored
     classes, arousal = loco.model_folds(rows, str(tmp_path / "{corpus}"), "tiny", 20, tmp_path / "cache")
     assert sorted(classes) == ["emodb", "ravdess"] and not arousal  # a tiny model trains no dimension
-    assert set(classes["ravdess"]) == {"tiny", *(f"tiny ({k})" for k in loco.LINEAR_WEIGHTS)}
+    assert set(classes["ravdess"]) == {
+        "tiny",
+        *(f"tiny ({k})" for k in loco.LINEAR_WEIGHTS),
+        *(f"tiny{suffix}" for suffix in loco.SESSIONS),
+    }
     assert classes["emodb"]["tiny"]["n"] == 4 and sorted(classes["emodb"]["tiny"]["recall"]) == [
         "angry",
         "sad",
