@@ -36,6 +36,7 @@ def segment(row, rows: tuple[int, ...], start=None, end=None, dims=None) -> Clip
         v,
         d,
         language=row.language,
+        speaker=row.speaker,
         corpus=row.corpus,
         extra={"rows": rows},
     )

@@ -42,10 +42,12 @@ from serval.eval_segments import (
 from serval.io.hf_datasets import read_rows
 from serval.metrics import bootstrap_ci, classification_scores, regression_scores
 from serval.report import existing_reports, write_report
+from serval.session import centre
 from serval.training_data import overlap, overlap_warning, record_of_spec
 from serval.vocab import DIMENSIONS, EMOTIONS, PRIMARY4
 
 PROTOCOLS = {"7class": EMOTIONS, "4class": PRIMARY4}
+EVAL_SESSIONS = ("corpus", "speaker")  # --session: the groups centred together
 MODEL_PROTOCOL = "model"  # the models' own classes (a model trained on any label set; all must share them)
 
 
@@ -110,12 +112,14 @@ def evaluate(
     batch_size: int = 16,
     progress: bool = False,
     specs: Sequence[str] | None = None,
+    session: str | None = None,
 ) -> dict:
-    """Score `systems` (Predictor-like objects or `--model` spec strings) on manifest `rows`.
+    """Score `systems` (Predictor-like objects or `--model` spec strings) on manifest `rows`; with
+    `session` ("corpus" or "speaker"), each group's predicted probabilities centred first (`session_tables`).
 
     Returns the report as a JSON-ready dict (NaN written as null); `serval.report.write_report` saves it.
     """
-    _check_options(protocols, corpus_classes)
+    _check_options(protocols, corpus_classes, session)
     if specs is None:
         specs = [s if isinstance(s, str) else None for s in systems]
     from serval.onnx_engine import load_engine  # engine "auto": ONNX Runtime on a CPU, no torch needed
@@ -134,14 +138,18 @@ def evaluate(
     }
     classes = {p: protocol_classes(p, systems) for p in protocols}
     order = class_order(systems)
-    results = _results(valid, classes, names, predictions, labels_of, corpus_classes, bootstrap, seed, order)
+    tables = {seg: session_tables(valid[seg], predictions, session) for seg in segmentations}
+    results = _results(valid, classes, names, tables, labels_of, corpus_classes, bootstrap, seed, order)
     models = [
         model_entry(name, spec, system, table, training_record(spec, system), rows)
         for name, spec, system, table in zip(names, specs or [None] * len(systems), systems, predictions)
     ]
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": _settings(segmentations, protocols, corpus_classes, bootstrap, seed),
+        "settings": {
+            **_settings(segmentations, protocols, corpus_classes, bootstrap, seed),
+            "session": session,
+        },
         "n_rows": len(rows),
         "n_rows_excluded": len(failed_rows),
         "n_items": {seg: len(valid[seg]) for seg in segmentations},
@@ -157,15 +165,33 @@ def evaluate(
     return _json_ready(report)
 
 
+def session_tables(units: Sequence[Clip], predictions: Sequence[dict], by: str | None) -> list[dict]:
+    """Each system's predictions with the probabilities of `units` centred per group (serval.session):
+    the units of a corpus (`by="corpus"`) or of a corpus's speaker ("speaker"); None: as they are."""
+    if by is None:
+        return list(predictions)
+    groups: dict = {}
+    for u in units:
+        groups.setdefault(u.corpus if by == "corpus" else (u.corpus, u.speaker), {})[u.key] = None
+    out = []
+    for table in predictions:
+        table = dict(table)
+        for keys in groups.values():
+            centred = centre(np.array([table[k]["probs"] for k in keys], np.float64))
+            table.update({k: {**table[k], "probs": q} for k, q in zip(keys, centred)})
+        out.append(table)
+    return out
+
+
 def _results(
-    valid: dict, classes: dict, names, predictions, labels_of, corpus_classes, bootstrap, seed, order
+    valid: dict, classes: dict, names, tables: dict, labels_of, corpus_classes, bootstrap, seed, order
 ) -> dict:
-    """{segmentation: {protocol: score_protocol's scores}}; `classes`: {protocol: its classes}; `order`:
-    that of the predictions' probabilities (`class_order` of the systems)."""
+    """{segmentation: {protocol: score_protocol's scores}}; `classes`: {protocol: its classes}; `tables`:
+    {segmentation: the systems' predictions}; `order`: that of their probabilities (`class_order`)."""
     return {
         seg: {
             proto: score_protocol(
-                units, known, names, predictions, labels_of, corpus_classes, bootstrap, seed, order
+                units, known, names, tables[seg], labels_of, corpus_classes, bootstrap, seed, order
             )
             for proto, known in classes.items()
         }
@@ -173,7 +199,9 @@ def _results(
     }
 
 
-def _check_options(protocols: Sequence[str], corpus_classes: str) -> None:
+def _check_options(protocols: Sequence[str], corpus_classes: str, session: str | None = None) -> None:
+    if session not in (None, *EVAL_SESSIONS):
+        raise ValueError(f"session must be one of {EVAL_SESSIONS} or None, not {session!r}")
     for p in protocols:
         if p not in PROTOCOLS and p != MODEL_PROTOCOL:
             raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}, {MODEL_PROTOCOL}")
@@ -347,6 +375,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="own",
         help="own: a corpus is scored over the classes it has (default); all: argmax over every class",
     )
+    p.add_argument(
+        "--session",
+        choices=EVAL_SESSIONS,
+        help="score in session mode (serval predict --session): each corpus's, or each speaker's, "
+        "predictions centred as a group first",
+    )
     p.add_argument("--split", help="only rows of this split (e.g. test)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the UAR 95 %% CI (0: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -429,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         specs=args.model,
+        session=args.session,
     )
     report["manifest"] = str(Path(args.manifest).resolve())
     written = write_report(
@@ -454,6 +489,8 @@ def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list]:
     rows = read_rows(args.manifest, labels=None if MODEL_PROTOCOL in protocols else EMOTIONS)
     if args.split:
         rows = [r for r in rows if r.split == args.split]
+    if args.session == "speaker" and (missing := [r for r in rows if not r.speaker]):
+        raise ValueError(f"{args.manifest}: --session speaker: {len(missing)} rows have no speaker")
     if not rows:
         raise ValueError(f"{args.manifest}: no rows" + (f" in split {args.split!r}" if args.split else ""))
     existing = existing_reports(args.output)

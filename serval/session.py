@@ -29,9 +29,12 @@ def centre(probs: np.ndarray, shrink: float = SHRINK) -> np.ndarray:
     p = np.asarray(probs, np.float64)
     if len(p) < 2:
         return p / p.sum(1, keepdims=True)
-    logp = np.log(np.clip(p, FLOOR, None))
+    # a class the system never gives (a baseline without it: 0 everywhere) stays at 0, not lifted
+    live = (p > FLOOR).any(0)
+    logp = np.log(np.clip(p[:, live], FLOOR, None))
     logp -= len(p) / (len(p) + shrink) * logp.mean(0)
-    q = np.exp(logp - logp.max(1, keepdims=True))
+    q = np.zeros_like(p)
+    q[:, live] = np.exp(logp - logp.max(1, keepdims=True))
     return q / q.sum(1, keepdims=True)
 
 

@@ -623,3 +623,28 @@ def test_a_fixed_protocol_leaves_out_the_seven_it_does_not_score_and_the_model_p
     assert labels_problem(rows, ["4class", "model"], [seven]) is None
     problem = labels_problem(rows, ["model"], [calm])
     assert problem == "row 2 (b.wav): label 'fearful' is not one of angry, calm"
+
+
+def test_session_scoring_centres_each_corpus_and_a_lone_clip_keeps_its_answer(tmp_path, four_clips):
+    rows, _ = four_clips
+    answers = {}
+    for row in rows:  # every clip leans to angry; its own class is second
+        p = np.full(len(EMOTIONS), 0.2 / 5 if row.label != "angry" else 0.2 / 6, np.float32)
+        p[EMOTIONS.index("angry")] = 0.5 if row.label != "angry" else 0.8
+        if row.label != "angry":
+            p[EMOTIONS.index(row.label)] = 0.3
+        answers[wave_key(load_audio(row.path))] = p
+    system = Scripted(lambda w: answers[wave_key(w)])
+    common = dict(segmentations=["utterance"], protocols=["7class"], bootstrap=0)
+
+    def uar(report):
+        return report["results"]["utterance"]["7class"]["scripted"]["overall"]["uar"]
+
+    plain = evaluate(rows, [system], tmp_path / "cache", **common)
+    corpus = evaluate(rows, [system], tmp_path / "cache", session="corpus", **common)
+    assert uar(plain) == pytest.approx(0.25) and uar(corpus) == pytest.approx(1.0)
+    assert corpus["settings"]["session"] == "corpus" and plain["settings"]["session"] is None
+    alone = [dataclasses.replace(r, speaker=f"s{i}") for i, r in enumerate(rows)]  # one clip per speaker
+    assert uar(evaluate(alone, [system], tmp_path / "cache", session="speaker", **common)) == uar(plain)
+    with pytest.raises(ValueError, match="session must be one of"):
+        evaluate(rows, [system], tmp_path / "cache", session="folder", **common)

@@ -33,6 +33,8 @@ def test_a_group_keeps_the_share_of_its_lean_that_its_size_leaves():
         np.testing.assert_allclose(_lean(q), SHRINK / (n + SHRINK) * _lean(p), atol=1e-9)
     one = np.array([[0.7, 0.2, 0.1]])
     np.testing.assert_allclose(centre(one), one)  # alone, a clip is its own answer
+    lacking = np.array([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0], [0.6, 0.4, 0.0]])  # a system without class 2
+    assert (centre(lacking)[:, 2] == 0).all() and centre(lacking)[0].argmax() == 1
 
 
 def test_a_corpus_wide_lean_is_taken_away_and_the_emotions_come_back():
