@@ -114,14 +114,11 @@ def evaluate(
     specs: Sequence[str] | None = None,
     session: str | None = None,
 ) -> dict:
-    """Score `systems` (Predictor-like objects or `--model` spec strings) on manifest `rows`; with
-    `session` ("corpus" or "speaker"), each group's predicted probabilities centred first (`session_tables`).
-
-    Returns the report as a JSON-ready dict (NaN written as null); `serval.report.write_report` saves it.
-    """
+    """Score `systems` (Predictor-like objects or `--model` spec strings) on manifest `rows` into the
+    report, a JSON-ready dict (NaN as null) that `serval.report.write_report` saves. `session`
+    ("corpus", "speaker"): each group's probabilities centred before scoring (`session_tables`)."""
     _check_options(protocols, corpus_classes, session)
-    if specs is None:
-        specs = [s if isinstance(s, str) else None for s in systems]
+    specs = [s if isinstance(s, str) else None for s in systems] if specs is None else specs
     from serval.onnx_engine import load_engine  # engine "auto": ONNX Runtime on a CPU, no torch needed
 
     systems = [load_engine(s) if isinstance(s, str) else s for s in systems]
@@ -138,7 +135,7 @@ def evaluate(
     }
     classes = {p: protocol_classes(p, systems) for p in protocols}
     order = class_order(systems)
-    tables = {seg: session_tables(valid[seg], predictions, session) for seg in segmentations}
+    tables = {seg: session_tables(units, predictions, session) for seg, units in valid.items()}
     results = _results(valid, classes, names, tables, labels_of, corpus_classes, bootstrap, seed, order)
     models = [
         model_entry(name, spec, system, table, training_record(spec, system), rows)
