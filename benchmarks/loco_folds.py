@@ -10,6 +10,14 @@ fold, so only the downstream network trains. benchmarks/model_card.py `--protoco
 
     python benchmarks/loco_folds.py configs/default-model-cpu.yaml -o runs/loco/frozen \\
         --set model.lora_r=0 --set model.lora_layers=0
+
+A recipe that picks checkpoints on dev speakers gets the fold's own (`--set data.dev={fold}`), and one
+that never had a corpus leaves it out (`--drop nemo`): the previous default recipe, as the model card
+scores it,
+
+    git show 8721789:configs/default-model-cpu.yaml > runs/previous-recipe.yaml
+    python benchmarks/loco_folds.py runs/previous-recipe.yaml -o runs/loco/previous --drop nemo \\
+        --set data.dev={fold} --set data.test=
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ from pathlib import Path
 from serval.manifest import read_manifest, write_manifest
 
 
-def fold_manifests(manifest: str, out: Path, corpora: list[str] | None) -> dict[str, Path]:
-    """{corpus: the manifest of every other corpus's rows}, written under `out/folds` (kept if there)."""
-    rows = read_manifest(manifest)
+def fold_manifests(
+    manifest: str, out: Path, corpora: list[str] | None, drop: list[str] = ()
+) -> dict[str, Path]:
+    """{corpus: the manifest of every other corpus's rows}, written under `out/folds` (kept if there);
+    the corpora in `drop` are in no fold (a recipe that never had them)."""
+    rows = [r for r in read_manifest(manifest) if r.corpus not in drop]
     folds = {}
     for corpus in sorted({r.corpus for r in rows}):
         if corpora and corpus not in corpora:
@@ -43,15 +54,23 @@ def main() -> None:
     ap.add_argument("-o", "--output", required=True, help="folder of the fold runs")
     ap.add_argument("--manifest", default="runs/default/all.csv")
     ap.add_argument("--corpus", action="append", help="only these folds (default: every corpus)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to serval train")
+    ap.add_argument("--drop", action="append", default=[], help="a corpus no fold trains on")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to serval train; {fold} is the fold's manifest",
+    )
     args = ap.parse_args()
 
     out = Path(args.output)
-    for corpus, train in fold_manifests(args.manifest, out, args.corpus).items():
+    for corpus, train in fold_manifests(args.manifest, out, args.corpus, args.drop).items():
         if (out / corpus / "best" / "config.json").exists():
             print(f"loco fold {corpus}: done already", file=sys.stderr)
             continue
-        sets = [f"data.train={train}", f"out_dir={out / corpus}", "progress=false", *args.set]
+        sets = [f"data.train={train}", f"out_dir={out / corpus}", "progress=false"]
+        sets += [s.replace("{fold}", str(train)) for s in args.set]
         command = [sys.executable, "-m", "serval", "train", args.config]
         command += [a for s in sets for a in ("--set", s)]
         print(f"loco fold {corpus}: {' '.join(command)}", file=sys.stderr, flush=True)

@@ -115,9 +115,9 @@ def table(rows, folds: dict, seed: int) -> list[str]:
             idx, probs = folds[c]
             where = {v: i for i, v in enumerate(idx)}
             groups = [g for g in make(idx) if len(g)]
-            covered = np.concatenate(groups)
+            covered = np.concatenate(groups) if groups else np.array([], dtype=int)
             gold = list(labels[covered])
-            if len(set(gold)) < 2:
+            if len(set(gold)) < 2:  # no such groups in this corpus, or one class only
                 for k in cells:
                     cells[k].append(None)
                 continue
