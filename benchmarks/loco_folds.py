@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from serval.manifest import read_manifest, write_manifest
 
 
 def fold_manifests(
-    manifest: str, out: Path, corpora: list[str] | None, drop: list[str] = ()
+    manifest: str, out: Path, corpora: list[str] | None, drop: Collection[str] = ()
 ) -> dict[str, Path]:
     """{corpus: the manifest of every other corpus's rows}, written under `out/folds` (kept if there);
     the corpora in `drop` are in no fold (a recipe that never had them)."""
