@@ -52,7 +52,14 @@ from serval.vocab import EMOTIONS
 
 STATS_VERSION = 1
 LAYERS, WIDTH = 7, 512  # whisper-base: the input embedding and 6 layers, d 512
-COLUMNS = {"raw": slice(0, LAYERS * WIDTH), "normed": slice(LAYERS * WIDTH, 3 * LAYERS * WIDTH)}
+COLUMNS = {
+    "raw": slice(0, LAYERS * WIDTH),  # each layer's mean (the probe's)
+    "normed": slice(
+        LAYERS * WIDTH, 3 * LAYERS * WIDTH
+    ),  # each layer-normed layer's mean and std (the linear head's)
+    "normed means": slice(LAYERS * WIDTH, 2 * LAYERS * WIDTH),
+    "all": slice(0, 3 * LAYERS * WIDTH),
+}
 # the front ends the heads read: Whisper's log-mel, the shipped gain-invariant one (peak moved to one
 # level), and Whisper's log-mel of the clip moved to one RMS level first (loudness normalisation)
 FRONT_ENDS = ("whisper", "gain-invariant", "loudness-normalised")
@@ -185,7 +192,7 @@ class Head:
 
     name: str
     front_end: str = "whisper"  # one of FRONT_ENDS
-    columns: str = "normed"  # "raw": the probe's means; "normed": the linear head's means and stds
+    columns: str = "normed"  # a key of COLUMNS
     c: float = 1.0
     corpus_balance: float = 0.0  # a clip of a group of n clips weighs n^-power (0: not at all)
     balance_by: str = "corpus"  # the groups corpus_balance evens out: "corpus" or "language"
@@ -257,10 +264,24 @@ HEADS = (
         c=0.1,
         copies=PITCH_SHIFTED,
     ),
+    Head(
+        "linear head, gain-invariant, C = 0.1, with the raw layer means",
+        "gain-invariant",
+        columns="all",
+        c=0.1,
+    ),
+    Head(
+        "linear head, gain-invariant, C = 0.1, layer-normed means only",
+        "gain-invariant",
+        columns="normed means",
+        c=0.1,
+    ),
 )
 PROBE, GAIN_INVARIANT_HEAD = HEADS[0], HEADS[5]  # the issue's floor; the shipped model's front end
+# the shipped model's classes: its linear head alone (model.linear_weight 1), fitted as this one is
+SHIPPED_HEAD = HEADS[6]
 AROUSAL_HEADS = (PROBE, HEADS[1], GAIN_INVARIANT_HEAD)  # the ridge probe, and on the linear head's stats
-SESSION_HEADS = (PROBE, HEADS[6])  # in session mode too: the floor, and the best single-clip head
+SESSION_HEADS = (PROBE, SHIPPED_HEAD)  # in session mode too: the floor, and the shipped model's
 
 
 def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], groups: Sequence[str]):
@@ -397,19 +418,19 @@ def arousal_folds(
 
 
 def head_folds(
-    rows: Sequence, stats: dict[str, np.ndarray], bootstrap: int, cache: Path
+    rows: Sequence, stats: dict[str, np.ndarray], bootstrap: int, cache: Path, heads: Sequence[Head] = HEADS
 ) -> tuple[dict, dict]:
-    """`run_folds` of HEADS and `arousal_folds` of AROUSAL_HEADS, kept in `cache` (a JSON file per rows,
+    """`run_folds` of `heads` and `arousal_folds` of AROUSAL_HEADS, kept in `cache` (a JSON file per rows,
     heads and settings), so that a rerun which only adds trained models does not fit the heads again."""
     described = [[r.path, r.start, r.end, r.label, r.corpus, r.speaker, r.arousal] for r in rows]
     key = fingerprint(
-        [json.dumps(described), repr(HEADS), repr(AROUSAL_HEADS), f"{bootstrap} {STATS_VERSION}"]
+        [json.dumps(described), repr(tuple(heads)), repr(AROUSAL_HEADS), f"{bootstrap} {STATS_VERSION}"]
     )
     path = cache / f"heads-{key[:16]}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         return saved["classes"], saved["arousal"]
-    classes = run_folds(rows, stats, HEADS, bootstrap)
+    classes = run_folds(rows, stats, heads, bootstrap)
     arousal = arousal_folds(rows, stats, AROUSAL_HEADS, bootstrap)
     atomic_write_text(path, json.dumps({"classes": classes, "arousal": arousal}) + "\n", overwrite=True)
     return classes, arousal

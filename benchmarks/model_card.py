@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,9 @@ from loco import (  # noqa: E402
     PROBE,
     SESSION_HEADS,
     SESSIONS,
+    SHIPPED_HEAD,
     ClipStats,
+    Head,
     arousal_table,
     contender_table,
     copies_config,
@@ -202,18 +205,29 @@ def probe_section(rows, models: list, out: Path, args: argparse.Namespace) -> st
     return text
 
 
+def chosen_heads(names: Sequence[str]) -> tuple[Head, ...]:
+    """The HEADS named (all of them when none is), with the ones the tables need (probe, shipped model's)."""
+    known = {h.name: h for h in HEADS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"model_card: no LOCO head named {unknown[0]!r}; the heads: {', '.join(known)}")
+    needed = {PROBE.name, GAIN_INVARIANT_HEAD.name, SHIPPED_HEAD.name, *names}
+    return tuple(h for h in HEADS if not names or h.name in needed)
+
+
 def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
     """The LOCO tables (Markdown, also written to `out/loco.md`, the numbers to `out/loco.json`)."""
     stats, kept = {}, rows
-    for key in dict.fromkeys(k for head in (*HEADS, *AROUSAL_HEADS) for k in head.stats):
+    heads = chosen_heads(args.head)
+    for key in dict.fromkeys(k for head in (*heads, *AROUSAL_HEADS, *SESSION_HEADS) for k in head.stats):
         front_end, suffix = split_key(key)
         reuse = args.cache_dir if front_end == "gain-invariant" and not suffix else None
         augment = copies_config(suffix, args.noise_dir) if suffix else None
         stats[key], kept = ClipStats(args.loco_cache, front_end, reuse, augment).rows(rows)
-    folds, arousal = head_folds(kept, stats, args.bootstrap, Path(args.loco_cache))
+    folds, arousal = head_folds(kept, stats, args.bootstrap, Path(args.loco_cache), heads)
     for corpus, cell in session_folds(kept, stats, args.bootstrap, Path(args.loco_cache)).items():
         folds[corpus].update({n: s for n, s in cell.items() if n not in folds[corpus]})
-    names, arousal_names = [h.name for h in HEADS], [h.name for h in AROUSAL_HEADS]
+    names, arousal_names = [h.name for h in heads], [h.name for h in AROUSAL_HEADS]
     names += [h.name + suffix for h in SESSION_HEADS for suffix in SESSIONS]
     for spec in [*args.fold_model, *args.extra_model]:
         name, _, path = spec.rpartition("=")
@@ -227,12 +241,13 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
     md = []
     if args.fold_model:  # the first fold model against the probe, the issue's floor
         first = args.fold_model[0].rpartition("=")[0]
-        others = [n for n in names[len(HEADS) :] if not n.startswith(first) and "(" not in n]
+        others = [n for n in names[len(heads) :] if not n.startswith(first) and "(" not in n]
         md += ["## The recipe against the probe, leave one corpus out: UAR [95 % CI]", ""]
         md += [*summary_table(folds, first, PROBE.name, [GAIN_INVARIANT_HEAD.name, *others]), ""]
     md += ["## Leave one corpus out, every contender: UAR [95 % CI]", ""]
     md += [*contender_table(folds, names, PROBE.name), ""]
-    for name in (PROBE.name, GAIN_INVARIANT_HEAD.name, *(n for n in names[len(HEADS) :] if "(" not in n)):
+    recalls = (PROBE.name, GAIN_INVARIANT_HEAD.name, SHIPPED_HEAD.name)
+    for name in (*recalls, *(n for n in names[len(heads) :] if "(" not in n)):
         md += [f"### Per-class recall: {name}", "", *recall_table(folds, name), ""]
     md += ["## Leave one corpus out: arousal CCC [95 % CI]", "", *arousal_table(arousal, arousal_names)]
     out.mkdir(parents=True, exist_ok=True)
@@ -279,6 +294,13 @@ def main() -> None:
         help="LOCO fold models, e.g. runs/loco/frozen/{corpus}/best (benchmarks/loco_folds.py)",
     )
     ap.add_argument("--loco-cache", default="runs/loco-cache", help="pooled LOCO stats (default %(default)s)")
+    ap.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="fit only these LOCO heads (benchmarks/loco.py HEADS; the probe and the shipped model's always)",
+    )
     ap.add_argument(
         "--noise-dir",
         default="../shared/data/noise",

