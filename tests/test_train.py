@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import stat
@@ -614,13 +615,17 @@ def test_print_config_shows_the_model_that_the_backbone_or_init_from_builds(tmp_
     assert [model[k] for k in dims] == [512, 6, 8, 2048] and model["channels"] == 128
     config = tmp_path / "c.yaml"
     start = tiny_init(tmp_path / "tiny-init")
+    saved = json.loads((start / "config.json").read_text())
+    heavy = tmp_path / "head-alone"  # a start whose linear head decides alone, as the default model's
+    shutil.copytree(start, heavy)
+    (heavy / "config.json").write_text(json.dumps({**saved, "linear_weight": 1.0}))
     config.write_text(
-        yaml.safe_dump({"data": {"train": "m.csv"}, "init_from": str(start), "model": {"lora_r": 2}})
+        yaml.safe_dump({"data": {"train": "m.csv"}, "init_from": str(heavy), "model": {"lora_r": 2}})
     )
     assert cli.main(["train", str(config), "--print-config"]) == 0
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert [model[k] for k in dims] == [64, 2, 2, 128] and model["channels"] == 32  # the checkpoint's
-    assert model["lora_r"] == 2  # a training choice, from the config
+    assert model["lora_r"] == 2 and model["linear_weight"] == 0.5  # training choices, from the config
 
 
 def test_the_model_records_the_speakers_and_corpora_it_was_trained_on(tmp_path):

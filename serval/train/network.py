@@ -60,9 +60,10 @@ def start_from(cfg: TrainConfig) -> SERModel:
     # Training choices come from this config; the architecture comes from the checkpoint.
     keep = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "gradient_checkpointing", "proj_dropout",
             "layer_stats_dropout", "ecapa_drop",
-            "embed_dropouts")  # fmt: skip
+            "embed_dropouts", "linear_weight")  # fmt: skip
     model_cfg = own_names(cfg, dataclasses.replace(start.config, **{k: getattr(cfg.model, k) for k in keep}))
-    # a fitted linear head is not trained on; select.linear_head fits a new one at the end
+    # a fitted linear head is not trained on; select.linear_head fits a new one at the end, and its
+    # share (linear_weight, kept above) is this run's choice: the default model's 1 suits its 8 corpora
     model_cfg.linear_head = False
     model = SERModel(model_cfg)
     merged = {k: v for k, v in start.merged_state_dict().items() if not k.startswith("linear_head.")}
