@@ -42,7 +42,7 @@ from serval.audio import AudioError, load_audio
 from serval.checkpoint import model_from_backbone
 from serval.features import compute_features
 from serval.fingerprint import fingerprint
-from serval.metrics import bootstrap_ci, ccc, classification_scores
+from serval.metrics import bootstrap_ci, calibration, ccc, classification_scores
 from serval.model import SERConfig, layer_statistics
 from serval.session import SHRINK, centre
 from serval.train.augment import NoiseBank, augment_wave, seeded_rng
@@ -333,6 +333,33 @@ def corpus_scores(gold: Sequence[str], probs: np.ndarray, classes: Sequence[str]
     }
 
 
+# a head's logits divided by T before the softmax (select.linear_head_temperature): the argmax, and so
+# every UAR, stays; only how sure the probabilities are changes
+TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def logits_of(clf, x: np.ndarray) -> np.ndarray:
+    """A fitted `fit_classes` pipeline's logits [N, classes] (its probabilities are their softmax)."""
+    z = clf.decision_function(x)
+    return np.stack([-z / 2, z / 2], axis=1) if z.ndim == 1 else z
+
+
+def corpus_calibration(gold: Sequence[str], logits: np.ndarray, classes: Sequence[str]) -> dict:
+    """{T: serval.metrics.calibration} of one corpus, each T in TEMPERATURES: the softmax of logits / T
+    over the corpus's own classes, as it is scored (a class no training clip had gets no probability)."""
+    own = [c for c in EMOTIONS if c in set(gold)]
+    cols = np.stack(
+        [logits[:, list(classes).index(c)] if c in classes else np.full(len(logits), -np.inf) for c in own], 1
+    )
+    gold_index = np.array([own.index(g) for g in gold])
+    out = {}
+    for t in TEMPERATURES:
+        z = cols / t
+        p = np.exp(z - z.max(1, keepdims=True))
+        out[str(t)] = calibration(gold_index, p / p.sum(1, keepdims=True))
+    return out
+
+
 def sessions(probs: np.ndarray, rows: Sequence) -> dict[str, np.ndarray]:
     """One corpus's probabilities as scored in session mode (serval.session.centre): the corpus as one
     group (a folder of clips, no speaker labels), and each speaker's clips as a group."""
@@ -385,6 +412,9 @@ def run_folds(
             probs = clf.predict_proba(x[0][scored])
             gold, cls = list(labels[scored]), list(clf.classes_)
             out[corpus][head.name] = corpus_scores(gold, probs, cls, bootstrap)
+            out[corpus][head.name]["calibration"] = corpus_calibration(
+                gold, logits_of(clf, x[0][scored]), cls
+            )
             log(f"loco {corpus}: {head.name}: UAR {100 * out[corpus][head.name]['uar']:.1f}")
             if session:
                 mine = [r for r, keep in zip(rows, scored) if keep]
@@ -424,7 +454,12 @@ def head_folds(
     heads and settings), so that a rerun which only adds trained models does not fit the heads again."""
     described = [[r.path, r.start, r.end, r.label, r.corpus, r.speaker, r.arousal] for r in rows]
     key = fingerprint(
-        [json.dumps(described), repr(tuple(heads)), repr(AROUSAL_HEADS), f"{bootstrap} {STATS_VERSION}"]
+        [
+            json.dumps(described),
+            repr(tuple(heads)),
+            repr(AROUSAL_HEADS),
+            f"{bootstrap} {STATS_VERSION} {TEMPERATURES}",
+        ]
     )
     path = cache / f"heads-{key[:16]}.json"
     if path.is_file():
@@ -638,6 +673,37 @@ def recall_table(folds: dict, name: str) -> list[str]:
         s = cell[name]
         recall = [f"{100 * s['recall'][c]:.0f}" if c in s["recall"] else "–" for c in EMOTIONS]
         lines.append(f"| {corpus} | " + " | ".join(recall) + f" | {s['top'][0]} {100 * s['top'][1]:.0f} % |")
+    return lines
+
+
+def chosen_temperature(folds: dict, name: str) -> float:
+    """The T of TEMPERATURES with the lowest held-out log-likelihood loss of `name`, averaged over corpora."""
+    have = [cell[name]["calibration"] for cell in folds.values() if "calibration" in cell.get(name, {})]
+    return min(TEMPERATURES, key=lambda t: np.mean([c[str(t)]["nll"] for c in have]))
+
+
+def calibration_table(folds: dict, names: Sequence[str]) -> list[str]:
+    """Per system and T: expected calibration error per corpus (%), and over the corpora the mean ECE,
+    log-likelihood loss, top probability and accuracy; the T that `chosen_temperature` picks in bold."""
+    corpora = [c for c in folds if any("calibration" in folds[c].get(n, {}) for n in names)]
+    lines = [
+        f"| system | T | {' | '.join(corpora)} | mean ECE | mean NLL | mean top probability | accuracy |"
+    ]
+    lines.append("| --- | --- |" + " --- |" * (len(corpora) + 4))
+    for name in names:
+        have = [c for c in corpora if "calibration" in folds[c].get(name, {})]
+        if not have:
+            continue
+        best = chosen_temperature(folds, name)
+        for t in TEMPERATURES:
+            cal = {c: folds[c][name]["calibration"][str(t)] for c in have}
+            cells = " | ".join(f"{100 * cal[c]['ece']:.1f}" if c in cal else "–" for c in corpora)
+            means = [np.mean([v[k] for v in cal.values()]) for k in ("ece", "nll", "confidence", "accuracy")]
+            mark = "**" if t == best else ""
+            lines.append(
+                f"| {name} | {mark}{t:g}{mark} | {cells} | {100 * means[0]:.1f} | {means[1]:.3f} | "
+                f"{100 * means[2]:.1f} | {100 * means[3]:.1f} |"
+            )
     return lines
 
 

@@ -61,6 +61,7 @@ from loco import (  # noqa: E402
     ClipStats,
     Head,
     arousal_table,
+    calibration_table,
     contender_table,
     copies_config,
     head_folds,
@@ -246,6 +247,8 @@ def loco_section(rows, out: Path, args: argparse.Namespace) -> str:
         md += [*summary_table(folds, first, PROBE.name, [GAIN_INVARIANT_HEAD.name, *others]), ""]
     md += ["## Leave one corpus out, every contender: UAR [95 % CI]", ""]
     md += [*contender_table(folds, names, PROBE.name), ""]
+    md += ["## Calibration, leave one corpus out: expected calibration error (%) per corpus", ""]
+    md += [*calibration_table(folds, [PROBE.name, SHIPPED_HEAD.name]), ""]
     recalls = (PROBE.name, GAIN_INVARIANT_HEAD.name, SHIPPED_HEAD.name)
     for name in (*recalls, *(n for n in names[len(heads) :] if "(" not in n)):
         md += [f"### Per-class recall: {name}", "", *recall_table(folds, name), ""]

@@ -1,4 +1,4 @@
-"""Scores for emotion recognition: UAR, accuracy, macro-F1, confusion, CCC, bootstrap intervals.
+"""Scores for emotion recognition: UAR, accuracy, macro-F1, confusion, calibration, CCC, bootstrap intervals.
 
 Labels are class names. A prediction may also be `None` (the system gave no usable answer,
 e.g. an unparseable LLM reply) or a name outside `classes` (e.g. "fearful" under the
@@ -142,6 +142,27 @@ def bootstrap_ci(
     alpha = (1 - confidence) / 2
     lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
     return float(lo), float(hi)
+
+
+def calibration(gold_index: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
+    """How far probabilities [N, C] are from the truth (`gold_index`: each row's right column):
+    expected calibration error (top probability against accuracy, `bins` equal-width bins, weighted by
+    clips), negative log-likelihood of the right class, mean top probability, accuracy."""
+    probs = np.asarray(probs, dtype=np.float64)
+    top, right = probs.max(1), probs.argmax(1) == gold_index
+    which = np.minimum((top * bins).astype(np.int64), bins - 1)
+    ece = sum(
+        abs(top[which == b].mean() - right[which == b].mean()) * (which == b).mean()
+        for b in range(bins)
+        if (which == b).any()
+    )
+    nll = -np.log(np.clip(probs[np.arange(len(probs)), gold_index], 1e-12, None)).mean()
+    return {
+        "ece": float(ece),
+        "nll": float(nll),
+        "confidence": float(top.mean()),
+        "accuracy": float(right.mean()),
+    }
 
 
 def ccc(gold: Sequence[float], pred: Sequence[float]) -> float:

@@ -290,3 +290,29 @@ def test_model_card_fits_the_heads_it_is_given_and_those_its_tables_need():
     assert set(names) == wanted and len(names) == 4
     with pytest.raises(SystemExit, match="no LOCO head named 'nonsense'"):
         chosen_heads(["nonsense"])
+
+
+def test_temperatures_keep_the_argmax_and_the_card_picks_the_least_loss():
+    rows, stats = synthetic()
+    folds = run_folds(rows, {"whisper": stats}, [Head("probe", columns="raw")], 0, lambda _: None)
+    cal = folds["b"]["probe"]["calibration"]
+    assert list(cal) == [str(t) for t in loco.TEMPERATURES]
+    assert len({round(c["accuracy"], 9) for c in cal.values()}) == 1  # the class never moves
+    tops = [c["confidence"] for c in cal.values()]
+    assert tops == sorted(tops, reverse=True) and tops[-1] < tops[0]  # softer as T grows
+    best = loco.chosen_temperature(folds, "probe")
+    losses = {
+        t: np.mean([folds[c]["probe"]["calibration"][str(t)]["nll"] for c in folds])
+        for t in loco.TEMPERATURES
+    }
+    assert losses[best] == min(losses.values())
+    table = loco.calibration_table(folds, ["probe"])
+    assert (
+        len(table) == 2 + len(loco.TEMPERATURES) and sum(f"| **{best:g}** |" in line for line in table) == 1
+    )
+
+
+def test_a_corpus_class_no_fold_trained_on_gets_no_probability():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0]])  # columns: angry, sad; the corpus also has happy
+    cal = loco.corpus_calibration(["angry", "happy"], logits, ["angry", "sad"])
+    assert cal["1.0"]["accuracy"] == 0.5 and cal["1.0"]["nll"] > 10  # happy: probability 0, loss capped

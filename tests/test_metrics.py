@@ -170,3 +170,14 @@ def test_regression_scores_skip_unannotated():
     assert out["dominance"]["ccc"] != out["dominance"]["ccc"]  # NaN
     with pytest.raises(ValueError, match="must both be"):
         regression_scores(gold[:, :2], pred, ["arousal", "valence", "dominance"])
+
+
+def test_calibration_by_hand():
+    from serval.metrics import calibration
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    cal = calibration(np.array([0, 1, 1]), probs)
+    # tops 0.9 (right), 0.6 (wrong), 0.8 (right), each alone in its tenth: (0.1 + 0.6 + 0.2) / 3
+    assert cal["ece"] == pytest.approx(0.3) and cal["accuracy"] == pytest.approx(2 / 3)
+    assert cal["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.4) + np.log(0.8)) / 3)
+    assert cal["confidence"] == pytest.approx(2.3 / 3)

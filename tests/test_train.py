@@ -920,7 +920,8 @@ def test_best_and_checkpoint_folders_follow_the_umask(tmp_path, umask_022):
 
 
 def test_the_linear_heads_regularisation_is_the_configs(tmp_path):
-    """select.linear_head_c is the logistic regression's C: a smaller C, smaller weights on the same clips."""
+    """select.linear_head_c is the logistic regression's C: a smaller C, smaller weights on the same clips;
+    select.linear_head_temperature divides its logits."""
     from serval.train.data import ClipDataset, read_split
     from serval.train.linear_head import fit_linear_head
     from serval.train.network import build_model
@@ -931,15 +932,28 @@ def test_the_linear_heads_regularisation_is_the_configs(tmp_path):
         w = csv.writer(f)
         w.writerow(["path", "end", "label", "split"])
         w.writerows([clip, 1.5, RAVDESS_CODES[clip.stem.split("-")[2]], "train"] for clip in found)
-    norms = {}
-    for c in (1.0, 0.01):
+    heads = {}
+    for c, t in ((1.0, 1.0), (0.01, 1.0), (1.0, 4.0)):
         sets = [*TINY, f"data.train={path}", f"out_dir={tmp_path / 'run'}", "model.layer_weighting=weighted"]
-        cfg = load_config(None, [*sets, "select.linear_head=true", f"select.linear_head_c={c}"])
+        cfg = load_config(
+            None,
+            [
+                *sets,
+                "select.linear_head=true",
+                f"select.linear_head_c={c}",
+                f"select.linear_head_temperature={t}",
+            ],
+        )
         torch.manual_seed(0)
         model = build_model(cfg)
         dataset = ClipDataset(read_split(str(path), "train", cfg.model), cfg, train=True)
-        fitted = fit_linear_head(model, dataset, cfg, torch.device("cpu"), batch_size=4)
-        norms[c] = fitted.linear_head.weight.norm().item()
-    assert 0 < norms[0.01] < norms[1.0] / 2
-    with pytest.raises(ValueError, match="select.linear_head_c must be positive"):
-        load_config(None, [*TINY, f"data.train={path}", "select.linear_head_c=0"])
+        heads[c, t] = fit_linear_head(model, dataset, cfg, torch.device("cpu"), batch_size=4).linear_head
+    assert 0 < heads[0.01, 1.0].weight.norm() < heads[1.0, 1.0].weight.norm() / 2
+    # a temperature divides the logits (here weights and bias): the same class, softer probabilities
+    sure, soft = heads[1.0, 1.0], heads[1.0, 4.0]
+    assert torch.allclose(soft.weight * 4, sure.weight, rtol=1e-5, atol=1e-7)
+    fitted = sure.bias > -1e3  # the classes the clips have (the rest are kept out by a large negative bias)
+    assert torch.allclose(soft.bias[fitted] * 4, sure.bias[fitted], rtol=1e-5, atol=1e-6)
+    for bad in ("select.linear_head_c=0", "select.linear_head_temperature=0"):
+        with pytest.raises(ValueError, match=f"{bad.split('=')[0]} must be positive"):
+            load_config(None, [*TINY, f"data.train={path}", bad])

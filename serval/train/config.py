@@ -95,6 +95,9 @@ class SelectConfig:
     # probabilities with the network's (model.linear_head, model.linear_weight; serval.train.linear_head)
     linear_head: bool = False
     linear_head_c: float = 1.0  # its inverse L2 strength (scikit-learn's C): smaller, more regularised
+    # its logits divided by this before the softmax: the class it picks stays, its probabilities soften
+    # (a regression that fits its training clips perfectly is too sure of itself on new voices)
+    linear_head_temperature: float = 1.0
 
 
 @dataclass
@@ -190,6 +193,10 @@ def _rules(c: TrainConfig) -> list[tuple[bool, str]]:
         (c.select.keep_best >= 1, "select.keep_best must be at least 1"),
         (c.select.metric in ("ce", "uar"), "select.metric must be ce or uar"),
         (c.select.linear_head_c > 0, f"select.linear_head_c must be positive, got {c.select.linear_head_c}"),
+        (
+            c.select.linear_head_temperature > 0,
+            f"select.linear_head_temperature must be positive, got {c.select.linear_head_temperature}",
+        ),
         (a.snr_db[0] <= a.snr_db[1], "augment.snr_db must be (low, high)"),
         (
             all(f > 0 for f in a.speed_factors) and bool(a.speed_factors),

@@ -2,7 +2,8 @@
 
 A logistic regression on each training clip's layer statistics (`SERModel.clip_statistics`: every
 layer, layer-normed, its mean and std over the whole clip), as benchmarks/probes.py fits its probe:
-standardised features, balanced class weights, L2 with C = `select.linear_head_c`. The model carries
+standardised features, balanced class weights, L2 with C = `select.linear_head_c`, its logits divided
+by `select.linear_head_temperature` (benchmarks/loco.py chooses it on held-out corpora). The model carries
 the scaler and the weights (`model.LinearHead`), and its class probabilities become the weighted mean
 of the network's and this head's (`model.linear_weight`). The network's training is not changed by it.
 """
@@ -73,7 +74,8 @@ def fit_linear_head(
     bias = clf.intercept_ if len(clf.classes_) > 2 else np.concatenate([-clf.intercept_, clf.intercept_]) / 2
     weight = np.zeros((len(model.config.classes), x.shape[1]))
     full_bias = np.full(len(model.config.classes), ABSENT_BIAS)
-    weight[clf.classes_], full_bias[clf.classes_] = coef, bias
+    t = cfg.select.linear_head_temperature  # folded into the weights: the model computes logits / t
+    weight[clf.classes_], full_bias[clf.classes_] = coef / t, bias / t
     model.config = dataclasses.replace(model.config, linear_head=True)
     head = model.linear_head = LinearHead(model.config).to(device)
     for name, value in (
