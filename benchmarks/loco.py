@@ -52,11 +52,11 @@ from serval.vocab import EMOTIONS
 
 STATS_VERSION = 1
 LAYERS, WIDTH = 7, 512  # whisper-base: the input embedding and 6 layers, d 512
+# the columns a head reads: each layer's mean (the probe's); each layer-normed layer's mean and std
+# (the linear head's); the layer-normed means alone; all three
 COLUMNS = {
-    "raw": slice(0, LAYERS * WIDTH),  # each layer's mean (the probe's)
-    "normed": slice(
-        LAYERS * WIDTH, 3 * LAYERS * WIDTH
-    ),  # each layer-normed layer's mean and std (the linear head's)
+    "raw": slice(0, LAYERS * WIDTH),
+    "normed": slice(LAYERS * WIDTH, 3 * LAYERS * WIDTH),
     "normed means": slice(LAYERS * WIDTH, 2 * LAYERS * WIDTH),
     "all": slice(0, 3 * LAYERS * WIDTH),
 }

@@ -58,12 +58,13 @@ def test_the_loco_head_that_stands_for_the_shipped_classes_is_its_recipe():
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from loco import SHIPPED_HEAD
+    from loco import SHIPPED_HEAD, TEMPERATURES
 
     full = yaml.safe_load((REPO / "configs" / "default-model-cpu.yaml").read_text())
     shipped = json.loads((DEFAULT_MODEL / "config.json").read_text())
     assert shipped["linear_head"] and shipped["linear_weight"] == 1.0
     assert full["select"]["linear_head_c"] == SHIPPED_HEAD.c
+    assert full["select"]["linear_head_temperature"] in TEMPERATURES  # one of the card's calibration rows
     assert shipped["gain_invariant"] == (SHIPPED_HEAD.front_end == "gain-invariant")
     assert SHIPPED_HEAD.columns == "normed" and not (SHIPPED_HEAD.corpus_balance or SHIPPED_HEAD.copies)
 
