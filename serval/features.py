@@ -13,6 +13,7 @@ engine) never does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -215,6 +216,21 @@ def _as_tensors(
 # ---------------------------------------------------------------------------- numpy
 
 
+@functools.cache
+def _blas_pools():
+    """numpy's BLAS thread pools (threadpoolctl), found once."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS uses one thread. The mel product is small, and BLAS threads woken
+    for it spin on the cores for a while after: ONNX Runtime's own threads, started next, then share
+    them (one 4 s clip on 2 cores took twice as long)."""
+    return _blas_pools().limit(limits=1, user_api="blas")
+
+
 def log_mel(
     waves: Sequence[np.ndarray] | np.ndarray,
     n_mels: int = 80,
@@ -235,7 +251,8 @@ def log_mel(
     rows = np.stack([np.append(c, np.float32(0))[_row_index(len(c), width)] for c in clips])
     windows = np.lib.stride_tricks.sliding_window_view(rows, N_FFT, axis=-1)[:, ::HOP_LENGTH]
     power = np.abs(np.fft.rfft(windows * _hann(), axis=-1)) ** 2  # [B, F, 201]
-    mel = _mel_matrix(n_mels) @ power.astype(np.float32).transpose(0, 2, 1)
+    with one_blas_thread():
+        mel = _mel_matrix(n_mels) @ power.astype(np.float32).transpose(0, 2, 1)
     log_spec = np.log10(np.maximum(mel, np.float32(_floor(gain_invariant))))
 
     frame_lengths = np.asarray(frames, dtype=np.int64)

@@ -200,3 +200,30 @@ def test_cuda_matches_cpu(waves, pad_to_30s):
     gpu, n_gpu = compute_features(waves, n_mels=128, pad_to_30s=pad_to_30s, device="cuda")
     assert gpu.device.type == "cuda" and n_gpu.tolist() == n_cpu.tolist()
     assert (gpu.cpu() - cpu).abs().max().item() <= TOL
+
+
+def test_numpy_log_mel_runs_its_product_on_one_blas_thread(monkeypatch):
+    """Woken BLAS threads spin after the product and take the cores ONNX Runtime runs on next."""
+    from threadpoolctl import threadpool_info
+
+    import serval.features as features
+
+    real = features._mel_matrix
+    seen = []
+
+    class Spy:
+        def __init__(self, matrix):
+            self.matrix = matrix
+
+        def __matmul__(self, other):
+            seen.append([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
+            return self.matrix @ other
+
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    monkeypatch.setattr(features, "_mel_matrix", lambda n: Spy(real(n)))
+    wave = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    feats, _ = features.log_mel([wave])
+    assert before and seen == [[1] * len(before)]  # numpy's BLAS found, and held to one thread
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before  # given back
+    monkeypatch.setattr(features, "_mel_matrix", real)
+    assert np.allclose(feats, features.log_mel([wave])[0])
