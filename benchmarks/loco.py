@@ -314,11 +314,19 @@ def fit_ridge(x: np.ndarray, y: np.ndarray):
 # -------------------------------------------------------------------------------------- scoring
 
 
+def own_columns(
+    gold: Sequence[str], values: np.ndarray, classes: Sequence[str], absent: float
+) -> tuple[list[str], np.ndarray]:
+    """(the corpus's own classes, `values` [N, classes] cut to their columns): a corpus is scored over
+    the classes its gold labels use; one the head never trained on is a column of `absent`."""
+    own = [c for c in EMOTIONS if c in set(gold)]
+    full = np.full(len(values), absent)
+    return own, np.stack([values[:, list(classes).index(c)] if c in classes else full for c in own], 1)
+
+
 def corpus_scores(gold: Sequence[str], probs: np.ndarray, classes: Sequence[str], bootstrap: int) -> dict:
     """UAR (argmax over the corpus's own classes) with its CI, per-class recall, the top answer's share."""
-    own = [c for c in EMOTIONS if c in set(gold)]
-    cols = [list(classes).index(c) if c in classes else None for c in own]
-    masked = np.stack([probs[:, j] if j is not None else np.zeros(len(probs)) for j in cols], axis=1)
+    own, masked = own_columns(gold, probs, classes, absent=0.0)
     pred = [own[k] for k in masked.argmax(1)]
     scores = classification_scores(gold, pred, own)
     top, n_top = Counter(pred).most_common(1)[0]
@@ -347,10 +355,7 @@ def logits_of(clf, x: np.ndarray) -> np.ndarray:
 def corpus_calibration(gold: Sequence[str], logits: np.ndarray, classes: Sequence[str]) -> dict:
     """{T: serval.metrics.calibration} of one corpus, each T in TEMPERATURES: the softmax of logits / T
     over the corpus's own classes, as it is scored (a class no training clip had gets no probability)."""
-    own = [c for c in EMOTIONS if c in set(gold)]
-    cols = np.stack(
-        [logits[:, list(classes).index(c)] if c in classes else np.full(len(logits), -np.inf) for c in own], 1
-    )
+    own, cols = own_columns(gold, logits, classes, absent=-np.inf)
     gold_index = np.array([own.index(g) for g in gold])
     out = {}
     for t in TEMPERATURES:
