@@ -26,6 +26,7 @@ from loco import (  # noqa: E402
     mixtures,
     run_folds,
     split_key,
+    without_speaker_subspace,
 )
 from loco_folds import fold_manifests  # noqa: E402
 
@@ -125,6 +126,29 @@ def test_head_features_pick_layers_and_standardise_per_speaker():
     for s in set(speakers):
         mine = per[[i for i, v in enumerate(speakers) if v == s]]
         assert np.allclose(mine.mean(0), 0, atol=1e-4) and np.allclose(mine.std(0), 1, atol=1e-2)
+
+
+def test_speaker_subspace_removes_voices_not_emotions():
+    rng = np.random.default_rng(0)
+    voice, emotion = np.eye(6)[0], np.eye(6)[1]
+    speakers = np.repeat([f"s{i}" for i in range(8)], 20)
+    # half the speakers mostly sad, half mostly angry: unweighted, their means would differ by emotion too
+    mostly = np.array(["sad"] * 16 + ["angry"] * 4)
+    labels = np.concatenate(
+        [mostly if i % 2 else np.where(mostly == "sad", "angry", "sad") for i in range(8)]
+    )
+    offsets = 5 * rng.normal(size=8).repeat(20)
+    x = (
+        offsets[:, None] * voice
+        + 2 * (labels == "angry")[:, None] * emotion
+        + 0.1 * rng.normal(size=(160, 6))
+    )
+    held = np.array([2 * emotion, 9 * voice])  # an angry clip; a new voice far out along `voice`
+    fitted, tested = without_speaker_subspace(x, held, labels, speakers, dims=2)
+    assert abs(np.corrcoef(fitted[:, 0], offsets)[0, 1]) < 0.1  # the voice axis is gone
+    angry = fitted[labels == "angry"].mean(0) - fitted[labels == "sad"].mean(0)
+    assert angry[1] > 1.5  # the emotion axis stays (standardised, it is 2): each class weighs alike
+    assert abs(tested[1, 0]) < 0.2 and tested[0, 1] > 0.8  # and so for clips it never saw (angry: 1)
 
 
 def test_clip_stats_are_pooled_once_per_clip(ravdess_clips, tmp_path, one_thread):
