@@ -48,9 +48,11 @@ from serval.session import SHRINK, centre
 from serval.train.augment import NoiseBank, augment_wave, seeded_rng
 from serval.train.cache import EncoderCache, encoder_settings
 from serval.train.config import AugmentConfig
+from serval.train.linear_head import fit_logistic
 from serval.vocab import EMOTIONS
 
 STATS_VERSION = 1
+FIT = "one BLAS thread"  # how the heads are fitted (fit_logistic), part of their cached results' keys
 LAYERS, WIDTH = 7, 512  # whisper-base: the input embedding and 6 layers, d 512
 # the columns a head reads: each layer's mean (the probe's); each layer-normed layer's mean and std
 # (the linear head's); the layer-normed means alone; all three
@@ -300,19 +302,12 @@ SESSION_HEADS = (PROBE, SHIPPED_HEAD)  # in session mode too: the floor, and the
 def fit_classes(head: Head, x: np.ndarray, labels: Sequence[str], groups: Sequence[str]):
     """The standardised, balanced logistic regression of `head` on labelled training clips (`groups`:
     each clip's corpus or language, as `head.balance_by` says)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     weights = None
     if head.corpus_balance:
         counts = Counter(groups)
         weights = np.array([counts[g] ** -head.corpus_balance for g in groups])
         weights *= len(weights) / weights.sum()
-    clf = make_pipeline(
-        StandardScaler(), LogisticRegression(C=head.c, max_iter=3000, class_weight="balanced")
-    )
-    return clf.fit(x, list(labels), logisticregression__sample_weight=weights)
+    return fit_logistic(x, list(labels), head.c, weights)
 
 
 def without_speaker_subspace(
@@ -500,7 +495,7 @@ def head_folds(
             json.dumps(described),
             repr(tuple(heads)),
             repr(AROUSAL_HEADS),
-            f"{bootstrap} {STATS_VERSION} {TEMPERATURES}",
+            f"{bootstrap} {STATS_VERSION} {TEMPERATURES} {FIT}",
         ]
     )
     path = cache / f"heads-{key[:16]}.json"
@@ -517,7 +512,11 @@ def session_folds(rows: Sequence, stats: dict[str, np.ndarray], bootstrap: int, 
     """`run_folds` of SESSION_HEADS in session mode, kept in `cache` apart from `head_folds`' file."""
     described = [[r.path, r.start, r.end, r.label, r.corpus, r.speaker] for r in rows]
     key = fingerprint(
-        [json.dumps(described), repr(SESSION_HEADS), f"{bootstrap} {STATS_VERSION} {SHRINK} {list(SESSIONS)}"]
+        [
+            json.dumps(described),
+            repr(SESSION_HEADS),
+            f"{bootstrap} {STATS_VERSION} {SHRINK} {list(SESSIONS)} {FIT}",
+        ]
     )
     path = cache / f"sessions-{key[:16]}.json"
     if path.is_file():

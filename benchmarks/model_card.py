@@ -47,6 +47,7 @@ from serval.manifest import read_manifest
 from serval.model import SERConfig
 from serval.report import write_report
 from serval.train.cache import EncoderCache, encoder_settings
+from serval.train.linear_head import fit_logistic
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,12 +126,7 @@ class FrozenEncoderLogReg:
         return np.stack(pooled)
 
     def fit(self, waves: list[np.ndarray], labels: list[str]) -> None:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        self.clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, class_weight="balanced"))
-        self.clf.fit(self.embed(waves), labels)
+        self.clf = fit_logistic(self.embed(waves), labels)
         coef = self.clf[-1].coef_
         self.fingerprint = hashlib.sha1(coef.tobytes()).hexdigest()
 

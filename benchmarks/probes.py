@@ -31,6 +31,7 @@ from serval.features import compute_features
 from serval.metrics import ccc
 from serval.model import SERConfig
 from serval.train.cache import EncoderCache, encoder_settings
+from serval.train.linear_head import fit_logistic
 from serval.vocab import DIMENSIONS, EMOTIONS
 
 POOLING_VERSION = 1  # bump when the pooled layout changes
@@ -146,15 +147,14 @@ class LinearProbe:
 
     def fit(self, rows: Sequence, progress: bool = False) -> LinearProbe:
         """Fit on manifest rows (the train split): classes where labelled, each dimension where present."""
-        from sklearn.linear_model import LogisticRegression, RidgeCV
+        from sklearn.linear_model import RidgeCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
         x, kept = self.features.rows(rows, progress=progress)
         rows = [rows[i] for i in kept]
         labelled = [i for i, r in enumerate(rows) if r.label]
-        self.clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, class_weight="balanced"))
-        self.clf.fit(x[labelled], [rows[i].label for i in labelled])
+        self.clf = fit_logistic(x[labelled], [rows[i].label for i in labelled])
         h = hashlib.sha1(self.clf[-1].coef_.tobytes())
         gold = np.stack([_dims(r) for r in rows]) if rows else np.zeros((0, len(DIMENSIONS)))
         for k, dim in enumerate(DIMENSIONS):

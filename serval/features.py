@@ -225,9 +225,7 @@ def _blas_pools():
 
 
 def one_blas_thread():
-    """A context in which numpy's BLAS uses one thread. The mel product is small, and BLAS threads woken
-    for it spin on the cores for a while after: ONNX Runtime's own threads, started next, then share
-    them (one 4 s clip on 2 cores took twice as long)."""
+    """A context in which numpy's BLAS uses one thread (threadpoolctl), the count given back after it."""
     return _blas_pools().limit(limits=1, user_api="blas")
 
 
@@ -251,6 +249,8 @@ def log_mel(
     rows = np.stack([np.append(c, np.float32(0))[_row_index(len(c), width)] for c in clips])
     windows = np.lib.stride_tricks.sliding_window_view(rows, N_FFT, axis=-1)[:, ::HOP_LENGTH]
     power = np.abs(np.fft.rfft(windows * _hann(), axis=-1)) ** 2  # [B, F, 201]
+    # the product is small, and BLAS threads woken for it spin on the cores for a while after: ONNX
+    # Runtime's own threads, started next, then share them (one 4 s clip on 2 cores took twice as long)
     with one_blas_thread():
         mel = _mel_matrix(n_mels) @ power.astype(np.float32).transpose(0, 2, 1)
     log_spec = np.log10(np.maximum(mel, np.float32(_floor(gain_invariant))))

@@ -919,6 +919,36 @@ def test_best_and_checkpoint_folders_follow_the_umask(tmp_path, umask_022):
     assert stat.S_IMODE(best.stat().st_mode) == 0o755
 
 
+def test_logistic_regressions_are_fitted_on_one_blas_thread(monkeypatch):
+    """lbfgs stops where the order of its sums leads it, and the BLAS thread count changes that order:
+    the linear head and every probe are fitted on one thread, so that any core count gives one head."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info
+
+    from serval.train.linear_head import fit_logistic
+
+    def blas_threads() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    seen, real = [], LogisticRegression.fit
+    monkeypatch.setattr(
+        LogisticRegression, "fit", lambda self, *a, **k: seen.append(blas_threads()) or real(self, *a, **k)
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 5)) * [
+        1,
+        1,
+        1,
+        1,
+        100,
+    ]  # standardised first: the fifth column's scale is no weight
+    y = np.where(x[:, 0] + 0.3 * rng.normal(size=80) > 0, "angry", "sad")
+    before = blas_threads()
+    clf = fit_logistic(x, y, c=0.5, sample_weight=np.ones(80))
+    assert len(seen) == 1 and seen[0] <= {1} and blas_threads() == before  # one thread, then given back
+    assert clf[-1].C == 0.5 and clf.score(x, y) > 0.85 and abs(clf[-1].coef_[0, 0]) > abs(clf[-1].coef_[0, 4])
+
+
 def test_the_linear_heads_regularisation_is_the_configs(tmp_path):
     """select.linear_head_c is the logistic regression's C: a smaller C, smaller weights on the same clips;
     select.linear_head_temperature divides its logits."""
