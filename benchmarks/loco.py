@@ -317,8 +317,8 @@ def without_speaker_subspace(
     training speakers' mean stats differ most (nuisance attribute projection). A speaker's mean weighs
     each of its classes alike and one-class speakers are left out, so that the directions hold voice,
     studio and language rather than emotion."""
-    centre, scale = fitted.mean(0), fitted.std(0) + 1e-5
-    fitted, tested = (fitted - centre) / scale, (tested - centre) / scale
+    mean, scale = fitted.mean(0), fitted.std(0) + 1e-5
+    fitted, tested = (fitted - mean) / scale, (tested - mean) / scale
     labels, speakers = np.asarray(labels), np.asarray(speakers)
     means = []
     for s in sorted(set(speakers)):
