@@ -65,6 +65,13 @@ RAVDESS_CODES = {
 }
 
 
+def blas_threads() -> list[int]:
+    """The thread count of each of numpy's BLAS pools (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
 def clips(corpus: str, pattern: str = "**/*.flac", n: int | None = None) -> list[Path]:
     """Sorted clips of one corpus under ../shared/data (deterministic subset when n is given)."""
     found = sorted((DATA / corpus).glob(pattern))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import clips
+from conftest import blas_threads, clips
 from transformers import WhisperFeatureExtractor
 
 from serval.audio import load_audio
@@ -204,8 +204,6 @@ def test_cuda_matches_cpu(waves, pad_to_30s):
 
 def test_numpy_log_mel_runs_its_product_on_one_blas_thread(monkeypatch):
     """Woken BLAS threads spin after the product and take the cores ONNX Runtime runs on next."""
-    from threadpoolctl import threadpool_info
-
     import serval.features as features
 
     real = features._mel_matrix
@@ -216,14 +214,14 @@ def test_numpy_log_mel_runs_its_product_on_one_blas_thread(monkeypatch):
             self.matrix = matrix
 
         def __matmul__(self, other):
-            seen.append([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
+            seen.append(blas_threads())
             return self.matrix @ other
 
-    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    before = blas_threads()
     monkeypatch.setattr(features, "_mel_matrix", lambda n: Spy(real(n)))
     wave = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     feats, _ = features.log_mel([wave])
     assert before and seen == [[1] * len(before)]  # numpy's BLAS found, and held to one thread
-    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before  # given back
+    assert blas_threads() == before  # given back
     monkeypatch.setattr(features, "_mel_matrix", real)
     assert np.allclose(feats, features.log_mel([wave])[0])

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import DATA, RAVDESS_CODES, REPO, clips
+from conftest import DATA, RAVDESS_CODES, REPO, blas_threads, clips
 from safetensors.torch import load_file
 
 from serval.checkpoint import save_model
@@ -923,25 +923,18 @@ def test_logistic_regressions_are_fitted_on_one_blas_thread(monkeypatch):
     """lbfgs stops where the order of its sums leads it, and the BLAS thread count changes that order:
     the linear head and every probe are fitted on one thread, so that any core count gives one head."""
     from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_info
 
     from serval.train.linear_head import fit_logistic
 
-    def blas_threads() -> set[int]:
-        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
-
     seen, real = [], LogisticRegression.fit
     monkeypatch.setattr(
-        LogisticRegression, "fit", lambda self, *a, **k: seen.append(blas_threads()) or real(self, *a, **k)
+        LogisticRegression,
+        "fit",
+        lambda self, *a, **k: seen.append(set(blas_threads())) or real(self, *a, **k),
     )
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(80, 5)) * [
-        1,
-        1,
-        1,
-        1,
-        100,
-    ]  # standardised first: the fifth column's scale is no weight
+    scale = np.array([1, 1, 1, 1, 100])  # standardised first: the fifth column's scale is no weight
+    x = rng.normal(size=(80, 5)) * scale
     y = np.where(x[:, 0] + 0.3 * rng.normal(size=80) > 0, "angry", "sad")
     before = blas_threads()
     clf = fit_logistic(x, y, c=0.5, sample_weight=np.ones(80))
